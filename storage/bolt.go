@@ -1,0 +1,461 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
+)
+
+var (
+	bucketMeta        = []byte("meta")
+	bucketConnections = []byte("connections")
+	bucketTokens      = []byte("tokens")
+	keyMeta           = []byte("meta")
+)
+
+const formatVersion = 1
+
+// Options configure [Open]. Zero fields mean the documented defaults.
+type Options struct {
+	// Keyring seals secrets and tokens. Required.
+	Keyring *Keyring
+	// LockTimeout bounds the wait for the file lock held by another process.
+	// Default 2 s.
+	LockTimeout time.Duration
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
+	// MaxBatch bounds how many writes share one transaction. Default 1000.
+	MaxBatch int
+}
+
+// BoltStore is the embedded store on one bbolt file.
+type BoltStore struct {
+	db   *bolt.DB
+	keys *Keyring
+	now  func() time.Time
+	max  int
+
+	writes chan *writeReq
+	quit   chan struct{}
+	done   chan struct{}
+
+	closeOnce sync.Once
+}
+
+// writeReq is one write waiting for the group committer. fn must check every
+// precondition before it changes anything, so that a failing fn leaves the
+// shared transaction untouched.
+type writeReq struct {
+	fn   func(tx *bolt.Tx) error
+	err  error
+	done chan struct{}
+}
+
+// Open opens or creates the data file at path. A file held by another
+// process fails within LockTimeout with [ErrInUse]; a corrupt or foreign file
+// fails with [ErrNotDataFile] and a wrong key with [ErrWrongKey], in both
+// cases without modifying the file.
+func Open(path string, opts Options) (*BoltStore, error) {
+	if opts.Keyring == nil {
+		return nil, errors.New("storage: Options.Keyring is required")
+	}
+	if opts.LockTimeout <= 0 {
+		opts.LockTimeout = 2 * time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.MaxBatch <= 0 {
+		opts.MaxBatch = 1000
+	}
+	if info, err := os.Stat(path); err == nil && info.Size() > 0 && info.Size() < 4096 {
+		// bbolt would try to read meta pages past the end; a file this small
+		// was not written by bbolt.
+		return nil, fmt.Errorf("%w: %s is %d bytes", ErrNotDataFile, path, info.Size())
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.LockTimeout})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("%w: %s (lock not released within %v; is another tokenbroker running on this data dir?)", ErrInUse, path, opts.LockTimeout)
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrChecksum):
+		return nil, fmt.Errorf("%w: %s: %v", ErrNotDataFile, path, err)
+	case err != nil:
+		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	s := &BoltStore{
+		db: db, keys: opts.Keyring, now: opts.Now, max: opts.MaxBatch,
+		writes: make(chan *writeReq, opts.MaxBatch),
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	if err := s.checkOrInit(path); err != nil {
+		db.Close()
+		return nil, err
+	}
+	go s.commitLoop()
+	return s, nil
+}
+
+// checkOrInit verifies the meta record, or initializes an empty file.
+func (s *BoltStore) checkOrInit(path string) error {
+	var meta *storagev1.Meta
+	empty := true
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+			empty = false
+			if bytes.Equal(name, bucketMeta) {
+				if v := b.Get(keyMeta); v != nil {
+					meta = &storagev1.Meta{}
+					return proto.Unmarshal(v, meta)
+				}
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrNotDataFile, path, err)
+	}
+	if meta == nil {
+		if !empty {
+			return fmt.Errorf("%w: %s holds bbolt buckets of another program", ErrNotDataFile, path)
+		}
+		meta = &storagev1.Meta{
+			Format:      formatVersion,
+			CanaryKeyId: s.keys.PrimaryID(),
+			Canary:      s.keys.seal(canaryPlain, "meta\x00canary"),
+			CreateTime:  timestamppb.New(s.now()),
+		}
+		v, err := proto.Marshal(meta)
+		if err != nil {
+			return err
+		}
+		return s.db.Update(func(tx *bolt.Tx) error {
+			for _, name := range [][]byte{bucketConnections, bucketTokens} {
+				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+					return err
+				}
+			}
+			b, err := tx.CreateBucketIfNotExists(bucketMeta)
+			if err != nil {
+				return err
+			}
+			return b.Put(keyMeta, v)
+		})
+	}
+	if meta.GetFormat() != formatVersion {
+		return fmt.Errorf("%w: %s has record format %d, this build reads %d", ErrNotDataFile, path, meta.GetFormat(), formatVersion)
+	}
+	if err := s.keys.checkCanary(meta.GetCanary()); err != nil {
+		return fmt.Errorf("%w: %s was sealed with key id %s; the key file holds %v", ErrWrongKey, path, meta.GetCanaryKeyId(), s.keys.IDs())
+	}
+	return nil
+}
+
+// Close waits for queued writes and closes the file.
+func (s *BoltStore) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		close(s.quit)
+		<-s.done
+		err = s.db.Close()
+	})
+	return err
+}
+
+// Path is the data file's path.
+func (s *BoltStore) Path() string { return s.db.Path() }
+
+// commitLoop is the group committer: it takes every write queued while the
+// previous transaction was syncing and commits them in one transaction, so
+// concurrent writers share one fsync instead of queueing one each.
+func (s *BoltStore) commitLoop() {
+	defer close(s.done)
+	for {
+		var first *writeReq
+		select {
+		case first = <-s.writes:
+		case <-s.quit:
+			// Drain what was queued before Close.
+			for {
+				select {
+				case r := <-s.writes:
+					s.commit([]*writeReq{r})
+				default:
+					return
+				}
+			}
+		}
+		batch := []*writeReq{first}
+	drain:
+		for len(batch) < s.max {
+			select {
+			case r := <-s.writes:
+				batch = append(batch, r)
+			default:
+				break drain
+			}
+		}
+		s.commit(batch)
+	}
+}
+
+func (s *BoltStore) commit(batch []*writeReq) {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		for _, r := range batch {
+			r.err = r.fn(tx)
+		}
+		return nil
+	})
+	for _, r := range batch {
+		if err != nil {
+			r.err = fmt.Errorf("storage: commit: %w", err)
+		}
+		close(r.done)
+	}
+}
+
+// write queues fn for the group committer and waits for its durable commit.
+// The wait ignores ctx once the write is queued: a caller cannot learn
+// whether a write it abandoned landed, so it never abandons one.
+func (s *BoltStore) write(ctx context.Context, fn func(tx *bolt.Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	r := &writeReq{fn: fn, done: make(chan struct{})}
+	select {
+	case s.writes <- r:
+	case <-s.quit:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	<-r.done
+	return r.err
+}
+
+func marshal(m proto.Message) ([]byte, error) {
+	return proto.MarshalOptions{Deterministic: true}.Marshal(m)
+}
+
+// CreateConnection stores a new connection with its initial token state.
+// It sets Revision to 1 and returns the stored connection.
+func (s *BoltStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+	c = c.Clone()
+	c.Revision = 1
+	cv, err := marshal(s.keys.encodeConnection(c))
+	if err != nil {
+		return nil, err
+	}
+	if t == nil {
+		t = &Tokens{}
+	}
+	tv, err := marshal(s.keys.encodeTokens(c.Name, t))
+	if err != nil {
+		return nil, err
+	}
+	key := []byte(c.Name)
+	err = s.write(ctx, func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketConnections).Get(key) != nil {
+			return fmt.Errorf("%w: %s", ErrAlreadyExists, c.Name)
+		}
+		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketTokens).Put(key, tv)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// GetConnection reads one connection.
+func (s *BoltStore) GetConnection(ctx context.Context, name string) (*Connection, error) {
+	var c *Connection
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketConnections).Get([]byte(name))
+		if v == nil {
+			return fmt.Errorf("%w: %s", ErrNotFound, name)
+		}
+		var err error
+		c, err = s.decodeConnection(v)
+		return err
+	})
+	return c, err
+}
+
+func (s *BoltStore) decodeConnection(v []byte) (*Connection, error) {
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
+	}
+	return s.keys.decodeConnection(&r)
+}
+
+func (s *BoltStore) decodeTokens(v []byte) (*Tokens, error) {
+	var r storagev1.TokenRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
+	}
+	return s.keys.decodeTokens(&r)
+}
+
+// ListConnections returns up to limit connections whose names start with
+// prefix and sort after the name after, in name order.
+func (s *BoltStore) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*Connection, error) {
+	var out []*Connection
+	err := s.db.View(func(tx *bolt.Tx) error {
+		cur := tx.Bucket(bucketConnections).Cursor()
+		start := []byte(prefix)
+		if after > prefix {
+			start = []byte(after)
+		}
+		for k, v := cur.Seek(start); k != nil && bytes.HasPrefix(k, []byte(prefix)) && len(out) < limit; k, v = cur.Next() {
+			if string(k) <= after {
+				continue
+			}
+			c, err := s.decodeConnection(v)
+			if err != nil {
+				return err
+			}
+			out = append(out, c)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// UpdateConnection replaces a connection whose stored Revision equals
+// c.Revision, and its token state when t is not nil. It returns the stored
+// connection with the new revision.
+func (s *BoltStore) UpdateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+	want := c.Revision
+	c = c.Clone()
+	c.Revision = want + 1
+	cv, err := marshal(s.keys.encodeConnection(c))
+	if err != nil {
+		return nil, err
+	}
+	var tv []byte
+	if t != nil {
+		if tv, err = marshal(s.keys.encodeTokens(c.Name, t)); err != nil {
+			return nil, err
+		}
+	}
+	key := []byte(c.Name)
+	err = s.write(ctx, func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketConnections).Get(key)
+		if v == nil {
+			return fmt.Errorf("%w: %s", ErrNotFound, c.Name)
+		}
+		var r storagev1.ConnectionRecord
+		if err := proto.Unmarshal(v, &r); err != nil {
+			return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+		}
+		if r.GetRevision() != want {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, c.Name, r.GetRevision(), want)
+		}
+		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
+			return err
+		}
+		if tv != nil {
+			return tx.Bucket(bucketTokens).Put(key, tv)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// DeleteConnection erases a connection and its tokens. A revision other than
+// 0 must match the stored one.
+func (s *BoltStore) DeleteConnection(ctx context.Context, name string, revision int64) error {
+	key := []byte(name)
+	return s.write(ctx, func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketConnections).Get(key)
+		if v == nil {
+			return fmt.Errorf("%w: %s", ErrNotFound, name)
+		}
+		if revision != 0 {
+			var r storagev1.ConnectionRecord
+			if err := proto.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+			}
+			if r.GetRevision() != revision {
+				return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, name, r.GetRevision(), revision)
+			}
+		}
+		if err := tx.Bucket(bucketConnections).Delete(key); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketTokens).Delete(key)
+	})
+}
+
+// GetTokens reads a connection's token state.
+func (s *BoltStore) GetTokens(ctx context.Context, name string) (*Tokens, error) {
+	var t *Tokens
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketTokens).Get([]byte(name))
+		if v == nil {
+			return fmt.Errorf("%w: %s", ErrNotFound, name)
+		}
+		var err error
+		t, err = s.decodeTokens(v)
+		return err
+	})
+	return t, err
+}
+
+// PutTokens durably replaces a connection's token state. It fails with
+// [ErrNotFound] if the connection was deleted, so a late refresh never
+// resurrects one.
+func (s *BoltStore) PutTokens(ctx context.Context, name string, t *Tokens) error {
+	tv, err := marshal(s.keys.encodeTokens(name, t))
+	if err != nil {
+		return err
+	}
+	key := []byte(name)
+	return s.write(ctx, func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketConnections).Get(key) == nil {
+			return fmt.Errorf("%w: %s", ErrNotFound, name)
+		}
+		return tx.Bucket(bucketTokens).Put(key, tv)
+	})
+}
+
+// LoadAll calls fn for every connection with its token state, in name order.
+func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) error) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		tokens := tx.Bucket(bucketTokens)
+		return tx.Bucket(bucketConnections).ForEach(func(k, v []byte) error {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			c, err := s.decodeConnection(v)
+			if err != nil {
+				return err
+			}
+			t := &Tokens{}
+			if tv := tokens.Get(k); tv != nil {
+				if t, err = s.decodeTokens(tv); err != nil {
+					return err
+				}
+			}
+			return fn(c, t)
+		})
+	})
+}

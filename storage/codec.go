@@ -1,0 +1,130 @@
+package storage
+
+import (
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
+)
+
+// Field names used as associated data when sealing.
+const (
+	fieldClientSecret = "client_secret"
+	fieldPassword     = "password"
+	fieldRefreshToken = "refresh_token"
+	fieldAccessToken  = "access_token"
+)
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func fromTS(t *timestamppb.Timestamp) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return t.AsTime()
+}
+
+func (k *Keyring) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
+	return &storagev1.ConnectionRecord{
+		Name:                    c.Name,
+		DisplayName:             c.DisplayName,
+		InstanceUrl:             c.InstanceURL,
+		ClientId:                c.ClientID,
+		ClientSecret:            k.sealString(c.ClientSecret, c.Name, fieldClientSecret),
+		Username:                c.Username,
+		Password:                k.sealString(c.Password, c.Name, fieldPassword),
+		Scopes:                  c.Scopes,
+		ClientSecretExpireTime:  ts(c.ClientSecretExpireTime),
+		SlidingLifetimeSeconds:  int64(c.SlidingLifetime / time.Second),
+		AbsoluteLifetimeSeconds: int64(c.AbsoluteLifetime / time.Second),
+		CreateTime:              ts(c.CreateTime),
+		UpdateTime:              ts(c.UpdateTime),
+		Revision:                c.Revision,
+	}
+}
+
+func (k *Keyring) decodeConnection(r *storagev1.ConnectionRecord) (*Connection, error) {
+	secret, err := k.openString(r.GetClientSecret(), r.GetName(), fieldClientSecret)
+	if err != nil {
+		return nil, err
+	}
+	password, err := k.openString(r.GetPassword(), r.GetName(), fieldPassword)
+	if err != nil {
+		return nil, err
+	}
+	return &Connection{
+		Name:                   r.GetName(),
+		DisplayName:            r.GetDisplayName(),
+		InstanceURL:            r.GetInstanceUrl(),
+		ClientID:               r.GetClientId(),
+		ClientSecret:           secret,
+		Username:               r.GetUsername(),
+		Password:               password,
+		Scopes:                 r.GetScopes(),
+		ClientSecretExpireTime: fromTS(r.GetClientSecretExpireTime()),
+		SlidingLifetime:        time.Duration(r.GetSlidingLifetimeSeconds()) * time.Second,
+		AbsoluteLifetime:       time.Duration(r.GetAbsoluteLifetimeSeconds()) * time.Second,
+		CreateTime:             fromTS(r.GetCreateTime()),
+		UpdateTime:             fromTS(r.GetUpdateTime()),
+		Revision:               r.GetRevision(),
+	}, nil
+}
+
+func (k *Keyring) encodeTokens(name string, t *Tokens) *storagev1.TokenRecord {
+	return &storagev1.TokenRecord{
+		Name:                  name,
+		Generation:            t.Generation,
+		RefreshToken:          k.sealString(t.RefreshToken, name, fieldRefreshToken),
+		AccessToken:           k.sealString(t.AccessToken, name, fieldAccessToken),
+		TokenType:             t.TokenType,
+		AccessTokenExpireTime: ts(t.AccessTokenExpireTime),
+		IssueTime:             ts(t.IssueTime),
+		ChainStartTime:        ts(t.ChainStartTime),
+		RefreshTokenUseTime:   ts(t.RefreshTokenUseTime),
+		Scopes:                t.Scopes,
+		State:                 t.State,
+		StateReason:           t.StateReason,
+		LastErrorCode:         t.LastErrorCode,
+		LastErrorMessage:      t.LastErrorMessage,
+		LastErrorTime:         ts(t.LastErrorTime),
+		IntentGeneration:      t.IntentGeneration,
+		IntentGrant:           t.IntentGrant,
+		IntentTime:            ts(t.IntentTime),
+	}
+}
+
+func (k *Keyring) decodeTokens(r *storagev1.TokenRecord) (*Tokens, error) {
+	refresh, err := k.openString(r.GetRefreshToken(), r.GetName(), fieldRefreshToken)
+	if err != nil {
+		return nil, err
+	}
+	access, err := k.openString(r.GetAccessToken(), r.GetName(), fieldAccessToken)
+	if err != nil {
+		return nil, err
+	}
+	return &Tokens{
+		Generation:            r.GetGeneration(),
+		RefreshToken:          refresh,
+		AccessToken:           access,
+		TokenType:             r.GetTokenType(),
+		AccessTokenExpireTime: fromTS(r.GetAccessTokenExpireTime()),
+		IssueTime:             fromTS(r.GetIssueTime()),
+		ChainStartTime:        fromTS(r.GetChainStartTime()),
+		RefreshTokenUseTime:   fromTS(r.GetRefreshTokenUseTime()),
+		Scopes:                r.GetScopes(),
+		State:                 r.GetState(),
+		StateReason:           r.GetStateReason(),
+		LastErrorCode:         r.GetLastErrorCode(),
+		LastErrorMessage:      r.GetLastErrorMessage(),
+		LastErrorTime:         fromTS(r.GetLastErrorTime()),
+		IntentGeneration:      r.GetIntentGeneration(),
+		IntentGrant:           r.GetIntentGrant(),
+		IntentTime:            fromTS(r.GetIntentTime()),
+	}, nil
+}

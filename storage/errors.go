@@ -1,0 +1,20 @@
+package storage
+
+import "errors"
+
+var (
+	// ErrNotFound means no record exists under the name.
+	ErrNotFound = errors.New("storage: not found")
+	// ErrAlreadyExists means a record exists under the name.
+	ErrAlreadyExists = errors.New("storage: already exists")
+	// ErrConflict means the record changed since it was read (revision mismatch).
+	ErrConflict = errors.New("storage: revision conflict")
+	// ErrInUse means another process holds the data file.
+	ErrInUse = errors.New("storage: data file is in use by another process")
+	// ErrNotDataFile means the file is corrupt or not a tokenbroker data file.
+	ErrNotDataFile = errors.New("storage: not a tokenbroker data file")
+	// ErrWrongKey means the key cannot open what the file holds.
+	ErrWrongKey = errors.New("storage: wrong key for data file")
+	// ErrClosed means the store was closed.
+	ErrClosed = errors.New("storage: closed")
+)

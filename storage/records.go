@@ -1,0 +1,68 @@
+package storage
+
+import "time"
+
+// Connection is a connection's configuration and credentials. ClientSecret
+// and Password are plaintext in memory only; the store seals them.
+type Connection struct {
+	Name                   string
+	DisplayName            string
+	InstanceURL            string
+	ClientID               string
+	ClientSecret           string
+	Username               string
+	Password               string
+	Scopes                 []string
+	ClientSecretExpireTime time.Time
+	SlidingLifetime        time.Duration
+	AbsoluteLifetime       time.Duration
+	CreateTime             time.Time
+	UpdateTime             time.Time
+	// Revision is set by the store: 1 on create, +1 on every update.
+	Revision int64
+}
+
+// Tokens is a connection's token chain state. RefreshToken and AccessToken
+// are plaintext in memory only; the store seals them.
+type Tokens struct {
+	// Generation counts committed refresh tokens.
+	Generation            int64
+	RefreshToken          string
+	AccessToken           string
+	TokenType             string
+	AccessTokenExpireTime time.Time
+	IssueTime             time.Time
+	ChainStartTime        time.Time
+	RefreshTokenUseTime   time.Time
+	Scopes                []string
+	State                 string
+	StateReason           string
+	LastErrorCode         string
+	LastErrorMessage      string
+	LastErrorTime         time.Time
+	// Intent, when IntentGrant is set, records that an upstream token request
+	// for IntentGeneration was about to be sent and its outcome is unknown.
+	IntentGeneration int64
+	IntentGrant      string
+	IntentTime       time.Time
+}
+
+// Clone returns a deep copy.
+func (c *Connection) Clone() *Connection {
+	if c == nil {
+		return nil
+	}
+	cp := *c
+	cp.Scopes = append([]string(nil), c.Scopes...)
+	return &cp
+}
+
+// Clone returns a deep copy.
+func (t *Tokens) Clone() *Tokens {
+	if t == nil {
+		return nil
+	}
+	cp := *t
+	cp.Scopes = append([]string(nil), t.Scopes...)
+	return &cp
+}
