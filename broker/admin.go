@@ -1,0 +1,460 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"time"
+
+	"tokenbroker/storage"
+)
+
+// Updatable lists the connection fields an update may name, with whether a
+// change must be proven upstream (a password grant with the new values)
+// before it replaces the old value.
+var Updatable = map[string]bool{
+	"display_name":                    false,
+	"instance_url":                    true,
+	"client_id":                       true,
+	"client_secret":                   true,
+	"client_secret_expire_time":       false,
+	"username":                        true,
+	"password":                        true,
+	"scopes":                          true,
+	"refresh_token_sliding_lifetime":  false,
+	"refresh_token_absolute_lifetime": false,
+}
+
+// Normalize checks and normalizes a connection's input fields in place. With
+// fields nil every field is checked as on create (credentials required);
+// otherwise only the named ones. It returns one violation per bad field,
+// named as in the API.
+func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
+	var v []FieldViolation
+	add := func(field string, err error) {
+		if err != nil {
+			v = append(v, FieldViolation{Field: field, Description: err.Error()})
+		}
+	}
+	if has("display_name") && len(c.DisplayName) > 256 {
+		add("display_name", errors.New("is longer than 256 characters"))
+	}
+	if has("instance_url") {
+		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		add("instance_url", err)
+		if err == nil {
+			c.InstanceURL = u
+		}
+	}
+	if has("client_id") {
+		add("client_id", ValidateClientID(c.ClientID))
+	}
+	for _, f := range []struct {
+		name string
+		val  string
+	}{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}} {
+		if has(f.name) {
+			add(f.name, ValidateSecretField(f.val))
+		}
+	}
+	if has("scopes") {
+		if len(c.Scopes) == 0 {
+			c.Scopes = slices.Clone(DefaultScopes)
+		}
+		add("scopes", ValidateScopes(c.Scopes))
+	}
+	if has("refresh_token_sliding_lifetime") {
+		if d := c.SlidingLifetime; d != 0 && (d < time.Hour || d > 3650*24*time.Hour) {
+			add("refresh_token_sliding_lifetime", errors.New("must be 0 (default 15 days) or between 1 hour and 3650 days"))
+		}
+	}
+	if has("refresh_token_absolute_lifetime") {
+		if d := c.AbsoluteLifetime; d != 0 && (d < 24*time.Hour || d > 3650*24*time.Hour) {
+			add("refresh_token_absolute_lifetime", errors.New("must be 0 (infinite) or between 1 day and 3650 days"))
+		}
+	}
+	return v
+}
+
+var (
+	entityPattern   = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}$`)
+	endpointPattern = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}/[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}$`)
+)
+
+// DefaultEndpoint is the contract-based endpoint TestConnection reads.
+const DefaultEndpoint = "Default/24.200.001"
+
+// ValidEntity reports whether s is a contract-based API entity name.
+func ValidEntity(s string) bool { return entityPattern.MatchString(s) }
+
+// ValidEndpoint reports whether s is `Name/Version`, e.g. Default/24.200.001.
+func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
+
+// CreateConnection registers c. Unless validateOnly, the credentials are
+// proven with one password grant whose refresh token starts the chain;
+// rejected credentials store nothing.
+func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
+	c = c.Clone()
+	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	if _, _, err := ParseConnectionName(c.Name); err != nil {
+		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
+	}
+	if _, ok := b.conns.Load(c.Name); ok {
+		return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name}
+	}
+	b.creatingMu.Lock()
+	if _, busy := b.creating[c.Name]; busy {
+		b.creatingMu.Unlock()
+		return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name, Message: "a create is in progress"}
+	}
+	b.creating[c.Name] = struct{}{}
+	b.creatingMu.Unlock()
+	defer func() {
+		b.creatingMu.Lock()
+		delete(b.creating, c.Name)
+		b.creatingMu.Unlock()
+	}()
+
+	now := b.now()
+	c.CreateTime, c.UpdateTime = now, now
+	if validateOnly {
+		return b.viewOf(newConnPublished(c, &storage.Tokens{State: string(StateActive)})), nil
+	}
+	tok, err := b.prove(ctx, c, &storage.Tokens{})
+	if err != nil {
+		return nil, err
+	}
+	stored, err := b.store.CreateConnection(ctx, c, tok)
+	if err != nil {
+		b.signOutAsync(c, tok.RefreshToken, tok.AccessToken)
+		if errors.Is(err, storage.ErrAlreadyExists) {
+			return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name}
+		}
+		return nil, storageError(c.Name, err)
+	}
+	nc := newConnPublished(stored, tok)
+	b.conns.Store(c.Name, nc)
+	b.log.Info("connection created", "connection", c.Name, "instance_url", c.InstanceURL)
+	return b.viewOf(nc), nil
+}
+
+func newConnPublished(cfg *storage.Connection, tok *storage.Tokens) *conn {
+	c := newConn(cfg, tok)
+	c.publish()
+	return c
+}
+
+// prove runs one password grant with cfg's credentials and returns the
+// token state that starts a new chain after prev. It never retries: a
+// rejected password must not be sent twice.
+func (b *Broker) prove(ctx context.Context, cfg *storage.Connection, prev *storage.Tokens) (*storage.Tokens, error) {
+	resp, err := b.exchange(ctx, cfg, grantPassword, "")
+	if err != nil {
+		if resp != nil && resp.RefreshToken != "" {
+			b.signOutAsync(cfg, resp.RefreshToken, resp.AccessToken)
+		}
+		var ue *upstreamError
+		if !errors.As(err, &ue) {
+			return nil, err
+		}
+		switch ue.class {
+		case classInvalidGrant:
+			return nil, newError(ErrCredentialsRejected, ReasonCredentialsRejected, cfg.Name,
+				"upstream rejected the username or password (%s); check the integration user's login, password and tenant", ue.Error())
+		case classInvalidClient:
+			return nil, newError(ErrCredentialsRejected, ReasonClientRejected, cfg.Name,
+				"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", ue.Error())
+		case classLoginLimit:
+			e := newError(ErrLoginLimit, ReasonLoginLimit, cfg.Name, "the integration user's concurrent sign-ins are used up")
+			e.RetryAfter = max(ue.retryAfter, b.opts.LoginLimitBackoff)
+			return nil, e
+		}
+		code := ReasonUpstreamUnavailable
+		if ue.class == classProtocol {
+			code = ReasonUpstreamProtocol
+		}
+		e := newError(ErrUpstreamUnavailable, code, cfg.Name, "could not verify the credentials: %s", ue.Error())
+		e.RetryAfter = max(ue.retryAfter, b.opts.BackoffBase)
+		return nil, e
+	}
+	if resp.RefreshToken == "" {
+		b.signOutAsync(cfg, "", resp.AccessToken)
+		return nil, newError(ErrRefreshTokenMissing, ReasonRefreshTokenMissing, cfg.Name,
+			"upstream issued no refresh token: add the offline_access scope on the Connected Application's Scopes tab and request it")
+	}
+	return b.rotate(&storage.Tokens{Generation: prev.Generation}, cfg, grantPassword, resp, true), nil
+}
+
+// GetConnection returns a connection's view.
+func (b *Broker) GetConnection(_ context.Context, name string) (*View, error) {
+	c, err := b.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	return b.viewOf(c), nil
+}
+
+// ListConnections returns up to limit connections with names starting with
+// prefix after the name after, and the name to continue after ("" at the
+// end).
+func (b *Broker) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*View, string, error) {
+	recs, err := b.store.ListConnections(ctx, prefix, after, limit+1)
+	if err != nil {
+		return nil, "", storageError("", err)
+	}
+	next := ""
+	if len(recs) > limit {
+		recs = recs[:limit]
+		next = recs[len(recs)-1].Name
+	}
+	views := make([]*View, 0, len(recs))
+	for _, r := range recs {
+		if c, err := b.lookup(r.Name); err == nil {
+			views = append(views, b.viewOf(c))
+		}
+	}
+	return views, next, nil
+}
+
+// UpdateConnection applies the named fields of patch. A change to a
+// credential is proven with one password grant before it replaces the old
+// value; the old chain is then revoked and signed out. etag, when set, must
+// match.
+func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *storage.Connection, fields []string, etagIn string, validateOnly bool) (*View, error) {
+	c, err := b.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	var v []FieldViolation
+	proof := false
+	for _, f := range fields {
+		needs, ok := Updatable[f]
+		if !ok {
+			v = append(v, FieldViolation{Field: "update_mask", Description: fmt.Sprintf("field %q cannot be updated", f)})
+		}
+		proof = proof || needs
+	}
+	var want int64
+	if etagIn != "" {
+		var ok bool
+		if want, ok = ParseETag(etagIn); !ok {
+			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
+		}
+	}
+	if len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	var out *View
+	err = withTurn(ctx, c, func() error {
+		c.mu.Lock()
+		deleted := c.deleted
+		cur := c.cfg.Clone()
+		tok := c.tok.Clone()
+		pending := c.pending
+		c.mu.Unlock()
+		if deleted {
+			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+		}
+		if want != 0 && want != cur.Revision {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
+		}
+		next := cur.Clone()
+		applyFields(next, patch, fields)
+		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+			return invalid(v...)
+		}
+		if validateOnly {
+			out = b.viewOf(newConnPublished(next, tok))
+			return nil
+		}
+		var newTok *storage.Tokens
+		if proof {
+			if newTok, err = b.prove(ctx, next, tok); err != nil {
+				return err
+			}
+		}
+		next.UpdateTime = b.now()
+		stored, err := b.store.UpdateConnection(ctx, next, newTok)
+		if err != nil {
+			if newTok != nil {
+				b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
+			}
+			if errors.Is(err, storage.ErrConflict) {
+				return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
+			}
+			if errors.Is(err, storage.ErrNotFound) {
+				return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+			}
+			return storageError(name, err)
+		}
+		c.mu.Lock()
+		c.cfg = stored
+		if newTok != nil {
+			c.tok, c.pending, c.failures, c.backoffUntil, c.recovering = newTok, nil, 0, time.Time{}, false
+		}
+		c.publish()
+		out = b.view(c)
+		c.mu.Unlock()
+		if newTok != nil {
+			b.signOutAsync(cur, tok.RefreshToken, tok.AccessToken)
+			if pending != nil && pending.RefreshToken != tok.RefreshToken {
+				b.signOutAsync(cur, pending.RefreshToken, pending.AccessToken)
+			}
+		}
+		b.log.Info("connection updated", "connection", name, "fields", fields, "proven_upstream", newTok != nil)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func applyFields(dst, src *storage.Connection, fields []string) {
+	for _, f := range fields {
+		switch f {
+		case "display_name":
+			dst.DisplayName = src.DisplayName
+		case "instance_url":
+			dst.InstanceURL = src.InstanceURL
+		case "client_id":
+			dst.ClientID = src.ClientID
+		case "client_secret":
+			dst.ClientSecret = src.ClientSecret
+		case "client_secret_expire_time":
+			dst.ClientSecretExpireTime = src.ClientSecretExpireTime
+		case "username":
+			dst.Username = src.Username
+		case "password":
+			dst.Password = src.Password
+		case "scopes":
+			dst.Scopes = slices.Clone(src.Scopes)
+		case "refresh_token_sliding_lifetime":
+			dst.SlidingLifetime = src.SlidingLifetime
+		case "refresh_token_absolute_lifetime":
+			dst.AbsoluteLifetime = src.AbsoluteLifetime
+		}
+	}
+}
+
+// DeleteConnection revokes the refresh token and signs the session out
+// upstream (best effort), then erases the connection and every stored
+// secret. etag, when set, must match.
+func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) error {
+	c, err := b.lookup(name)
+	if err != nil {
+		return err
+	}
+	var want int64
+	if etagIn != "" {
+		var ok bool
+		if want, ok = ParseETag(etagIn); !ok {
+			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
+		}
+	}
+	return withTurn(ctx, c, func() error {
+		c.mu.Lock()
+		cfg, tok, pending, deleted := c.cfg.Clone(), c.tok.Clone(), c.pending, c.deleted
+		c.mu.Unlock()
+		if deleted {
+			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+		}
+		if want != 0 && want != cfg.Revision {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		}
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+		if b.acquire(rctx) == nil {
+			if pending != nil {
+				b.up.revokeAndLogout(rctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, pending.RefreshToken, "")
+			}
+			b.up.revokeAndLogout(rctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, tok.RefreshToken, tok.AccessToken)
+			b.release()
+		}
+		cancel()
+		if err := b.store.DeleteConnection(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
+			if errors.Is(err, storage.ErrNotFound) {
+				return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+			}
+			return storageError(name, err)
+		}
+		c.mu.Lock()
+		c.deleted = true
+		c.pending = nil
+		c.cfg = &storage.Connection{Name: name}
+		c.tok = &storage.Tokens{}
+		c.publish()
+		c.mu.Unlock()
+		b.conns.Delete(name)
+		b.log.Info("connection deleted", "connection", name)
+		return nil
+	})
+}
+
+// viewOf builds the read view of c, secrets cleared.
+// view does the same with c.mu held.
+func (b *Broker) viewOf(c *conn) *View {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return b.view(c)
+}
+
+func (b *Broker) view(c *conn) *View {
+	now := b.now()
+	cfg := c.cfg.Clone()
+	t := c.tok
+	v := &View{
+		Conn:            cfg,
+		ClientSecretSet: cfg.ClientSecret != "",
+		PasswordSet:     cfg.Password != "",
+		State:           State(t.State),
+		ETag:            etag(cfg.Revision),
+	}
+	cfg.ClientSecret, cfg.Password = "", ""
+	if v.State == "" {
+		v.State = StateActive
+	}
+	st := &v.Status
+	st.LastErrorCode, st.LastErrorMessage, st.LastErrorTime = t.LastErrorCode, t.LastErrorMessage, t.LastErrorTime
+	st.LastRefreshTime = t.IssueTime
+	st.AccessTokenExpireTime = t.AccessTokenExpireTime
+	st.HasRefreshToken = t.RefreshToken != ""
+	st.ChainStartTime = t.ChainStartTime
+	st.StateReason = t.StateReason
+	if st.HasRefreshToken && !t.RefreshTokenUseTime.IsZero() {
+		idle := t.RefreshTokenUseTime.Add(b.sliding(cfg))
+		if cfg.AbsoluteLifetime > 0 && !t.ChainStartTime.IsZero() {
+			idle = minTime(idle, t.ChainStartTime.Add(cfg.AbsoluteLifetime))
+		}
+		st.RefreshTokenIdleExpireTime = idle
+	}
+	if exp := cfg.ClientSecretExpireTime; !exp.IsZero() {
+		switch left := exp.Sub(now); {
+		case left <= 0:
+			st.Warnings = append(st.Warnings, "client secret expired on "+exp.UTC().Format(time.DateOnly)+": add a new shared secret in the Connected Application and update client_secret")
+		case left <= 30*24*time.Hour:
+			st.Warnings = append(st.Warnings, fmt.Sprintf("client secret expires on %s (in %d days): add a new shared secret and update client_secret", exp.UTC().Format(time.DateOnly), int(left.Hours()/24)))
+		}
+	}
+	if c.recovering {
+		st.Warnings = append(st.Warnings, "a token request was in flight when the broker last stopped; the refresh token may have been spent and is being checked")
+		if st.StateReason == "" {
+			st.StateReason = ReasonCrashRecovery
+		}
+	}
+	if c.pending != nil {
+		st.Warnings = append(st.Warnings, "a rotated refresh token is held in memory only: the durable store is failing; commit is being retried")
+	}
+	return v
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,335 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"tokenbroker/storage"
+)
+
+// Options configure [New]. Zero fields mean the documented defaults.
+type Options struct {
+	// Store keeps connections durably. Required.
+	Store Store
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
+	// Logger receives operational events; never secrets. Default discards.
+	Logger *slog.Logger
+	// Transport carries upstream HTTP requests. Default a clone of
+	// http.DefaultTransport.
+	Transport http.RoundTripper
+	// UpstreamTimeout bounds one upstream HTTP request. Default 30 s.
+	UpstreamTimeout time.Duration
+	// RefreshTimeout bounds one shared refresh with its retries, on the
+	// broker's own context. Default 2 min.
+	RefreshTimeout time.Duration
+	// MaxAttempts bounds the upstream attempts of one shared refresh.
+	// Default 3.
+	MaxAttempts int
+	// BackoffBase and BackoffMax shape the exponential backoff with jitter
+	// between attempts on transient failures. Default 1 s and 5 min.
+	BackoffBase time.Duration
+	BackoffMax  time.Duration
+	// LoginLimitBackoff is the first wait after an "API Login Limit" answer;
+	// it doubles up to 30 min. Default 1 min.
+	LoginLimitBackoff time.Duration
+	// MaxConcurrentUpstream caps upstream calls across all connections.
+	// Default 32.
+	MaxConcurrentUpstream int
+	// TickInterval is how often the maintenance loop looks for tokens to
+	// renew. Default 1 s; negative disables the loop (tests call
+	// [Broker.Maintain] themselves).
+	TickInterval time.Duration
+	// KeepAliveAfter is how long an idle refresh token may go unused before
+	// the broker refreshes it, capped at half the sliding lifetime. Default
+	// 7 days.
+	KeepAliveAfter time.Duration
+	// DefaultSlidingLifetime applies to connections that set none. Default
+	// 15 days.
+	DefaultSlidingLifetime time.Duration
+	// AllowInsecureUpstream allows http:// instance URLs beyond loopback.
+	AllowInsecureUpstream bool
+	// Sleep waits between attempts. Default a timer that ctx can cut short.
+	Sleep func(ctx context.Context, d time.Duration) error
+}
+
+func (o *Options) setDefaults() {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Transport == nil {
+		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
+	}
+	if o.UpstreamTimeout <= 0 {
+		o.UpstreamTimeout = 30 * time.Second
+	}
+	if o.RefreshTimeout <= 0 {
+		o.RefreshTimeout = 2 * time.Minute
+	}
+	if o.MaxAttempts <= 0 {
+		o.MaxAttempts = 3
+	}
+	if o.BackoffBase <= 0 {
+		o.BackoffBase = time.Second
+	}
+	if o.BackoffMax <= 0 {
+		o.BackoffMax = 5 * time.Minute
+	}
+	if o.LoginLimitBackoff <= 0 {
+		o.LoginLimitBackoff = time.Minute
+	}
+	if o.MaxConcurrentUpstream <= 0 {
+		o.MaxConcurrentUpstream = 32
+	}
+	if o.TickInterval == 0 {
+		o.TickInterval = time.Second
+	}
+	if o.KeepAliveAfter <= 0 {
+		o.KeepAliveAfter = 7 * 24 * time.Hour
+	}
+	if o.DefaultSlidingLifetime <= 0 {
+		o.DefaultSlidingLifetime = 15 * 24 * time.Hour
+	}
+	if o.Sleep == nil {
+		o.Sleep = sleepCtx
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Broker holds every connection and serves their tokens.
+type Broker struct {
+	opts  Options
+	store Store
+	now   func() time.Time
+	log   *slog.Logger
+	up    *upstream
+	sem   chan struct{} // global cap on concurrent upstream calls
+
+	conns sync.Map // name -> *conn; read without locks on the cached path
+
+	creatingMu sync.Mutex          // guards creating
+	creating   map[string]struct{} // names with a CreateConnection in progress
+
+	flights sync.WaitGroup // shared refreshes in progress
+	stop    chan struct{}
+	loop    sync.WaitGroup
+	closed  atomic.Bool
+	once    sync.Once
+
+	stats Stats
+}
+
+// Stats are counters for tests, benchmarks and metrics.
+type Stats struct {
+	UpstreamRefresh  atomic.Int64 // refresh grants sent
+	UpstreamPassword atomic.Int64 // password grants sent
+	UpstreamFailures atomic.Int64 // failed upstream token requests
+	CommitFailures   atomic.Int64 // failed durable writes
+}
+
+// conn is one connection's live state.
+type conn struct {
+	name     string
+	snap     atomic.Pointer[snapshot] // what the cached path reads
+	lastUsed atomic.Int64             // unix nanoseconds of the last token request
+	turn     chan struct{}            // capacity 1: held while talking to the token endpoint
+
+	mu           sync.Mutex          // guards the fields below
+	cfg          *storage.Connection // configuration with secrets
+	tok          *storage.Tokens     // token state as last committed, with in-memory state/error
+	pending      *storage.Tokens     // rotated tokens whose commit failed; retried before any upstream call
+	flight       *flight             // the shared refresh in progress, if any
+	backoffUntil time.Time           // no upstream call before this
+	failures     int                 // consecutive failed shared refreshes
+	recovering   bool                // an intent was found at start: the refresh token may be spent
+	deleted      bool
+}
+
+// flight is one shared refresh; waiters read err after done is closed.
+type flight struct {
+	done chan struct{}
+	why  reason
+	err  error
+}
+
+// reason says why a shared refresh runs.
+type reason int
+
+const (
+	reasonCaller     reason = iota + 1 // a caller found no usable token
+	reasonRejected                     // a caller reported the token rejected
+	reasonProactive                    // an in-use token passed 75% of its life
+	reasonKeepAlive                    // an idle refresh token nears its sliding window
+	reasonRenewChain                   // the chain nears its absolute lifetime: password grant
+	reasonRecover                      // an intent was found at start
+	reasonCommit                       // a failed commit is retried
+)
+
+// New returns a broker over opts.Store. Call [Broker.Load] to read stored
+// connections, then [Broker.Start] for background maintenance.
+func New(opts Options) (*Broker, error) {
+	if opts.Store == nil {
+		return nil, errors.New("broker: Options.Store is required")
+	}
+	opts.setDefaults()
+	return &Broker{
+		opts:     opts,
+		store:    opts.Store,
+		now:      opts.Now,
+		log:      opts.Logger,
+		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
+		sem:      make(chan struct{}, opts.MaxConcurrentUpstream),
+		creating: map[string]struct{}{},
+		stop:     make(chan struct{}),
+	}, nil
+}
+
+// Stats returns the broker's counters.
+func (b *Broker) Stats() *Stats { return &b.stats }
+
+// Load reads every stored connection into memory. Connections whose last
+// upstream request may have been interrupted by a crash are marked for
+// recovery and refreshed by the next maintenance pass.
+func (b *Broker) Load(ctx context.Context) (int, error) {
+	n := 0
+	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
+		c := newConn(cfg, tok)
+		if tok.IntentGrant != "" {
+			c.recovering = true
+			b.log.Warn("token request was in flight at last stop; refresh token may be spent",
+				"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
+		}
+		if tok.State == "" || tok.State == string(StateDegraded) {
+			c.tok.State = string(StateActive)
+		}
+		c.publish()
+		b.conns.Store(cfg.Name, c)
+		n++
+		return nil
+	})
+	if err != nil {
+		return n, fmt.Errorf("broker: load: %w", err)
+	}
+	return n, nil
+}
+
+func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
+	c := &conn{name: cfg.Name, cfg: cfg, tok: tok, turn: make(chan struct{}, 1)}
+	return c
+}
+
+// Start runs the maintenance loop until [Broker.Close].
+func (b *Broker) Start() {
+	if b.opts.TickInterval < 0 {
+		return
+	}
+	b.loop.Add(1)
+	go func() {
+		defer b.loop.Done()
+		t := time.NewTicker(b.opts.TickInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-b.stop:
+				return
+			case <-t.C:
+				b.Maintain()
+			}
+		}
+	}()
+}
+
+// Close stops maintenance, lets shared refreshes in progress finish and
+// commit, and returns. It does not close the store.
+func (b *Broker) Close() {
+	b.once.Do(func() {
+		b.closed.Store(true)
+		close(b.stop)
+		b.loop.Wait()
+		b.flights.Wait()
+	})
+}
+
+func (b *Broker) lookup(name string) (*conn, error) {
+	v, ok := b.conns.Load(name)
+	if !ok {
+		return nil, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+	}
+	return v.(*conn), nil
+}
+
+// publish rebuilds the snapshot from the committed state. c.mu must be held
+// (or c not yet shared).
+func (c *conn) publish() {
+	old := c.snap.Load()
+	s := &snapshot{
+		tok: Token{
+			AccessToken: c.tok.AccessToken,
+			TokenType:   c.tok.TokenType,
+			ExpireTime:  c.tok.AccessTokenExpireTime,
+			InstanceURL: c.cfg.InstanceURL,
+			Scopes:      c.tok.Scopes,
+		},
+		state: State(c.tok.State),
+	}
+	if len(s.tok.Scopes) == 0 {
+		s.tok.Scopes = c.cfg.Scopes
+	}
+	if old != nil && old.rejected && old.tok.AccessToken == s.tok.AccessToken {
+		s.rejected = true
+	}
+	c.snap.Store(s)
+}
+
+// etag formats a revision as an etag.
+func etag(rev int64) string { return strconv.FormatInt(rev, 10) }
+
+// ParseETag parses an etag made by the broker; ok is false for anything else.
+func ParseETag(s string) (int64, bool) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil && n > 0
+}
+
+// withTurn runs fn while holding the connection's turn at the token
+// endpoint. Waiting for the turn can be abandoned through ctx.
+func withTurn(ctx context.Context, c *conn, fn func() error) error {
+	select {
+	case c.turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-c.turn }()
+	return fn()
+}
+
+// acquire takes a slot of the global upstream cap.
+func (b *Broker) acquire(ctx context.Context) error {
+	select {
+	case b.sem <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (b *Broker) release() { <-b.sem }

@@ -1,0 +1,99 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Error kinds, checked with errors.Is. Every error the broker returns for a
+// connection wraps one of them in an [*Error] with more detail.
+var (
+	// ErrNotFound: no such connection.
+	ErrNotFound = errors.New("broker: connection not found")
+	// ErrAlreadyExists: a connection with that name exists.
+	ErrAlreadyExists = errors.New("broker: connection already exists")
+	// ErrConflict: the etag does not match (the connection changed).
+	ErrConflict = errors.New("broker: connection changed since read")
+	// ErrInvalidArgument: the input breaks a rule; see [*Error.Violations].
+	ErrInvalidArgument = errors.New("broker: invalid argument")
+	// ErrCredentialsRejected: upstream rejected the client or the user.
+	ErrCredentialsRejected = errors.New("broker: credentials rejected by upstream")
+	// ErrRefreshTokenMissing: upstream issued no refresh token.
+	ErrRefreshTokenMissing = errors.New("broker: upstream issued no refresh token")
+	// ErrUpstreamUnavailable: upstream failed and no valid token is held.
+	ErrUpstreamUnavailable = errors.New("broker: upstream unavailable")
+	// ErrLoginLimit: the integration user's concurrent sign-ins are used up.
+	ErrLoginLimit = errors.New("broker: upstream login limit reached")
+	// ErrStorage: the durable store failed; no upstream call was made that
+	// could lose a refresh token.
+	ErrStorage = errors.New("broker: storage failure")
+	// ErrTokenTooShort: the freshest token cannot satisfy min_valid_for.
+	ErrTokenTooShort = errors.New("broker: token lifetime shorter than requested")
+	// ErrClosed: the broker is shutting down.
+	ErrClosed = errors.New("broker: closed")
+)
+
+// Reasons name error classes for operators and machines (ErrorInfo reason,
+// ConnectionStatus.state_reason, last_error.code).
+const (
+	ReasonCredentialsRejected = "CREDENTIALS_REJECTED"
+	ReasonClientRejected      = "CLIENT_REJECTED"
+	ReasonRefreshTokenRevoked = "REFRESH_TOKEN_REVOKED"
+	ReasonRefreshTokenMissing = "REFRESH_TOKEN_MISSING"
+	ReasonUpstreamUnavailable = "UPSTREAM_UNAVAILABLE"
+	ReasonUpstreamRateLimited = "UPSTREAM_RATE_LIMITED"
+	ReasonUpstreamProtocol    = "UPSTREAM_PROTOCOL_ERROR"
+	ReasonLoginLimit          = "LOGIN_LIMIT_REACHED"
+	ReasonStorageFailure      = "STORAGE_FAILURE"
+	ReasonConnectionNotFound  = "CONNECTION_NOT_FOUND"
+	ReasonAlreadyExists       = "CONNECTION_ALREADY_EXISTS"
+	ReasonEtagMismatch        = "ETAG_MISMATCH"
+	ReasonInvalidArgument     = "INVALID_ARGUMENT"
+	ReasonTokenTooShort       = "TOKEN_LIFETIME_TOO_SHORT"
+	ReasonCrashRecovery       = "RECOVERING_AFTER_CRASH"
+)
+
+// FieldViolation names a bad input field.
+type FieldViolation struct {
+	Field       string
+	Description string
+}
+
+// Error is the broker's error: a kind, a reason, the connection, and for
+// retryable failures how long to wait. Messages never carry secrets.
+type Error struct {
+	Kind       error
+	Reason     string
+	Name       string
+	Message    string
+	RetryAfter time.Duration
+	Violations []FieldViolation
+}
+
+func (e *Error) Error() string {
+	msg := e.Kind.Error()
+	if e.Name != "" {
+		msg += " " + e.Name
+	}
+	if e.Message != "" {
+		msg += ": " + e.Message
+	}
+	return msg
+}
+
+// Unwrap returns the kind.
+func (e *Error) Unwrap() error { return e.Kind }
+
+func newError(kind error, reason, name, format string, args ...any) *Error {
+	return &Error{Kind: kind, Reason: reason, Name: name, Message: fmt.Sprintf(format, args...)}
+}
+
+// invalid builds an ErrInvalidArgument error from violations.
+func invalid(violations ...FieldViolation) *Error {
+	e := &Error{Kind: ErrInvalidArgument, Reason: ReasonInvalidArgument, Violations: violations}
+	if len(violations) > 0 {
+		e.Message = violations[0].Field + ": " + violations[0].Description
+	}
+	return e
+}

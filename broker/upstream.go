@@ -1,0 +1,444 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"mime"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Grant types.
+const (
+	grantPassword = "password"
+	grantRefresh  = "refresh_token"
+)
+
+// maxBody bounds what is read of any upstream answer.
+const maxBody = 64 << 10
+
+// endpoints are an instance's identity endpoints.
+type endpoints struct {
+	token      string
+	revocation string
+	fetched    time.Time
+}
+
+// upstream talks to Acumatica identity servers. Token requests are written
+// by hand rather than through golang.org/x/oauth2: a one-time refresh token
+// must be captured from a 200 answer even when the rest of the answer is
+// unusable, failures must be classed by whether the request was sent, and
+// Retry-After must be read; x/oauth2 exposes none of these.
+type upstream struct {
+	client *http.Client
+	now    func() time.Time
+	ttl    time.Duration
+
+	mu    sync.Mutex            // guards cache
+	cache map[string]*endpoints // instance URL -> discovered endpoints
+}
+
+func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time) *upstream {
+	return &upstream{
+		client: &http.Client{
+			Timeout:   timeout,
+			Transport: transport,
+			// Never follow redirects: credentials and one-time tokens must
+			// not be re-sent anywhere else.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		now:   now,
+		ttl:   time.Hour,
+		cache: map[string]*endpoints{},
+	}
+}
+
+// endpointsFor returns the instance's token and revocation endpoints from its
+// discovery document, falling back to the well-known paths. Endpoints on a
+// different origin than the instance are ignored.
+func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints {
+	u.mu.Lock()
+	ep, ok := u.cache[instance]
+	u.mu.Unlock()
+	if ok && u.now().Sub(ep.fetched) < u.ttl {
+		return *ep
+	}
+	fresh := endpoints{
+		token:      instance + "/identity/connect/token",
+		revocation: instance + "/identity/connect/revocation",
+		fetched:    u.now(),
+	}
+	if doc, err := u.discover(ctx, instance); err == nil {
+		if sameOrigin(instance, doc.TokenEndpoint) {
+			fresh.token = doc.TokenEndpoint
+		}
+		if sameOrigin(instance, doc.RevocationEndpoint) {
+			fresh.revocation = doc.RevocationEndpoint
+		}
+	} else if ctx.Err() == nil {
+		// Remember the fallback briefly rather than asking on every call.
+		fresh.fetched = u.now().Add(-u.ttl + time.Minute)
+	}
+	u.mu.Lock()
+	u.cache[instance] = &fresh
+	u.mu.Unlock()
+	return fresh
+}
+
+type discoveryDoc struct {
+	TokenEndpoint      string `json:"token_endpoint"`
+	RevocationEndpoint string `json:"revocation_endpoint"`
+}
+
+func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, instance+"/identity/.well-known/openid-configuration", nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := u.client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("discovery: HTTP %d", resp.StatusCode)
+	}
+	var doc discoveryDoc
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxBody)).Decode(&doc); err != nil {
+		return nil, fmt.Errorf("discovery: %w", err)
+	}
+	return &doc, nil
+}
+
+func sameOrigin(instance, endpoint string) bool {
+	if endpoint == "" {
+		return false
+	}
+	a, err1 := url.Parse(instance)
+	b, err2 := url.Parse(endpoint)
+	return err1 == nil && err2 == nil && a.Scheme == b.Scheme && strings.EqualFold(a.Host, b.Host) && b.User == nil
+}
+
+// tokenResponse is a parsed 200 answer of the token endpoint.
+type tokenResponse struct {
+	AccessToken  string
+	TokenType    string
+	RefreshToken string
+	ExpiresIn    time.Duration
+	Scopes       []string
+}
+
+// failureClass says what an upstream failure means for the refresh token.
+type failureClass int
+
+const (
+	// classSafe: the request was not processed (not sent, 429, 503); the
+	// same refresh token may be retried.
+	classSafe failureClass = iota + 1
+	// classAmbiguous: the request may have been processed; the refresh token
+	// may be spent.
+	classAmbiguous
+	// classInvalidGrant: the grant (refresh token or user) was rejected.
+	classInvalidGrant
+	// classInvalidClient: the client id or secret was rejected.
+	classInvalidClient
+	// classLoginLimit: the user's concurrent sign-ins are used up.
+	classLoginLimit
+	// classProtocol: a 200 answer that is unusable.
+	classProtocol
+)
+
+func (c failureClass) String() string {
+	switch c {
+	case classSafe:
+		return "safe"
+	case classAmbiguous:
+		return "ambiguous"
+	case classInvalidGrant:
+		return "invalid_grant"
+	case classInvalidClient:
+		return "invalid_client"
+	case classLoginLimit:
+		return "login_limit"
+	case classProtocol:
+		return "protocol"
+	}
+	return "unknown"
+}
+
+// upstreamError is a classified failure of one upstream request. detail is
+// scrubbed: it never holds a secret, a token or a raw body.
+type upstreamError struct {
+	class      failureClass
+	status     int
+	code       string
+	detail     string
+	retryAfter time.Duration
+}
+
+func (e *upstreamError) Error() string {
+	var b strings.Builder
+	b.WriteString("upstream ")
+	if e.status != 0 {
+		fmt.Fprintf(&b, "HTTP %d", e.status)
+	} else {
+		b.WriteString("request failed")
+	}
+	if e.code != "" {
+		b.WriteString(" " + e.code)
+	}
+	if e.detail != "" {
+		b.WriteString(": " + e.detail)
+	}
+	return b.String()
+}
+
+// tokenRequest posts a form to the token endpoint (client credentials in the
+// body, as Acumatica expects) and classifies the outcome. A 200 answer that
+// carries a refresh token is returned even when it is otherwise unusable, so
+// the caller can commit the rotated refresh token; err is then set too.
+func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.Values, secrets []string) (*tokenResponse, error) {
+	var sent bool
+	var sentMu sync.Mutex
+	trace := &httptrace.ClientTrace{
+		WroteHeaders: func() { sentMu.Lock(); sent = true; sentMu.Unlock() },
+	}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), http.MethodPost, endpoint, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, &upstreamError{class: classSafe, detail: "bad token endpoint"}
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	resp, err := u.client.Do(req)
+	if err != nil {
+		sentMu.Lock()
+		wasSent := sent
+		sentMu.Unlock()
+		return nil, classifyTransport(err, wasSent)
+	}
+	defer resp.Body.Close()
+	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxBody))
+	if resp.StatusCode == http.StatusOK {
+		if readErr != nil {
+			return nil, &upstreamError{class: classAmbiguous, status: 200, detail: "answer cut off"}
+		}
+		return parseTokenResponse(body)
+	}
+	return nil, classifyStatus(resp, body, secrets)
+}
+
+func classifyTransport(err error, sent bool) *upstreamError {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return &upstreamError{class: classSafe, detail: "connection refused"}
+	case !sent:
+		return &upstreamError{class: classSafe, detail: "request not sent: " + transportKind(err)}
+	case errors.As(err, &ne) && ne.Timeout(), errors.Is(err, context.DeadlineExceeded):
+		return &upstreamError{class: classAmbiguous, detail: "timeout after the request was sent"}
+	default:
+		return &upstreamError{class: classAmbiguous, detail: "connection failed after the request was sent: " + transportKind(err)}
+	}
+}
+
+// transportKind names a transport error without echoing URLs or bodies.
+func transportKind(err error) string {
+	var ne net.Error
+	var dns *net.DNSError
+	switch {
+	case errors.As(err, &dns):
+		return "DNS lookup failed"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "connection reset"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return "connection closed"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.Is(err, context.Canceled):
+		return "canceled"
+	}
+	return "network error"
+}
+
+func classifyStatus(resp *http.Response, body []byte, secrets []string) *upstreamError {
+	e := &upstreamError{status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
+	var oe struct {
+		Error       string `json:"error"`
+		Description string `json:"error_description"`
+	}
+	mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	if strings.Contains(mt, "json") || bytes.HasPrefix(bytes.TrimSpace(body), []byte("{")) {
+		if json.Unmarshal(body, &oe) == nil {
+			e.code = scrub(oe.Error, 64, secrets)
+			e.detail = scrub(oe.Description, 200, secrets)
+		}
+	}
+	if e.detail == "" && e.code == "" {
+		e.detail = fmt.Sprintf("%s answer of %d bytes", orDefault(mt, "untyped"), len(body))
+	}
+	loginLimit := bytes.Contains(bytes.ToLower(body), []byte("api login limit"))
+	switch {
+	case loginLimit:
+		e.class = classLoginLimit
+		e.detail = "API Login Limit reached for the integration user"
+	case resp.StatusCode >= 300 && resp.StatusCode < 400:
+		// A redirect is not followed; nothing reached the token endpoint.
+		e.class = classSafe
+		e.detail = "token endpoint answered with a redirect, which is not followed"
+	case oe.Error == "invalid_client" || resp.StatusCode == http.StatusUnauthorized:
+		e.class = classInvalidClient
+	case oe.Error == "invalid_grant":
+		e.class = classInvalidGrant
+	case resp.StatusCode == http.StatusTooManyRequests:
+		e.class = classSafe
+	case resp.StatusCode == http.StatusServiceUnavailable:
+		e.class = classSafe
+	case resp.StatusCode >= 500:
+		// 500, 502, 504 and the rest may have been processed upstream.
+		e.class = classAmbiguous
+	case oe.Error == "unauthorized_client" || oe.Error == "unsupported_grant_type" || oe.Error == "invalid_scope":
+		// The Connected Application is set up for another flow or scope:
+		// an operator must act, retrying cannot help.
+		e.class = classInvalidClient
+	default:
+		e.class = classAmbiguous
+	}
+	return e
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// parseTokenResponse parses a 200 answer. A refresh token present in an
+// otherwise unusable answer is returned with the error.
+func parseTokenResponse(body []byte) (*tokenResponse, error) {
+	var raw struct {
+		AccessToken  string          `json:"access_token"`
+		TokenType    string          `json:"token_type"`
+		RefreshToken string          `json:"refresh_token"`
+		ExpiresIn    json.RawMessage `json:"expires_in"`
+		Scope        string          `json:"scope"`
+	}
+	if err := json.Unmarshal(body, &raw); err != nil {
+		return nil, &upstreamError{class: classProtocol, status: 200, detail: "answer is not a JSON token response"}
+	}
+	tr := &tokenResponse{
+		AccessToken:  raw.AccessToken,
+		TokenType:    raw.TokenType,
+		RefreshToken: raw.RefreshToken,
+		Scopes:       strings.Fields(raw.Scope),
+	}
+	if tr.TokenType == "" {
+		tr.TokenType = "Bearer"
+	}
+	secs, ok := parseExpiresIn(raw.ExpiresIn)
+	switch {
+	case raw.AccessToken == "":
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has no access_token"}
+	case !strings.EqualFold(tr.TokenType, "bearer"):
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, nil))}
+	case !ok:
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a missing or nonsensical expires_in"}
+	}
+	tr.ExpiresIn = time.Duration(secs) * time.Second
+	return tr, nil
+}
+
+// parseExpiresIn accepts a number or numeric string of seconds between 10 s
+// and 7 days.
+func parseExpiresIn(raw json.RawMessage) (int64, bool) {
+	if len(raw) == 0 {
+		return 0, false
+	}
+	s := strings.Trim(string(raw), `"`)
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(f) || f != math.Trunc(f) || f < 10 || f > 7*24*3600 {
+		return 0, false
+	}
+	return int64(f), true
+}
+
+// parseRetryAfter reads delay-seconds or an HTTP date, capped at one hour.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0
+	}
+	var d time.Duration
+	if n, err := strconv.Atoi(v); err == nil {
+		d = time.Duration(n) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = t.Sub(now)
+	}
+	return min(max(d, 0), time.Hour)
+}
+
+// scrub makes upstream text fit for a log or a status: printable ASCII only,
+// known secrets removed, cut to n bytes.
+func scrub(s string, n int, secrets []string) string {
+	for _, sec := range secrets {
+		if len(sec) >= 4 {
+			s = strings.ReplaceAll(s, sec, "[redacted]")
+		}
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if b.Len() >= n {
+			b.WriteString("...")
+			break
+		}
+		if r >= 0x20 && r < 0x7f {
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
+}
+
+// revoke asks the revocation endpoint to revoke a refresh token, and signs
+// the session out with the access token. Both are best effort.
+func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clientSecret, refreshToken, accessToken string) {
+	ep := u.endpointsFor(ctx, instance)
+	if refreshToken != "" {
+		form := url.Values{
+			"token":           {refreshToken},
+			"token_type_hint": {"refresh_token"},
+			"client_id":       {clientID},
+			"client_secret":   {clientSecret},
+		}
+		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.revocation, strings.NewReader(form.Encode())); err == nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			if resp, err := u.client.Do(req); err == nil {
+				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
+				resp.Body.Close()
+			}
+		}
+	}
+	if accessToken != "" {
+		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, instance+"/entity/auth/logout", nil); err == nil {
+			req.Header.Set("Authorization", "Bearer "+accessToken)
+			if resp, err := u.client.Do(req); err == nil {
+				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
+				resp.Body.Close()
+			}
+		}
+	}
+}
