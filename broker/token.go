@@ -296,7 +296,7 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 		}
 		wait := max(b.backoff(attempt), ue.retryAfter)
 		deadline, _ := ctx.Deadline()
-		if attempt < b.opts.MaxAttempts && b.now().Add(wait).Before(deadline) && !b.closed.Load() {
+		if attempt < b.opts.MaxAttempts && time.Until(deadline) > wait && !b.closed.Load() {
 			c.mu.Lock()
 			setError(c.tok, reasonCode, ue.Error(), b.now())
 			c.mu.Unlock()

@@ -1,0 +1,500 @@
+package acumaticatest
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Fault is one injected misbehaviour of the token endpoint.
+type Fault struct {
+	// Status answers with this HTTP status (and Body, ContentType).
+	Status      int
+	Body        string
+	ContentType string
+	// RetryAfter sets the Retry-After header.
+	RetryAfter string
+	// Delay waits before answering (or before the fault).
+	Delay time.Duration
+	// Hang waits until the client gives up.
+	Hang bool
+	// Reset closes the connection without an answer.
+	Reset bool
+	// Process makes the fault apply after the grant was processed (the
+	// refresh token is spent, the answer is lost): models an ambiguous
+	// failure.
+	Process bool
+	// Mutate rewrites a processed 200 answer (missing fields, bad
+	// expires_in); it implies Process.
+	Mutate func(map[string]any)
+	// Redirect answers 307 to this location.
+	Redirect string
+}
+
+// Options configure [New]. Zero fields mean defaults.
+type Options struct {
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
+	// AccessTokenLifetime is expires_in. Default 1 h.
+	AccessTokenLifetime time.Duration
+	// SlidingLifetime is the refresh token's idle window. Default 15 days.
+	SlidingLifetime time.Duration
+	// AbsoluteLifetime caps a chain from its password grant; 0 is infinite.
+	AbsoluteLifetime time.Duration
+	// MaxSessions is the user's concurrent sign-in limit; 0 is unlimited.
+	MaxSessions int
+	// NoRefreshTokens makes the server issue none (offline_access not
+	// granted to the application).
+	NoRefreshTokens bool
+	// RevokeAccessOnRefresh revokes the previous access token of a session
+	// when its refresh token rotates.
+	RevokeAccessOnRefresh bool
+	// Entities readable by the user's role; others known answer 403.
+	// Default SalesOrder, Shipment, StockItem.
+	Entities []string
+}
+
+// Counts are what the server saw.
+type Counts struct {
+	PasswordGrants    int `json:"password_grants"`
+	RefreshGrants     int `json:"refresh_grants"`
+	InvalidGrant      int `json:"invalid_grant"`
+	InvalidClient     int `json:"invalid_client"`
+	ReuseDetected     int `json:"reuse_detected"`
+	LoginLimit        int `json:"login_limit"`
+	Faults            int `json:"faults"`
+	Revocations       int `json:"revocations"`
+	Logouts           int `json:"logouts"`
+	EntityReads       int `json:"entity_reads"`
+	Discovery         int `json:"discovery"`
+	MaxConcurrentUser int `json:"max_concurrent_per_user"`
+	OpenSessions      int `json:"open_sessions"`
+}
+
+type client struct{ secret string }
+
+type user struct{ password string }
+
+type session struct {
+	id        string
+	user      string
+	client    string
+	start     time.Time
+	refresh   string // current refresh token
+	access    map[string]time.Time
+	ended     bool
+	lastUse   time.Time
+	chainUsed map[string]bool // spent refresh tokens of this chain
+}
+
+// Server is the stand-in. Safe for concurrent use.
+type Server struct {
+	opts Options
+
+	mu        sync.Mutex // guards everything below
+	clients   map[string]client
+	users     map[string]user
+	sessions  map[string]*session
+	refresh   map[string]*session // any refresh token of a chain, spent or current
+	access    map[string]*session
+	faults    []Fault
+	counts    Counts
+	inflight  map[string]int
+	protected []string
+	seen      []string // every token issued, for leak scans
+}
+
+// New returns a stand-in with no clients or users.
+func New(opts Options) *Server {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.AccessTokenLifetime == 0 {
+		opts.AccessTokenLifetime = time.Hour
+	}
+	if opts.SlidingLifetime == 0 {
+		opts.SlidingLifetime = 15 * 24 * time.Hour
+	}
+	if opts.Entities == nil {
+		opts.Entities = []string{"SalesOrder", "Shipment", "StockItem"}
+	}
+	return &Server{
+		opts: opts, clients: map[string]client{}, users: map[string]user{},
+		sessions: map[string]*session{}, refresh: map[string]*session{}, access: map[string]*session{},
+		inflight: map[string]int{},
+	}
+}
+
+// AddClient registers a Connected Application.
+func (s *Server) AddClient(id, secret string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clients[id] = client{secret: secret}
+}
+
+// AddUser registers a user or changes its password. Changing a password
+// ends the user's sessions and revokes their refresh tokens, as Acumatica
+// does.
+func (s *Server) AddUser(name, password string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.users[name]; ok {
+		for _, ss := range s.sessions {
+			if ss.user == name {
+				ss.ended = true
+			}
+		}
+	}
+	s.users[name] = user{password: password}
+}
+
+// RevokeRefreshTokens ends every session: every refresh and access token
+// dies.
+func (s *Server) RevokeRefreshTokens() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ss := range s.sessions {
+		ss.ended = true
+	}
+}
+
+// Inject queues faults; each applies to one token request, in order.
+func (s *Server) Inject(f ...Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = append(s.faults, f...)
+}
+
+// ClearFaults drops queued faults.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = nil
+}
+
+// Counts returns a copy of the counters.
+func (s *Server) Counts() Counts {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.counts
+	for _, ss := range s.sessions {
+		if !ss.ended {
+			c.OpenSessions++
+		}
+	}
+	return c
+}
+
+// Issued returns every token the server has issued, for leak scans.
+func (s *Server) Issued() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.seen)
+}
+
+// AccessTokenValid reports whether an access token is live.
+func (s *Server) AccessTokenValid(tok string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.accessValidLocked(tok)
+}
+
+func (s *Server) accessValidLocked(tok string) bool {
+	ss, ok := s.access[tok]
+	if !ok || ss.ended {
+		return false
+	}
+	exp, ok := ss.access[tok]
+	return ok && s.opts.Now().Before(exp)
+}
+
+// Handler returns the HTTP handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /identity/connect/token", s.token)
+	mux.HandleFunc("GET /identity/.well-known/openid-configuration", s.discovery)
+	mux.HandleFunc("POST /identity/connect/revocation", s.revocation)
+	mux.HandleFunc("POST /entity/auth/logout", s.logout)
+	mux.HandleFunc("GET /entity/{endpoint}/{version}/{entity}", s.entity)
+	return mux
+}
+
+// Start runs the server on a loopback httptest listener.
+func (s *Server) Start() *httptest.Server { return httptest.NewServer(s.Handler()) }
+
+func (s *Server) discovery(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	s.counts.Discovery++
+	s.mu.Unlock()
+	base := "http://" + r.Host
+	if r.TLS != nil {
+		base = "https://" + r.Host
+	}
+	writeJSON(w, 200, map[string]any{
+		"issuer":              base + "/identity",
+		"token_endpoint":      base + "/identity/connect/token",
+		"revocation_endpoint": base + "/identity/connect/revocation",
+		"grant_types_supported": []string{"password", "refresh_token",
+			"authorization_code", "client_credentials", "implicit", "hybrid"},
+	})
+}
+
+func newToken(prefix string) string {
+	b := make([]byte, 24)
+	rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func oauthError(w http.ResponseWriter, status int, code, desc string) {
+	writeJSON(w, status, map[string]string{"error": code, "error_description": desc})
+}
+
+func (s *Server) token(w http.ResponseWriter, r *http.Request) {
+	if err := r.ParseForm(); err != nil {
+		oauthError(w, 400, "invalid_request", "bad form")
+		return
+	}
+	s.mu.Lock()
+	var fault *Fault
+	if len(s.faults) > 0 {
+		f := s.faults[0]
+		s.faults = s.faults[1:]
+		fault = &f
+		s.counts.Faults++
+	}
+	key := r.PostForm.Get("client_id")
+	s.inflight[key]++
+	if s.inflight[key] > s.counts.MaxConcurrentUser {
+		s.counts.MaxConcurrentUser = s.inflight[key]
+	}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.inflight[key]--
+		s.mu.Unlock()
+	}()
+
+	if fault != nil {
+		if fault.Delay > 0 {
+			select {
+			case <-time.After(fault.Delay):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if fault.Hang {
+			<-r.Context().Done()
+			return
+		}
+		if fault.Redirect != "" {
+			http.Redirect(w, r, fault.Redirect, http.StatusTemporaryRedirect)
+			return
+		}
+		if !fault.Process && fault.Mutate == nil {
+			s.writeFault(w, fault)
+			return
+		}
+	}
+	status, body := s.grant(r)
+	if fault != nil {
+		if fault.Mutate != nil && status == 200 {
+			fault.Mutate(body)
+		} else if fault.Process {
+			s.writeFault(w, fault)
+			return
+		}
+	}
+	writeJSON(w, status, body)
+}
+
+func (s *Server) writeFault(w http.ResponseWriter, f *Fault) {
+	if f.Reset {
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				conn.Close()
+				return
+			}
+		}
+	}
+	if f.RetryAfter != "" {
+		w.Header().Set("Retry-After", f.RetryAfter)
+	}
+	ct := f.ContentType
+	if ct == "" {
+		ct = "application/json"
+	}
+	w.Header().Set("Content-Type", ct)
+	status := f.Status
+	if status == 0 {
+		status = 500
+	}
+	w.WriteHeader(status)
+	fmt.Fprint(w, f.Body)
+}
+
+// grant processes a token request and returns the answer.
+func (s *Server) grant(r *http.Request) (int, map[string]any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := r.PostForm
+	now := s.opts.Now()
+	cl, ok := s.clients[f.Get("client_id")]
+	if !ok || cl.secret != f.Get("client_secret") || f.Get("client_secret") == "" {
+		s.counts.InvalidClient++
+		return 400, map[string]any{"error": "invalid_client"}
+	}
+	switch f.Get("grant_type") {
+	case "password":
+		s.counts.PasswordGrants++
+		u, ok := s.users[f.Get("username")]
+		if !ok || u.password != f.Get("password") {
+			s.counts.InvalidGrant++
+			return 400, map[string]any{"error": "invalid_grant", "error_description": "invalid_username_or_password"}
+		}
+		if s.opts.MaxSessions > 0 {
+			open := 0
+			for _, ss := range s.sessions {
+				if ss.user == f.Get("username") && !ss.ended {
+					open++
+				}
+			}
+			if open >= s.opts.MaxSessions {
+				s.counts.LoginLimit++
+				return 429, map[string]any{"error": "invalid_grant", "error_description": "API Login Limit"}
+			}
+		}
+		ss := &session{id: newToken("s"), user: f.Get("username"), client: f.Get("client_id"), start: now,
+			access: map[string]time.Time{}, chainUsed: map[string]bool{}}
+		s.sessions[ss.id] = ss
+		return 200, s.issue(ss, strings.Fields(f.Get("scope")), now)
+	case "refresh_token":
+		s.counts.RefreshGrants++
+		rt := f.Get("refresh_token")
+		ss, ok := s.refresh[rt]
+		switch {
+		case !ok || ss.client != f.Get("client_id"):
+			s.counts.InvalidGrant++
+			return 400, map[string]any{"error": "invalid_grant"}
+		case ss.chainUsed[rt]:
+			// Reuse of a spent refresh token: revoke the whole chain.
+			s.counts.ReuseDetected++
+			s.counts.InvalidGrant++
+			ss.ended = true
+			return 400, map[string]any{"error": "invalid_grant"}
+		case ss.ended,
+			now.Sub(ss.lastUse) > s.opts.SlidingLifetime,
+			s.opts.AbsoluteLifetime > 0 && now.Sub(ss.start) > s.opts.AbsoluteLifetime:
+			s.counts.InvalidGrant++
+			return 400, map[string]any{"error": "invalid_grant"}
+		}
+		ss.chainUsed[rt] = true
+		if s.opts.RevokeAccessOnRefresh {
+			for a := range ss.access {
+				delete(ss.access, a)
+			}
+		}
+		return 200, s.issue(ss, []string{"api", "offline_access"}, now)
+	}
+	return 400, map[string]any{"error": "unsupported_grant_type"}
+}
+
+func (s *Server) issue(ss *session, scopes []string, now time.Time) map[string]any {
+	at := newToken("at-")
+	ss.access[at] = now.Add(s.opts.AccessTokenLifetime)
+	s.access[at] = ss
+	ss.lastUse = now
+	s.seen = append(s.seen, at)
+	body := map[string]any{
+		"access_token": at,
+		"token_type":   "Bearer",
+		"expires_in":   int(s.opts.AccessTokenLifetime / time.Second),
+		"scope":        strings.Join(scopes, " "),
+	}
+	if slices.Contains(scopes, "offline_access") && !s.opts.NoRefreshTokens {
+		rt := newToken("rt-")
+		ss.refresh = rt
+		s.refresh[rt] = ss
+		s.seen = append(s.seen, rt)
+		body["refresh_token"] = rt
+	}
+	return body
+}
+
+func (s *Server) revocation(w http.ResponseWriter, r *http.Request) {
+	r.ParseForm()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cl, ok := s.clients[r.PostForm.Get("client_id")]
+	if !ok || cl.secret != r.PostForm.Get("client_secret") {
+		oauthError(w, 400, "invalid_client", "")
+		return
+	}
+	s.counts.Revocations++
+	if ss, ok := s.refresh[r.PostForm.Get("token")]; ok {
+		ss.ended = true
+	}
+	w.WriteHeader(200)
+}
+
+func bearer(r *http.Request) string {
+	v := r.Header.Get("Authorization")
+	if t, ok := strings.CutPrefix(v, "Bearer "); ok {
+		return t
+	}
+	return ""
+}
+
+func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.counts.Logouts++
+	if ss, ok := s.access[bearer(r)]; ok {
+		ss.ended = true
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) entity(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.counts.EntityReads++
+	if !s.accessValidLocked(bearer(r)) {
+		w.Header().Set("WWW-Authenticate", "Bearer")
+		http.Error(w, `{"message":"Authorization has been denied for this request."}`, http.StatusUnauthorized)
+		return
+	}
+	if r.PathValue("endpoint") != "Default" {
+		http.NotFound(w, r)
+		return
+	}
+	entity := r.PathValue("entity")
+	known := []string{"SalesOrder", "Shipment", "StockItem", "Customer", "Vendor", "PurchaseOrder", "InventoryReceipt"}
+	switch {
+	case !slices.Contains(known, entity):
+		http.NotFound(w, r)
+	case !slices.Contains(s.opts.Entities, entity):
+		http.Error(w, `{"message":"You have insufficient rights to access the object."}`, http.StatusForbidden)
+	default:
+		top, _ := strconv.Atoi(r.URL.Query().Get("$top"))
+		items := []map[string]any{}
+		if top != 0 {
+			items = append(items, map[string]any{"id": "00000000-0000-0000-0000-000000000001", "OrderNbr": map[string]string{"value": "SO000001"}})
+		}
+		writeJSON(w, 200, items)
+	}
+}
