@@ -488,4 +488,3 @@ func (b *Broker) signOutAsync(cfg *storage.Connection, refreshToken, accessToken
 		b.up.revokeAndLogout(ctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, refreshToken, accessToken)
 	}()
 }
-

@@ -339,7 +339,12 @@ func TestRetriesTransientFailuresWithinOneSharedRefresh(t *testing.T) {
 		b.MaxAttempts = 4
 		b.BackoffBase = 100 * time.Millisecond
 		b.BackoffMax = time.Second
-		b.Sleep = func(_ context.Context, d time.Duration) error { mu.Lock(); slept = append(slept, d); mu.Unlock(); return nil }
+		b.Sleep = func(_ context.Context, d time.Duration) error {
+			mu.Lock()
+			slept = append(slept, d)
+			mu.Unlock()
+			return nil
+		}
 	})
 	e.create()
 	e.clock.Advance(2 * time.Hour)
