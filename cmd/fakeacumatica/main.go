@@ -1,0 +1,54 @@
+// Command fakeacumatica runs the stand-in Acumatica identity server of
+// package acumaticatest on loopback, for trying tokenbroker locally and for
+// tests that run real binaries.
+//
+//	fakeacumatica [--listen 127.0.0.1:8081] [--client-id ID --client-secret S --username U --password P]
+//
+// Its switches (faults, revocation, password change, counters) are under
+// /_control/ on the same port; see acumaticatest.ControlHandler.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"tokenbroker/broker/acumaticatest"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:8081", "listen address (loopback)")
+	clientID := flag.String("client-id", "88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant", "Connected Application client ID")
+	clientSecret := flag.String("client-secret", "demo-shared-secret", "Connected Application shared secret")
+	user := flag.String("username", "integration", "integration user's login")
+	password := flag.String("password", "demo-password", "integration user's password")
+	lifetime := flag.Duration("access-token-lifetime", time.Hour, "expires_in of access tokens")
+	sliding := flag.Duration("sliding-lifetime", 15*24*time.Hour, "refresh token sliding lifetime")
+	maxSessions := flag.Int("max-sessions", 0, "concurrent sign-ins per user (0: unlimited)")
+	entities := flag.String("entities", "SalesOrder,Shipment,StockItem", "entities the user's role may read")
+	flag.Parse()
+
+	srv := acumaticatest.New(acumaticatest.Options{
+		AccessTokenLifetime: *lifetime,
+		SlidingLifetime:     *sliding,
+		MaxSessions:         *maxSessions,
+		Entities:            strings.Split(*entities, ","),
+	})
+	srv.AddClient(*clientID, *clientSecret)
+	srv.AddUser(*user, *password)
+	lis, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fakeacumatica:", err)
+		os.Exit(1)
+	}
+	fmt.Fprintf(os.Stderr, "fakeacumatica: serving http://%s (token endpoint /identity/connect/token, control /_control/)\n", lis.Addr())
+	hs := &http.Server{Handler: srv.FullHandler(), ReadHeaderTimeout: 10 * time.Second}
+	if err := hs.Serve(lis); err != nil {
+		fmt.Fprintln(os.Stderr, "fakeacumatica:", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+)
+
+// config is the serve command's configuration: flags, each also read from
+// TOKENBROKER_<FLAG> in the environment (flags win).
+type config struct {
+	listen                string
+	dataDir               string
+	keyFile               string
+	tlsCert               string
+	tlsKey                string
+	clientCA              string
+	allowInsecureUpstream bool
+	logLevel              string
+	logFormat             string
+	shutdownTimeout       time.Duration
+}
+
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("tokenbroker serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:50051", "gRPC listen address; beyond loopback only with --tls-cert/--tls-key")
+	fs.StringVar(&c.dataDir, "data-dir", "./data", "directory of the bbolt data file (and the generated key file in dev mode)")
+	fs.StringVar(&c.keyFile, "key-file", "", "data key file (base64 AES-256 keys, one per line, sealing key first); default <data-dir>/tokenbroker.key, generated on first start. TOKENBROKER_KEY may hold the keys instead")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "server certificate (PEM)")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "server private key (PEM)")
+	fs.StringVar(&c.clientCA, "client-ca", "", "CA bundle (PEM) that client certificates must chain to; enables mTLS")
+	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
+	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a graceful stop may take")
+	// Environment first, so that flags given on the command line win.
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		name := "TOKENBROKER_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(name); v != "" {
+			if err := f.Value.Set(v); err != nil && envErr == nil {
+				envErr = fmt.Errorf("%s: %w", name, err)
+			}
+		}
+	})
+	if envErr != nil {
+		return nil, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return nil, errors.New("--tls-cert and --tls-key go together")
+	}
+	if c.clientCA != "" && c.tlsCert == "" {
+		return nil, errors.New("--client-ca needs --tls-cert and --tls-key")
+	}
+	if c.tlsCert == "" && !loopback(c.listen) {
+		return nil, fmt.Errorf("refusing to listen on %s without TLS: callers' tokens would cross the network in plain text; give --tls-cert/--tls-key (and --client-ca), or listen on 127.0.0.1", c.listen)
+	}
+	return c, nil
+}
+
+// loopback reports whether addr's host is a loopback address or localhost.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+

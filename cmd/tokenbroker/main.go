@@ -1,0 +1,160 @@
+// Command tokenbroker serves tokenbroker.v1.TokenBroker: it keeps OAuth 2.0
+// connections to Acumatica ERP tenants and hands their access tokens to
+// internal callers.
+//
+//	tokenbroker [serve] [--listen 127.0.0.1:50051] [--data-dir ./data] ...
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"tokenbroker/broker"
+	"tokenbroker/server"
+	"tokenbroker/storage"
+)
+
+func main() {
+	args := os.Args[1:]
+	if len(args) > 0 && args[0] == "serve" {
+		args = args[1:]
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, args, os.Getenv, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "tokenbroker:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+
+	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	dbPath := filepath.Join(cfg.dataDir, "tokenbroker.db")
+	keys, err := loadKeys(cfg, getenv, dbPath, log)
+	if err != nil {
+		return err
+	}
+	store, err := storage.Open(dbPath, storage.Options{Keyring: keys})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	b, err := broker.New(broker.Options{
+		Store:                 store,
+		Logger:                log.With("component", "broker"),
+		AllowInsecureUpstream: cfg.allowInsecureUpstream,
+	})
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	n, err := b.Load(ctx)
+	if err != nil {
+		return err
+	}
+	b.Start()
+	defer b.Close()
+
+	creds, err := transportCredentials(cfg)
+	if err != nil {
+		return err
+	}
+	srv := server.New(server.Options{
+		Broker:                b,
+		Logger:                log.With("component", "grpc"),
+		AllowInsecureUpstream: cfg.allowInsecureUpstream,
+		ServerOptions:         creds,
+	})
+	lis, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	mode := "TLS"
+	if cfg.tlsCert == "" {
+		mode = "plaintext on loopback (dev mode: every local caller can manage connections)"
+	} else if cfg.clientCA != "" {
+		mode = "mTLS"
+	}
+	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "data_file", dbPath, "connections", n,
+		"startup", time.Since(start).String(), "transport", mode, "key_id", keys.PrimaryID())
+	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), %d connections loaded from %s\n", lis.Addr(), mode, n, dbPath)
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: no new calls; finishing in-flight calls and refreshes")
+	srv.Health.Shutdown()
+	done := make(chan struct{})
+	go func() { srv.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(cfg.shutdownTimeout):
+		srv.Stop()
+	}
+	b.Close() // waits for shared refreshes and their commits
+	log.Info("stopped")
+	return nil
+}
+
+func newLogger(cfg *config, w io.Writer) *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.logLevel)); err != nil {
+		level = slog.LevelInfo
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	if cfg.logFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, hopts))
+	}
+	return slog.New(slog.NewJSONHandler(w, hopts))
+}
+
+// loadKeys finds the data key: TOKENBROKER_KEY, --key-file, or the dev-mode
+// key file in the data dir, generated (0600) on first start.
+func loadKeys(cfg *config, getenv func(string) string, dbPath string, log *slog.Logger) (*storage.Keyring, error) {
+	if v := getenv("TOKENBROKER_KEY"); v != "" {
+		k, err := storage.ParseKeys([]byte(v))
+		if err != nil {
+			return nil, fmt.Errorf("TOKENBROKER_KEY: %w", err)
+		}
+		return k, nil
+	}
+	if cfg.keyFile != "" {
+		return storage.LoadKeyFile(cfg.keyFile)
+	}
+	path := filepath.Join(cfg.dataDir, "tokenbroker.key")
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		if info, err := os.Stat(dbPath); err == nil && info.Size() > 0 {
+			return nil, fmt.Errorf("%s exists but its key file %s is missing; restore the key file or give --key-file (a new key cannot open the existing data)", dbPath, path)
+		}
+	}
+	k, generated, err := storage.LoadOrGenerateKeyFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if generated {
+		log.Warn("generated a new data key (dev mode); back it up with the data file, or give --key-file in production", "key_file", path, "key_id", k.PrimaryID())
+	}
+	return k, nil
+}

@@ -1,0 +1,104 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"tokenbroker/broker"
+)
+
+// errorDomain is the ErrorInfo domain of every status this service returns.
+const errorDomain = "tokenbroker.v1"
+
+// toStatus turns an error into a gRPC status with a google.rpc.ErrorInfo
+// (and BadRequest or RetryInfo where they apply). It is the only function
+// that builds statuses. Messages come from broker errors, which never carry
+// secrets; anything unexpected becomes a generic INTERNAL.
+func toStatus(log *slog.Logger, err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	var be *broker.Error
+	if !errors.As(err, &be) {
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			return withDetails(codes.DeadlineExceeded, "deadline exceeded while waiting for the token", "DEADLINE_EXCEEDED", "", 0, nil)
+		case errors.Is(err, context.Canceled):
+			return withDetails(codes.Canceled, "canceled", "CANCELED", "", 0, nil)
+		case errors.Is(err, broker.ErrClosed):
+			return withDetails(codes.Unavailable, "server is shutting down", "SHUTTING_DOWN", "", 0, nil)
+		}
+		log.Error("unexpected error", "error", err.Error())
+		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
+	}
+	code := codes.Internal
+	switch {
+	case errors.Is(be, broker.ErrInvalidArgument):
+		code = codes.InvalidArgument
+	case errors.Is(be, broker.ErrNotFound):
+		code = codes.NotFound
+	case errors.Is(be, broker.ErrAlreadyExists):
+		code = codes.AlreadyExists
+	case errors.Is(be, broker.ErrConflict):
+		code = codes.Aborted
+	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort):
+		code = codes.FailedPrecondition
+	case errors.Is(be, broker.ErrUpstreamUnavailable), errors.Is(be, broker.ErrLoginLimit), errors.Is(be, broker.ErrStorage), errors.Is(be, broker.ErrClosed):
+		code = codes.Unavailable
+	}
+	msg := be.Error()
+	if code == codes.NotFound {
+		msg = "connection " + be.Name + " not found"
+	}
+	retry := be.RetryAfter
+	if code == codes.Unavailable && retry <= 0 {
+		retry = time.Second
+	}
+	return withDetails(code, msg, be.Reason, be.Name, retry, be.Violations)
+}
+
+func withDetails(code codes.Code, msg, reason, name string, retry time.Duration, violations []broker.FieldViolation) error {
+	st := status.New(code, msg)
+	info := &errdetails.ErrorInfo{Reason: reason, Domain: errorDomain}
+	if name != "" {
+		info.Metadata = map[string]string{"connection": name}
+	}
+	details := []protoadapt.MessageV1{info}
+	if len(violations) > 0 {
+		br := &errdetails.BadRequest{}
+		for _, v := range violations {
+			br.FieldViolations = append(br.FieldViolations, &errdetails.BadRequest_FieldViolation{Field: v.Field, Description: v.Description})
+		}
+		details = append(details, br)
+	}
+	if retry > 0 {
+		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(retry)})
+	}
+	if s, err := st.WithDetails(details...); err == nil {
+		st = s
+	}
+	return st.Err()
+}
+
+// invalidArgument is the status for request validation failures.
+func invalidArgument(violations []broker.FieldViolation) error {
+	msg := "invalid request"
+	if len(violations) > 0 {
+		msg = "invalid " + violations[0].Field + ": " + violations[0].Description
+		if len(violations) > 1 {
+			msg += " (and more; see BadRequest details)"
+		}
+	}
+	return withDetails(codes.InvalidArgument, msg, broker.ReasonInvalidArgument, "", 0, violations)
+}
