@@ -75,19 +75,20 @@ func (k *Keyring) IDs() []string { return append([]string(nil), k.order...) }
 // first; blank lines and lines starting with # are skipped. The same format
 // serves the TOKENBROKER_KEY environment variable, with commas for newlines.
 func ParseKeys(data []byte) (*Keyring, error) {
-	text := strings.ReplaceAll(string(data), ",", "\n")
 	var keys [][]byte
-	for n, line := range strings.Split(text, "\n") {
+	for n, line := range strings.Split(string(data), "\n") {
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		key, err := base64.StdEncoding.DecodeString(line)
-		if err != nil {
-			// The line itself is a secret: never echo it.
-			return nil, fmt.Errorf("storage: key line %d is not base64", n+1)
+		for _, field := range strings.Split(line, ",") {
+			key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(field))
+			if err != nil {
+				// The line itself is a secret: never echo it.
+				return nil, fmt.Errorf("storage: key line %d is not base64", n+1)
+			}
+			keys = append(keys, key)
 		}
-		keys = append(keys, key)
 	}
 	return NewKeyring(keys...)
 }
