@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -46,9 +47,11 @@ type BoltStore struct {
 	now  func() time.Time
 	max  int
 
-	writes chan *writeReq
-	quit   chan struct{}
-	done   chan struct{}
+	writes  chan *writeReq
+	quit    chan struct{}
+	done    chan struct{}
+	commits atomic.Int64 // transactions committed by the group committer
+	written atomic.Int64 // writes carried by them
 
 	closeOnce sync.Once
 }
@@ -173,6 +176,12 @@ func (s *BoltStore) Close() error {
 	return err
 }
 
+// CommitStats returns how many transactions (each one fsync) carried how
+// many writes since Open.
+func (s *BoltStore) CommitStats() (commits, writes int64) {
+	return s.commits.Load(), s.written.Load()
+}
+
 // Path is the data file's path.
 func (s *BoltStore) Path() string { return s.db.Path() }
 
@@ -211,6 +220,8 @@ func (s *BoltStore) commitLoop() {
 }
 
 func (s *BoltStore) commit(batch []*writeReq) {
+	s.commits.Add(1)
+	s.written.Add(int64(len(batch)))
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		for _, r := range batch {
 			r.err = r.fn(tx)
@@ -289,26 +300,26 @@ func (s *BoltStore) GetConnection(ctx context.Context, name string) (*Connection
 			return fmt.Errorf("%w: %s", ErrNotFound, name)
 		}
 		var err error
-		c, err = s.decodeConnection(v)
+		c, err = s.decodeConnection([]byte(name), v)
 		return err
 	})
 	return c, err
 }
 
-func (s *BoltStore) decodeConnection(v []byte) (*Connection, error) {
+func (s *BoltStore) decodeConnection(key, v []byte) (*Connection, error) {
 	var r storagev1.ConnectionRecord
 	if err := proto.Unmarshal(v, &r); err != nil {
 		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
 	}
-	return s.keys.decodeConnection(&r)
+	return s.keys.decodeConnection(string(key), &r)
 }
 
-func (s *BoltStore) decodeTokens(v []byte) (*Tokens, error) {
+func (s *BoltStore) decodeTokens(key, v []byte) (*Tokens, error) {
 	var r storagev1.TokenRecord
 	if err := proto.Unmarshal(v, &r); err != nil {
 		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
 	}
-	return s.keys.decodeTokens(&r)
+	return s.keys.decodeTokens(string(key), &r)
 }
 
 // ListConnections returns up to limit connections whose names start with
@@ -325,7 +336,7 @@ func (s *BoltStore) ListConnections(ctx context.Context, prefix, after string, l
 			if string(k) <= after {
 				continue
 			}
-			c, err := s.decodeConnection(v)
+			c, err := s.decodeConnection(k, v)
 			if err != nil {
 				return err
 			}
@@ -414,7 +425,7 @@ func (s *BoltStore) GetTokens(ctx context.Context, name string) (*Tokens, error)
 			return fmt.Errorf("%w: %s", ErrNotFound, name)
 		}
 		var err error
-		t, err = s.decodeTokens(v)
+		t, err = s.decodeTokens([]byte(name), v)
 		return err
 	})
 	return t, err
@@ -445,13 +456,13 @@ func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			c, err := s.decodeConnection(v)
+			c, err := s.decodeConnection(k, v)
 			if err != nil {
 				return err
 			}
 			t := &Tokens{}
 			if tv := tokens.Get(k); tv != nil {
-				if t, err = s.decodeTokens(tv); err != nil {
+				if t, err = s.decodeTokens(k, tv); err != nil {
 					return err
 				}
 			}

@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"fmt"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -49,12 +50,15 @@ func (k *Keyring) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
 	}
 }
 
-func (k *Keyring) decodeConnection(r *storagev1.ConnectionRecord) (*Connection, error) {
-	secret, err := k.openString(r.GetClientSecret(), r.GetName(), fieldClientSecret)
+func (k *Keyring) decodeConnection(key string, r *storagev1.ConnectionRecord) (*Connection, error) {
+	if r.GetName() != key {
+		return nil, fmt.Errorf("%w: record for %q stored under %q", ErrWrongKey, r.GetName(), key)
+	}
+	secret, err := k.openString(r.GetClientSecret(), key, fieldClientSecret)
 	if err != nil {
 		return nil, err
 	}
-	password, err := k.openString(r.GetPassword(), r.GetName(), fieldPassword)
+	password, err := k.openString(r.GetPassword(), key, fieldPassword)
 	if err != nil {
 		return nil, err
 	}
@@ -99,12 +103,15 @@ func (k *Keyring) encodeTokens(name string, t *Tokens) *storagev1.TokenRecord {
 	}
 }
 
-func (k *Keyring) decodeTokens(r *storagev1.TokenRecord) (*Tokens, error) {
-	refresh, err := k.openString(r.GetRefreshToken(), r.GetName(), fieldRefreshToken)
+func (k *Keyring) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, error) {
+	if r.GetName() != key {
+		return nil, fmt.Errorf("%w: record for %q stored under %q", ErrWrongKey, r.GetName(), key)
+	}
+	refresh, err := k.openString(r.GetRefreshToken(), key, fieldRefreshToken)
 	if err != nil {
 		return nil, err
 	}
-	access, err := k.openString(r.GetAccessToken(), r.GetName(), fieldAccessToken)
+	access, err := k.openString(r.GetAccessToken(), key, fieldAccessToken)
 	if err != nil {
 		return nil, err
 	}
