@@ -39,21 +39,21 @@ var states = map[broker.State]pb.Connection_State{
 func toProto(v *broker.View) *pb.Connection {
 	c := v.Conn
 	out := &pb.Connection{
-		Name:                          c.Name,
-		DisplayName:                   c.DisplayName,
-		InstanceUrl:                   c.InstanceURL,
-		ClientId:                      c.ClientID,
-		ClientSecretSet:               v.ClientSecretSet,
-		ClientSecretExpireTime:        ts(c.ClientSecretExpireTime),
-		Username:                      c.Username,
-		PasswordSet:                   v.PasswordSet,
-		Scopes:                        slices.Clone(c.Scopes),
-		RefreshTokenSlidingLifetime:   dur(c.SlidingLifetime),
-		RefreshTokenAbsoluteLifetime:  dur(c.AbsoluteLifetime),
-		State:                         states[v.State],
-		CreateTime:                    ts(c.CreateTime),
-		UpdateTime:                    ts(c.UpdateTime),
-		Etag:                          v.ETag,
+		Name:                         c.Name,
+		DisplayName:                  c.DisplayName,
+		InstanceUrl:                  c.InstanceURL,
+		ClientId:                     c.ClientID,
+		ClientSecretSet:              v.ClientSecretSet,
+		ClientSecretExpireTime:       ts(c.ClientSecretExpireTime),
+		Username:                     c.Username,
+		PasswordSet:                  v.PasswordSet,
+		Scopes:                       slices.Clone(c.Scopes),
+		RefreshTokenSlidingLifetime:  dur(c.SlidingLifetime),
+		RefreshTokenAbsoluteLifetime: dur(c.AbsoluteLifetime),
+		State:                        states[v.State],
+		CreateTime:                   ts(c.CreateTime),
+		UpdateTime:                   ts(c.UpdateTime),
+		Etag:                         v.ETag,
 	}
 	st := v.Status
 	out.Status = &pb.ConnectionStatus{
