@@ -344,17 +344,50 @@ func TestInputRules(t *testing.T) {
 			_, err := f.client.CreateConnection(ctx, r)
 			return err
 		}, "connection_id"},
-		{"ftp instance", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "ftp://erp.example.com" })); return err }, "connection.instance_url"},
-		{"http beyond loopback", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "http://erp.example.com" })); return err }, "connection.instance_url"},
-		{"query", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://erp.example.com/?a=b" })); return err }, "connection.instance_url"},
-		{"fragment", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://erp.example.com/#x" })); return err }, "connection.instance_url"},
-		{"user info", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://u:p@erp.example.com" })); return err }, "connection.instance_url"},
-		{"not a url", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "not a url" })); return err }, "connection.instance_url"},
-		{"bare guid", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.ClientId = "88358B02-A48D-A50E-F710-39C1636C30F6" })); return err }, "connection.client_id"},
-		{"missing secret", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.ClientSecret = "" })); return err }, "connection.client_secret"},
-		{"long password", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.Password = long })); return err }, "connection.password"},
-		{"missing username", func() error { _, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.Username = "" })); return err }, "connection.username"},
-		{"bad name", func() error { _, err := f.client.GetConnection(ctx, &pb.GetConnectionRequest{Name: "connections/erp"}); return err }, "name"},
+		{"ftp instance", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "ftp://erp.example.com" }))
+			return err
+		}, "connection.instance_url"},
+		{"http beyond loopback", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "http://erp.example.com" }))
+			return err
+		}, "connection.instance_url"},
+		{"query", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://erp.example.com/?a=b" }))
+			return err
+		}, "connection.instance_url"},
+		{"fragment", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://erp.example.com/#x" }))
+			return err
+		}, "connection.instance_url"},
+		{"user info", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "https://u:p@erp.example.com" }))
+			return err
+		}, "connection.instance_url"},
+		{"not a url", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.InstanceUrl = "not a url" }))
+			return err
+		}, "connection.instance_url"},
+		{"bare guid", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.ClientId = "88358B02-A48D-A50E-F710-39C1636C30F6" }))
+			return err
+		}, "connection.client_id"},
+		{"missing secret", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.ClientSecret = "" }))
+			return err
+		}, "connection.client_secret"},
+		{"long password", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.Password = long }))
+			return err
+		}, "connection.password"},
+		{"missing username", func() error {
+			_, err := f.client.CreateConnection(ctx, base(func(c *pb.Connection) { c.Username = "" }))
+			return err
+		}, "connection.username"},
+		{"bad name", func() error {
+			_, err := f.client.GetConnection(ctx, &pb.GetConnectionRequest{Name: "connections/erp"})
+			return err
+		}, "name"},
 		{"negative page size", func() error {
 			_, err := f.client.ListConnections(ctx, &pb.ListConnectionsRequest{Parent: "tenants/acme", PageSize: -1})
 			return err
@@ -555,4 +588,3 @@ func TestRequestsAreLoggedWithoutPayloads(t *testing.T) {
 	}
 	// checkNoLeaks (cleanup) scans these logs for every secret and token.
 }
-

@@ -37,6 +37,15 @@ type Fault struct {
 	Mutate func(map[string]any)
 	// Redirect answers 307 to this location.
 	Redirect string
+	// Arrived, when set, receives a value when a request takes this fault.
+	Arrived chan<- struct{}
+	// Processed, when set, receives a value once the grant was processed
+	// (with Process or Mutate), before the answer is written.
+	Processed chan<- struct{}
+	// HoldAfterProcess waits after processing, before answering, until the
+	// client gives up or the time passes: the refresh token is spent and
+	// the answer may never arrive.
+	HoldAfterProcess time.Duration
 }
 
 // Options configure [New]. Zero fields mean defaults.
@@ -290,6 +299,9 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	}()
 
 	if fault != nil {
+		if fault.Arrived != nil {
+			fault.Arrived <- struct{}{}
+		}
 		if fault.Delay > 0 {
 			select {
 			case <-time.After(fault.Delay):
@@ -305,12 +317,22 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 			http.Redirect(w, r, fault.Redirect, http.StatusTemporaryRedirect)
 			return
 		}
-		if !fault.Process && fault.Mutate == nil {
+		if !fault.Process && fault.Mutate == nil && fault.HoldAfterProcess == 0 {
 			s.writeFault(w, fault)
 			return
 		}
 	}
 	status, body := s.grant(r)
+	if fault != nil && fault.Processed != nil {
+		fault.Processed <- struct{}{}
+	}
+	if fault != nil && fault.HoldAfterProcess > 0 {
+		select {
+		case <-time.After(fault.HoldAfterProcess):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if fault != nil {
 		if fault.Mutate != nil && status == 200 {
 			fault.Mutate(body)
