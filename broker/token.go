@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -336,6 +337,11 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 	resp, err := b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
 	if err != nil {
 		b.stats.UpstreamFailures.Add(1)
+		// A password grant opens a session: 429 on it means the user's
+		// concurrent sign-ins (a licence limit) are used up.
+		if ue, ok := err.(*upstreamError); ok && grant == grantPassword && ue.status == http.StatusTooManyRequests {
+			ue.class = classLoginLimit
+		}
 	}
 	return resp, err
 }

@@ -3,6 +3,10 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
 	"sync"
 	"testing"
 	"time"
@@ -735,5 +739,97 @@ func TestRecoveryAfterCrashWithIntent(t *testing.T) {
 				t.Error("intent not cleared after recovery")
 			}
 		})
+	}
+}
+
+func TestPasswordGrant429IsLoginLimit(t *testing.T) {
+	e := newEnv(t)
+	e.create()
+	e.idp.RevokeRefreshTokens()
+	e.idp.Inject(
+		acumaticatest.Fault{Mutate: func(map[string]any) {}}, // the refresh grant passes (and fails invalid_grant)
+		acumaticatest.Fault{Status: 429, RetryAfter: "600", Body: `{"error":"too_many_requests"}`},
+	)
+	e.clock.Advance(2 * time.Hour)
+	_, err := e.token(time.Minute)
+	var be *broker.Error
+	if !errors.Is(err, broker.ErrLoginLimit) || !errors.As(err, &be) || be.RetryAfter < 600*time.Second {
+		t.Fatalf("err = %v, want ErrLoginLimit honouring Retry-After", err)
+	}
+	// No further sign-in attempt while the login limit backoff runs.
+	before := e.idp.Counts()
+	for range 5 {
+		e.token(time.Minute)
+	}
+	if got := e.idp.Counts(); got.PasswordGrants != before.PasswordGrants || got.Faults != before.Faults {
+		t.Errorf("sign-ins during login-limit backoff: %+v -> %+v", before, got)
+	}
+}
+
+func TestDiscoveryEndpointsUsedSameOriginOnly(t *testing.T) {
+	e := newEnv(t)
+	var altHits atomic.Int32
+	inner := e.idp.Handler()
+	mux := http.NewServeMux()
+	var base string
+	mux.HandleFunc("GET /identity/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `{"token_endpoint": %q, "revocation_endpoint": "http://elsewhere.invalid/revoke"}`, base+"/alt/token")
+	})
+	mux.HandleFunc("POST /alt/token", func(w http.ResponseWriter, r *http.Request) {
+		altHits.Add(1)
+		r.URL.Path = "/identity/connect/token"
+		inner.ServeHTTP(w, r)
+	})
+	mux.Handle("/", inner)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	base = srv.URL
+	c := e.conn()
+	c.InstanceURL = srv.URL
+	if _, err := e.b.CreateConnection(context.Background(), c, false); err != nil {
+		t.Fatal(err)
+	}
+	if altHits.Load() != 1 {
+		t.Errorf("token requests at the discovered endpoint = %d, want 1", altHits.Load())
+	}
+	// The cross-origin revocation endpoint is ignored for the fallback path.
+	if err := e.b.DeleteConnection(context.Background(), connName, ""); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.idp.Counts().Revocations; got != 1 {
+		t.Errorf("revocations at the same-origin fallback = %d, want 1", got)
+	}
+}
+
+func TestGlobalUpstreamCap(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.MaxConcurrentUpstream = 2
+		b.UpstreamTimeout = 300 * time.Millisecond
+		b.MaxAttempts = 1
+	})
+	const n = 8
+	for i := range n {
+		c := e.conn()
+		c.Name = fmt.Sprintf("tenants/t%d/connections/erp", i)
+		if _, err := e.b.CreateConnection(context.Background(), c, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.clock.Advance(2 * time.Hour)
+	arrived := make(chan struct{}, n)
+	for range n {
+		e.idp.Inject(acumaticatest.Fault{Arrived: arrived, Delay: time.Hour})
+	}
+	for i := range n {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+		e.b.GetAccessToken(ctx, fmt.Sprintf("tenants/t%d/connections/erp", i), time.Minute, "")
+		cancel()
+	}
+	e.b.Close() // waits for the 8 shared refreshes, each cut by the upstream timeout
+	if got := len(arrived); got != n {
+		t.Fatalf("upstream requests = %d, want %d", got, n)
+	}
+	if got := e.idp.Counts().MaxConcurrentUser; got != 2 {
+		t.Errorf("max concurrent upstream requests = %d, want the cap of 2", got)
 	}
 }

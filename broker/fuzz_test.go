@@ -1,0 +1,86 @@
+package broker_test
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+	"testing"
+
+	"tokenbroker/broker"
+)
+
+func FuzzParseConnectionName(f *testing.F) {
+	for _, s := range []string{"tenants/acme/connections/erp", "tenants/-/connections/x", "tenants/a/connections/", "tenants//connections/x", "x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		tenant, conn, err := broker.ParseConnectionName(name)
+		if err != nil {
+			return
+		}
+		if got := broker.ConnectionName(tenant, conn); got != name {
+			t.Errorf("round trip %q -> %q", name, got)
+		}
+		if !broker.ValidID(tenant) || !broker.ValidID(conn) {
+			t.Errorf("accepted invalid ids in %q", name)
+		}
+	})
+}
+
+func FuzzNormalizeInstanceURL(f *testing.F) {
+	for _, s := range []string{"mycompany.acumatica.com", "https://mycompany.acumatica.com/", "https://erp.example.com/AcumaticaERP",
+		"http://127.0.0.1:8081", "https://u:p@x.com", "https://x.com/?q", "https://x.com/#f", "ftp://x", "://", "https://[::1]:8443/a"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		got, err := broker.NormalizeInstanceURL(raw, false)
+		if err != nil {
+			return
+		}
+		u, perr := url.Parse(got)
+		if perr != nil {
+			t.Fatalf("normalized %q to unparsable %q", raw, got)
+		}
+		if u.Scheme != "https" && !(u.Scheme == "http" && (u.Hostname() == "localhost" || strings.HasPrefix(u.Hostname(), "127.") || u.Hostname() == "::1")) {
+			t.Errorf("%q -> %q: insecure scheme accepted", raw, got)
+		}
+		if u.User != nil || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(got, "/") {
+			t.Errorf("%q -> %q: not normalized", raw, got)
+		}
+		again, err := broker.NormalizeInstanceURL(got, false)
+		if err != nil || again != got {
+			t.Errorf("not idempotent: %q -> %q -> %q (%v)", raw, got, again, err)
+		}
+	})
+}
+
+func FuzzValidateClientID(f *testing.F) {
+	for _, s := range []string{"88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant", "88358B02-A48D-A50E-F710-39C1636C30F6", "@", "x@y@z", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		if err := broker.ValidateClientID(id); err == nil {
+			guid, tenant, ok := strings.Cut(id, "@")
+			if !ok || guid == "" || tenant == "" || strings.Contains(tenant, "@") {
+				t.Errorf("accepted %q", id)
+			}
+		}
+	})
+}
+
+func ExampleNormalizeInstanceURL() {
+	for _, in := range []string{"mycompany.acumatica.com", "https://erp.example.com/AcumaticaERP/", "http://erp.example.com"} {
+		out, err := broker.NormalizeInstanceURL(in, false)
+		fmt.Printf("%s -> %q %v\n", in, out, err)
+	}
+	// Output:
+	// mycompany.acumatica.com -> "https://mycompany.acumatica.com" <nil>
+	// https://erp.example.com/AcumaticaERP/ -> "https://erp.example.com/AcumaticaERP" <nil>
+	// http://erp.example.com -> "" http is allowed only for loopback hosts; use https
+}
+
+func ExampleValidateClientID() {
+	fmt.Println(broker.ValidateClientID("88358B02-A48D-A50E-F710-39C1636C30F6"))
+	// Output:
+	// is missing the @Tenant suffix: copy the full Client ID from the Connected Application (SM303010), e.g. 88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant
+}
