@@ -301,9 +301,11 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		out = b.view(c)
 		c.mu.Unlock()
 		if newTok != nil {
-			b.signOutAsync(cur, tok.RefreshToken, tok.AccessToken)
+			// Sign the old chain out before returning, so that when the
+			// update is answered the old session's seat is free.
+			b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
 			if pending != nil && pending.RefreshToken != tok.RefreshToken {
-				b.signOutAsync(cur, pending.RefreshToken, pending.AccessToken)
+				b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
 			}
 		}
 		b.log.Info("connection updated", "connection", name, "fields", fields, "proven_upstream", newTok != nil)
@@ -367,15 +369,10 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if want != 0 && want != cfg.Revision {
 			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
 		}
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-		if b.acquire(rctx) == nil {
-			if pending != nil {
-				b.up.revokeAndLogout(rctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, pending.RefreshToken, "")
-			}
-			b.up.revokeAndLogout(rctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, tok.RefreshToken, tok.AccessToken)
-			b.release()
+		if pending != nil {
+			b.signOut(ctx, cfg, pending.RefreshToken, "")
 		}
-		cancel()
+		b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
 		if err := b.store.DeleteConnection(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
 			if errors.Is(err, storage.ErrNotFound) {
 				return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}

@@ -485,12 +485,21 @@ func (b *Broker) signOutAsync(cfg *storage.Connection, refreshToken, accessToken
 	b.flights.Add(1)
 	go func() {
 		defer b.flights.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		if err := b.acquire(ctx); err != nil {
-			return
-		}
-		defer b.release()
-		b.up.revokeAndLogout(ctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, refreshToken, accessToken)
+		b.signOut(context.Background(), cfg, refreshToken, accessToken)
 	}()
+}
+
+// signOut revokes a chain's refresh token and signs its session out, best
+// effort, within 15 s whatever ctx says.
+func (b *Broker) signOut(ctx context.Context, cfg *storage.Connection, refreshToken, accessToken string) {
+	if refreshToken == "" && accessToken == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	if err := b.acquire(ctx); err != nil {
+		return
+	}
+	defer b.release()
+	b.up.revokeAndLogout(ctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, refreshToken, accessToken)
 }

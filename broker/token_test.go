@@ -801,8 +801,31 @@ func TestDiscoveryEndpointsUsedSameOriginOnly(t *testing.T) {
 	}
 }
 
+// countingTransport measures how many requests are in flight at once, as
+// the broker sees them.
+type countingTransport struct {
+	mu       sync.Mutex
+	inflight int
+	max      int
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	c.mu.Lock()
+	c.inflight++
+	c.max = max(c.max, c.inflight)
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.inflight--
+		c.mu.Unlock()
+	}()
+	return http.DefaultTransport.RoundTrip(r)
+}
+
 func TestGlobalUpstreamCap(t *testing.T) {
+	ct := &countingTransport{}
 	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.Transport = ct
 		b.MaxConcurrentUpstream = 2
 		b.UpstreamTimeout = 300 * time.Millisecond
 		b.MaxAttempts = 1
@@ -829,7 +852,9 @@ func TestGlobalUpstreamCap(t *testing.T) {
 	if got := len(arrived); got != n {
 		t.Fatalf("upstream requests = %d, want %d", got, n)
 	}
-	if got := e.idp.Counts().MaxConcurrentUser; got != 2 {
-		t.Errorf("max concurrent upstream requests = %d, want the cap of 2", got)
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	if ct.max != 2 {
+		t.Errorf("max concurrent upstream requests = %d, want the cap of 2", ct.max)
 	}
 }
