@@ -200,25 +200,36 @@ func (b *Broker) GetConnection(_ context.Context, name string) (*View, error) {
 }
 
 // ListConnections returns up to limit connections with names starting with
-// prefix after the name after, and the name to continue after ("" at the
-// end).
-func (b *Broker) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*View, string, error) {
-	recs, err := b.store.ListConnections(ctx, prefix, after, limit+1)
-	if err != nil {
-		return nil, "", storageError("", err)
-	}
-	next := ""
-	if len(recs) > limit {
-		recs = recs[:limit]
-		next = recs[len(recs)-1].Name
-	}
-	views := make([]*View, 0, len(recs))
-	for _, r := range recs {
-		if c, err := b.lookup(r.Name); err == nil {
+// prefix after the name after, that allow (nil: all) accepts, and the name
+// to continue after ("" at the end).
+func (b *Broker) ListConnections(ctx context.Context, prefix, after string, limit int, allow func(name string) bool) ([]*View, string, error) {
+	views := make([]*View, 0, min(limit, 64))
+	for {
+		recs, err := b.store.ListConnections(ctx, prefix, after, limit+1)
+		if err != nil {
+			return nil, "", storageError("", err)
+		}
+		for _, r := range recs {
+			if allow != nil && !allow(r.Name) {
+				after = r.Name
+				continue
+			}
+			c, err := b.lookup(r.Name)
+			if err != nil {
+				after = r.Name
+				continue
+			}
+			if len(views) == limit {
+				// One more exists beyond this page.
+				return views, views[len(views)-1].Conn.Name, nil
+			}
 			views = append(views, b.viewOf(c))
+			after = r.Name
+		}
+		if len(recs) <= limit {
+			return views, "", nil
 		}
 	}
-	return views, next, nil
 }
 
 // UpdateConnection applies the named fields of patch. A change to a

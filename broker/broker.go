@@ -58,6 +58,8 @@ type Options struct {
 	AllowInsecureUpstream bool
 	// Sleep waits between attempts. Default a timer that ctx can cut short.
 	Sleep func(ctx context.Context, d time.Duration) error
+	// Observer receives measurements. Default none.
+	Observer Observer
 }
 
 func (o *Options) setDefaults() {
@@ -102,6 +104,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.Sleep == nil {
 		o.Sleep = sleepCtx
+	}
+	if o.Observer == nil {
+		o.Observer = nopObserver{}
 	}
 }
 

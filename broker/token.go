@@ -29,8 +29,10 @@ func (b *Broker) GetAccessToken(ctx context.Context, name string, minValid time.
 	now := b.now()
 	c.touch(now)
 	if s := c.snap.Load(); s.usable(now, minValid) && (rejected == "" || rejected != s.tok.AccessToken) {
+		b.opts.Observer.CacheLookup(true)
 		return s.tok, nil
 	}
+	b.opts.Observer.CacheLookup(false)
 	return b.slowToken(ctx, c, minValid, rejected)
 }
 
@@ -314,7 +316,7 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 }
 
 // exchange sends one token request.
-func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, refreshToken string) (*tokenResponse, error) {
+func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, refreshToken string) (resp *tokenResponse, err error) {
 	if err := b.acquire(ctx); err != nil {
 		return nil, &upstreamError{class: classSafe, detail: "global upstream cap: " + err.Error()}
 	}
@@ -334,7 +336,16 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		form.Set("refresh_token", refreshToken)
 		b.stats.UpstreamRefresh.Add(1)
 	}
-	resp, err := b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
+	began := time.Now()
+	resp, err = b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
+	defer func() {
+		outcome := "ok"
+		var ue *upstreamError
+		if errors.As(err, &ue) {
+			outcome = ue.class.String()
+		}
+		b.opts.Observer.TokenRequest(grant, outcome, time.Since(began))
+	}()
 	if err != nil {
 		b.stats.UpstreamFailures.Add(1)
 		// A password grant opens a session: 429 on it means the user's

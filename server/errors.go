@@ -29,6 +29,17 @@ func toStatus(log *slog.Logger, err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
+	var ae *authError
+	if errors.As(err, &ae) {
+		if errors.Is(ae, errUnauthenticated) {
+			return withDetails(codes.Unauthenticated, "caller not authenticated: present a client certificate the policy names", "UNAUTHENTICATED", "", 0, nil)
+		}
+		msg := "caller " + ae.identity + " may not do this"
+		if ae.name != "" {
+			msg += " on " + ae.name
+		}
+		return withDetails(codes.PermissionDenied, msg, "PERMISSION_DENIED", ae.name, 0, nil)
+	}
 	var be *broker.Error
 	if !errors.As(err, &be) {
 		switch {
@@ -36,10 +47,14 @@ func toStatus(log *slog.Logger, err error) error {
 			return withDetails(codes.DeadlineExceeded, "deadline exceeded while waiting for the token", "DEADLINE_EXCEEDED", "", 0, nil)
 		case errors.Is(err, context.Canceled):
 			return withDetails(codes.Canceled, "canceled", "CANCELED", "", 0, nil)
+		case errors.Is(err, errRateLimited):
+			return withDetails(codes.ResourceExhausted, "caller rate limit exceeded; slow down", "RATE_LIMITED", "", time.Second, nil)
 		case errors.Is(err, broker.ErrClosed):
 			return withDetails(codes.Unavailable, "server is shutting down", "SHUTTING_DOWN", "", 0, nil)
 		}
-		log.Error("unexpected error", "error", err.Error())
+		if log != nil {
+			log.Error("unexpected error", "error", err.Error())
+		}
 		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 	}
 	code := codes.Internal

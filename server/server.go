@@ -5,13 +5,17 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"time"
 
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
@@ -28,7 +32,20 @@ type Options struct {
 	Logger *slog.Logger
 	// AllowInsecureUpstream lets instance URLs use http beyond loopback.
 	AllowInsecureUpstream bool
-	// ServerOptions are added to the grpc.Server (credentials, limits).
+	// Authorizer decides who may call what. Default dev mode (everyone).
+	Authorizer *Authorizer
+	// Auditor records every TokenBroker call. Default none.
+	Auditor *Auditor
+	// Metrics collects gRPC server metrics. Default none.
+	Metrics *Metrics
+	// RateLimit is each caller's sustained calls per second, RateBurst its
+	// burst. Default 0: no limit.
+	RateLimit float64
+	RateBurst int
+	// MaxRecvMsgSize bounds request size. Default 64 KiB (a connection with
+	// every field at its limit is well below).
+	MaxRecvMsgSize int
+	// ServerOptions are added to the grpc.Server (credentials).
 	ServerOptions []grpc.ServerOption
 }
 
@@ -38,13 +55,21 @@ type Server struct {
 	Health *health.Server
 }
 
-// New assembles the gRPC server: logging outermost, then request
-// validation, then recovery innermost around the handlers; health and
-// reflection registered.
+// New assembles the gRPC server. Interceptors, outermost first: logging,
+// metrics, audit, authentication and authorization (every service but
+// health), per-caller rate limit, request validation, recovery. Health and
+// reflection are registered.
 func New(opts Options) *Server {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	authz := opts.Authorizer
+	if authz == nil {
+		authz = NewAuthorizer(nil)
+	}
+	if opts.MaxRecvMsgSize <= 0 {
+		opts.MaxRecvMsgSize = 64 << 10
 	}
 	val := validator{allowInsecure: opts.AllowInsecureUpstream}
 	recoverPanic := func(ctx context.Context, p any) error {
@@ -52,17 +77,42 @@ func New(opts Options) *Server {
 		log.ErrorContext(ctx, "panic recovered in handler", "panic_type", fmt.Sprintf("%T", p), "stack", string(debug.Stack()))
 		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 	}
-	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall)}
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
+			if id := authz.callerIdentity(ctx); id != "" {
+				return logging.Fields{"caller", id}
+			}
+			return nil
+		}),
+	}
+	var unary []grpc.UnaryServerInterceptor
+	var stream []grpc.StreamServerInterceptor
+	unary = append(unary, logging.UnaryServerInterceptor(slogAdapter(log), logOpts...))
+	stream = append(stream, logging.StreamServerInterceptor(slogAdapter(log), logOpts...))
+	if opts.Metrics != nil {
+		unary = append(unary, opts.Metrics.grpc.UnaryServerInterceptor())
+		stream = append(stream, opts.Metrics.grpc.StreamServerInterceptor())
+	}
+	if opts.Auditor != nil {
+		opts.Auditor.who = authz.callerIdentity
+		unary = append(unary, opts.Auditor.unary)
+	}
+	unary = append(unary, selector.UnaryServerInterceptor(authz.unary, selector.MatchFunc(needsAuth)))
+	stream = append(stream, selector.StreamServerInterceptor(authz.stream, selector.MatchFunc(needsAuth)))
+	if opts.RateLimit > 0 {
+		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerIdentity}
+		unary = append(unary, selector.UnaryServerInterceptor(rl.unary, selector.MatchFunc(needsAuth)))
+	}
+	unary = append(unary, val.unary, recovery.UnaryServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
+	stream = append(stream, recovery.StreamServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
+
 	so := append([]grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(
-			logging.UnaryServerInterceptor(slogAdapter(log), logOpts...),
-			val.unary,
-			recovery.UnaryServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)),
-		),
-		grpc.ChainStreamInterceptor(
-			logging.StreamServerInterceptor(slogAdapter(log), logOpts...),
-			recovery.StreamServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)),
-		),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+		grpc.MaxRecvMsgSize(opts.MaxRecvMsgSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute, Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 	}, opts.ServerOptions...)
 	gs := grpc.NewServer(so...)
 	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log})
@@ -71,6 +121,9 @@ func New(opts Options) *Server {
 	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
+	if opts.Metrics != nil {
+		opts.Metrics.grpc.InitializeMetrics(gs)
+	}
 	return &Server{Server: gs, Health: hs}
 }
 

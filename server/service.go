@@ -47,7 +47,7 @@ func (s *service) ListConnections(ctx context.Context, r *pb.ListConnectionsRequ
 		size = defaultPageSize
 	}
 	size = min(size, maxPageSize)
-	views, next, err := s.b.ListConnections(ctx, broker.NamePrefix(tenant), after, size)
+	views, next, err := s.b.ListConnections(ctx, broker.NamePrefix(tenant), after, size, listFilter(ctx))
 	if err != nil {
 		return nil, toStatus(s.log, err)
 	}

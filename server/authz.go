@@ -1,0 +1,169 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"sync/atomic"
+
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+
+	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/broker"
+)
+
+// DevIdentity is the caller identity in dev mode (no policy, plaintext
+// loopback): every caller is an operator and a consumer.
+const DevIdentity = "dev-mode-local-caller"
+
+var (
+	errUnauthenticated  = errors.New("server: caller not authenticated")
+	errPermissionDenied = errors.New("server: permission denied")
+)
+
+// authError is an authentication or authorization failure.
+type authError struct {
+	kind     error
+	identity string
+	name     string
+}
+
+func (e *authError) Error() string { return e.kind.Error() }
+func (e *authError) Unwrap() error { return e.kind }
+
+// Identity returns the caller identity of a client certificate: its first
+// URI SAN (SPIFFE-style), else its first DNS SAN, else its subject CN.
+func Identity(cert *x509.Certificate) string {
+	switch {
+	case len(cert.URIs) > 0:
+		return cert.URIs[0].String()
+	case len(cert.DNSNames) > 0:
+		return cert.DNSNames[0]
+	}
+	return cert.Subject.CommonName
+}
+
+// peerIdentity is the verified client certificate identity of the call.
+func peerIdentity(ctx context.Context) (string, bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "", false
+	}
+	tlsInfo, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(tlsInfo.State.VerifiedChains) == 0 || len(tlsInfo.State.VerifiedChains[0]) == 0 {
+		return "", false
+	}
+	id := Identity(tlsInfo.State.VerifiedChains[0][0])
+	return id, id != ""
+}
+
+// Authorizer decides who may call what. Without a policy it is in dev
+// mode: every caller is an operator and a consumer.
+type Authorizer struct {
+	policy atomic.Pointer[Policy] // swapped whole on reload
+}
+
+// NewAuthorizer returns an authorizer over p; nil p means dev mode.
+func NewAuthorizer(p *Policy) *Authorizer {
+	a := &Authorizer{}
+	a.policy.Store(p)
+	return a
+}
+
+// SetPolicy replaces the policy (on reload).
+func (a *Authorizer) SetPolicy(p *Policy) { a.policy.Store(p) }
+
+// DevMode reports whether there is no policy.
+func (a *Authorizer) DevMode() bool { return a.policy.Load() == nil }
+
+// callerIdentity names the caller for logs and audit, whether or not it is
+// authorized.
+func (a *Authorizer) callerIdentity(ctx context.Context) string {
+	if id, ok := peerIdentity(ctx); ok {
+		return id
+	}
+	if a.DevMode() {
+		return DevIdentity
+	}
+	return ""
+}
+
+type listFilterKey struct{}
+
+// listFilter returns the caller's filter for listed names, or nil for all.
+func listFilter(ctx context.Context) func(string) bool {
+	f, _ := ctx.Value(listFilterKey{}).(func(string) bool)
+	return f
+}
+
+// unary authenticates the caller and checks the request's resource:
+// unknown callers get UNAUTHENTICATED, known callers without the grant
+// PERMISSION_DENIED, before anything reads the store (so existence is not
+// revealed).
+func (a *Authorizer) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	p := a.policy.Load()
+	if p == nil {
+		return handler(ctx, req)
+	}
+	id, ok := peerIdentity(ctx)
+	if !ok || !p.Known(id) {
+		return nil, toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
+	}
+	manage := func(tenant string) bool { return p.CanManage(id, tenant) }
+	tenantOf := func(name string) string { t, _, _ := broker.ParseConnectionName(name); return t }
+	var allowed bool
+	var name string
+	switch r := req.(type) {
+	case *pb.CreateConnectionRequest:
+		t, _ := broker.ParseParent(r.GetParent(), false)
+		name, allowed = r.GetParent(), manage(t)
+	case *pb.GetConnectionRequest:
+		name, allowed = r.GetName(), manage(tenantOf(r.GetName()))
+	case *pb.UpdateConnectionRequest:
+		name, allowed = r.GetConnection().GetName(), manage(tenantOf(r.GetConnection().GetName()))
+	case *pb.DeleteConnectionRequest:
+		name, allowed = r.GetName(), manage(tenantOf(r.GetName()))
+	case *pb.ListConnectionsRequest:
+		t, _ := broker.ParseParent(r.GetParent(), true)
+		name = r.GetParent()
+		if t == broker.AllTenants {
+			allowed = p.IsOperator(id)
+			ctx = context.WithValue(ctx, listFilterKey{}, func(n string) bool { return manage(tenantOf(n)) })
+		} else {
+			allowed = manage(t)
+		}
+	case *pb.TestConnectionRequest:
+		name, allowed = r.GetName(), manage(tenantOf(r.GetName())) || p.CanConsume(id, r.GetName())
+	case *pb.GetAccessTokenRequest:
+		name, allowed = r.GetName(), p.CanConsume(id, r.GetName())
+	}
+	if !allowed {
+		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: id, name: name})
+	}
+	return handler(ctx, req)
+}
+
+// stream guards streaming services: server reflection is for operators.
+func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	p := a.policy.Load()
+	if p == nil {
+		return handler(srv, ss)
+	}
+	id, ok := peerIdentity(ss.Context())
+	if !ok || !p.Known(id) {
+		return toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
+	}
+	if !p.IsOperator(id) {
+		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
+	}
+	return handler(srv, ss)
+}
+
+// needsAuth selects every call but health checks.
+func needsAuth(_ context.Context, c interceptors.CallMeta) bool {
+	return c.Service != "grpc.health.v1.Health"
+}

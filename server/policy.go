@@ -1,0 +1,219 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+
+	"tokenbroker/broker"
+)
+
+// Roles a policy grants.
+const (
+	// RoleOperator manages connections: create, read, list, update, delete
+	// and test them, and use server reflection.
+	RoleOperator = "operator"
+	// RoleConsumer gets access tokens (and may test connections).
+	RoleConsumer = "consumer"
+)
+
+// Policy maps caller identities to roles on tenants and connections. It is
+// immutable once parsed.
+//
+// The file is YAML (JSON is valid YAML too):
+//
+//	rules:
+//	  - identities: ["spiffe://corp.example/ops/*"]
+//	    role: operator
+//	    tenants: ["*"]               # or a list of tenant ids
+//	  - identities: ["spiffe://corp.example/svc/orders"]
+//	    role: consumer
+//	    connections: ["tenants/acme/connections/*"]   # globs on resource names
+//	    tenants: ["globex"]          # every connection of these tenants
+//
+// Identity and connection patterns use path.Match globs: `*` does not cross
+// a `/`.
+type Policy struct {
+	rules []rule
+}
+
+type rule struct {
+	identities  []string
+	role        string
+	tenants     []string
+	connections []string
+}
+
+type policyFile struct {
+	Rules []struct {
+		Identities  []string `yaml:"identities"`
+		Role        string   `yaml:"role"`
+		Tenants     []string `yaml:"tenants"`
+		Connections []string `yaml:"connections"`
+	} `yaml:"rules"`
+}
+
+// ParsePolicy parses and validates a policy; errors name the line.
+func ParsePolicy(data []byte) (*Policy, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if len(root.Content) == 0 {
+		return nil, errors.New("policy: empty file; want a rules list")
+	}
+	var pf policyFile
+	dec := root.Content[0]
+	if err := dec.Decode(&pf); err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if err := checkKeys(dec); err != nil {
+		return nil, err
+	}
+	rulesNode := mapValue(dec, "rules")
+	if rulesNode == nil || len(pf.Rules) == 0 {
+		return nil, fmt.Errorf("policy line %d: no rules", dec.Line)
+	}
+	p := &Policy{}
+	for i, r := range pf.Rules {
+		line := rulesNode.Content[i].Line
+		bad := func(format string, args ...any) error {
+			return fmt.Errorf("policy line %d (rule %d): %s", line, i+1, fmt.Sprintf(format, args...))
+		}
+		if len(r.Identities) == 0 {
+			return nil, bad("identities is required")
+		}
+		for _, id := range r.Identities {
+			if _, err := path.Match(id, ""); err != nil || id == "" {
+				return nil, bad("identity pattern %q is not a valid glob", id)
+			}
+		}
+		switch r.Role {
+		case RoleOperator:
+			if len(r.Connections) > 0 {
+				return nil, bad("operators are granted tenants, not connections")
+			}
+			if len(r.Tenants) == 0 {
+				return nil, bad(`operator rule needs tenants (["*"] for all)`)
+			}
+		case RoleConsumer:
+			if len(r.Tenants) == 0 && len(r.Connections) == 0 {
+				return nil, bad("consumer rule needs tenants or connections")
+			}
+		default:
+			return nil, bad("role %q is not operator or consumer", r.Role)
+		}
+		for _, t := range r.Tenants {
+			if t != "*" && !broker.ValidID(t) {
+				return nil, bad("tenant %q is not a tenant id or *", t)
+			}
+		}
+		for _, c := range r.Connections {
+			if _, err := path.Match(c, ""); err != nil || !strings.HasPrefix(c, "tenants/") {
+				return nil, bad("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
+			}
+		}
+		p.rules = append(p.rules, rule{identities: r.Identities, role: r.Role, tenants: r.Tenants, connections: r.Connections})
+	}
+	return p, nil
+}
+
+func mapValue(n *yaml.Node, key string) *yaml.Node {
+	if n.Kind != yaml.MappingNode {
+		return nil
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if n.Content[i].Value == key {
+			return n.Content[i+1]
+		}
+	}
+	return nil
+}
+
+// checkKeys rejects unknown keys (a typo must not silently grant or deny).
+func checkKeys(root *yaml.Node) error {
+	if root.Kind != yaml.MappingNode {
+		return fmt.Errorf("policy line %d: want a mapping with rules", root.Line)
+	}
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		if root.Content[i].Value != "rules" {
+			return fmt.Errorf("policy line %d: unknown key %q", root.Content[i].Line, root.Content[i].Value)
+		}
+	}
+	rules := mapValue(root, "rules")
+	if rules == nil || rules.Kind != yaml.SequenceNode {
+		return fmt.Errorf("policy line %d: rules must be a list", root.Line)
+	}
+	allowed := []string{"identities", "role", "tenants", "connections"}
+	for _, r := range rules.Content {
+		if r.Kind != yaml.MappingNode {
+			return fmt.Errorf("policy line %d: a rule must be a mapping", r.Line)
+		}
+		for i := 0; i+1 < len(r.Content); i += 2 {
+			if !slices.Contains(allowed, r.Content[i].Value) {
+				return fmt.Errorf("policy line %d: unknown key %q (want one of %v)", r.Content[i].Line, r.Content[i].Value, allowed)
+			}
+		}
+	}
+	return nil
+}
+
+func globAny(patterns []string, s string) bool {
+	for _, p := range patterns {
+		if ok, _ := path.Match(p, s); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// Known reports whether any rule names the identity.
+func (p *Policy) Known(identity string) bool {
+	for _, r := range p.rules {
+		if globAny(r.identities, identity) {
+			return true
+		}
+	}
+	return false
+}
+
+// CanManage reports whether identity is an operator of tenant.
+func (p *Policy) CanManage(identity, tenant string) bool {
+	for _, r := range p.rules {
+		if r.role == RoleOperator && globAny(r.identities, identity) && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant)) {
+			return true
+		}
+	}
+	return false
+}
+
+// CanConsume reports whether identity may get tokens of the connection.
+func (p *Policy) CanConsume(identity, name string) bool {
+	tenant, _, err := broker.ParseConnectionName(name)
+	if err != nil {
+		return false
+	}
+	for _, r := range p.rules {
+		if r.role != RoleConsumer || !globAny(r.identities, identity) {
+			continue
+		}
+		if slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// IsOperator reports whether identity is an operator of any tenant.
+func (p *Policy) IsOperator(identity string) bool {
+	for _, r := range p.rules {
+		if r.role == RoleOperator && globAny(r.identities, identity) {
+			return true
+		}
+	}
+	return false
+}
