@@ -20,6 +20,13 @@ type config struct {
 	tlsKey                string
 	clientCA              string
 	allowInsecureUpstream bool
+	policy                string
+	auditLog              string
+	metricsListen         string
+	healthListen          string
+	rateLimit             float64
+	rateBurst             int
+	reloadInterval        time.Duration
 	logLevel              string
 	logFormat             string
 	shutdownTimeout       time.Duration
@@ -35,6 +42,13 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "server certificate (PEM)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "server private key (PEM)")
 	fs.StringVar(&c.clientCA, "client-ca", "", "CA bundle (PEM) that client certificates must chain to; enables mTLS")
+	fs.StringVar(&c.policy, "policy", "", "authorization policy file (YAML or JSON); required with TLS; reloaded on change")
+	fs.StringVar(&c.auditLog, "audit-log", "", "audit log: a file path, or - for stdout; default none")
+	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address for Prometheus /metrics and /healthz over HTTP; default off")
+	fs.StringVar(&c.healthListen, "health-listen", "", "plaintext gRPC address serving only grpc.health.v1 (for Kubernetes probes); default off")
+	fs.Float64Var(&c.rateLimit, "rate-limit", 0, "calls per second each caller may make (0: no limit)")
+	fs.IntVar(&c.rateBurst, "rate-burst", 0, "burst above --rate-limit (default 2x the limit)")
+	fs.DurationVar(&c.reloadInterval, "reload-interval", 5*time.Second, "how often certificate, key, CA and policy files are checked for changes")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
@@ -63,6 +77,15 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	if c.clientCA != "" && c.tlsCert == "" {
 		return nil, errors.New("--client-ca needs --tls-cert and --tls-key")
+	}
+	if c.policy != "" && c.clientCA == "" {
+		return nil, errors.New("--policy needs --client-ca: caller identities come from client certificates")
+	}
+	if c.tlsCert != "" && c.policy == "" {
+		return nil, errors.New("--tls-cert needs --policy: without one every caller would be an operator (dev mode is for plaintext loopback only)")
+	}
+	if c.rateBurst == 0 {
+		c.rateBurst = int(2 * c.rateLimit)
 	}
 	if c.tlsCert == "" && !loopback(c.listen) {
 		return nil, fmt.Errorf("refusing to listen on %s without TLS: callers' tokens would cross the network in plain text; give --tls-cert/--tls-key (and --client-ca), or listen on 127.0.0.1", c.listen)

@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
 	"tokenbroker/broker"
 	"tokenbroker/server"
 	"tokenbroker/storage"
@@ -57,7 +60,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	defer store.Close()
 
+	metrics := server.NewMetrics()
 	b, err := broker.New(broker.Options{
+		Observer:              metrics,
 		Store:                 store,
 		Logger:                log.With("component", "broker"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
@@ -72,25 +77,89 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	b.Start()
 	defer b.Close()
+	metrics.Watch(b, time.Now)
 
-	creds, err := transportCredentials(cfg)
+	authz, err := loadAuthorizer(cfg)
 	if err != nil {
 		return err
+	}
+	var serverOpts []grpc.ServerOption
+	if cfg.tlsCert != "" {
+		tf, err := server.NewTLSFiles(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
+		if err != nil {
+			return err
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(tf.Config())))
+		go watchFiles(ctx, cfg.reloadInterval, []string{cfg.tlsCert, cfg.tlsKey, cfg.clientCA}, func() {
+			if err := tf.Reload(); err != nil {
+				log.Error("certificate files changed but cannot be loaded; keeping the old ones", "error", err.Error())
+				return
+			}
+			log.Info("reloaded certificate files")
+		})
+	}
+	if cfg.policy != "" {
+		go watchFiles(ctx, cfg.reloadInterval, []string{cfg.policy}, func() {
+			p, err := loadPolicy(cfg.policy)
+			if err != nil {
+				log.Error("policy file changed but is invalid; keeping the old policy", "error", err.Error())
+				return
+			}
+			authz.SetPolicy(p)
+			log.Info("reloaded policy", "file", cfg.policy)
+		})
+	}
+	var auditor *server.Auditor
+	switch cfg.auditLog {
+	case "":
+	case "-":
+		auditor = server.NewAuditor(os.Stdout)
+	default:
+		f, err := os.OpenFile(cfg.auditLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("audit log: %w", err)
+		}
+		defer f.Close()
+		auditor = server.NewAuditor(f)
+	}
+	if auditor != nil {
+		defer auditor.Close()
 	}
 	srv := server.New(server.Options{
 		Broker:                b,
 		Logger:                log.With("component", "grpc"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
-		ServerOptions:         creds,
+		Authorizer:            authz,
+		Auditor:               auditor,
+		Metrics:               metrics,
+		RateLimit:             cfg.rateLimit,
+		RateBurst:             cfg.rateBurst,
+		ServerOptions:         serverOpts,
 	})
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	if cfg.metricsListen != "" {
+		stopMetrics, err := serveMetrics(cfg.metricsListen, metrics, srv, log)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
+	if cfg.healthListen != "" {
+		stopHealth, err := serveHealth(cfg.healthListen, srv)
+		if err != nil {
+			return err
+		}
+		defer stopHealth()
+	}
 	mode := "TLS"
-	if cfg.tlsCert == "" {
-		mode = "plaintext on loopback (dev mode: every local caller can manage connections)"
-	} else if cfg.clientCA != "" {
+	switch {
+	case cfg.tlsCert == "":
+		mode = "plaintext on loopback (dev mode: no policy, every local caller is an operator and a consumer)"
+		log.Warn("dev mode: no authorization policy; every caller on loopback may manage connections and get tokens")
+	case cfg.clientCA != "":
 		mode = "mTLS"
 	}
 	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "data_file", dbPath, "connections", n,
