@@ -70,7 +70,7 @@ type fixture struct {
 	mu     sync.Mutex
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 	t.Helper()
 	f := &fixture{t: t, logs: &syncBuffer{}}
 	log := slog.New(slog.NewJSONHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -86,7 +86,11 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	f.store = st
-	b, err := broker.New(broker.Options{Store: st, Logger: log, TickInterval: -1, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1})
+	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
+	for _, o := range opts {
+		o(&bo)
+	}
+	b, err := broker.New(bo)
 	if err != nil {
 		t.Fatal(err)
 	}
