@@ -31,6 +31,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/server"
+	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
 )
 
@@ -56,7 +57,7 @@ rules:
 type tlsFixture struct {
 	*fixture
 	addr    string
-	ca      *testCA
+	ca      *servertest.CA
 	audit   *bytes.Buffer
 	auditor *server.Auditor
 	metrics *server.Metrics
@@ -67,11 +68,11 @@ func newTLSFixture(t *testing.T, rateLimit float64) *tlsFixture {
 	t.Helper()
 	metrics := server.NewMetrics()
 	f := newFixture(t, func(o *broker.Options) { o.Observer = metrics }) // plus a plaintext dev server, unused here
-	tf := &tlsFixture{fixture: f, ca: newCA(t, "test CA"), audit: &bytes.Buffer{}, metrics: metrics}
+	tf := &tlsFixture{fixture: f, ca: servertest.NewCA(t, "test CA"), audit: &bytes.Buffer{}, metrics: metrics}
 	dir := t.TempDir()
-	certPath, keyPath := writePair(t, dir, "server", tf.ca.issue(t, leafOpts{cn: "tokenbroker", ips: []net.IP{net.ParseIP("127.0.0.1")}, server: true}))
+	certPath, keyPath := servertest.WritePair(t, dir, "server", tf.ca.Issue(t, servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.ParseIP("127.0.0.1")}, Server: true}))
 	caPath := filepath.Join(dir, "ca.pem")
-	os.WriteFile(caPath, tf.ca.pem, 0o600)
+	os.WriteFile(caPath, tf.ca.PEM, 0o600)
 	files, err := server.NewTLSFiles(certPath, keyPath, caPath)
 	if err != nil {
 		t.Fatal(err)
@@ -111,7 +112,7 @@ func newTLSFixture(t *testing.T, rateLimit float64) *tlsFixture {
 func (tf *tlsFixture) client(t *testing.T, cert *tls.Certificate) (pb.TokenBrokerClient, *grpc.ClientConn) {
 	t.Helper()
 	pool := x509.NewCertPool()
-	pool.AddCert(tf.ca.cert)
+	pool.AddCert(tf.ca.Cert)
 	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	if cert != nil {
 		// Present the certificate whatever CAs the server asks for, so the
@@ -131,12 +132,12 @@ func TestAuthorizationMatrix(t *testing.T) {
 	tf := newTLSFixture(t, 0)
 	ca := tf.ca
 	ids := map[string]tls.Certificate{
-		"root":    ca.issue(t, leafOpts{uri: "spiffe://corp.test/ops/root"}),
-		"acmeops": ca.issue(t, leafOpts{uri: "spiffe://corp.test/ops/acme-team"}),
-		"orders":  ca.issue(t, leafOpts{uri: "spiffe://corp.test/svc/orders"}),
-		"billing": ca.issue(t, leafOpts{dns: []string{"billing.svc.corp.test"}}),
-		"legacy":  ca.issue(t, leafOpts{cn: "legacy-cn-client"}),
-		"unknown": ca.issue(t, leafOpts{uri: "spiffe://corp.test/svc/stranger"}),
+		"root":    ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root"}),
+		"acmeops": ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-team"}),
+		"orders":  ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"}),
+		"billing": ca.Issue(t, servertest.Leaf{DNS: []string{"billing.svc.corp.test"}}),
+		"legacy":  ca.Issue(t, servertest.Leaf{CN: "legacy-cn-client"}),
+		"unknown": ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/stranger"}),
 	}
 	const (
 		acmeErp   = "tenants/acme/connections/erp"
@@ -254,13 +255,13 @@ func TestAuthorizationMatrix(t *testing.T) {
 
 func TestTLSRejectsBadCertificatesAndKeepsHealthOpen(t *testing.T) {
 	tf := newTLSFixture(t, 0)
-	other := newCA(t, "other CA")
+	other := servertest.NewCA(t, "other CA")
 	for _, tc := range []struct {
 		name string
 		cert tls.Certificate
 	}{
-		{"expired", tf.ca.issue(t, leafOpts{uri: "spiffe://corp.test/ops/root", notAfter: time.Now().Add(-time.Minute)})},
-		{"other CA", other.issue(t, leafOpts{uri: "spiffe://corp.test/ops/root"})},
+		{"expired", tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root", NotAfter: time.Now().Add(-time.Minute)})},
+		{"other CA", other.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root"})},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, _ := tf.client(t, &tc.cert)
@@ -280,7 +281,7 @@ func TestTLSRejectsBadCertificatesAndKeepsHealthOpen(t *testing.T) {
 	}
 	// Reflection is for operators only.
 	for who, want := range map[string]codes.Code{"spiffe://corp.test/ops/root": codes.OK, "spiffe://corp.test/svc/orders": codes.PermissionDenied} {
-		cert := tf.ca.issue(t, leafOpts{uri: who})
+		cert := tf.ca.Issue(t, servertest.Leaf{URI: who})
 		_, cc := tf.client(t, &cert)
 		stream, err := grpc_reflection_v1.NewServerReflectionClient(cc).ServerReflectionInfo(context.Background())
 		if err == nil {
@@ -295,7 +296,7 @@ func TestTLSRejectsBadCertificatesAndKeepsHealthOpen(t *testing.T) {
 
 func TestAuditAndMetrics(t *testing.T) {
 	tf := newTLSFixture(t, 0)
-	orders := tf.ca.issue(t, leafOpts{uri: "spiffe://corp.test/svc/orders"})
+	orders := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"})
 	c, _ := tf.client(t, &orders)
 	tok, err := c.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: "tenants/acme/connections/erp"})
 	if err != nil {
@@ -382,7 +383,7 @@ func TestAuditAndMetrics(t *testing.T) {
 
 func TestSecretExpiryMetric(t *testing.T) {
 	tf := newTLSFixture(t, 0)
-	root := tf.ca.issue(t, leafOpts{uri: "spiffe://corp.test/ops/root"})
+	root := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root"})
 	c, _ := tf.client(t, &root)
 	_ = c
 	exp := time.Now().Add(10 * 24 * time.Hour)
@@ -412,8 +413,8 @@ func TestSecretExpiryMetric(t *testing.T) {
 
 func TestPerCallerRateLimit(t *testing.T) {
 	tf := newTLSFixture(t, 5)
-	orders := tf.ca.issue(t, leafOpts{uri: "spiffe://corp.test/svc/orders"})
-	billing := tf.ca.issue(t, leafOpts{dns: []string{"billing.svc.corp.test"}})
+	orders := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"})
+	billing := tf.ca.Issue(t, servertest.Leaf{DNS: []string{"billing.svc.corp.test"}})
 	c, _ := tf.client(t, &orders)
 	exhausted := 0
 	for range 20 {

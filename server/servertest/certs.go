@@ -1,4 +1,7 @@
-package server_test
+// Package servertest issues test certificates (a CA, client and server
+// leaves, expired ones) for tests of tokenbroker's TLS edge. It is for tests
+// only and must never issue certificates for production.
+package servertest
 
 import (
 	"crypto/ecdsa"
@@ -13,18 +16,20 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// testCA issues certificates for tests.
-type testCA struct {
-	cert *x509.Certificate
+// CA issues certificates for tests.
+type CA struct {
+	Cert *x509.Certificate
 	key  *ecdsa.PrivateKey
-	pem  []byte
+	PEM  []byte
 }
 
-func newCA(t *testing.T, name string) *testCA {
+// NewCA makes a self-signed CA valid for a day.
+func NewCA(t testing.TB, name string) *CA {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{
@@ -37,49 +42,50 @@ func newCA(t *testing.T, name string) *testCA {
 		t.Fatal(err)
 	}
 	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+	return &CA{Cert: cert, key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
 }
 
-type leafOpts struct {
-	uri      string
-	dns      []string
-	cn       string
-	ips      []net.IP
-	notAfter time.Time
-	server   bool
+// Leaf describes a certificate to issue.
+type Leaf struct {
+	URI      string
+	DNS      []string
+	CN       string
+	IPs      []net.IP
+	NotAfter time.Time // default an hour from now
+	Server   bool      // server auth instead of client auth
 }
 
-var serial int64 = 100
+var serial atomic.Int64
 
-func (ca *testCA) issue(t *testing.T, o leafOpts) tls.Certificate {
+// Issue signs a leaf certificate.
+func (ca *CA) Issue(t testing.TB, o Leaf) tls.Certificate {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	serial++
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: o.cn},
-		NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: o.notAfter,
-		DNSNames: o.dns, IPAddresses: o.ips, KeyUsage: x509.KeyUsageDigitalSignature,
+		SerialNumber: big.NewInt(100 + serial.Add(1)), Subject: pkix.Name{CommonName: o.CN},
+		NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: o.NotAfter,
+		DNSNames: o.DNS, IPAddresses: o.IPs, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	if o.server {
+	if o.Server {
 		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 	}
 	if tmpl.NotAfter.IsZero() {
 		tmpl.NotAfter = time.Now().Add(time.Hour)
 	}
-	if o.uri != "" {
-		u, _ := url.Parse(o.uri)
+	if o.URI != "" {
+		u, _ := url.Parse(o.URI)
 		tmpl.URIs = []*url.URL{u}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
-// writePair writes a certificate and key as PEM files.
-func writePair(t *testing.T, dir, name string, c tls.Certificate) (string, string) {
+// WritePair writes a certificate and key as PEM files and returns their paths.
+func WritePair(t testing.TB, dir, name string, c tls.Certificate) (string, string) {
 	t.Helper()
 	certPath := filepath.Join(dir, name+".crt")
 	keyPath := filepath.Join(dir, name+".key")
