@@ -1,8 +1,13 @@
 package broker_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
 	"net/http/httptest"
 	"path/filepath"
 	"sync"
@@ -15,6 +20,49 @@ import (
 )
 
 var _ broker.Store = (*storage.BoltStore)(nil)
+
+// runLogs collects every log line the broker writes in this test run;
+// TestMain scans them for every secret and every token issued.
+var (
+	runLogs   = &lockedBuffer{}
+	runIdPsMu sync.Mutex
+	runIdPs   []*acumaticatest.Server
+)
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	runLogs.mu.Lock()
+	logs := runLogs.b.String()
+	runLogs.mu.Unlock()
+	secrets := []string{clientSecret, password, "changed-by-someone", "second-secret-value", "not-the-new-one"}
+	runIdPsMu.Lock()
+	for _, s := range runIdPs {
+		secrets = append(secrets, s.Issued()...)
+	}
+	runIdPsMu.Unlock()
+	for _, sec := range secrets {
+		if strings.Contains(logs, sec) {
+			fmt.Fprintf(os.Stderr, "FAIL: secret %.8s... found in the broker's logs of this test run\n", sec)
+			code = 1
+		}
+	}
+	if !strings.Contains(logs, "token issued") {
+		fmt.Fprintln(os.Stderr, "FAIL: log scan saw no broker logs; the scan would prove nothing")
+		code = 1
+	}
+	os.Exit(code)
+}
 
 // clock is a settable clock shared by the broker and the stand-in.
 type clock struct {
@@ -94,6 +142,7 @@ func newEnv(t *testing.T, opts ...envOption) *env {
 	e := &env{t: t, clock: newClock(), dir: t.TempDir()}
 	idpOpts := acumaticatest.Options{Now: e.clock.Now}
 	bOpts := broker.Options{
+		Logger:       slog.New(slog.NewJSONHandler(runLogs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Now:          e.clock.Now,
 		TickInterval: -1,
 		BackoffBase:  time.Millisecond,
@@ -104,6 +153,9 @@ func newEnv(t *testing.T, opts ...envOption) *env {
 		o(&idpOpts, &bOpts)
 	}
 	e.idp = acumaticatest.New(idpOpts)
+	runIdPsMu.Lock()
+	runIdPs = append(runIdPs, e.idp)
+	runIdPsMu.Unlock()
 	e.idp.AddClient(clientID, clientSecret)
 	e.idp.AddUser(username, password)
 	e.http = e.idp.Start()
