@@ -251,6 +251,8 @@ func (b *Broker) Start() {
 	b.loop.Add(1)
 	go func() {
 		defer b.loop.Done()
+		// Resolve crash recovery and overdue renewals at once, not a tick later.
+		b.Maintain()
 		t := time.NewTicker(b.opts.TickInterval)
 		defer t.Stop()
 		for {

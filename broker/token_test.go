@@ -858,3 +858,31 @@ func TestGlobalUpstreamCap(t *testing.T) {
 		t.Errorf("max concurrent upstream requests = %d, want the cap of 2", ct.max)
 	}
 }
+
+func TestUpstreamHangPastDeadline(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.UpstreamTimeout = 100 * time.Millisecond
+		b.MaxAttempts = 2
+	})
+	e.create()
+	first := e.mustToken()
+	e.clock.Advance(50 * time.Minute)
+	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
+	// A valid token exists: the caller gets it although upstream hangs.
+	tok, err := e.token(15 * time.Minute)
+	if err != nil || tok.AccessToken != first.AccessToken {
+		t.Fatalf("err = %v, want the cached token", err)
+	}
+	if v := e.view(); v.State != broker.StateDegraded {
+		t.Errorf("state = %s, want DEGRADED", v.State)
+	}
+	// A hang after the request was sent is ambiguous: the next attempt uses the
+	// same refresh token, which upstream never processed, so it still works.
+	e.clock.Advance(time.Hour)
+	if _, err := e.token(time.Minute); err != nil {
+		t.Fatalf("after the hang: %v", err)
+	}
+	if c := e.idp.Counts(); c.PasswordGrants != 1 || c.InvalidGrant != 0 {
+		t.Errorf("counts = %+v", c)
+	}
+}

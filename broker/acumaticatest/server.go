@@ -66,6 +66,11 @@ type Options struct {
 	// RevokeAccessOnRefresh revokes the previous access token of a session
 	// when its refresh token rotates.
 	RevokeAccessOnRefresh bool
+	// Latency delays every token request before it is processed, and
+	// LatencyAfter after it was processed, before the answer is written
+	// (a client that goes away then has spent its refresh token).
+	Latency      time.Duration
+	LatencyAfter time.Duration
 	// Entities readable by the user's role; others known answer 403.
 	// Default SalesOrder, Shipment, StockItem.
 	Entities []string
@@ -322,7 +327,21 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if s.opts.Latency > 0 {
+		select {
+		case <-time.After(s.opts.Latency):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	status, body := s.grant(r)
+	if s.opts.LatencyAfter > 0 {
+		select {
+		case <-time.After(s.opts.LatencyAfter):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if fault != nil && fault.Processed != nil {
 		fault.Processed <- struct{}{}
 	}
