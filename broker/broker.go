@@ -266,6 +266,11 @@ func (b *Broker) Start() {
 	}()
 }
 
+// Settle waits until no shared refresh is in progress. For tests and
+// benchmarks that drive [Broker.Maintain] on a simulated clock; it must not
+// run concurrently with calls that start refreshes.
+func (b *Broker) Settle() { b.flights.Wait() }
+
 // Close stops maintenance, lets shared refreshes in progress finish and
 // commit, and returns. It does not close the store.
 func (b *Broker) Close() {

@@ -1,0 +1,178 @@
+// Command tokenbench measures tokenbroker against baselines measured in the
+// same run on the same machine, and writes BENCHMARKS.md with a latency
+// plot:
+//
+//	go run ./cmd/tokenbench                 # everything (about 10 minutes on 2 cores)
+//	go run ./cmd/tokenbench -quick          # a smoke run with small sizes
+//	go run ./cmd/tokenbench -sections herd,scale
+//
+// Sections: cached (cached GetAccessToken vs a no-op RPC on the same server
+// stack), herd (10,000 callers on an expired token), economy (a simulated
+// day of 1,000 connections), baseline (services with their own x/oauth2
+// token sources vs the broker), scale (1k/10k/100k connections).
+package main
+
+import (
+	"flag"
+	"fmt"
+	"image/color"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+func main() {
+	out := flag.String("out", "BENCHMARKS.md", "report file")
+	plot := flag.String("plot", "cmd/tokenbench/results/latency.png", "latency plot (PNG)")
+	quick := flag.Bool("quick", false, "small sizes and short runs (smoke test, not for numbers)")
+	sections := flag.String("sections", "cached,herd,economy,baseline,scale", "sections to run")
+	dur := flag.Duration("duration", 2*time.Second, "length of one cached-path measurement")
+	runs := flag.Int("runs", 3, "runs per cached-path figure (median taken)")
+	concFlag := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
+	herdN := flag.Int("herd", 10000, "callers in the thundering herd")
+	latency := flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herd")
+	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
+	econH := flag.Int("economy-hours", 24, "simulated hours")
+	scaleFlag := flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
+	flag.Parse()
+	if *quick {
+		*dur, *runs, *herdN, *econN, *econH, *scaleFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000"
+	}
+	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
+	want := map[string]bool{}
+	for _, s := range strings.Split(*sections, ",") {
+		want[strings.TrimSpace(s)] = true
+	}
+	tmp, err := os.MkdirTemp("", "tokenbench")
+	if err != nil {
+		fail(err)
+	}
+	defer os.RemoveAll(tmp)
+
+	rep := &report{command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), started: time.Now()}
+	if want["cached"] {
+		concs := ints(*concFlag)
+		points, err := benchCached(mkdir(tmp, "cached"), concs, *runs, *dur, logf)
+		if err != nil {
+			fail(err)
+		}
+		rep.cached, rep.concs, rep.runs, rep.dur = points, concs, *runs, *dur
+		var tp50, tp99, np50, np99 []time.Duration
+		for _, p := range points {
+			tp50, tp99 = append(tp50, p.token.p50), append(tp99, p.token.p99)
+			np50, np99 = append(np50, p.noop.p50), append(np99, p.noop.p99)
+		}
+		if err := os.MkdirAll(filepath.Dir(*plot), 0o755); err != nil {
+			fail(err)
+		}
+		blue, orange := color.RGBA{31, 119, 180, 255}, color.RGBA{255, 127, 14, 255}
+		if err := plotLatency(*plot, concs, []series{
+			{"no-op RPC p50", blue, false, np50}, {"no-op RPC p99", blue, true, np99},
+			{"cached GetAccessToken p50", orange, false, tp50}, {"cached GetAccessToken p99", orange, true, tp99},
+		}); err != nil {
+			fail(err)
+		}
+		rep.plot = *plot
+	}
+	if want["herd"] {
+		r, err := benchHerd(mkdir(tmp, "herd"), *herdN, *latency)
+		if err != nil {
+			fail(err)
+		}
+		rep.herd = r
+		logf("herd: %d callers, %d upstream calls, last caller after %v", r.callers, r.upstreamCalls, r.lastCaller)
+	}
+	if want["economy"] {
+		r, err := benchEconomy(mkdir(tmp, "economy"), *econN, *econH, logf)
+		if err != nil {
+			fail(err)
+		}
+		rep.economy = r
+	}
+	if want["baseline"] {
+		d, life := 30*time.Second, 10*time.Second
+		if *quick {
+			d = 5 * time.Second
+		}
+		r, err := benchBaseline(mkdir(tmp, "baseline"), 10, 3, d, life)
+		if err != nil {
+			fail(err)
+		}
+		rep.baseline = r
+		logf("baseline: x/oauth2 %d extra password grants, broker %d", r.oauth2Password, r.brokerPassword)
+	}
+	if want["scale"] {
+		bin := filepath.Join(tmp, "tokenbroker")
+		if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tokenbroker").CombinedOutput(); err != nil {
+			fail(fmt.Errorf("build tokenbroker: %v\n%s", err, out))
+		}
+		for _, n := range ints(*scaleFlag) {
+			r, err := benchScale(tmp, bin, n, logf)
+			if err != nil {
+				fail(err)
+			}
+			rep.scale = append(rep.scale, r)
+			os.RemoveAll(filepath.Join(tmp, fmt.Sprintf("scale-%d", n)))
+		}
+	}
+	rep.machine = machine()
+	if err := os.WriteFile(*out, []byte(rep.markdown()), 0o644); err != nil {
+		fail(err)
+	}
+	logf("wrote %s", *out)
+	if rep.failed() {
+		logf("some targets were missed; see %s", *out)
+	}
+}
+
+func mkdir(root, name string) string {
+	d := filepath.Join(root, name)
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		fail(err)
+	}
+	return d
+}
+
+func ints(s string) []int {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			fail(fmt.Errorf("bad number %q", f))
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "tokenbench:", err)
+	os.Exit(1)
+}
+
+func machine() string {
+	var b strings.Builder
+	model := "unknown CPU"
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				model = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	mem := ""
+	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
+		mem = strings.TrimSpace(strings.TrimPrefix(strings.Split(string(data), "\n")[0], "MemTotal:"))
+	}
+	kernel := ""
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		kernel = strings.TrimSpace(string(data))
+	}
+	fmt.Fprintf(&b, "%d CPUs (%s), %s memory, Linux %s, %s %s/%s", runtime.NumCPU(), model, mem, kernel, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	return b.String()
+}

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"tokenbroker/storage"
+)
+
+type scaleResult struct {
+	conns                    int
+	fileBytes                int64
+	startWarm, startCold     time.Duration // exec to serving
+	loadWarm                 time.Duration // the server's own load time (warm)
+	rssWarmKB                int64
+	commitP50, commitP99     time.Duration // one sequential commit
+	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
+	groupThroughput          float64       // writes per second
+}
+
+// populate writes n connections with token state straight into a data
+// file, through the store (sealed, group-committed).
+func populate(path string, keys *storage.Keyring, n int) error {
+	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	now := time.Now()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 256)
+	errs := make(chan error, 1)
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
+			_, err := st.CreateConnection(context.Background(), &storage.Connection{
+				Name: name, DisplayName: "ERP", InstanceURL: "https://erp-" + strconv.Itoa(i) + ".example.com",
+				ClientID: clientID, ClientSecret: clientSecret + strconv.Itoa(i), Username: username, Password: password,
+				Scopes: []string{"api", "offline_access"}, CreateTime: now, UpdateTime: now,
+			}, &storage.Tokens{
+				Generation: 1, RefreshToken: "rt-" + strconv.Itoa(i) + strings.Repeat("r", 40), AccessToken: "at-" + strings.Repeat("a", 900),
+				TokenType: "Bearer", IssueTime: now, AccessTokenExpireTime: now.Add(time.Hour), ChainStartTime: now,
+				RefreshTokenUseTime: now, Scopes: []string{"api", "offline_access"}, State: "ACTIVE",
+			})
+			if err != nil {
+				select {
+				case errs <- err:
+				default:
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+		return nil
+	}
+}
+
+// dropFromPageCache asks the kernel to evict the file's cached pages.
+func dropFromPageCache(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+}
+
+// startBinary runs the server on dir and measures exec-to-serving, the
+// server's reported load time, and its resident memory once serving.
+func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, int64, error) {
+	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
+	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, 0, 0, err
+	}
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+	}()
+	sc := bufio.NewScanner(stderr)
+	var startup time.Duration
+	var output []string
+	for sc.Scan() {
+		line := sc.Text()
+		output = append(output, line)
+		if i := strings.Index(line, "startup="); i >= 0 {
+			f := strings.Fields(line[i+len("startup="):])
+			if len(f) > 0 {
+				startup, _ = time.ParseDuration(f[0])
+			}
+		}
+		if strings.Contains(line, "serving on") {
+			elapsed := time.Since(t0)
+			rss := readRSS(cmd.Process.Pid)
+			go io.Copy(io.Discard, stderr)
+			return elapsed, startup, rss, nil
+		}
+	}
+	return 0, 0, 0, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
+}
+
+func readRSS(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n
+			}
+		}
+	}
+	return 0
+}
+
+func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResult, error) {
+	dir := filepath.Join(root, fmt.Sprintf("scale-%d", n))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	key := make([]byte, 32)
+	keys, _ := storage.NewKeyring(key)
+	path := filepath.Join(dir, "tokenbroker.db")
+	t0 := time.Now()
+	if err := populate(path, keys, n); err != nil {
+		return nil, err
+	}
+	logf("scale: %d connections written in %v", n, time.Since(t0).Round(time.Millisecond))
+	res := &scaleResult{conns: n}
+	if info, err := os.Stat(path); err == nil {
+		res.fileBytes = info.Size()
+	}
+	var warm, cold, load []time.Duration
+	var rss []int64
+	for i := range 3 {
+		if err := dropFromPageCache(path); err != nil {
+			return nil, err
+		}
+		d, _, _, err := startBinary(bin, dir, key)
+		if err != nil {
+			return nil, err
+		}
+		cold = append(cold, d)
+		d, l, r, err := startBinary(bin, dir, key)
+		if err != nil {
+			return nil, err
+		}
+		warm, load, rss = append(warm, d), append(load, l), append(rss, r)
+		logf("scale: %d connections, start %d: cold %v warm %v", n, i+1, cold[i].Round(time.Millisecond), d.Round(time.Millisecond))
+	}
+	res.startCold, res.startWarm, res.loadWarm = medianDur(cold), medianDur(warm), medianDur(load)
+	slices.Sort(rss)
+	res.rssWarmKB = rss[len(rss)/2]
+
+	// Commit cost as the file grows: sequential commits, then concurrent
+	// writers sharing commits.
+	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	tok, err := st.GetTokens(context.Background(), "tenants/t000000/connections/erp")
+	if err != nil {
+		return nil, err
+	}
+	var seq []time.Duration
+	for i := range 200 {
+		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%n)
+		t0 := time.Now()
+		if err := st.PutTokens(context.Background(), name, tok); err != nil {
+			return nil, err
+		}
+		seq = append(seq, time.Since(t0))
+	}
+	slices.Sort(seq)
+	res.commitP50, res.commitP99 = seq[len(seq)/2], seq[len(seq)*99/100]
+	c0, w0 := st.CommitStats()
+	const writers, each = 64, 32
+	var wg sync.WaitGroup
+	t1 := time.Now()
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range each {
+				name := fmt.Sprintf("tenants/t%06d/connections/erp", (w*each+j)*31%n)
+				st.PutTokens(context.Background(), name, tok)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(t1)
+	c1, w1 := st.CommitStats()
+	res.groupWrites, res.groupCommit = w1-w0, c1-c0
+	res.groupThroughput = float64(w1-w0) / elapsed.Seconds()
+	return res, nil
+}
+
+func medianDur(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/broker"
+	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/server"
+	"tokenbroker/server/servertest"
+	"tokenbroker/storage"
+)
+
+const (
+	clientID     = "88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant"
+	clientSecret = "bench-client-secret"
+	username     = "integration"
+	password     = "bench-password"
+)
+
+// clock is a settable clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// stack is a full tokenbroker server on loopback, as production runs it
+// (logging, metrics, audit, authorization in dev mode, validation,
+// recovery), with the no-op baseline RPC registered on the same server.
+type stack struct {
+	idp    *acumaticatest.Server
+	idpURL string
+	store  *storage.BoltStore
+	b      *broker.Broker
+	srv    *server.Server
+	addr   string
+	conns  []*grpc.ClientConn
+	close  func()
+}
+
+type stackOptions struct {
+	dir     string
+	now     func() time.Time
+	latency time.Duration
+	conns   int // client connections
+}
+
+func newStack(o stackOptions) (*stack, error) {
+	s := &stack{}
+	s.idp = acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})
+	s.idp.AddClient(clientID, clientSecret)
+	s.idp.AddUser(username, password)
+	hs := httptest.NewServer(s.idp.Handler())
+	s.idpURL = hs.URL
+	keys, err := storage.NewKeyring(make([]byte, 32))
+	if err != nil {
+		return nil, err
+	}
+	st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
+	if err != nil {
+		return nil, err
+	}
+	s.store = st
+	metrics := server.NewMetrics()
+	b, err := broker.New(broker.Options{Store: st, Now: o.now, Observer: metrics, TickInterval: -1})
+	if err != nil {
+		return nil, err
+	}
+	s.b = b
+	metrics.Watch(b, time.Now)
+	auditor := server.NewAuditor(io.Discard)
+	s.srv = server.New(server.Options{
+		Broker:  b,
+		Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
+		Auditor: auditor,
+		Metrics: metrics,
+	})
+	servertest.RegisterNoop(s.srv.Server)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	go s.srv.Serve(lis)
+	s.addr = lis.Addr().String()
+	for range max(o.conns, 1) {
+		cc, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, err
+		}
+		s.conns = append(s.conns, cc)
+	}
+	s.close = func() {
+		for _, cc := range s.conns {
+			cc.Close()
+		}
+		s.srv.Stop()
+		b.Close()
+		auditor.Close()
+		st.Close()
+		hs.Close()
+	}
+	return s, nil
+}
+
+func (s *stack) client(i int) pb.TokenBrokerClient {
+	return pb.NewTokenBrokerClient(s.conns[i%len(s.conns)])
+}
+
+// createConnections registers n connections, concurrently, through the API.
+func (s *stack) createConnections(ctx context.Context, n int) ([]string, error) {
+	names := make([]string, n)
+	errs := make(chan error, n)
+	sem := make(chan struct{}, 32)
+	var wg sync.WaitGroup
+	for i := range n {
+		names[i] = fmt.Sprintf("tenants/t%06d/connections/erp", i)
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			_, err := s.client(i).CreateConnection(ctx, &pb.CreateConnectionRequest{
+				Parent: fmt.Sprintf("tenants/t%06d", i), ConnectionId: "erp",
+				Connection: &pb.Connection{InstanceUrl: s.idpURL, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password},
+			})
+			if err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	return names, nil
+}
