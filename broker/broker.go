@@ -212,11 +212,12 @@ func New(opts Options) (*Broker, error) {
 // Stats returns the broker's counters.
 func (b *Broker) Stats() *Stats { return &b.stats }
 
-// Load reads every stored connection into memory. Connections whose last
+// Load reads every stored connection into memory (fn of the store's LoadAll
+// may run concurrently). Connections whose last
 // upstream request may have been interrupted by a crash are marked for
 // recovery and refreshed by the next maintenance pass.
 func (b *Broker) Load(ctx context.Context) (int, error) {
-	n := 0
+	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
 		c := newConn(cfg, tok)
 		if tok.IntentGrant != "" {
@@ -229,9 +230,10 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 		}
 		c.publish()
 		b.conns.Store(cfg.Name, c)
-		n++
+		loaded.Add(1)
 		return nil
 	})
+	n := int(loaded.Load())
 	if err != nil {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}

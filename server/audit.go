@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
-	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -26,7 +25,6 @@ type Auditor struct {
 	mu   sync.Mutex    // guards w
 	w    *bufio.Writer // buffered audit sink
 	out  io.Writer
-	log  *slog.Logger
 	stop chan struct{}
 	done chan struct{}
 	once sync.Once
@@ -36,12 +34,11 @@ type Auditor struct {
 // NewAuditor writes audit lines to w.
 func NewAuditor(w io.Writer) *Auditor {
 	a := &Auditor{w: bufio.NewWriterSize(w, 64<<10), out: w, stop: make(chan struct{}), done: make(chan struct{})}
-	a.log = slog.New(slog.NewJSONHandler(a, nil))
 	go a.flusher()
 	return a
 }
 
-// Write implements io.Writer for the JSON handler: one call per line.
+// Write appends one line to the buffer.
 func (a *Auditor) Write(p []byte) (int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -107,20 +104,61 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	if !strings.HasPrefix(info.FullMethod, "/tokenbroker.v1.TokenBroker/") {
 		return handler(ctx, req)
 	}
-	target := auditTarget(req)
 	resp, err := handler(ctx, req)
-	attrs := []any{
-		"caller", a.who(ctx),
-		"method", info.FullMethod,
-		"connection", target,
-		"outcome", status.Code(err).String(),
-	}
+	// The line is built by hand rather than through slog: it is written on
+	// every token hand-out, and this costs a fraction of a JSON handler.
+	bp := linePool.Get().(*[]byte)
+	b := (*bp)[:0]
+	b = append(b, `{"time":"`...)
+	b = time.Now().UTC().AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","msg":"audit","caller":`...)
+	b = appendJSONString(b, a.who(ctx))
+	b = append(b, `,"method":`...)
+	b = appendJSONString(b, info.FullMethod)
+	b = append(b, `,"connection":`...)
+	b = appendJSONString(b, auditTarget(req))
+	b = append(b, `,"outcome":`...)
+	b = appendJSONString(b, status.Code(err).String())
 	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
-		attrs = append(attrs, "token_fingerprint", Fingerprint(r.GetAccessToken()), "token_expire_time", r.GetExpireTime().AsTime())
+		b = append(b, `,"token_fingerprint":"`...)
+		b = append(b, Fingerprint(r.GetAccessToken())...)
+		b = append(b, `","token_expire_time":"`...)
+		b = r.GetExpireTime().AsTime().UTC().AppendFormat(b, time.RFC3339)
+		b = append(b, '"')
 	}
 	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
-		attrs = append(attrs, "fields", r.GetUpdateMask().GetPaths())
+		b = append(b, `,"fields":[`...)
+		for i, p := range r.GetUpdateMask().GetPaths() {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendJSONString(b, p)
+		}
+		b = append(b, ']')
 	}
-	a.log.InfoContext(ctx, "audit", attrs...)
+	b = append(b, "}\n"...)
+	a.Write(b)
+	*bp = b
+	linePool.Put(bp)
 	return resp, err
+}
+
+var linePool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+// appendJSONString appends s as a JSON string.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '"' || c == '\\':
+			b = append(b, '\\', c)
+		case c < 0x20:
+			b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+		default:
+			b = append(b, c)
+		}
+	}
+	return append(b, '"')
 }

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"unsafe"
 
 	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
 )
@@ -173,7 +174,10 @@ func (k *Keyring) open(s *storagev1.Sealed, aad string) ([]byte, error) {
 	if len(s.GetNonce()) != aead.NonceSize() {
 		return nil, fmt.Errorf("%w: bad nonce", ErrNotDataFile)
 	}
-	plain, err := aead.Open(nil, s.GetNonce(), s.GetCiphertext(), []byte(aad))
+	// Decrypt in place: the ciphertext is the decoder's own copy and is not
+	// used again, so its storage can hold the plaintext.
+	ct := s.GetCiphertext()
+	plain, err := aead.Open(ct[:0], s.GetNonce(), ct, []byte(aad))
 	if err != nil {
 		return nil, fmt.Errorf("%w: sealed value does not open with key %q", ErrWrongKey, s.GetKeyId())
 	}
@@ -196,7 +200,12 @@ func (k *Keyring) openString(s *storagev1.Sealed, name, field string) (string, e
 	if err != nil {
 		return "", fmt.Errorf("%s %s: %w", name, field, err)
 	}
-	return string(b), nil
+	if len(b) == 0 {
+		return "", nil
+	}
+	// b is the decoded record's own buffer and is referenced nowhere else:
+	// share it instead of copying (tokens are read back at every start).
+	return unsafe.String(&b[0], len(b)), nil
 }
 
 var canaryPlain = []byte("tokenbroker canary v1")

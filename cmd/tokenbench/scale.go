@@ -25,7 +25,8 @@ type scaleResult struct {
 	fileBytes                int64
 	startWarm, startCold     time.Duration // exec to serving
 	loadWarm                 time.Duration // the server's own load time (warm)
-	rssWarmKB                int64
+	rssWarmKB                int64 // total resident
+	rssAnonKB, rssFileKB     int64 // of which anonymous / file-backed
 	commitP50, commitP99     time.Duration // one sequential commit
 	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
 	groupThroughput          float64       // writes per second
@@ -88,16 +89,16 @@ func dropFromPageCache(path string) error {
 
 // startBinary runs the server on dir and measures exec-to-serving, the
 // server's reported load time, and its resident memory once serving.
-func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, int64, error) {
+func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, rss, error) {
 	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
-		return 0, 0, 0, err
+		return 0, 0, rss{}, err
 	}
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
-		return 0, 0, 0, err
+		return 0, 0, rss{}, err
 	}
 	defer func() {
 		cmd.Process.Signal(os.Interrupt)
@@ -122,24 +123,29 @@ func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, int
 			return elapsed, startup, rss, nil
 		}
 	}
-	return 0, 0, 0, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
+	return 0, 0, rss{}, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
 }
 
-func readRSS(pid int) int64 {
+// rss is resident memory in KiB: anonymous (heap, stacks) and file-backed
+// (the data file's memory map, the binary).
+type rss struct{ total, anon, file int64 }
+
+func readRSS(pid int) rss {
+	var r rss
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0
+		return r
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			f := strings.Fields(v)
-			if len(f) > 0 {
-				n, _ := strconv.ParseInt(f[0], 10, 64)
-				return n
+		for key, dst := range map[string]*int64{"VmRSS:": &r.total, "RssAnon:": &r.anon, "RssFile:": &r.file} {
+			if v, ok := strings.CutPrefix(line, key); ok {
+				if f := strings.Fields(v); len(f) > 0 {
+					*dst, _ = strconv.ParseInt(f[0], 10, 64)
+				}
 			}
 		}
 	}
-	return 0
+	return r
 }
 
 func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResult, error) {
@@ -160,7 +166,7 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		res.fileBytes = info.Size()
 	}
 	var warm, cold, load []time.Duration
-	var rss []int64
+	var rsss []rss
 	for i := range 3 {
 		if err := dropFromPageCache(path); err != nil {
 			return nil, err
@@ -174,12 +180,13 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		if err != nil {
 			return nil, err
 		}
-		warm, load, rss = append(warm, d), append(load, l), append(rss, r)
+		warm, load, rsss = append(warm, d), append(load, l), append(rsss, r)
 		logf("scale: %d connections, start %d: cold %v warm %v", n, i+1, cold[i].Round(time.Millisecond), d.Round(time.Millisecond))
 	}
 	res.startCold, res.startWarm, res.loadWarm = medianDur(cold), medianDur(warm), medianDur(load)
-	slices.Sort(rss)
-	res.rssWarmKB = rss[len(rss)/2]
+	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
+	m := rsss[len(rsss)/2]
+	res.rssWarmKB, res.rssAnonKB, res.rssFileKB = m.total, m.anon, m.file
 
 	// Commit cost as the file grows: sequential commits, then concurrent
 	// writers sharing commits.

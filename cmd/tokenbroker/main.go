@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -54,7 +55,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
-	store, err := storage.Open(dbPath, storage.Options{Keyring: keys})
+	store, err := storage.Open(dbPath, storage.Options{Keyring: keys, Populate: true})
 	if err != nil {
 		return err
 	}
@@ -71,10 +72,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	start := time.Now()
+	// Loading allocates a lot and keeps most of it: collect less often
+	// while it runs.
+	gcPercent := debug.SetGCPercent(400)
 	n, err := b.Load(ctx)
+	debug.SetGCPercent(gcPercent)
 	if err != nil {
 		return err
 	}
+	// Decoding every record leaves garbage behind; return it now rather
+	// than carry it as resident memory until the next collection.
+	debug.FreeOSMemory()
 	b.Start()
 	defer b.Close()
 	metrics.Watch(b, time.Now)

@@ -1,0 +1,5 @@
+package storage
+
+import "syscall"
+
+const mapPopulate = syscall.MAP_POPULATE

@@ -1,0 +1,5 @@
+//go:build !linux
+
+package storage
+
+const mapPopulate = 0
