@@ -8,6 +8,8 @@ import (
 	"time"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/server/servertest"
 )
 
 type herdResult struct {
@@ -19,6 +21,7 @@ type herdResult struct {
 	distinct      int           // distinct tokens handed out
 	errors        int
 	target        time.Duration
+	noopHerd      time.Duration // the same release of no-op RPCs: the cost of the fan-out itself
 }
 
 // benchHerd releases n callers at once on an expired token through real
@@ -48,9 +51,15 @@ func benchHerd(dir string, n int, latency time.Duration) (*herdResult, error) {
 		commits = append(commits, time.Since(t0))
 	}
 	slices.Sort(commits)
+	// Baseline: the same number of callers released at once on the no-op
+	// RPC of the same server, so the fan-out's own cost is known.
+	noopHerd, err := release(n, func(i int) error { return servertest.CallNoop(context.Background(), s.conns[i%len(s.conns)]) })
+	if err != nil {
+		return nil, err
+	}
 	clk.Advance(2 * time.Hour) // the token has expired
 	before := s.idp.Counts()
-	res := &herdResult{callers: n, latency: latency, fsyncP50: commits[len(commits)/2]}
+	res := &herdResult{callers: n, latency: latency, fsyncP50: commits[len(commits)/2], noopHerd: noopHerd}
 	tokens := make([]string, n)
 	errs := make([]error, n)
 	start := make(chan struct{})
@@ -97,4 +106,26 @@ func firstErr(errs []error) error {
 		}
 	}
 	return nil
+}
+
+// release starts n callers at once and returns when the last is done.
+func release(n int, call func(i int) error) (time.Duration, error) {
+	errs := make([]error, n)
+	start := make(chan struct{})
+	var ready, done sync.WaitGroup
+	for i := range n {
+		ready.Add(1)
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			ready.Done()
+			<-start
+			errs[i] = call(i)
+		}()
+	}
+	ready.Wait()
+	t0 := time.Now()
+	close(start)
+	done.Wait()
+	return time.Since(t0), firstErr(errs)
 }

@@ -25,8 +25,8 @@ type scaleResult struct {
 	fileBytes                int64
 	startWarm, startCold     time.Duration // exec to serving
 	loadWarm                 time.Duration // the server's own load time (warm)
-	rssWarmKB                int64 // total resident
-	rssAnonKB, rssFileKB     int64 // of which anonymous / file-backed
+	rssWarmKB                int64         // total resident
+	rssAnonKB, rssFileKB     int64         // of which anonymous / file-backed
 	commitP50, commitP99     time.Duration // one sequential commit
 	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
 	groupThroughput          float64       // writes per second
