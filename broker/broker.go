@@ -60,6 +60,12 @@ type Options struct {
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
 	Observer Observer
+	// Locker serializes upstream calls of a connection across replicas.
+	// Default none (one process, as with bbolt).
+	Locker Locker
+	// Watcher feeds other replicas' changes into this one's memory.
+	// Default none.
+	Watcher Watcher
 }
 
 func (o *Options) setDefaults() {
@@ -250,6 +256,19 @@ func (b *Broker) Start() {
 	if b.opts.TickInterval < 0 {
 		return
 	}
+	if b.opts.Watcher != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		b.loop.Add(2)
+		go func() {
+			defer b.loop.Done()
+			b.opts.Watcher.Watch(ctx, func(ch storage.Change) { b.apply(ctx, ch) })
+		}()
+		go func() {
+			defer b.loop.Done()
+			<-b.stop
+			cancel()
+		}()
+	}
 	b.loop.Add(1)
 	go func() {
 		defer b.loop.Done()
@@ -325,15 +344,107 @@ func ParseETag(s string) (int64, bool) {
 }
 
 // withTurn runs fn while holding the connection's turn at the token
-// endpoint. Waiting for the turn can be abandoned through ctx.
-func withTurn(ctx context.Context, c *conn, fn func() error) error {
+// endpoint: in this process, and with a [Locker] across replicas too. Under
+// a Locker the token state is first re-read from the store, since another
+// replica may have rotated it; adopted says whether it had. Waiting can be
+// abandoned through ctx.
+func (b *Broker) withTurn(ctx context.Context, c *conn, fn func(adopted bool) error) error {
 	select {
 	case c.turn <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	defer func() { <-c.turn }()
-	return fn()
+	adopted := false
+	if b.opts.Locker != nil {
+		unlock, err := b.opts.Locker.Lock(ctx, c.name)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return storageError(c.name, err)
+		}
+		defer unlock()
+		if adopted, err = b.syncTokens(ctx, c); err != nil {
+			return err
+		}
+	}
+	return fn(adopted)
+}
+
+// syncTokens adopts the stored token state if another replica committed a
+// newer generation, and reports whether it did.
+func (b *Broker) syncTokens(ctx context.Context, c *conn) (bool, error) {
+	t, err := b.store.GetTokens(ctx, c.name)
+	if errors.Is(err, storage.ErrNotFound) {
+		c.mu.Lock()
+		c.deleted = true
+		c.mu.Unlock()
+		return false, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: c.name}
+	}
+	if err != nil {
+		return false, storageError(c.name, err)
+	}
+	return c.adopt(t), nil
+}
+
+// adopt takes a token state committed elsewhere if it is newer: a later
+// generation, or the same one halted (NEEDS_REAUTH, REFRESH_TOKEN_MISSING).
+func (c *conn) adopt(t *storage.Tokens) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	newer := t.Generation > c.tok.Generation ||
+		(t.Generation == c.tok.Generation && State(t.State).halted() && !State(c.tok.State).halted())
+	if !newer || c.deleted {
+		return false
+	}
+	c.tok = t
+	c.pending = nil
+	c.recovering = false
+	c.failures, c.backoffUntil = 0, time.Time{}
+	c.publish()
+	return true
+}
+
+// apply feeds one change made by any replica into memory.
+func (b *Broker) apply(ctx context.Context, ch storage.Change) {
+	v, ok := b.conns.Load(ch.Name)
+	switch {
+	case ch.Deleted:
+		if ok {
+			c := v.(*conn)
+			c.mu.Lock()
+			c.deleted = true
+			c.cfg = &storage.Connection{Name: ch.Name}
+			c.tok = &storage.Tokens{}
+			c.pending = nil
+			c.publish()
+			c.mu.Unlock()
+			b.conns.Delete(ch.Name)
+		}
+	case ch.Connection != nil:
+		if !ok {
+			// Created elsewhere: read its tokens (their event may come first
+			// or later on another stream).
+			t, err := b.store.GetTokens(ctx, ch.Name)
+			if err != nil {
+				t = &storage.Tokens{}
+			}
+			b.conns.LoadOrStore(ch.Name, newConnPublished(ch.Connection, t))
+			return
+		}
+		c := v.(*conn)
+		c.mu.Lock()
+		if ch.Connection.Revision > c.cfg.Revision {
+			c.cfg = ch.Connection
+			c.publish()
+		}
+		c.mu.Unlock()
+	case ch.Tokens != nil:
+		if ok {
+			v.(*conn).adopt(ch.Tokens)
+		}
+	}
 }
 
 // acquire takes a slot of the global upstream cap.

@@ -7,12 +7,27 @@ import (
 )
 
 // Store is what the broker needs of durable storage. Every write returns
-// only after it is durable (fsync). Implementations: [storage.BoltStore].
+// only after it is durable. Implementations: [storage.BoltStore] (one
+// process), [storage.EtcdStore] (replicas).
 type Store interface {
 	CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error)
 	UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	DeleteConnection(ctx context.Context, name string, revision int64) error
+	GetTokens(ctx context.Context, name string) (*storage.Tokens, error)
 	PutTokens(ctx context.Context, name string, t *storage.Tokens) error
 	LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error
+}
+
+// Locker serializes a connection's upstream token requests across
+// replicas: while the lock is held no other replica talks to the
+// connection's token endpoint. Implementations: [storage.EtcdStore].
+type Locker interface {
+	Lock(ctx context.Context, name string) (unlock func(), err error)
+}
+
+// Watcher reports changes made by any replica, so that each replica's
+// in-memory tokens stay coherent. Implementations: [storage.EtcdStore].
+type Watcher interface {
+	Watch(ctx context.Context, fn func(storage.Change))
 }

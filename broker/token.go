@@ -161,7 +161,14 @@ func (b *Broker) runFlight(c *conn, f *flight) {
 	defer b.flights.Done()
 	ctx, cancel := context.WithTimeout(context.Background(), b.opts.RefreshTimeout)
 	defer cancel()
-	err := withTurn(ctx, c, func() error { return b.renew(ctx, c, f.why) })
+	err := b.withTurn(ctx, c, func(adopted bool) error {
+		// Another replica refreshed while this one waited for the lock:
+		// its token serves, no upstream call.
+		if adopted && f.why != reasonRenewChain && c.snap.Load().usable(b.now(), time.Minute) {
+			return nil
+		}
+		return b.renew(ctx, c, f.why)
+	})
 	if err != nil {
 		b.log.Warn("token refresh failed", "connection", c.name, "error", err.Error())
 	}

@@ -72,3 +72,7 @@ func (o *onceAfter) DeleteConnection(ctx context.Context, n string, r int64) err
 func (o *onceAfter) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
 	return o.inner.LoadAll(ctx, fn)
 }
+
+func (o *onceAfter) GetTokens(ctx context.Context, n string) (*storage.Tokens, error) {
+	return o.inner.GetTokens(ctx, n)
+}

@@ -1,0 +1,432 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
+)
+
+// EtcdOptions configure [OpenEtcd]. Zero fields mean the documented
+// defaults.
+type EtcdOptions struct {
+	// Client talks to the etcd cluster. Required; the caller closes it.
+	Client *clientv3.Client
+	// Keyring seals secrets and tokens. Required.
+	Keyring *Keyring
+	// Prefix namespaces every key. Default "/tokenbroker/".
+	Prefix string
+	// SessionTTL is the lease behind this replica's locks: if the replica
+	// dies, its locks are released after this long. Default 10 s.
+	SessionTTL time.Duration
+	// Now returns the current time. Default time.Now.
+	Now func() time.Time
+}
+
+// EtcdStore keeps connections in etcd, for running several replicas. It
+// has the same methods and semantics as [BoltStore] (a write returns once
+// the cluster has committed it), plus [EtcdStore.Lock] to serialize a
+// connection's upstream calls across replicas and [EtcdStore.Watch] to keep
+// replicas' caches coherent.
+type EtcdStore struct {
+	cli       *clientv3.Client
+	keys      *Keyring
+	prefix    string
+	session   *concurrency.Session
+	loadedRev atomic.Int64 // revision of the last LoadAll; Watch continues after it
+}
+
+// pageSize bounds one etcd range read (etcd caps response sizes).
+const pageSize = 200
+
+// OpenEtcd checks (or initializes) the cluster's tokenbroker meta record
+// and opens a session for locks. A wrong key fails with [ErrWrongKey].
+func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
+	if opts.Client == nil || opts.Keyring == nil {
+		return nil, errors.New("storage: EtcdOptions.Client and Keyring are required")
+	}
+	if opts.Prefix == "" {
+		opts.Prefix = "/tokenbroker/"
+	}
+	if !strings.HasSuffix(opts.Prefix, "/") {
+		opts.Prefix += "/"
+	}
+	if opts.SessionTTL <= 0 {
+		opts.SessionTTL = 10 * time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	s := &EtcdStore{cli: opts.Client, keys: opts.Keyring, prefix: opts.Prefix}
+	meta := &storagev1.Meta{
+		Format:      formatVersion,
+		CanaryKeyId: s.keys.PrimaryID(),
+		Canary:      s.keys.seal(canaryPlain, "meta\x00canary"),
+		CreateTime:  timestamppb.New(opts.Now()),
+	}
+	mv, err := marshal(meta)
+	if err != nil {
+		return nil, err
+	}
+	mkey := s.prefix + "meta"
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(mkey), "=", 0)).
+		Then(clientv3.OpPut(mkey, string(mv))).
+		Else(clientv3.OpGet(mkey)).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("storage: etcd: %w", err)
+	}
+	if !resp.Succeeded {
+		kvs := resp.Responses[0].GetResponseRange().GetKvs()
+		if len(kvs) == 0 {
+			return nil, fmt.Errorf("%w: etcd meta record vanished", ErrNotDataFile)
+		}
+		var stored storagev1.Meta
+		if err := proto.Unmarshal(kvs[0].Value, &stored); err != nil || stored.GetFormat() != formatVersion {
+			return nil, fmt.Errorf("%w: %s in etcd is not a tokenbroker meta record of format %d", ErrNotDataFile, mkey, formatVersion)
+		}
+		if err := s.keys.checkCanary(stored.GetCanary()); err != nil {
+			return nil, fmt.Errorf("%w: etcd prefix %s was sealed with key id %s; the key file holds %v", ErrWrongKey, s.prefix, stored.GetCanaryKeyId(), s.keys.IDs())
+		}
+	}
+	s.session, err = concurrency.NewSession(s.cli, concurrency.WithTTL(int(opts.SessionTTL/time.Second)))
+	if err != nil {
+		return nil, fmt.Errorf("storage: etcd session: %w", err)
+	}
+	return s, nil
+}
+
+// Close releases this replica's session (and with it its locks). It does
+// not close the client.
+func (s *EtcdStore) Close() error { return s.session.Close() }
+
+func (s *EtcdStore) connKey(name string) string  { return s.prefix + "connections/" + name }
+func (s *EtcdStore) tokenKey(name string) string { return s.prefix + "tokens/" + name }
+
+func etcdErr(err error) error { return fmt.Errorf("storage: etcd: %w", err) }
+
+// CreateConnection stores a new connection with its initial token state.
+func (s *EtcdStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+	c = c.Clone()
+	c.Revision = 1
+	cv, err := marshal(s.keys.encodeConnection(c))
+	if err != nil {
+		return nil, err
+	}
+	if t == nil {
+		t = &Tokens{}
+	}
+	tv, err := marshal(s.keys.encodeTokens(c.Name, t))
+	if err != nil {
+		return nil, err
+	}
+	ck := s.connKey(c.Name)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(ck), "=", 0)).
+		Then(clientv3.OpPut(ck, string(cv)), clientv3.OpPut(s.tokenKey(c.Name), string(tv))).Commit()
+	if err != nil {
+		return nil, etcdErr(err)
+	}
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("%w: %s", ErrAlreadyExists, c.Name)
+	}
+	return c, nil
+}
+
+func (s *EtcdStore) get(ctx context.Context, key string) ([]byte, int64, error) {
+	resp, err := s.cli.Get(ctx, key)
+	if err != nil {
+		return nil, 0, etcdErr(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, 0, ErrNotFound
+	}
+	return resp.Kvs[0].Value, resp.Kvs[0].ModRevision, nil
+}
+
+func (s *EtcdStore) decodeConnection(name string, v []byte) (*Connection, error) {
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
+	}
+	return s.keys.decodeConnection(name, &r)
+}
+
+func (s *EtcdStore) decodeTokens(name string, v []byte) (*Tokens, error) {
+	var r storagev1.TokenRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
+	}
+	return s.keys.decodeTokens(name, &r)
+}
+
+// GetConnection reads one connection.
+func (s *EtcdStore) GetConnection(ctx context.Context, name string) (*Connection, error) {
+	v, _, err := s.get(ctx, s.connKey(name))
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return s.decodeConnection(name, v)
+}
+
+// GetTokens reads a connection's token state.
+func (s *EtcdStore) GetTokens(ctx context.Context, name string) (*Tokens, error) {
+	v, _, err := s.get(ctx, s.tokenKey(name))
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return s.decodeTokens(name, v)
+}
+
+// ListConnections returns up to limit connections whose names start with
+// prefix and sort after the name after, in name order.
+func (s *EtcdStore) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*Connection, error) {
+	base := s.prefix + "connections/"
+	start := base + prefix
+	if after >= prefix && after != "" {
+		start = base + after + "\x00"
+	}
+	resp, err := s.cli.Get(ctx, start, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base+prefix)), clientv3.WithLimit(int64(limit)))
+	if err != nil {
+		return nil, etcdErr(err)
+	}
+	var out []*Connection
+	for _, kv := range resp.Kvs {
+		c, err := s.decodeConnection(strings.TrimPrefix(string(kv.Key), base), kv.Value)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// UpdateConnection replaces a connection whose stored Revision equals
+// c.Revision, and its token state when t is not nil.
+func (s *EtcdStore) UpdateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+	ck := s.connKey(c.Name)
+	v, modRev, err := s.get(ctx, ck)
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, c.Name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNotDataFile, err)
+	}
+	if r.GetRevision() != c.Revision {
+		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, c.Name, r.GetRevision(), c.Revision)
+	}
+	next := c.Clone()
+	next.Revision = c.Revision + 1
+	cv, err := marshal(s.keys.encodeConnection(next))
+	if err != nil {
+		return nil, err
+	}
+	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
+	if t != nil {
+		tv, err := marshal(s.keys.encodeTokens(c.Name, t))
+		if err != nil {
+			return nil, err
+		}
+		ops = append(ops, clientv3.OpPut(s.tokenKey(c.Name), string(tv)))
+	}
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).Then(ops...).Commit()
+	if err != nil {
+		return nil, etcdErr(err)
+	}
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("%w: %s changed concurrently", ErrConflict, c.Name)
+	}
+	return next, nil
+}
+
+// DeleteConnection erases a connection and its tokens. A revision other than
+// 0 must match the stored one.
+func (s *EtcdStore) DeleteConnection(ctx context.Context, name string, revision int64) error {
+	ck := s.connKey(name)
+	v, modRev, err := s.get(ctx, ck)
+	if errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return err
+	}
+	if revision != 0 {
+		var r storagev1.ConnectionRecord
+		if err := proto.Unmarshal(v, &r); err != nil {
+			return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+		}
+		if r.GetRevision() != revision {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, name, r.GetRevision(), revision)
+		}
+	}
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).
+		Then(clientv3.OpDelete(ck), clientv3.OpDelete(s.tokenKey(name))).Commit()
+	if err != nil {
+		return etcdErr(err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("%w: %s changed concurrently", ErrConflict, name)
+	}
+	return nil
+}
+
+// PutTokens durably replaces a connection's token state; [ErrNotFound] if
+// the connection was deleted.
+func (s *EtcdStore) PutTokens(ctx context.Context, name string, t *Tokens) error {
+	tv, err := marshal(s.keys.encodeTokens(name, t))
+	if err != nil {
+		return err
+	}
+	ck := s.connKey(name)
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ck), ">", 0)).
+		Then(clientv3.OpPut(s.tokenKey(name), string(tv))).Commit()
+	if err != nil {
+		return etcdErr(err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	return nil
+}
+
+// LoadAll calls fn for every connection with its token state, in name
+// order, reading in pages at one etcd revision; [EtcdStore.Watch]
+// continues from that revision.
+func (s *EtcdStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) error) error {
+	rev, err := s.loadAll(ctx, fn)
+	if err == nil {
+		s.loadedRev.Store(rev)
+	}
+	return err
+}
+
+func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) error) (int64, error) {
+	base := s.prefix + "connections/"
+	key := base
+	var rev int64
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := s.cli.Get(ctx, key, opts...)
+		if err != nil {
+			return 0, etcdErr(err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			name := strings.TrimPrefix(string(kv.Key), base)
+			c, err := s.decodeConnection(name, kv.Value)
+			if err != nil {
+				return 0, err
+			}
+			t := &Tokens{}
+			tr, err := s.cli.Get(ctx, s.tokenKey(name), clientv3.WithRev(rev))
+			if err != nil {
+				return 0, etcdErr(err)
+			}
+			if len(tr.Kvs) > 0 {
+				if t, err = s.decodeTokens(name, tr.Kvs[0].Value); err != nil {
+					return 0, err
+				}
+			}
+			if err := fn(c, t); err != nil {
+				return 0, err
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return rev, nil
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// Change is one change seen by [EtcdStore.Watch]. Exactly one of
+// Connection, Tokens or Deleted describes it.
+type Change struct {
+	Name       string
+	Connection *Connection // the connection's configuration changed
+	Tokens     *Tokens     // the token state changed
+	Deleted    bool        // the connection was deleted
+}
+
+// Watch calls fn for every change made by any replica (this one's own
+// writes included) after the last LoadAll, until ctx ends.
+func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
+	base := s.prefix
+	opts := []clientv3.OpOption{clientv3.WithPrefix()}
+	if rev := s.loadedRev.Load(); rev > 0 {
+		opts = append(opts, clientv3.WithRev(rev+1))
+	}
+	wc := s.cli.Watch(ctx, base+"connections/", opts...)
+	wt := s.cli.Watch(ctx, base+"tokens/", opts...)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case resp, ok := <-wc:
+			if !ok {
+				return
+			}
+			for _, ev := range resp.Events {
+				name := strings.TrimPrefix(string(ev.Kv.Key), base+"connections/")
+				if ev.Type == clientv3.EventTypeDelete {
+					fn(Change{Name: name, Deleted: true})
+					continue
+				}
+				if c, err := s.decodeConnection(name, ev.Kv.Value); err == nil {
+					fn(Change{Name: name, Connection: c})
+				}
+			}
+		case resp, ok := <-wt:
+			if !ok {
+				return
+			}
+			for _, ev := range resp.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					continue
+				}
+				name := strings.TrimPrefix(string(ev.Kv.Key), base+"tokens/")
+				if t, err := s.decodeTokens(name, ev.Kv.Value); err == nil {
+					fn(Change{Name: name, Tokens: t})
+				}
+			}
+		}
+	}
+}
+
+// Lock takes the cluster-wide lock of a connection: while it is held, no
+// other replica talks to the connection's token endpoint. It is released by
+// unlock, or by etcd when this replica's session lapses.
+func (s *EtcdStore) Lock(ctx context.Context, name string) (unlock func(), err error) {
+	m := concurrency.NewMutex(s.session, s.prefix+"locks/"+name)
+	if err := m.Lock(ctx); err != nil {
+		return nil, etcdErr(err)
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		m.Unlock(ctx)
+	}, nil
+}
