@@ -261,7 +261,7 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		return nil, invalid(v...)
 	}
 	var out *View
-	err = b.withTurn(ctx, c, func(bool) error {
+	err = b.withTurn(ctx, c, func() error {
 		c.mu.Lock()
 		deleted := c.deleted
 		cur := c.cfg.Clone()
@@ -370,7 +370,7 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
-	return b.withTurn(ctx, c, func(bool) error {
+	return b.withTurn(ctx, c, func() error {
 		c.mu.Lock()
 		cfg, tok, pending, deleted := c.cfg.Clone(), c.tok.Clone(), c.pending, c.deleted
 		c.mu.Unlock()

@@ -180,6 +180,7 @@ type conn struct {
 type flight struct {
 	done chan struct{}
 	why  reason
+	gen  int64 // token generation when the flight was decided on
 	err  error
 }
 
@@ -251,11 +252,9 @@ func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
 	return c
 }
 
-// Start runs the maintenance loop until [Broker.Close].
+// Start runs the maintenance loop (unless TickInterval is negative) and the
+// watch of other replicas' changes (with a Watcher) until [Broker.Close].
 func (b *Broker) Start() {
-	if b.opts.TickInterval < 0 {
-		return
-	}
 	if b.opts.Watcher != nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		b.loop.Add(2)
@@ -268,6 +267,9 @@ func (b *Broker) Start() {
 			<-b.stop
 			cancel()
 		}()
+	}
+	if b.opts.TickInterval < 0 {
+		return
 	}
 	b.loop.Add(1)
 	go func() {
@@ -346,16 +348,14 @@ func ParseETag(s string) (int64, bool) {
 // withTurn runs fn while holding the connection's turn at the token
 // endpoint: in this process, and with a [Locker] across replicas too. Under
 // a Locker the token state is first re-read from the store, since another
-// replica may have rotated it; adopted says whether it had. Waiting can be
-// abandoned through ctx.
-func (b *Broker) withTurn(ctx context.Context, c *conn, fn func(adopted bool) error) error {
+// replica may have rotated it. Waiting can be abandoned through ctx.
+func (b *Broker) withTurn(ctx context.Context, c *conn, fn func() error) error {
 	select {
 	case c.turn <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	defer func() { <-c.turn }()
-	adopted := false
 	if b.opts.Locker != nil {
 		unlock, err := b.opts.Locker.Lock(ctx, c.name)
 		if err != nil {
@@ -365,11 +365,11 @@ func (b *Broker) withTurn(ctx context.Context, c *conn, fn func(adopted bool) er
 			return storageError(c.name, err)
 		}
 		defer unlock()
-		if adopted, err = b.syncTokens(ctx, c); err != nil {
+		if _, err := b.syncTokens(ctx, c); err != nil {
 			return err
 		}
 	}
-	return fn(adopted)
+	return fn()
 }
 
 // syncTokens adopts the stored token state if another replica committed a

@@ -147,7 +147,7 @@ func (b *Broker) startFlightLocked(c *conn, why reason) *flight {
 	if c.flight != nil {
 		return c.flight
 	}
-	f := &flight{done: make(chan struct{}), why: why}
+	f := &flight{done: make(chan struct{}), why: why, gen: c.tok.Generation}
 	c.flight = f
 	b.flights.Add(1)
 	go b.runFlight(c, f)
@@ -161,10 +161,14 @@ func (b *Broker) runFlight(c *conn, f *flight) {
 	defer b.flights.Done()
 	ctx, cancel := context.WithTimeout(context.Background(), b.opts.RefreshTimeout)
 	defer cancel()
-	err := b.withTurn(ctx, c, func(adopted bool) error {
-		// Another replica refreshed while this one waited for the lock:
-		// its token serves, no upstream call.
-		if adopted && f.why != reasonRenewChain && c.snap.Load().usable(b.now(), time.Minute) {
+	err := b.withTurn(ctx, c, func() error {
+		// Another replica committed a new token since this flight was
+		// decided on (seen through the watch or re-read under the lock):
+		// that token serves, no upstream call.
+		c.mu.Lock()
+		gen := c.tok.Generation
+		c.mu.Unlock()
+		if gen > f.gen && f.why != reasonRenewChain {
 			return nil
 		}
 		return b.renew(ctx, c, f.why)

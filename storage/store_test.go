@@ -13,8 +13,10 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"tokenbroker/storage"
+	"tokenbroker/storage/etcdtest"
 )
 
 func key(b byte) []byte { return bytes.Repeat([]byte{b}, storage.KeySize) }
@@ -58,11 +60,41 @@ func sampleTokens() *storage.Tokens {
 		AccessTokenExpireTime: time.Unix(1700003600, 0).UTC(), IssueTime: time.Unix(1700000000, 0).UTC(), State: "ACTIVE"}
 }
 
-// TestContract is the Store contract: create, read, list, update with
-// revisions, tokens, delete.
+// store is what the contract covers; every Store implementation passes it.
+type store interface {
+	CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
+	GetConnection(ctx context.Context, name string) (*storage.Connection, error)
+	ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error)
+	UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
+	DeleteConnection(ctx context.Context, name string, revision int64) error
+	GetTokens(ctx context.Context, name string) (*storage.Tokens, error)
+	PutTokens(ctx context.Context, name string, t *storage.Tokens) error
+	LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error
+}
+
+// TestContract is the Store contract, run against every implementation:
+// create, read, list, update with revisions, tokens, load, delete.
 func TestContract(t *testing.T) {
+	t.Run("bolt", func(t *testing.T) {
+		runContract(t, openStore(t, filepath.Join(t.TempDir(), "db"), keyring(t, key(1))))
+	})
+	t.Run("etcd", func(t *testing.T) {
+		runContract(t, openEtcd(t, etcdtest.Client(t, etcdtest.Start(t)), keyring(t, key(1))))
+	})
+}
+
+func openEtcd(t *testing.T, cli *clientv3.Client, k *storage.Keyring) *storage.EtcdStore {
+	t.Helper()
+	s, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func runContract(t *testing.T, s store) {
 	ctx := context.Background()
-	s := openStore(t, filepath.Join(t.TempDir(), "db"), keyring(t, key(1)))
 	c, err := s.CreateConnection(ctx, sampleConn("tenants/a/connections/x"), sampleTokens())
 	if err != nil || c.Revision != 1 {
 		t.Fatalf("create: rev %v err %v", c, err)
@@ -119,6 +151,19 @@ func TestContract(t *testing.T) {
 	}
 	if _, err := s.UpdateConnection(ctx, upd, nil); !errors.Is(err, storage.ErrConflict) {
 		t.Errorf("stale update: %v, want ErrConflict", err)
+	}
+	var loaded []string
+	var mu sync.Mutex
+	if err := s.LoadAll(ctx, func(c *storage.Connection, tok *storage.Tokens) error {
+		mu.Lock()
+		defer mu.Unlock()
+		loaded = append(loaded, c.Name)
+		if c.Name == "tenants/a/connections/x" && (tok.RefreshToken != refresh || c.Password != password) {
+			t.Errorf("LoadAll lost secrets of %s", c.Name)
+		}
+		return nil
+	}); err != nil || len(loaded) != 4 {
+		t.Errorf("LoadAll: %v %v", loaded, err)
 	}
 	if tok2, _ := s.GetTokens(ctx, c.Name); tok2.RefreshToken != refresh {
 		t.Error("update without tokens changed tokens")
@@ -329,4 +374,29 @@ func TestKeyFile(t *testing.T) {
 	if _, err := storage.ParseKeys([]byte("!!!notbase64")); err == nil || bytes.Contains([]byte(err.Error()), []byte("notbase64")) {
 		t.Errorf("bad key: %v (must fail without echoing the line)", err)
 	}
+}
+
+func TestEtcdRefusesWrongKeyAndSharesLocks(t *testing.T) {
+	cli := etcdtest.Client(t, etcdtest.Start(t))
+	a := openEtcd(t, cli, keyring(t, key(1)))
+	if _, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keyring(t, key(9))}); !errors.Is(err, storage.ErrWrongKey) {
+		t.Errorf("wrong key: %v", err)
+	}
+	b := openEtcd(t, cli, keyring(t, key(1)))
+	unlock, err := a.Lock(context.Background(), "tenants/a/connections/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Replica b cannot take the lock while a holds it.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	if _, err := b.Lock(ctx, "tenants/a/connections/x"); err == nil {
+		t.Error("two replicas held one connection's lock")
+	}
+	cancel()
+	unlock()
+	unlock2, err := b.Lock(context.Background(), "tenants/a/connections/x")
+	if err != nil {
+		t.Fatalf("after unlock: %v", err)
+	}
+	unlock2()
 }

@@ -1,0 +1,148 @@
+package broker_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"tokenbroker/broker"
+	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/storage"
+	"tokenbroker/storage/etcdtest"
+)
+
+// replica is one broker process on the shared etcd.
+func replica(t *testing.T, endpoint string, clk *clock) *broker.Broker {
+	t.Helper()
+	keys, _ := storage.NewKeyring(make([]byte, 32))
+	st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: etcdtest.Client(t, endpoint), Keyring: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	b, err := broker.New(broker.Options{Store: st, Locker: st, Watcher: st, Now: clk.Now, TickInterval: -1,
+		BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, Sleep: func(context.Context, time.Duration) error { return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b.Start()
+	t.Cleanup(b.Close)
+	return b
+}
+
+// eventually waits for cond, which another replica's watch makes true.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
+	clk := newClock()
+	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now, Latency: 20 * time.Millisecond})
+	idp.AddClient(clientID, clientSecret)
+	idp.AddUser(username, password)
+	hs := idp.Start()
+	defer hs.Close()
+	endpoint := etcdtest.Start(t)
+	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
+
+	if _, err := a.CreateConnection(context.Background(), &storage.Connection{
+		Name: connName, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+	}, false); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "replica b to see the new connection", func() bool {
+		_, err := b.GetConnection(context.Background(), connName)
+		return err == nil
+	})
+	first, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	clk.Advance(2 * time.Hour) // expired on both replicas
+	before := idp.Counts()
+	var wg sync.WaitGroup
+	tokens := make([]string, 400)
+	errs := make([]error, 400)
+	for i := range 400 {
+		r := a
+		if i%2 == 1 {
+			r = b
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok, err := r.GetAccessToken(context.Background(), connName, time.Minute, "")
+			tokens[i], errs[i] = tok.AccessToken, err
+		}()
+	}
+	wg.Wait()
+	after := idp.Counts()
+	if got := after.RefreshGrants - before.RefreshGrants; got != 1 {
+		t.Errorf("refresh grants across two replicas = %d, want 1", got)
+	}
+	if after.PasswordGrants != before.PasswordGrants || after.InvalidGrant != 0 {
+		t.Errorf("counts %+v", after)
+	}
+	for i := range tokens {
+		if errs[i] != nil {
+			t.Fatalf("caller %d: %v", i, errs[i])
+		}
+		if tokens[i] != tokens[0] || tokens[i] == first.AccessToken {
+			t.Fatalf("caller %d got another token", i)
+		}
+	}
+
+	// A refresh on one replica reaches the other's memory.
+	c := idp.Counts()
+	fresh, err := a.GetAccessToken(context.Background(), connName, time.Minute, tokens[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "replica b to serve a's new token", func() bool {
+		tok, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
+		return err == nil && tok.AccessToken == fresh.AccessToken
+	})
+	if got := idp.Counts().RefreshGrants - c.RefreshGrants; got != 1 {
+		t.Errorf("refresh grants = %d, want 1 (b must not refresh on its own)", got)
+	}
+
+	// NEEDS_REAUTH on one replica halts the other.
+	idp.AddClient(clientID, "rotated-away")
+	clk.Advance(2 * time.Hour)
+	if _, err := a.GetAccessToken(context.Background(), connName, time.Minute, ""); !errors.Is(err, broker.ErrCredentialsRejected) {
+		t.Fatalf("err = %v", err)
+	}
+	eventually(t, "replica b to see NEEDS_REAUTH", func() bool {
+		v, err := b.GetConnection(context.Background(), connName)
+		return err == nil && v.State == broker.StateNeedsReauth
+	})
+	c = idp.Counts()
+	if _, err := b.GetAccessToken(context.Background(), connName, time.Minute, ""); !errors.Is(err, broker.ErrCredentialsRejected) {
+		t.Errorf("b: err = %v", err)
+	}
+	if got := idp.Counts(); got.InvalidClient != c.InvalidClient || got.RefreshGrants != c.RefreshGrants {
+		t.Errorf("b called upstream after a halted the connection: %+v", got)
+	}
+
+	// Deleting on one replica removes it from the other.
+	if err := b.DeleteConnection(context.Background(), connName, ""); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "replica a to forget the connection", func() bool {
+		_, err := a.GetConnection(context.Background(), connName)
+		return errors.Is(err, broker.ErrNotFound)
+	})
+}
