@@ -20,6 +20,11 @@ type config struct {
 	tlsKey                string
 	clientCA              string
 	allowInsecureUpstream bool
+	etcdEndpoints         string
+	etcdPrefix            string
+	etcdCA                string
+	etcdCert              string
+	etcdKey               string
 	policy                string
 	auditLog              string
 	metricsListen         string
@@ -42,6 +47,11 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "server certificate (PEM)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "server private key (PEM)")
 	fs.StringVar(&c.clientCA, "client-ca", "", "CA bundle (PEM) that client certificates must chain to; enables mTLS")
+	fs.StringVar(&c.etcdEndpoints, "etcd-endpoints", "", "comma-separated etcd endpoints: store connections in etcd and run as one of several replicas (default: bbolt in --data-dir)")
+	fs.StringVar(&c.etcdPrefix, "etcd-prefix", "/tokenbroker/", "key prefix in etcd")
+	fs.StringVar(&c.etcdCA, "etcd-ca", "", "CA bundle (PEM) for etcd's certificates")
+	fs.StringVar(&c.etcdCert, "etcd-cert", "", "client certificate (PEM) for etcd")
+	fs.StringVar(&c.etcdKey, "etcd-key", "", "client key (PEM) for etcd")
 	fs.StringVar(&c.policy, "policy", "", "authorization policy file (YAML or JSON); required with TLS; reloaded on change")
 	fs.StringVar(&c.auditLog, "audit-log", "", "audit log: a file path, or - for stdout; default none")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address for Prometheus /metrics and /healthz over HTTP; default off")

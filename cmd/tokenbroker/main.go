@@ -51,20 +51,29 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return fmt.Errorf("data dir: %w", err)
 	}
 	dbPath := filepath.Join(cfg.dataDir, "tokenbroker.db")
+	if cfg.etcdEndpoints != "" && cfg.keyFile == "" && getenv("TOKENBROKER_KEY") == "" {
+		return errors.New("--etcd-endpoints needs --key-file or TOKENBROKER_KEY: every replica must seal with the same key")
+	}
 	keys, err := loadKeys(cfg, getenv, dbPath, log)
 	if err != nil {
 		return err
 	}
-	store, err := storage.Open(dbPath, storage.Options{Keyring: keys, Populate: true})
+	st, err := openStore(ctx, cfg, dbPath, keys)
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer st.close()
+	where := dbPath
+	if cfg.etcdEndpoints != "" {
+		where = "etcd " + cfg.etcdEndpoints + " " + cfg.etcdPrefix
+	}
 
 	metrics := server.NewMetrics()
 	b, err := broker.New(broker.Options{
 		Observer:              metrics,
-		Store:                 store,
+		Store:                 st.store,
+		Locker:                st.locker,
+		Watcher:               st.watcher,
 		Logger:                log.With("component", "broker"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
 	})
@@ -170,9 +179,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	case cfg.clientCA != "":
 		mode = "mTLS"
 	}
-	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "data_file", dbPath, "connections", n,
+	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "store", where, "connections", n,
 		"startup", time.Since(start).String(), "transport", mode, "key_id", keys.PrimaryID())
-	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), %d connections loaded from %s\n", lis.Addr(), mode, n, dbPath)
+	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), %d connections loaded from %s\n", lis.Addr(), mode, n, where)
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()

@@ -169,6 +169,7 @@ func TestTLSStartRules(t *testing.T) {
 		{[]string{"--tls-cert", "a.crt", "--tls-key", "a.key"}, "--tls-cert needs --policy"},
 		{[]string{"--policy", "p.yaml"}, "--policy needs --client-ca"},
 		{[]string{"--tls-cert", "a.crt"}, "go together"},
+		{[]string{"--etcd-endpoints", "http://127.0.0.1:1"}, "every replica must seal with the same key"},
 	} {
 		p := start(t, nil, append([]string{"--data-dir", filepath.Join(dir, "data"), "--listen", "127.0.0.1:0"}, tc.args...)...)
 		<-p.exited
