@@ -28,19 +28,34 @@ func ConnectionName(tenant, connection string) string {
 }
 
 // ParseConnectionName splits `tenants/{tenant}/connections/{connection}`.
+// It does not allocate: it runs on every token request.
 func ParseConnectionName(name string) (tenant, connection string, err error) {
-	parts := strings.Split(name, "/")
-	if len(parts) != 4 || parts[0] != "tenants" || parts[2] != "connections" {
-		return "", "", errors.New("must have the form tenants/{tenant}/connections/{connection}")
+	rest, ok := strings.CutPrefix(name, "tenants/")
+	if !ok {
+		return "", "", errNameForm
 	}
-	if !ValidID(parts[1]) {
-		return "", "", errors.New("tenant id must match [a-z][a-z0-9-]{0,62}")
+	tenant, rest, ok = strings.Cut(rest, "/")
+	if !ok {
+		return "", "", errNameForm
 	}
-	if !ValidID(parts[3]) {
-		return "", "", errors.New("connection id must match [a-z][a-z0-9-]{0,62}")
+	connection, ok = strings.CutPrefix(rest, "connections/")
+	if !ok || strings.Contains(connection, "/") {
+		return "", "", errNameForm
 	}
-	return parts[1], parts[3], nil
+	if !ValidID(tenant) {
+		return "", "", errTenantID
+	}
+	if !ValidID(connection) {
+		return "", "", errConnectionID
+	}
+	return tenant, connection, nil
 }
+
+var (
+	errNameForm     = errors.New("must have the form tenants/{tenant}/connections/{connection}")
+	errTenantID     = errors.New("tenant id must match [a-z][a-z0-9-]{0,62}")
+	errConnectionID = errors.New("connection id must match [a-z][a-z0-9-]{0,62}")
+)
 
 // ParseParent parses `tenants/{tenant}`; tenant [AllTenants] is allowed when
 // allowAll is set.

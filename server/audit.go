@@ -76,8 +76,13 @@ func (a *Auditor) Close() error {
 // Fingerprint is the audit fingerprint of a token: "sha256:" and the first
 // 12 hex digits of its SHA-256.
 func Fingerprint(token string) string {
+	return string(appendFingerprint(nil, token))
+}
+
+func appendFingerprint(b []byte, token string) []byte {
 	sum := sha256.Sum256([]byte(token))
-	return "sha256:" + hex.EncodeToString(sum[:6])
+	b = append(b, "sha256:"...)
+	return hex.AppendEncode(b, sum[:6])
 }
 
 func auditTarget(req any) string {
@@ -121,7 +126,7 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	b = appendJSONString(b, status.Code(err).String())
 	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
 		b = append(b, `,"token_fingerprint":"`...)
-		b = append(b, Fingerprint(r.GetAccessToken())...)
+		b = appendFingerprint(b, r.GetAccessToken())
 		b = append(b, `","token_expire_time":"`...)
 		b = r.GetExpireTime().AsTime().UTC().AppendFormat(b, time.RFC3339)
 		b = append(b, '"')
