@@ -179,6 +179,13 @@ func (e *env) open() {
 	}
 	e.store = st
 	e.fs = &faultStore{Store: st}
+	e.b = e.newBroker()
+	e.t.Cleanup(e.close)
+}
+
+// newBroker starts a broker over the open store and loads it.
+func (e *env) newBroker() *broker.Broker {
+	e.t.Helper()
 	o := e.opts
 	o.Store = e.fs
 	b, err := broker.New(o)
@@ -188,8 +195,7 @@ func (e *env) open() {
 	if _, err := b.Load(context.Background()); err != nil {
 		e.t.Fatal(err)
 	}
-	e.b = b
-	e.t.Cleanup(e.close)
+	return b
 }
 
 func (e *env) close() {
@@ -208,16 +214,7 @@ func (e *env) close() {
 func (e *env) settle() {
 	e.t.Helper()
 	e.b.Close()
-	o := e.opts
-	o.Store = e.fs
-	b, err := broker.New(o)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	if _, err := b.Load(context.Background()); err != nil {
-		e.t.Fatal(err)
-	}
-	e.b = b
+	e.b = e.newBroker()
 }
 
 // restart closes the broker and store and opens them again from disk.

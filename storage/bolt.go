@@ -316,19 +316,11 @@ func (s *BoltStore) GetConnection(ctx context.Context, name string) (*Connection
 }
 
 func (s *BoltStore) decodeConnection(key, v []byte) (*Connection, error) {
-	var r storagev1.ConnectionRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
-	}
-	return s.keys.decodeConnection(string(key), &r)
+	return s.keys.unmarshalConnection(string(key), v)
 }
 
 func (s *BoltStore) decodeTokens(key, v []byte) (*Tokens, error) {
-	var r storagev1.TokenRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
-	}
-	return s.keys.decodeTokens(string(key), &r)
+	return s.keys.unmarshalTokens(string(key), v)
 }
 
 // ListConnections returns up to limit connections whose names start with

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
@@ -134,4 +135,22 @@ func (k *Keyring) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, e
 		IntentGrant:           r.GetIntentGrant(),
 		IntentTime:            fromTS(r.GetIntentTime()),
 	}, nil
+}
+
+// unmarshalConnection decodes a stored connection record kept under name.
+func (k *Keyring) unmarshalConnection(name string, v []byte) (*Connection, error) {
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
+	}
+	return k.decodeConnection(name, &r)
+}
+
+// unmarshalTokens decodes a stored token record kept under name.
+func (k *Keyring) unmarshalTokens(name string, v []byte) (*Tokens, error) {
+	var r storagev1.TokenRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
+	}
+	return k.decodeTokens(name, &r)
 }

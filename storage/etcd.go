@@ -154,19 +154,11 @@ func (s *EtcdStore) get(ctx context.Context, key string) ([]byte, int64, error) 
 }
 
 func (s *EtcdStore) decodeConnection(name string, v []byte) (*Connection, error) {
-	var r storagev1.ConnectionRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
-	}
-	return s.keys.decodeConnection(name, &r)
+	return s.keys.unmarshalConnection(name, v)
 }
 
 func (s *EtcdStore) decodeTokens(name string, v []byte) (*Tokens, error) {
-	var r storagev1.TokenRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
-	}
-	return s.keys.decodeTokens(name, &r)
+	return s.keys.unmarshalTokens(name, v)
 }
 
 // GetConnection reads one connection.

@@ -61,31 +61,17 @@ func benchHerd(dir string, n int, latency time.Duration) (*herdResult, error) {
 	before := s.idp.Counts()
 	res := &herdResult{callers: n, latency: latency, fsyncP50: commits[len(commits)/2], noopHerd: noopHerd}
 	tokens := make([]string, n)
-	errs := make([]error, n)
-	start := make(chan struct{})
-	var ready, done sync.WaitGroup
-	for i := range n {
-		ready.Add(1)
-		done.Add(1)
-		go func() {
-			defer done.Done()
-			c := s.client(i)
-			ready.Done()
-			<-start
-			r, err := c.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: names[0]})
-			tokens[i], errs[i] = r.GetAccessToken(), err
-		}()
-	}
-	ready.Wait()
-	t0 := time.Now()
-	close(start)
-	done.Wait()
-	res.lastCaller = time.Since(t0)
+	lastCaller, _ := release(n, func(i int) error {
+		r, err := s.client(i).GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: names[0]})
+		tokens[i] = r.GetAccessToken()
+		return err
+	})
+	res.lastCaller = lastCaller
 	after := s.idp.Counts()
 	res.upstreamCalls = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 	seen := map[string]bool{}
 	for i := range n {
-		if errs[i] != nil {
+		if tokens[i] == "" {
 			res.errors++
 			continue
 		}
@@ -94,7 +80,7 @@ func benchHerd(dir string, n int, latency time.Duration) (*herdResult, error) {
 	res.distinct = len(seen)
 	res.target = 2 * (latency + res.fsyncP50)
 	if res.errors > 0 {
-		return res, fmt.Errorf("herd: %d callers failed: %v", res.errors, firstErr(errs))
+		return res, fmt.Errorf("herd: %d callers failed", res.errors)
 	}
 	return res, nil
 }
