@@ -886,3 +886,31 @@ func TestUpstreamHangPastDeadline(t *testing.T) {
 		t.Errorf("counts = %+v", c)
 	}
 }
+
+func TestRefreshTokenMissingHaltsWithoutSeatStorm(t *testing.T) {
+	e := newEnv(t)
+	e.create()
+	// offline_access is taken off the application and the chain dies.
+	e.idp.SetNoRefreshTokens(true)
+	e.idp.RevokeRefreshTokens()
+	e.clock.Advance(2 * time.Hour)
+	tok, err := e.token(time.Minute)
+	if err != nil || !e.idp.AccessTokenValid(tok.AccessToken) {
+		t.Fatalf("err = %v, want the live access token of the password grant", err)
+	}
+	v := e.view()
+	if v.State != broker.StateRefreshTokenMissing || v.Status.HasRefreshToken {
+		t.Errorf("state = %s, has refresh token %v", v.State, v.Status.HasRefreshToken)
+	}
+	// Once that token expires, no password grant per hour: callers are told why.
+	before := e.idp.Counts()
+	e.clock.Advance(2 * time.Hour)
+	for range 5 {
+		if _, err := e.token(time.Minute); !errors.Is(err, broker.ErrRefreshTokenMissing) {
+			t.Fatalf("err = %v, want ErrRefreshTokenMissing", err)
+		}
+	}
+	if got := e.idp.Counts(); got.PasswordGrants != before.PasswordGrants {
+		t.Errorf("password grants after REFRESH_TOKEN_MISSING: %d -> %d", before.PasswordGrants, got.PasswordGrants)
+	}
+}

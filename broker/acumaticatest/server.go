@@ -170,6 +170,14 @@ func (s *Server) AddUser(name, password string) {
 	s.users[name] = user{password: password}
 }
 
+// SetNoRefreshTokens switches whether the server issues refresh tokens (as
+// when offline_access is removed from the Connected Application).
+func (s *Server) SetNoRefreshTokens(none bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.opts.NoRefreshTokens = none
+}
+
 // RevokeRefreshTokens ends every session: every refresh and access token
 // dies.
 func (s *Server) RevokeRefreshTokens() {
