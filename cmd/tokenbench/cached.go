@@ -12,14 +12,16 @@ import (
 
 // cachedPoint is one concurrency level of the cached-path comparison.
 type cachedPoint struct {
-	conc          int
-	noop, token   loadResult
-	tputRatio     float64 // token / noop throughput
-	p99Ratio      float64 // token / noop p99
-	p50Ratio      float64
-	noopRuns      []loadResult
-	tokenRuns     []loadResult
-	tokenFailures int
+	conc               int
+	noop, echo, token  loadResult
+	tputRatio          float64 // token / noop throughput
+	p99Ratio           float64 // token / noop p99
+	p50Ratio           float64
+	echoTputRatio      float64 // token / echo throughput: the broker's own cost
+	echoP99Ratio       float64
+	noopRuns, echoRuns []loadResult
+	tokenRuns          []loadResult
+	tokenFailures      int
 }
 
 // benchCached compares cached GetAccessToken with the no-op RPC on the same
@@ -42,27 +44,30 @@ func benchCached(dir string, concs []int, runs int, dur time.Duration, logf func
 	noop := func(ctx context.Context, w int) error {
 		return servertest.CallNoop(ctx, s.conns[w%len(s.conns)])
 	}
+	echoReq := &pb.GetAccessTokenRequest{Name: name}
+	echo := func(ctx context.Context, w int) error {
+		return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], echoReq)
+	}
 	// Warm both paths.
 	runLoad(16, 300*time.Millisecond, token)
 	runLoad(16, 300*time.Millisecond, noop)
+	runLoad(16, 300*time.Millisecond, echo)
 	points := make([]cachedPoint, len(concs))
 	for i, c := range concs {
 		points[i].conc = c
 	}
 	for run := range runs {
 		for i, c := range concs {
-			// Alternate which mode goes first, so neither always runs on a
-			// warmer (or more tired) machine.
-			modes := []bool{false, true}
-			if (run+i)%2 == 1 {
-				modes = []bool{true, false}
-			}
-			for _, isToken := range modes {
-				if isToken {
-					r := runLoad(c, dur, token)
-					points[i].tokenRuns = append(points[i].tokenRuns, r)
-				} else {
+			// Rotate which mode goes first, so none always runs on a warmer
+			// (or more tired) machine.
+			for k := range 3 {
+				switch (run + i + k) % 3 {
+				case 0:
 					points[i].noopRuns = append(points[i].noopRuns, runLoad(c, dur, noop))
+				case 1:
+					points[i].echoRuns = append(points[i].echoRuns, runLoad(c, dur, echo))
+				case 2:
+					points[i].tokenRuns = append(points[i].tokenRuns, runLoad(c, dur, token))
 				}
 			}
 			logf("cached: run %d/%d concurrency %d done", run+1, runs, c)
@@ -70,7 +75,9 @@ func benchCached(dir string, concs []int, runs int, dur time.Duration, logf func
 	}
 	for i := range points {
 		p := &points[i]
-		p.noop, p.token = median(p.noopRuns), median(p.tokenRuns)
+		p.noop, p.echo, p.token = median(p.noopRuns), median(p.echoRuns), median(p.tokenRuns)
+		p.echoTputRatio = p.token.throughput / p.echo.throughput
+		p.echoP99Ratio = float64(p.token.p99) / float64(p.echo.p99)
 		p.tputRatio = p.token.throughput / p.noop.throughput
 		p.p99Ratio = float64(p.token.p99) / float64(p.noop.p99)
 		p.p50Ratio = float64(p.token.p50) / float64(p.noop.p50)

@@ -59,7 +59,7 @@ func (r *report) markdown() string {
 		w("Both RPCs go through the same loopback listener, plaintext, and the full interceptor chain as served in")
 		w("production: request logging, Prometheus metrics, audit log, authorization (dev mode), validation and")
 		w("recovery. The no-op handler does no work. A Go closed-loop client (in the bench process, on the")
-		w("same two cores) drives each concurrency level for %v; the two modes are interleaved, and each figure", r.dur)
+		w("same two cores) drives each concurrency level for %v; the modes are interleaved, and each figure", r.dur)
 		w("is the median of %d runs. Targets: throughput at least 0.95x, p99 within 1.1x.", r.runs)
 		w("")
 		w("| callers | no-op calls/s | cached calls/s | throughput ratio | no-op p50 | cached p50 | no-op p99 | cached p99 | p99 ratio | throughput | p99 |")
@@ -69,6 +69,18 @@ func (r *report) markdown() string {
 				us(p.noop.p50), us(p.token.p50), us(p.noop.p99), us(p.token.p99), p.p99Ratio,
 				r.miss(p.tputRatio >= 0.95, fmt.Sprintf("cached throughput at %d callers", p.conc)),
 				r.miss(p.p99Ratio <= 1.1, fmt.Sprintf("cached p99 at %d callers", p.conc)))
+		}
+		w("")
+		w("A second baseline splits the difference. The *echo* RPC decodes the same GetAccessTokenRequest and answers")
+		w("with a fixed GetAccessTokenResponse of the same size, on the same stack, with no broker behind it. Against")
+		w("the echo, the ratio is the cost of the broker's own work: the lookup, the audit line, name validation and")
+		w("the response build. Against the no-op, the ratio also includes carrying a token request and answer.")
+		w("")
+		w("| callers | echo calls/s | cached calls/s | throughput vs echo | echo p99 | cached p99 | p99 vs echo |")
+		w("|---:|---:|---:|---:|---:|---:|---:|")
+		for _, p := range r.cached {
+			w("| %d | %.0f | %.0f | %.3f | %s | %s | %.3f |", p.conc, p.echo.throughput, p.token.throughput, p.echoTputRatio,
+				us(p.echo.p99), us(p.token.p99), p.echoP99Ratio)
 		}
 		w("")
 		w("![latency vs concurrency](%s)", r.plot)

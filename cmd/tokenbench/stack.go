@@ -8,11 +8,13 @@ import (
 	"net"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
@@ -100,6 +102,12 @@ func newStack(o stackOptions) (*stack, error) {
 		Metrics: metrics,
 	})
 	servertest.RegisterNoop(s.srv.Server)
+	// The echo baseline answers with a token response shaped like the real
+	// one (the stand-in's token length, this instance URL, the same scopes).
+	servertest.RegisterEcho(s.srv.Server, &pb.GetAccessTokenResponse{
+		AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer", ExpireTime: timestamppb.Now(),
+		InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"},
+	})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
