@@ -271,16 +271,10 @@ func marshal(m proto.Message) ([]byte, error) {
 // CreateConnection stores a new connection with its initial token state.
 // It sets Revision to 1 and returns the stored connection.
 func (s *BoltStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
-	c = c.Clone()
-	c.Revision = 1
-	cv, err := marshal(s.keys.encodeConnection(c))
-	if err != nil {
-		return nil, err
-	}
 	if t == nil {
 		t = &Tokens{}
 	}
-	tv, err := marshal(s.keys.encodeTokens(c.Name, t))
+	c, cv, tv, err := s.keys.sealRecords(c, 1, t)
 	if err != nil {
 		return nil, err
 	}
@@ -353,17 +347,9 @@ func (s *BoltStore) ListConnections(ctx context.Context, prefix, after string, l
 // connection with the new revision.
 func (s *BoltStore) UpdateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
 	want := c.Revision
-	c = c.Clone()
-	c.Revision = want + 1
-	cv, err := marshal(s.keys.encodeConnection(c))
+	c, cv, tv, err := s.keys.sealRecords(c, want+1, t)
 	if err != nil {
 		return nil, err
-	}
-	var tv []byte
-	if t != nil {
-		if tv, err = marshal(s.keys.encodeTokens(c.Name, t)); err != nil {
-			return nil, err
-		}
 	}
 	key := []byte(c.Name)
 	err = s.write(ctx, func(tx *bolt.Tx) error {

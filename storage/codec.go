@@ -154,3 +154,21 @@ func (k *Keyring) unmarshalTokens(name string, v []byte) (*Tokens, error) {
 	}
 	return k.decodeTokens(name, &r)
 }
+
+// sealRecords encodes a copy of c at revision rev and, when t is not nil,
+// its token state, ready to store. It returns the copy.
+func (k *Keyring) sealRecords(c *Connection, rev int64, t *Tokens) (*Connection, []byte, []byte, error) {
+	c = c.Clone()
+	c.Revision = rev
+	cv, err := marshal(k.encodeConnection(c))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var tv []byte
+	if t != nil {
+		if tv, err = marshal(k.encodeTokens(c.Name, t)); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	return c, cv, tv, nil
+}

@@ -116,16 +116,10 @@ func etcdErr(err error) error { return fmt.Errorf("storage: etcd: %w", err) }
 
 // CreateConnection stores a new connection with its initial token state.
 func (s *EtcdStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
-	c = c.Clone()
-	c.Revision = 1
-	cv, err := marshal(s.keys.encodeConnection(c))
-	if err != nil {
-		return nil, err
-	}
 	if t == nil {
 		t = &Tokens{}
 	}
-	tv, err := marshal(s.keys.encodeTokens(c.Name, t))
+	c, cv, tv, err := s.keys.sealRecords(c, 1, t)
 	if err != nil {
 		return nil, err
 	}
@@ -226,18 +220,12 @@ func (s *EtcdStore) UpdateConnection(ctx context.Context, c *Connection, t *Toke
 	if r.GetRevision() != c.Revision {
 		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, c.Name, r.GetRevision(), c.Revision)
 	}
-	next := c.Clone()
-	next.Revision = c.Revision + 1
-	cv, err := marshal(s.keys.encodeConnection(next))
+	next, cv, tv, err := s.keys.sealRecords(c, c.Revision+1, t)
 	if err != nil {
 		return nil, err
 	}
 	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
-	if t != nil {
-		tv, err := marshal(s.keys.encodeTokens(c.Name, t))
-		if err != nil {
-			return nil, err
-		}
+	if tv != nil {
 		ops = append(ops, clientv3.OpPut(s.tokenKey(c.Name), string(tv)))
 	}
 	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).Then(ops...).Commit()
