@@ -60,6 +60,11 @@ type Options struct {
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
 	Observer Observer
+	// RejectCooldown is the least time between two refreshes triggered by
+	// rejected-token reports on one connection: a caller that reports every
+	// fresh token as rejected must not turn into a refresh storm. Default
+	// 5 s; negative disables.
+	RejectCooldown time.Duration
 	// Locker serializes upstream calls of a connection across replicas.
 	// Default none (one process, as with bbolt).
 	Locker Locker
@@ -113,6 +118,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.Observer == nil {
 		o.Observer = nopObserver{}
+	}
+	if o.RejectCooldown == 0 {
+		o.RejectCooldown = 5 * time.Second
 	}
 }
 
@@ -173,6 +181,7 @@ type conn struct {
 	backoffUntil time.Time           // no upstream call before this
 	failures     int                 // consecutive failed shared refreshes
 	recovering   bool                // an intent was found at start: the refresh token may be spent
+	lastReject   time.Time           // when a rejected-token report last started a refresh
 	deleted      bool
 }
 

@@ -52,6 +52,7 @@ const (
 	ReasonInvalidArgument     = "INVALID_ARGUMENT"
 	ReasonTokenTooShort       = "TOKEN_LIFETIME_TOO_SHORT"
 	ReasonCrashRecovery       = "RECOVERING_AFTER_CRASH"
+	ReasonRejectedTooOften    = "TOKEN_REJECTED_TOO_OFTEN"
 )
 
 // FieldViolation names a bad input field.

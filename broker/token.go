@@ -57,6 +57,16 @@ func (b *Broker) slowToken(ctx context.Context, c *conn, minValid time.Duration,
 		}
 		s := c.snap.Load()
 		if rejected != "" && s.tok.AccessToken == rejected && !s.rejected {
+			if cd := b.opts.RejectCooldown; cd > 0 && c.flight == nil && now.Sub(c.lastReject) < cd {
+				// The token from the last report-triggered refresh is reported
+				// again at once: refreshing again will not help.
+				wait := cd - now.Sub(c.lastReject)
+				c.mu.Unlock()
+				e := newError(ErrUpstreamUnavailable, ReasonRejectedTooOften, c.name,
+					"a fresh token was reported rejected again within %v; check the caller's instance URL and the integration user's role", cd)
+				e.RetryAfter = wait
+				return Token{}, e
+			}
 			r := *s
 			r.rejected = true
 			c.snap.Store(&r)
@@ -101,6 +111,9 @@ func (b *Broker) slowToken(ctx context.Context, c *conn, minValid time.Duration,
 		why := reasonCaller
 		if rejected != "" {
 			why = reasonRejected
+			if c.flight == nil && s.rejected && s.tok.AccessToken == rejected {
+				c.lastReject = now
+			}
 		}
 		f := b.startFlightLocked(c, why)
 		c.mu.Unlock()

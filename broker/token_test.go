@@ -914,3 +914,36 @@ func TestRefreshTokenMissingHaltsWithoutSeatStorm(t *testing.T) {
 		t.Errorf("password grants after REFRESH_TOKEN_MISSING: %d -> %d", before.PasswordGrants, got.PasswordGrants)
 	}
 }
+
+func TestRejectedReportsCannotStormUpstream(t *testing.T) {
+	e := newEnv(t)
+	e.create()
+	t1 := e.mustToken()
+	ctx := context.Background()
+	t2, err := e.b.GetAccessToken(ctx, connName, time.Minute, t1.AccessToken)
+	if err != nil || t2.AccessToken == t1.AccessToken {
+		t.Fatalf("first report: %v", err)
+	}
+	// The fresh token is reported at once: no second refresh within the cooldown.
+	_, err = e.b.GetAccessToken(ctx, connName, time.Minute, t2.AccessToken)
+	var be *broker.Error
+	if !errors.As(err, &be) || be.Reason != broker.ReasonRejectedTooOften || be.RetryAfter <= 0 || be.RetryAfter > 5*time.Second {
+		t.Fatalf("second report: %v, want TOKEN_REJECTED_TOO_OFTEN with a retry delay", err)
+	}
+	if got := e.idp.Counts().RefreshGrants; got != 1 {
+		t.Errorf("refresh grants = %d, want 1", got)
+	}
+	// Other callers still get the token meanwhile.
+	if tok := e.mustToken(); tok.AccessToken != t2.AccessToken {
+		t.Error("normal caller did not get the current token")
+	}
+	// After the cooldown a report refreshes again.
+	e.clock.Advance(6 * time.Second)
+	t3, err := e.b.GetAccessToken(ctx, connName, time.Minute, t2.AccessToken)
+	if err != nil || t3.AccessToken == t2.AccessToken {
+		t.Fatalf("after cooldown: %v", err)
+	}
+	if got := e.idp.Counts().RefreshGrants; got != 2 {
+		t.Errorf("refresh grants = %d, want 2", got)
+	}
+}

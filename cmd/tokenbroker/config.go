@@ -32,6 +32,7 @@ type config struct {
 	rateLimit             float64
 	rateBurst             int
 	reloadInterval        time.Duration
+	rejectCooldown        time.Duration
 	logLevel              string
 	logFormat             string
 	shutdownTimeout       time.Duration
@@ -59,6 +60,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.Float64Var(&c.rateLimit, "rate-limit", 0, "calls per second each caller may make (0: no limit)")
 	fs.IntVar(&c.rateBurst, "rate-burst", 0, "burst above --rate-limit (default 2x the limit)")
 	fs.DurationVar(&c.reloadInterval, "reload-interval", 5*time.Second, "how often certificate, key, CA and policy files are checked for changes")
+	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")

@@ -38,7 +38,9 @@ func TestKill9AtRandomPoints(t *testing.T) {
 	names := make([]string, conns)
 	ctx := context.Background()
 
-	p := start(t, nil, "--data-dir", dir, "--listen", "127.0.0.1:0")
+	// Back-to-back reports are the point here: no cooldown.
+	args := []string{"--data-dir", dir, "--listen", "127.0.0.1:0", "--reject-cooldown", "0"}
+	p := start(t, nil, args...)
 	c := p.client()
 	for i := range conns {
 		names[i] = fmt.Sprintf("tenants/t%d/connections/erp", i)
@@ -80,7 +82,7 @@ func TestKill9AtRandomPoints(t *testing.T) {
 		close(stop)
 		wg.Wait()
 
-		p = start(t, nil, "--data-dir", dir, "--listen", "127.0.0.1:0")
+		p = start(t, nil, args...)
 		if p.addr == "" {
 			t.Fatalf("crash %d: restart failed: %s", crash, p.out.String())
 		}

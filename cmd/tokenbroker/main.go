@@ -6,6 +6,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -76,6 +77,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		Watcher:               st.watcher,
 		Logger:                log.With("component", "broker"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
+		RejectCooldown:        cmp.Or(cfg.rejectCooldown, -1),
 	})
 	if err != nil {
 		return err
