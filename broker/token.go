@@ -227,7 +227,13 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 			grant = grantPassword
 		}
 		if grant == grantPassword && passwordTried {
-			return newError(ErrCredentialsRejected, ReasonCredentialsRejected, c.name, "password grant already tried in this refresh")
+			// A password grant whose outcome is unknown may have opened a
+			// session: do not sign in again within this refresh.
+			wait := b.backoff(c.failureCount() + 1)
+			b.noteFailure(c, ReasonUpstreamUnavailable, "password grant outcome unknown; not repeated within this refresh", wait)
+			e := newError(ErrUpstreamUnavailable, ReasonUpstreamUnavailable, c.name, "password grant outcome unknown; retrying later")
+			e.RetryAfter = wait
+			return e
 		}
 
 		// Record the intent durably before the irreversible call. If even
@@ -327,6 +333,11 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 			c.mu.Lock()
 			setError(c.tok, reasonCode, ue.Error(), b.now())
 			c.mu.Unlock()
+			if grant == grantPassword && ue.class == classSafe {
+				// Not processed upstream: no session was opened, so
+				// signing in again is safe.
+				passwordTried = false
+			}
 			if b.opts.Sleep(ctx, wait) == nil {
 				continue
 			}

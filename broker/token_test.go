@@ -947,3 +947,45 @@ func TestRejectedReportsCannotStormUpstream(t *testing.T) {
 		t.Errorf("refresh grants = %d, want 2", got)
 	}
 }
+
+func TestPasswordGrantRetriedOnlyWhenNotProcessed(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		fault   acumaticatest.Fault
+		wantErr bool
+	}{
+		// The 503 comes before processing: no session opened, the broker signs in again.
+		{"503 before processing is retried", acumaticatest.Fault{Status: 503}, false},
+		// The 502 comes after processing: a session may be open, no second sign-in now.
+		{"502 after processing is not repeated", acumaticatest.Fault{Status: 502, Process: true}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) { b.MaxAttempts = 4 })
+			e.create()
+			e.idp.RevokeRefreshTokens()
+			// The refresh grant passes through (and gets invalid_grant); the
+			// password grant meets the fault.
+			e.idp.Inject(acumaticatest.Fault{Mutate: func(map[string]any) {}}, tc.fault)
+			e.clock.Advance(2 * time.Hour)
+			before := e.idp.Counts()
+			_, err := e.token(time.Minute)
+			after := e.idp.Counts()
+			// Either way exactly one password grant was processed upstream.
+			if got := after.PasswordGrants - before.PasswordGrants; got != 1 {
+				t.Errorf("password grants processed = %d, want 1", got)
+			}
+			if !tc.wantErr {
+				if err != nil {
+					t.Fatalf("err = %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, broker.ErrUpstreamUnavailable) {
+				t.Fatalf("err = %v, want ErrUpstreamUnavailable (never CREDENTIALS_REJECTED)", err)
+			}
+			if v := e.view(); v.State == broker.StateNeedsReauth {
+				t.Error("an unknown outcome halted the connection")
+			}
+		})
+	}
+}
