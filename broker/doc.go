@@ -7,7 +7,9 @@
 // access token it came with, records its intent before every irreversible
 // upstream call, refreshes in-use tokens before they expire and idle chains
 // before their sliding window lapses, and stops calling upstream for a
-// connection whose credentials were rejected.
+// connection whose credentials were rejected. With a [Locker] and a
+// [Watcher] (the etcd store) several replicas share connections: upstream
+// calls are serialized across them and each keeps the others' tokens.
 //
 // This package must never import gRPC or the API messages, never log or
 // return a secret or token in an error, and never follow a redirect from a
