@@ -104,7 +104,7 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
 		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
 	}
-	if _, ok := b.conns.Load(c.Name); ok {
+	if _, err := b.lookup(c.Name); err == nil {
 		return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name}
 	}
 	b.creatingMu.Lock()
@@ -139,6 +139,7 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	}
 	nc := newConnPublished(stored, tok)
 	b.conns.Store(c.Name, nc)
+	b.tombs.Delete(c.Name)
 	b.log.Info("connection created", "connection", c.Name, "instance_url", c.InstanceURL)
 	return b.viewOf(nc), nil
 }
@@ -397,6 +398,9 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		c.tok = &storage.Tokens{}
 		c.publish()
 		c.mu.Unlock()
+		if b.loading.Load() {
+			b.tombs.Store(name, struct{}{})
+		}
 		b.conns.Delete(name)
 		b.log.Info("connection deleted", "connection", name)
 		return nil

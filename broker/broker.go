@@ -146,6 +146,9 @@ type Broker struct {
 
 	conns sync.Map // name -> *conn; read without locks on the cached path
 
+	loading atomic.Bool // Load is not done: lookups may read the store
+	tombs   sync.Map    // names deleted while Load runs, so it does not bring them back
+
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
@@ -213,7 +216,7 @@ func New(opts Options) (*Broker, error) {
 		return nil, errors.New("broker: Options.Store is required")
 	}
 	opts.setDefaults()
-	return &Broker{
+	b := &Broker{
 		opts:     opts,
 		store:    opts.Store,
 		now:      opts.Now,
@@ -222,30 +225,32 @@ func New(opts Options) (*Broker, error) {
 		sem:      make(chan struct{}, opts.MaxConcurrentUpstream),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
-	}, nil
+	}
+	b.loading.Store(true) // until Load is done
+	return b, nil
 }
 
 // Stats returns the broker's counters.
 func (b *Broker) Stats() *Stats { return &b.stats }
 
 // Load reads every stored connection into memory (fn of the store's LoadAll
-// may run concurrently). Connections whose last
-// upstream request may have been interrupted by a crash are marked for
-// recovery and refreshed by the next maintenance pass.
+// may run concurrently). Connections whose last upstream request may have
+// been interrupted by a crash are marked for recovery and refreshed by the
+// next maintenance pass.
+//
+// The broker may serve before and while Load runs: until Load is done, a
+// connection not yet in memory is read from the store when it is first
+// asked for, and a connection deleted meanwhile stays deleted.
 func (b *Broker) Load(ctx context.Context) (int, error) {
+	defer func() {
+		b.loading.Store(false)
+		b.tombs.Clear()
+	}()
 	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
-		c := newConn(cfg, tok)
-		if tok.IntentGrant != "" {
-			c.recovering = true
-			b.log.Warn("token request was in flight at last stop; refresh token may be spent",
-				"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
+		if _, dead := b.tombs.Load(cfg.Name); !dead {
+			b.conns.LoadOrStore(cfg.Name, b.loadedConn(cfg, tok))
 		}
-		if tok.State == "" || tok.State == string(StateDegraded) {
-			c.tok.State = string(StateActive)
-		}
-		c.publish()
-		b.conns.Store(cfg.Name, c)
 		loaded.Add(1)
 		return nil
 	})
@@ -256,6 +261,38 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	return n, nil
 }
 
+// loadedConn makes the live state of a stored connection.
+func (b *Broker) loadedConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
+	c := newConn(cfg, tok)
+	if tok.IntentGrant != "" {
+		c.recovering = true
+		b.log.Warn("token request was in flight at last stop; refresh token may be spent",
+			"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
+	}
+	if tok.State == "" || tok.State == string(StateDegraded) {
+		c.tok.State = string(StateActive)
+	}
+	c.publish()
+	return c
+}
+
+// loadOne reads one connection from the store while [Broker.Load] runs.
+func (b *Broker) loadOne(ctx context.Context, name string) *conn {
+	if _, dead := b.tombs.Load(name); dead {
+		return nil
+	}
+	cfg, err := b.store.GetConnection(ctx, name)
+	if err != nil {
+		return nil
+	}
+	tok, err := b.store.GetTokens(ctx, name)
+	if err != nil {
+		return nil
+	}
+	v, _ := b.conns.LoadOrStore(name, b.loadedConn(cfg, tok))
+	return v.(*conn)
+}
+
 func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
 	c := &conn{name: cfg.Name, cfg: cfg, tok: tok, turn: make(chan struct{}, 1)}
 	return c
@@ -264,6 +301,9 @@ func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
 // Start runs the maintenance loop (unless TickInterval is negative) and the
 // watch of other replicas' changes (with a Watcher) until [Broker.Close].
 func (b *Broker) Start() {
+	if b.closed.Load() {
+		return
+	}
 	if b.opts.Watcher != nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		b.loop.Add(2)
@@ -315,11 +355,15 @@ func (b *Broker) Close() {
 }
 
 func (b *Broker) lookup(name string) (*conn, error) {
-	v, ok := b.conns.Load(name)
-	if !ok {
-		return nil, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+	if v, ok := b.conns.Load(name); ok {
+		return v.(*conn), nil
 	}
-	return v.(*conn), nil
+	if b.loading.Load() {
+		if c := b.loadOne(context.Background(), name); c != nil {
+			return c, nil
+		}
+	}
+	return nil, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
 }
 
 // publish rebuilds the snapshot from the committed state. c.mu must be held
@@ -430,6 +474,9 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 			c.publish()
 			c.mu.Unlock()
 			b.conns.Delete(ch.Name)
+		}
+		if b.loading.Load() {
+			b.tombs.Store(ch.Name, struct{}{})
 		}
 	case ch.Connection != nil:
 		if !ok {

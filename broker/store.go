@@ -11,6 +11,7 @@ import (
 // process), [storage.EtcdStore] (replicas).
 type Store interface {
 	CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
+	GetConnection(ctx context.Context, name string) (*storage.Connection, error)
 	ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error)
 	UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	DeleteConnection(ctx context.Context, name string, revision int64) error

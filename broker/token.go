@@ -21,11 +21,15 @@ import (
 // newer token is already held, one refresh runs for every caller reporting
 // it.
 func (b *Broker) GetAccessToken(ctx context.Context, name string, minValid time.Duration, rejected string) (Token, error) {
-	v, ok := b.conns.Load(name)
-	if !ok {
-		return Token{}, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+	var c *conn
+	if v, ok := b.conns.Load(name); ok {
+		c = v.(*conn)
+	} else {
+		var err error
+		if c, err = b.lookup(name); err != nil {
+			return Token{}, err
+		}
 	}
-	c := v.(*conn)
 	now := b.now()
 	c.touch(now)
 	if s := c.snap.Load(); s.usable(now, minValid) && (rejected == "" || rejected != s.tok.AccessToken) {

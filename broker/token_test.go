@@ -13,6 +13,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/storage"
 )
 
 func TestCreateProvesCredentialsWithOnePasswordGrant(t *testing.T) {
@@ -987,5 +988,81 @@ func TestPasswordGrantRetriedOnlyWhenNotProcessed(t *testing.T) {
 				t.Error("an unknown outcome halted the connection")
 			}
 		})
+	}
+}
+
+// slowLoadStore lets a test hold LoadAll back until it says so.
+type slowLoadStore struct {
+	broker.Store
+	release chan struct{}
+}
+
+func (s *slowLoadStore) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
+	<-s.release
+	return s.Store.LoadAll(ctx, fn)
+}
+
+func TestServesWhileLoading(t *testing.T) {
+	e := newEnv(t)
+	names := []string{"tenants/a/connections/one", "tenants/a/connections/two", "tenants/a/connections/three"}
+	for _, n := range names {
+		c := e.conn()
+		c.Name = n
+		if _, err := e.b.CreateConnection(context.Background(), c, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, _ := e.b.GetAccessToken(context.Background(), names[0], time.Minute, "")
+	e.b.Close()
+	slow := &slowLoadStore{Store: e.fs, release: make(chan struct{})}
+	o := e.opts
+	o.Store = slow
+	b, err := broker.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	loaded := make(chan error, 1)
+	go func() { _, err := b.Load(context.Background()); loaded <- err }()
+
+	before := e.idp.Counts()
+	// Before the bulk load has read anything, a token is served from the store.
+	got, err := b.GetAccessToken(context.Background(), names[0], time.Minute, "")
+	if err != nil || got.AccessToken != want.AccessToken {
+		t.Fatalf("token while loading: %v", err)
+	}
+	// A delete while loading stays deleted; a create while loading stays created.
+	if err := b.DeleteConnection(context.Background(), names[1], ""); err != nil {
+		t.Fatal(err)
+	}
+	nc := e.conn()
+	nc.Name = "tenants/a/connections/four"
+	if _, err := b.CreateConnection(context.Background(), nc, false); err != nil {
+		t.Fatal(err)
+	}
+	// Creating one that exists but is not loaded yet is refused without a sign-in.
+	dup := e.conn()
+	dup.Name = names[2]
+	pw := e.idp.Counts().PasswordGrants
+	if _, err := b.CreateConnection(context.Background(), dup, false); !errors.Is(err, broker.ErrAlreadyExists) {
+		t.Errorf("duplicate while loading: %v", err)
+	}
+	if e.idp.Counts().PasswordGrants != pw {
+		t.Error("duplicate create signed in")
+	}
+	close(slow.release)
+	if err := <-loaded; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.GetConnection(context.Background(), names[1]); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("deleted connection came back after the load: %v", err)
+	}
+	for _, n := range []string{names[0], names[2], "tenants/a/connections/four"} {
+		if _, err := b.GetConnection(context.Background(), n); err != nil {
+			t.Errorf("%s after the load: %v", n, err)
+		}
+	}
+	if got := e.idp.Counts(); got.RefreshGrants != before.RefreshGrants {
+		t.Errorf("loading called upstream: %+v", got)
 	}
 }

@@ -76,3 +76,7 @@ func (o *onceAfter) LoadAll(ctx context.Context, fn func(*storage.Connection, *s
 func (o *onceAfter) GetTokens(ctx context.Context, n string) (*storage.Tokens, error) {
 	return o.inner.GetTokens(ctx, n)
 }
+
+func (o *onceAfter) GetConnection(ctx context.Context, n string) (*storage.Connection, error) {
+	return o.inner.GetConnection(ctx, n)
+}

@@ -24,7 +24,7 @@ type scaleResult struct {
 	conns                    int
 	fileBytes                int64
 	startWarm, startCold     time.Duration // exec to serving
-	loadWarm                 time.Duration // the server's own load time (warm)
+	loadedWarm, loadedCold   time.Duration // exec to every connection loaded
 	rssWarmKB                int64         // total resident
 	rssAnonKB, rssFileKB     int64         // of which anonymous / file-backed
 	commitP50, commitP99     time.Duration // one sequential commit
@@ -87,8 +87,8 @@ func dropFromPageCache(path string) error {
 	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 }
 
-// startBinary runs the server on dir and measures exec-to-serving, the
-// server's reported load time, and its resident memory once serving.
+// startBinary runs the server on dir and measures exec until it serves,
+// exec until every connection is loaded, and resident memory then.
 func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, rss, error) {
 	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
@@ -105,22 +105,19 @@ func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, rss
 		cmd.Wait()
 	}()
 	sc := bufio.NewScanner(stderr)
-	var startup time.Duration
+	var serving time.Duration
 	var output []string
 	for sc.Scan() {
 		line := sc.Text()
 		output = append(output, line)
-		if i := strings.Index(line, "startup="); i >= 0 {
-			f := strings.Fields(line[i+len("startup="):])
-			if len(f) > 0 {
-				startup, _ = time.ParseDuration(f[0])
-			}
+		if serving == 0 && strings.Contains(line, "serving on") {
+			serving = time.Since(t0)
 		}
-		if strings.Contains(line, "serving on") {
-			elapsed := time.Since(t0)
-			rss := readRSS(cmd.Process.Pid)
+		if strings.Contains(line, "tokenbroker: loaded") {
+			loaded := time.Since(t0)
+			r := readRSS(cmd.Process.Pid)
 			go io.Copy(io.Discard, stderr)
-			return elapsed, startup, rss, nil
+			return serving, loaded, r, nil
 		}
 	}
 	return 0, 0, rss{}, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
@@ -165,25 +162,27 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 	if info, err := os.Stat(path); err == nil {
 		res.fileBytes = info.Size()
 	}
-	var warm, cold, load []time.Duration
+	var warm, cold, loadW, loadC []time.Duration
 	var rsss []rss
 	for i := range 3 {
 		if err := dropFromPageCache(path); err != nil {
 			return nil, err
 		}
-		d, _, _, err := startBinary(bin, dir, key)
+		d, l, _, err := startBinary(bin, dir, key)
 		if err != nil {
 			return nil, err
 		}
-		cold = append(cold, d)
+		cold, loadC = append(cold, d), append(loadC, l)
 		d, l, r, err := startBinary(bin, dir, key)
 		if err != nil {
 			return nil, err
 		}
-		warm, load, rsss = append(warm, d), append(load, l), append(rsss, r)
-		logf("scale: %d connections, start %d: cold %v warm %v", n, i+1, cold[i].Round(time.Millisecond), d.Round(time.Millisecond))
+		warm, loadW, rsss = append(warm, d), append(loadW, l), append(rsss, r)
+		logf("scale: %d connections, start %d: cold %v (loaded %v), warm %v (loaded %v)", n, i+1,
+			cold[i].Round(time.Millisecond), loadC[i].Round(time.Millisecond), d.Round(time.Millisecond), l.Round(time.Millisecond))
 	}
-	res.startCold, res.startWarm, res.loadWarm = medianDur(cold), medianDur(warm), medianDur(load)
+	res.startCold, res.startWarm = medianDur(cold), medianDur(warm)
+	res.loadedCold, res.loadedWarm = medianDur(loadC), medianDur(loadW)
 	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
 	m := rsss[len(rsss)/2]
 	res.rssWarmKB, res.rssAnonKB, res.rssFileKB = m.total, m.anon, m.file

@@ -82,19 +82,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
-	start := time.Now()
-	// Loading allocates a lot and keeps most of it: collect less often
-	// while it runs.
-	gcPercent := debug.SetGCPercent(400)
-	n, err := b.Load(ctx)
-	debug.SetGCPercent(gcPercent)
-	if err != nil {
-		return err
-	}
-	// Decoding every record leaves garbage behind; return it now rather
-	// than carry it as resident memory until the next collection.
-	debug.FreeOSMemory()
-	b.Start()
 	defer b.Close()
 	metrics.Watch(b, time.Now)
 
@@ -181,12 +168,29 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	case cfg.clientCA != "":
 		mode = "mTLS"
 	}
-	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "store", where, "connections", n,
-		"startup", time.Since(start).String(), "transport", mode, "key_id", keys.PrimaryID())
-	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), %d connections loaded from %s\n", lis.Addr(), mode, n, where)
+	start := time.Now()
+	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "store", where, "transport", mode, "key_id", keys.PrimaryID())
+	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, where)
 
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(lis) }()
+	// Serve while loading: a connection not loaded yet is read from the
+	// store when first asked for. Maintenance starts once all are loaded.
+	go func() {
+		// Loading allocates a lot and keeps most of it: collect less often
+		// while it runs, then return the garbage decoding left behind.
+		gcPercent := debug.SetGCPercent(400)
+		n, err := b.Load(ctx)
+		debug.SetGCPercent(gcPercent)
+		debug.FreeOSMemory()
+		if err != nil {
+			errc <- err
+			return
+		}
+		b.Start()
+		log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
+		fmt.Fprintf(stderr, "tokenbroker: loaded %d connections in %v\n", n, time.Since(start).Round(time.Millisecond))
+	}()
 	select {
 	case err := <-errc:
 		return err
