@@ -249,7 +249,13 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
 		if _, dead := b.tombs.Load(cfg.Name); !dead {
-			b.conns.LoadOrStore(cfg.Name, b.loadedConn(cfg, tok))
+			c := b.loadedConn(cfg, tok)
+			if _, existed := b.conns.LoadOrStore(cfg.Name, c); !existed {
+				// A delete may have landed between the check and the store.
+				if _, dead := b.tombs.Load(cfg.Name); dead {
+					b.conns.CompareAndDelete(cfg.Name, c)
+				}
+			}
 		}
 		loaded.Add(1)
 		return nil
