@@ -44,11 +44,7 @@ func TestKill9AtRandomPoints(t *testing.T) {
 	c := p.client()
 	for i := range conns {
 		names[i] = fmt.Sprintf("tenants/t%d/connections/erp", i)
-		if _, err := c.CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: fmt.Sprintf("tenants/t%d", i), ConnectionId: "erp", Connection: &pb.Connection{
-			InstanceUrl: hs.URL, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-		}}); err != nil {
-			t.Fatal(err)
-		}
+		createConnection(t, c, fmt.Sprintf("tenants/t%d", i), hs.URL)
 	}
 	for crash := range 50 {
 		// Refresh traffic: each connection's callers keep reporting the token

@@ -24,11 +24,7 @@ func TestTwoReplicasOnEtcd(t *testing.T) {
 	}
 	ca, cb := a.client(), b.client()
 	ctx := context.Background()
-	if _, err := ca.CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: "tenants/acme", ConnectionId: "erp", Connection: &pb.Connection{
-		InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-	}}); err != nil {
-		t.Fatal(err)
-	}
+	createConnection(t, ca, "tenants/acme", url)
 	var first *pb.GetAccessTokenResponse
 	deadline := time.Now().Add(10 * time.Second)
 	for {

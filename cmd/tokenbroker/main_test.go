@@ -266,6 +266,17 @@ func TestSecondProcessAndWrongKey(t *testing.T) {
 	}
 }
 
+// createConnection registers connection "erp" of the parent tenant with the
+// stand-in's credentials.
+func createConnection(t *testing.T, c pb.TokenBrokerClient, parent, instanceURL string) {
+	t.Helper()
+	if _, err := c.CreateConnection(context.Background(), &pb.CreateConnectionRequest{Parent: parent, ConnectionId: "erp", Connection: &pb.Connection{
+		InstanceUrl: instanceURL, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+	}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // idp runs the stand-in in this test process.
 func idp(t *testing.T) (*acumaticatest.Server, string) {
 	s := acumaticatest.New(acumaticatest.Options{})
@@ -301,11 +312,7 @@ func TestKill9DuringRefresh(t *testing.T) {
 			p := start(t, nil, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-level", "debug")
 			c := p.client()
 			ctx := context.Background()
-			if _, err := c.CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: "tenants/acme", ConnectionId: "erp", Connection: &pb.Connection{
-				InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-			}}); err != nil {
-				t.Fatal(err)
-			}
+			createConnection(t, c, "tenants/acme", url)
 			t1, err := c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: connName})
 			if err != nil {
 				t.Fatal(err)

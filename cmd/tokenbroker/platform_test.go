@@ -46,11 +46,7 @@ func TestSIGTERMDuringSlowRefreshFinishesTheCommit(t *testing.T) {
 	p := start(t, nil, "--data-dir", dir, "--listen", "127.0.0.1:0")
 	c := p.client()
 	ctx := context.Background()
-	if _, err := c.CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: "tenants/acme", ConnectionId: "erp", Connection: &pb.Connection{
-		InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-	}}); err != nil {
-		t.Fatal(err)
-	}
+	createConnection(t, c, "tenants/acme", url)
 	t1, _ := c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: connName})
 	arrived := make(chan struct{}, 1)
 	s.Inject(acumaticatest.Fault{Arrived: arrived, Delay: 500 * time.Millisecond, Mutate: func(map[string]any) {}})
@@ -127,11 +123,7 @@ func TestMTLSPolicyAndReload(t *testing.T) {
 	}
 	ctx := context.Background()
 	root, orders := dial("spiffe://corp.test/ops/root"), dial("spiffe://corp.test/svc/orders")
-	if _, err := root.CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: "tenants/acme", ConnectionId: "erp", Connection: &pb.Connection{
-		InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-	}}); err != nil {
-		t.Fatal(err)
-	}
+	createConnection(t, root, "tenants/acme", url)
 	if _, err := orders.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: connName}); err != nil {
 		t.Fatalf("consumer: %v", err)
 	}
