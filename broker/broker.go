@@ -174,9 +174,9 @@ type conn struct {
 	name     string
 	snap     atomic.Pointer[snapshot] // what the cached path reads
 	lastUsed atomic.Int64             // unix nanoseconds of the last token request
-	turn     chan struct{}            // capacity 1: held while talking to the token endpoint
 
 	mu           sync.Mutex          // guards the fields below
+	turn         chan struct{}       // capacity 1: held while talking to the token endpoint; made when first needed
 	cfg          *storage.Connection // configuration with secrets
 	tok          *storage.Tokens     // token state as last committed, with in-memory state/error
 	pending      *storage.Tokens     // rotated tokens whose commit failed; retried before any upstream call
@@ -300,7 +300,7 @@ func (b *Broker) loadOne(ctx context.Context, name string) *conn {
 }
 
 func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
-	c := &conn{name: cfg.Name, cfg: cfg, tok: tok, turn: make(chan struct{}, 1)}
+	c := &conn{name: cfg.Name, cfg: cfg, tok: tok}
 	return c
 }
 
@@ -404,17 +404,29 @@ func ParseETag(s string) (int64, bool) {
 	return n, err == nil && n > 0
 }
 
+// turnChan returns c's turn, making it on first use: most connections loaded
+// at start do not talk to the token endpoint for a while.
+func (c *conn) turnChan() chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.turn == nil {
+		c.turn = make(chan struct{}, 1)
+	}
+	return c.turn
+}
+
 // withTurn runs fn while holding the connection's turn at the token
 // endpoint: in this process, and with a [Locker] across replicas too. Under
 // a Locker the token state is first re-read from the store, since another
 // replica may have rotated it. Waiting can be abandoned through ctx.
 func (b *Broker) withTurn(ctx context.Context, c *conn, fn func() error) error {
+	turn := c.turnChan()
 	select {
-	case c.turn <- struct{}{}:
+	case turn <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	defer func() { <-c.turn }()
+	defer func() { <-turn }()
 	if b.opts.Locker != nil {
 		unlock, err := b.opts.Locker.Lock(ctx, c.name)
 		if err != nil {

@@ -437,7 +437,9 @@ func (s *BoltStore) PutTokens(ctx context.Context, name string, t *Tokens) error
 
 // LoadAll calls fn for every connection with its token state. Records are
 // decoded and unsealed by several goroutines at once, and fn is called from
-// them concurrently, in no particular order.
+// them concurrently, in no particular order. When it is done, the pages of
+// the file it read are dropped from the process's resident memory (they stay
+// in the page cache): everything it returned lives on the heap.
 func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) error) error {
 	type item struct{ k, cv, tv []byte }
 	workers := max(runtime.GOMAXPROCS(0), 1)
@@ -487,6 +489,9 @@ func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 		}
 		close(items)
 		wg.Wait()
+		// Everything is decoded into the heap: the file's pages are not
+		// needed in this process's resident set any more.
+		dropMapped(s.db, tx)
 		if sendErr != nil {
 			return sendErr
 		}

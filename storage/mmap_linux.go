@@ -1,5 +1,24 @@
 package storage
 
-import "syscall"
+import (
+	"syscall"
+
+	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
+)
 
 const mapPopulate = syscall.MAP_POPULATE
+
+// dropMapped tells the kernel this process no longer needs the pages of the
+// data file's memory map it has touched (madvise MADV_DONTNEED). The pages
+// stay in the page cache; a later read faults them back in. tx must be open:
+// bbolt never remaps while a transaction is, so the range stays the map.
+func dropMapped(db *bolt.DB, tx *bolt.Tx) {
+	info := db.Info()
+	size := uintptr(tx.Size())
+	if page := uintptr(unix.Getpagesize()); size%page != 0 {
+		size += page - size%page
+	}
+	// Advice only: on failure the pages stay resident, as before.
+	_, _, _ = unix.Syscall(unix.SYS_MADVISE, info.Data, size, unix.MADV_DONTNEED)
+}

