@@ -152,16 +152,28 @@ func (r *report) markdown() string {
 		w("binary is started on it three times cold (the file's pages evicted with posix_fadvise DONTNEED) and three")
 		w("times warm; each figure is the median. *Serving* is exec until the server accepts calls: it serves while")
 		w("it loads, reading a connection not loaded yet from the store when first asked for. *Loaded* is exec until")
-		w("every connection is in memory; RSS is read from /proc then. Commit cost is one durable PutTokens (fsync)")
-		w("on a random connection, 200 sequential samples; group commit is 64 writers x 32 writes at once. Targets")
-		w("at 100k: serving within 0.5 s warm and 1 s cold, under 300 MB resident, commit p99 under 2 ms.")
+		w("every connection is in memory; RSS is read from /proc then. Targets at 100k: serving within 0.5 s warm")
+		w("and 1 s cold, under 300 MB resident.")
 		w("")
-		w("| connections | file size | serving cold | serving warm | loaded cold | loaded warm | RSS | of which anonymous | of which file-backed | commit p50 | commit p99 | concurrent writes / commits | writes/s |")
-		w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		w("| connections | file size | serving cold | serving warm | loaded cold | loaded warm | RSS | of which anonymous | of which file-backed |")
+		w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, s := range r.scale {
-			w("| %d | %.1f MB | %s | %s | %s | %s | %.1f MB | %.1f MB | %.1f MB | %s | %s | %d / %d | %.0f |", s.conns, float64(s.fileBytes)/1e6,
+			w("| %d | %.1f MB | %s | %s | %s | %s | %.1f MB | %.1f MB | %.1f MB |", s.conns, float64(s.fileBytes)/1e6,
 				ms(s.startCold), ms(s.startWarm), ms(s.loadedCold), ms(s.loadedWarm),
-				float64(s.rssWarmKB)/1024, float64(s.rssAnonKB)/1024, float64(s.rssFileKB)/1024, ms(s.commitP50), ms(s.commitP99), s.groupWrites, s.groupCommit, s.groupThroughput)
+				float64(s.rssWarmKB)/1024, float64(s.rssAnonKB)/1024, float64(s.rssFileKB)/1024)
+		}
+		w("")
+		w("**Commit cost.** One durable PutTokens on a random connection, %d sequential samples per size. Each is", commitSamples)
+		w("paired with a raw baseline on the same file system, run right after it: a 4 KiB page write + fdatasync, then")
+		w("a 4 KiB meta write + fdatasync. That is the floor of any commit that flips a meta page, and what bbolt's")
+		w("commit does underneath; the ratio is what the store adds to the disk. Group commit: 64 writers x 32 writes")
+		w("at once. Target at 100k: commit p99 under 2 ms.")
+		w("")
+		w("| connections | commit p50 | commit p99 | raw floor p50 | raw floor p99 | p99 vs floor | concurrent writes / commits | writes/s |")
+		w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, s := range r.scale {
+			w("| %d | %s | %s | %s | %s | %.2f | %d / %d | %.0f |", s.conns, ms(s.commitP50), ms(s.commitP99), ms(s.floorP50), ms(s.floorP99),
+				float64(s.commitP99)/float64(s.floorP99), s.groupWrites, s.groupCommit, s.groupThroughput)
 		}
 		w("")
 		w("Anonymous memory is the broker's own heap: every connection's configuration and token state, with its")
@@ -172,9 +184,10 @@ func (r *report) markdown() string {
 		w("")
 		for _, s := range r.scale {
 			if s.conns == 100000 {
-				w("At 100k: warm start %s, cold start %s, RSS %s, commit p99 %s.",
+				w("At 100k: warm start %s, cold start %s, RSS %s, commit p99 %s (%s; the raw two-fsync floor's p99 was %s).",
 					r.miss(s.startWarm <= 500*time.Millisecond, "100k warm start"), r.miss(s.startCold <= time.Second, "100k cold start"),
-					r.miss(s.rssWarmKB <= 300*1024, "100k RSS"), r.miss(s.commitP99 <= 2*time.Millisecond, "100k commit p99"))
+					r.miss(s.rssWarmKB <= 300*1024, "100k RSS"), r.miss(s.commitP99 <= 2*time.Millisecond, "100k commit p99"),
+					ms(s.commitP99), ms(s.floorP99))
 				w("")
 			}
 		}
