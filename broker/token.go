@@ -128,6 +128,11 @@ func (b *Broker) slowToken(ctx context.Context, c *conn, minValid time.Duration,
 		}
 		joined = true
 		flightErr = f.err
+		// Most waiters find the new token: they take it without the mutex,
+		// as the cached path does, rather than queueing on it one by one.
+		if s := c.snap.Load(); s.usable(b.now(), minValid) && (rejected == "" || rejected != s.tok.AccessToken) {
+			return s.tok, nil
+		}
 	}
 }
 

@@ -8,27 +8,36 @@ import (
 	"time"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
-
-	"tokenbroker/server/servertest"
 )
 
 type herdResult struct {
 	callers       int
-	upstreamCalls int
+	runs          int
+	upstreamCalls []int         // per herd, released and parked
 	latency       time.Duration // added upstream latency
 	fsyncP50      time.Duration // one durable commit
-	lastCaller    time.Duration // until the last caller had its token
-	distinct      int           // distinct tokens handed out
+	distinct      int           // most distinct tokens handed out by one herd
 	errors        int
 	target        time.Duration
-	noopHerd      time.Duration // the same release of no-op RPCs: the cost of the fan-out itself
+	// Released at once: from the release of every caller until the last
+	// has its token, and the same release of no-op RPCs.
+	lastCaller, noopHerd time.Duration
+	// Parked: every caller is already waiting at the server; from the
+	// moment the held token request goes on until the last caller has its
+	// token, and the same for no-op RPCs held and released at once.
+	parked, parkedNoop time.Duration
 }
 
-// benchHerd releases n callers at once on an expired token through real
-// gRPC, against the stand-in with added latency.
-func benchHerd(dir string, n int, latency time.Duration) (*herdResult, error) {
+// benchHerd measures n callers on an expired token through real gRPC,
+// against the stand-in with added latency, two ways: released at once (the
+// callers' own arrival included), and parked (every caller already waiting
+// when the token request starts). Each has a no-op baseline on the same
+// server; runs are interleaved and each figure is the median.
+func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, error) {
 	clk := &clock{t: time.Now()}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16})
+	upstream, misses, park := &parking{}, &parking{}, &parking{}
+	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
+		wrapIDP: upstream.holdTokenRequests, observe: misses.countMisses, park: park})
 	if err != nil {
 		return nil, err
 	}
@@ -51,38 +60,88 @@ func benchHerd(dir string, n int, latency time.Duration) (*herdResult, error) {
 		commits = append(commits, time.Since(t0))
 	}
 	slices.Sort(commits)
-	// Baseline: the same number of callers released at once on the no-op
-	// RPC of the same server, so the fan-out's own cost is known.
-	noopHerd, err := release(n, func(i int) error { return servertest.CallNoop(context.Background(), s.conns[i%len(s.conns)]) })
-	if err != nil {
-		return nil, err
-	}
-	clk.Advance(2 * time.Hour) // the token has expired
-	before := s.idp.Counts()
-	res := &herdResult{callers: n, latency: latency, fsyncP50: commits[len(commits)/2], noopHerd: noopHerd}
+	res := &herdResult{callers: n, runs: runs, latency: latency, fsyncP50: commits[len(commits)/2]}
+	res.target = 2 * (latency + res.fsyncP50)
+	req := &pb.GetAccessTokenRequest{Name: names[0]}
 	tokens := make([]string, n)
-	lastCaller, _ := release(n, func(i int) error {
-		r, err := s.client(i).GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: names[0]})
+	getToken := func(i int) error {
+		r, err := s.client(i).GetAccessToken(context.Background(), req)
 		tokens[i] = r.GetAccessToken()
 		return err
-	})
-	res.lastCaller = lastCaller
-	after := s.idp.Counts()
-	res.upstreamCalls = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
-	seen := map[string]bool{}
-	for i := range n {
-		if tokens[i] == "" {
-			res.errors++
-			continue
-		}
-		seen[tokens[i]] = true
 	}
-	res.distinct = len(seen)
-	res.target = 2 * (latency + res.fsyncP50)
+	// herd runs one herd on a freshly expired token and checks its outcome.
+	herd := func(run func() (time.Duration, error)) (time.Duration, error) {
+		clear(tokens)
+		clk.Advance(2 * time.Hour) // the token has expired
+		before := s.idp.Counts()
+		d, err := run()
+		after := s.idp.Counts()
+		res.upstreamCalls = append(res.upstreamCalls, (after.RefreshGrants+after.PasswordGrants)-(before.RefreshGrants+before.PasswordGrants))
+		seen := map[string]bool{}
+		for _, t := range tokens {
+			if t == "" {
+				res.errors++
+			}
+			seen[t] = true
+		}
+		res.distinct = max(res.distinct, len(seen))
+		return d, err
+	}
+	var released, noopReleased, parked, parkedNoop []time.Duration
+	for range runs {
+		// The baselines use the parked RPC (same request and answer shapes);
+		// unarmed, it answers at once.
+		d, err := release(n, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) })
+		if err != nil {
+			return nil, err
+		}
+		noopReleased = append(noopReleased, d)
+		if d, err = herd(func() (time.Duration, error) { return release(n, getToken) }); err != nil {
+			return nil, fmt.Errorf("herd: %w", err)
+		}
+		released = append(released, d)
+		all := park.arm(n, true)
+		if d, err = parkThenRelease(n, func() { <-all }, park.open, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) }); err != nil {
+			return nil, err
+		}
+		parkedNoop = append(parkedNoop, d)
+		if d, err = herd(func() (time.Duration, error) {
+			// Every caller misses the cache and joins the one refresh,
+			// whose token request is held at the stand-in; then it goes on.
+			allMissed, held := misses.arm(n, false), upstream.arm(1, true)
+			defer misses.open()
+			return parkThenRelease(n, func() { <-allMissed; <-held }, upstream.open, getToken)
+		}); err != nil {
+			return nil, fmt.Errorf("parked herd: %w", err)
+		}
+		parked = append(parked, d)
+	}
+	res.lastCaller, res.noopHerd = medianDur(released), medianDur(noopReleased)
+	res.parked, res.parkedNoop = medianDur(parked), medianDur(parkedNoop)
 	if res.errors > 0 {
 		return res, fmt.Errorf("herd: %d callers failed", res.errors)
 	}
 	return res, nil
+}
+
+// parkThenRelease starts n callers, waits until all have arrived (ready
+// returns), runs open, and returns the time from open until the last caller
+// is done.
+func parkThenRelease(n int, ready, open func(), call func(i int) error) (time.Duration, error) {
+	errs := make([]error, n)
+	var done sync.WaitGroup
+	for i := range n {
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			errs[i] = call(i)
+		}()
+	}
+	ready()
+	t0 := time.Now()
+	open()
+	done.Wait()
+	return time.Since(t0), firstErr(errs)
 }
 
 func firstErr(errs []error) error {

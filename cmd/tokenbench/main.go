@@ -79,12 +79,13 @@ func main() {
 		rep.plot = *plot
 	}
 	if want["herd"] {
-		r, err := benchHerd(mkdir(tmp, "herd"), *herdN, *latency)
+		r, err := benchHerd(mkdir(tmp, "herd"), *herdN, *runs, *latency)
 		if err != nil {
 			fail(err)
 		}
 		rep.herd = r
-		logf("herd: %d callers, %d upstream calls, last caller after %v", r.callers, r.upstreamCalls, r.lastCaller)
+		logf("herd: %d callers, upstream calls per herd %v, released: last caller after %v (no-op %v); parked: %v (no-op %v)",
+			r.callers, r.upstreamCalls, r.lastCaller, r.noopHerd, r.parked, r.parkedNoop)
 	}
 	if want["economy"] {
 		r, err := benchEconomy(mkdir(tmp, "economy"), *econN, *econH, logf)

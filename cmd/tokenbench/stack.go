@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
@@ -68,7 +69,10 @@ type stackOptions struct {
 	dir     string
 	now     func() time.Time
 	latency time.Duration
-	conns   int // client connections
+	conns   int                                   // client connections
+	wrapIDP func(http.Handler) http.Handler       // wraps the stand-in's handler
+	observe func(broker.Observer) broker.Observer // wraps the metrics observer
+	park    *parking                              // registers the parked baseline RPC
 }
 
 func newStack(o stackOptions) (*stack, error) {
@@ -76,7 +80,11 @@ func newStack(o stackOptions) (*stack, error) {
 	s.idp = acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})
 	s.idp.AddClient(clientID, clientSecret)
 	s.idp.AddUser(username, password)
-	hs := httptest.NewServer(s.idp.Handler())
+	h := s.idp.Handler()
+	if o.wrapIDP != nil {
+		h = o.wrapIDP(h)
+	}
+	hs := httptest.NewServer(h)
 	s.idpURL = hs.URL
 	keys, err := storage.NewKeyring(make([]byte, 32))
 	if err != nil {
@@ -88,7 +96,11 @@ func newStack(o stackOptions) (*stack, error) {
 	}
 	s.store = st
 	metrics := server.NewMetrics()
-	b, err := broker.New(broker.Options{Store: st, Now: o.now, Observer: metrics, TickInterval: -1})
+	var obs broker.Observer = metrics
+	if o.observe != nil {
+		obs = o.observe(metrics)
+	}
+	b, err := broker.New(broker.Options{Store: st, Now: o.now, Observer: obs, TickInterval: -1})
 	if err != nil {
 		return nil, err
 	}
@@ -102,6 +114,9 @@ func newStack(o stackOptions) (*stack, error) {
 		Metrics: metrics,
 	})
 	servertest.RegisterNoop(s.srv.Server)
+	if o.park != nil {
+		o.park.register(s.srv.Server, s.idpURL)
+	}
 	// The echo baseline answers with a token response shaped like the real
 	// one (the stand-in's token length, this instance URL, the same scopes).
 	servertest.RegisterEcho(s.srv.Server, &pb.GetAccessTokenResponse{
