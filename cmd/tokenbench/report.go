@@ -114,11 +114,12 @@ func (r *report) markdown() string {
 		w("")
 		w("Upstream calls: %s (the list has one entry per herd, released and parked in turn).", r.miss(calls, "herd upstream calls"))
 		w("")
-		w("Released at once, the no-op baseline alone exceeds the target: issuing and answering %d RPCs at once from one", h.callers)
-		w("process on two cores costs more than 2 x the upstream latency with no token work at all, and the herd stays")
-		w("above that floor. Parked, the time is what the broker controls: one token request, one commit and the")
-		w("fan-out to every waiting caller; the parked baseline shows what the fan-out alone costs here. The last")
-		w("column is the herd's own cost over its baseline against the target; it is informative, not the verdict.")
+		w("Both baselines do no token work at all. Released at once, issuing and answering %d RPCs from one", h.callers)
+		w("process on two cores takes the time in its baseline column; parked, answering %d calls that are already", h.callers)
+		w("waiting takes the time in its baseline column. Where a baseline alone exceeds the target, the target cannot")
+		w("be met on this machine as measured. The parked herd is the broker's part: one token request, one commit and")
+		w("the same fan-out. The last column compares the herd's cost over its baseline with the target; it is")
+		w("informative, not the verdict.")
 		w("")
 	}
 	if e := r.economy; e != nil {
