@@ -16,6 +16,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/storage"
 )
@@ -27,6 +31,8 @@ type scaleResult struct {
 	loadedWarm, loadedCold   time.Duration // exec to every connection loaded
 	rssWarmKB                int64         // total resident
 	rssAnonKB, rssFileKB     int64         // of which anonymous / file-backed
+	servedRSS                []int64       // total resident (KiB) after serving every connection: Go defaults, then each of memLimits
+	servedRate               []float64     // tokens served per second then
 	commitP50, commitP99     time.Duration // one sequential commit
 	floorP50, floorP99       time.Duration // two raw page writes with fdatasync, interleaved with the commits
 	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
@@ -88,40 +94,64 @@ func dropFromPageCache(path string) error {
 	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 }
 
-// startBinary runs the server on dir and measures exec until it serves,
-// exec until every connection is loaded, and resident memory then.
-func startBinary(bin, dir string, key []byte) (time.Duration, time.Duration, rss, error) {
+// started is what one start of the binary measured.
+type started struct {
+	serving, loaded time.Duration // exec until serving, until every connection is loaded
+	loadedRSS       rss           // resident memory when loaded
+	servedRSS       rss           // resident memory after every connection was served (serveAll)
+	serveRate       float64       // tokens served per second then
+}
+
+// startBinary runs the server on dir (with env added to its environment)
+// and measures exec until it serves, exec until every connection is loaded,
+// and resident memory then. With serveAll > 0 it then asks for a token of
+// each of the serveAll connections through gRPC and reads resident memory
+// again.
+func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (started, error) {
+	var res started
 	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
+	cmd.Env = append(cmd.Env, env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
-		return 0, 0, rss{}, err
+		return res, err
 	}
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
-		return 0, 0, rss{}, err
+		return res, err
 	}
 	defer func() {
 		cmd.Process.Signal(os.Interrupt)
 		cmd.Wait()
 	}()
 	sc := bufio.NewScanner(stderr)
-	var serving time.Duration
+	var addr string
 	var output []string
 	for sc.Scan() {
 		line := sc.Text()
 		output = append(output, line)
-		if serving == 0 && strings.Contains(line, "serving on") {
-			serving = time.Since(t0)
+		if i := strings.Index(line, "serving on"); res.serving == 0 && i >= 0 {
+			res.serving = time.Since(t0)
+			if f := strings.Fields(line[i:]); len(f) > 2 {
+				addr = f[2]
+			}
 		}
 		if strings.Contains(line, "tokenbroker: loaded") {
-			loaded := time.Since(t0)
-			r := readRSS(cmd.Process.Pid)
+			res.loaded = time.Since(t0)
+			res.loadedRSS = readRSS(cmd.Process.Pid)
 			go io.Copy(io.Discard, stderr)
-			return serving, loaded, r, nil
+			if serveAll > 0 {
+				t1 := time.Now()
+				if err := getEveryToken(addr, serveAll); err != nil {
+					return res, err
+				}
+				res.serveRate = float64(serveAll) / time.Since(t1).Seconds()
+				res.servedRSS = readRSS(cmd.Process.Pid)
+			}
+			return res, nil
 		}
 	}
-	return 0, 0, rss{}, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
+	return res, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
 }
 
 // rss is resident memory in KiB: anonymous (heap, stacks) and file-backed
@@ -169,18 +199,31 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		if err := dropFromPageCache(path); err != nil {
 			return nil, err
 		}
-		d, l, _, err := startBinary(bin, dir, key)
+		c, err := startBinary(bin, dir, key, 0)
 		if err != nil {
 			return nil, err
 		}
-		cold, loadC = append(cold, d), append(loadC, l)
-		d, l, r, err := startBinary(bin, dir, key)
+		cold, loadC = append(cold, c.serving), append(loadC, c.loaded)
+		w, err := startBinary(bin, dir, key, 0)
 		if err != nil {
 			return nil, err
 		}
-		warm, loadW, rsss = append(warm, d), append(loadW, l), append(rsss, r)
+		warm, loadW, rsss = append(warm, w.serving), append(loadW, w.loaded), append(rsss, w.loadedRSS)
 		logf("scale: %d connections, start %d: cold %v (loaded %v), warm %v (loaded %v)", n, i+1,
-			cold[i].Round(time.Millisecond), loadC[i].Round(time.Millisecond), d.Round(time.Millisecond), l.Round(time.Millisecond))
+			c.serving.Round(time.Millisecond), c.loaded.Round(time.Millisecond), w.serving.Round(time.Millisecond), w.loaded.Round(time.Millisecond))
+	}
+	// Then warm starts that serve every connection: with the Go runtime's
+	// defaults, and under each soft memory limit.
+	for i := range 1 + len(memLimits) {
+		var env []string
+		if i > 0 {
+			env = []string{"GOMEMLIMIT=" + memLimits[i-1]}
+		}
+		w, err := startBinary(bin, dir, key, n, env...)
+		if err != nil {
+			return nil, err
+		}
+		res.servedRSS, res.servedRate = append(res.servedRSS, w.servedRSS.total), append(res.servedRate, w.serveRate)
 	}
 	res.startCold, res.startWarm = medianDur(cold), medianDur(warm)
 	res.loadedCold, res.loadedWarm = medianDur(loadC), medianDur(loadW)
@@ -249,6 +292,10 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 	return res, nil
 }
 
+// memLimits are the soft memory limits (GOMEMLIMIT) of the second and
+// third warm starts; the first runs with the Go runtime's defaults.
+var memLimits = []string{"256MiB", "320MiB"}
+
 // commitSamples is how many sequential commits (and raw baselines) are
 // timed per size: enough that p99 is not one unlucky sample.
 const commitSamples = 1000
@@ -272,4 +319,48 @@ func medianDur(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+// getEveryToken asks the server at addr for a token of each of the n
+// connections populate wrote, from 32 concurrent callers.
+func getEveryToken(addr string, n int) error {
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	client := pb.NewTokenBrokerClient(cc)
+	next := make(chan int)
+	errc := make(chan error, 1)
+	var wg sync.WaitGroup
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
+				r, err := client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: name})
+				if err == nil && r.GetAccessToken() == "" {
+					err = fmt.Errorf("%s: empty token", name)
+				}
+				if err != nil {
+					select {
+					case errc <- err:
+					default:
+					}
+				}
+			}
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
 }
