@@ -12,6 +12,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker"
+	"tokenbroker/server/servertest"
 )
 
 // parking counts arrivals and, while armed with a gate, holds them until
@@ -98,33 +99,17 @@ func (p *parking) register(s *grpc.Server, instanceURL string) {
 		AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer", ExpireTime: timestamppb.Now(),
 		InstanceUrl: instanceURL, Scopes: []string{"api", "offline_access"},
 	}
-	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: "tokenbroker.bench.Park",
-		HandlerType: (*any)(nil),
-		Methods: []grpc.MethodDesc{{
-			MethodName: "Token",
-			Handler: func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
-				in := new(pb.GetAccessTokenRequest)
-				if err := dec(in); err != nil {
-					return nil, err
+	servertest.RegisterUnary(s, "tokenbroker.bench.Park", "Token", func() any { return new(pb.GetAccessTokenRequest) },
+		func(ctx context.Context, _ any) (any, error) {
+			if g := p.arrive(); g != nil {
+				select {
+				case <-g:
+				case <-ctx.Done():
+					return nil, ctx.Err()
 				}
-				h := func(ctx context.Context, _ any) (any, error) {
-					if g := p.arrive(); g != nil {
-						select {
-						case <-g:
-						case <-ctx.Done():
-							return nil, ctx.Err()
-						}
-					}
-					return answer, nil
-				}
-				if interceptor == nil {
-					return h(ctx, in)
-				}
-				return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: parkMethod}, h)
-			},
-		}},
-	}, struct{}{})
+			}
+			return answer, nil
+		})
 }
 
 func callPark(ctx context.Context, cc grpc.ClientConnInterface, req *pb.GetAccessTokenRequest) error {

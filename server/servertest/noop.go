@@ -16,21 +16,29 @@ const NoopMethod = "/tokenbroker.bench.Noop/Ping"
 // can compare an RPC against the same server stack (listener, credentials,
 // every interceptor) with no work behind it. Register before s serves.
 func RegisterNoop(s *grpc.Server) {
+	RegisterUnary(s, "tokenbroker.bench.Noop", "Ping", func() any { return new(emptypb.Empty) },
+		func(context.Context, any) (any, error) { return &emptypb.Empty{}, nil })
+}
+
+// RegisterUnary adds service/method to s as a unary RPC that decodes its
+// request into newReq() and answers with h, through s's interceptors like
+// any generated handler. Register before s serves.
+func RegisterUnary(s *grpc.Server, service, method string, newReq func() any, h grpc.UnaryHandler) {
+	full := "/" + service + "/" + method
 	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: "tokenbroker.bench.Noop",
+		ServiceName: service,
 		HandlerType: (*any)(nil),
 		Methods: []grpc.MethodDesc{{
-			MethodName: "Ping",
+			MethodName: method,
 			Handler: func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
-				in := new(emptypb.Empty)
+				in := newReq()
 				if err := dec(in); err != nil {
 					return nil, err
 				}
-				h := func(context.Context, any) (any, error) { return &emptypb.Empty{}, nil }
 				if interceptor == nil {
 					return h(ctx, in)
 				}
-				return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: NoopMethod}, h)
+				return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: full}, h)
 			},
 		}},
 	}, struct{}{})
@@ -50,24 +58,8 @@ const EchoMethod = "/tokenbroker.bench.Echo/Token"
 // of carrying a token request and answer through the same server stack, with
 // no broker behind it.
 func RegisterEcho(s *grpc.Server, answer *pb.GetAccessTokenResponse) {
-	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: "tokenbroker.bench.Echo",
-		HandlerType: (*any)(nil),
-		Methods: []grpc.MethodDesc{{
-			MethodName: "Token",
-			Handler: func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
-				in := new(pb.GetAccessTokenRequest)
-				if err := dec(in); err != nil {
-					return nil, err
-				}
-				h := func(context.Context, any) (any, error) { return answer, nil }
-				if interceptor == nil {
-					return h(ctx, in)
-				}
-				return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: EchoMethod}, h)
-			},
-		}},
-	}, struct{}{})
+	RegisterUnary(s, "tokenbroker.bench.Echo", "Token", func() any { return new(pb.GetAccessTokenRequest) },
+		func(context.Context, any) (any, error) { return answer, nil })
 }
 
 // CallEcho calls the echo baseline with req.
