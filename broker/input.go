@@ -64,7 +64,13 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 	if strings.Contains(path, "//") || strings.Contains(path, "/../") || strings.HasSuffix(path, "/..") || strings.Contains(path, "/./") {
 		return "", errors.New("path must be a plain virtual directory such as /AcumaticaERP")
 	}
-	return u.Scheme + "://" + strings.ToLower(u.Host) + path, nil
+	out := u.Scheme + "://" + strings.ToLower(u.Host) + path
+	if len(out) > 2048 {
+		// Escaping can lengthen a path that fit before; judge the stored form,
+		// so that what is stored always normalizes to itself.
+		return "", errors.New("is longer than 2048 characters")
+	}
+	return out, nil
 }
 
 func validHost(h string) bool {
