@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"google.golang.org/protobuf/proto"
@@ -315,6 +316,10 @@ func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 		if rev == 0 {
 			rev = resp.Header.Revision
 		}
+		toks, err := s.tokensFor(ctx, resp.Kvs, base, rev)
+		if err != nil {
+			return 0, err
+		}
 		for _, kv := range resp.Kvs {
 			name := strings.TrimPrefix(string(kv.Key), base)
 			c, err := s.decodeConnection(name, kv.Value)
@@ -322,12 +327,8 @@ func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 				return 0, err
 			}
 			t := &Tokens{}
-			tr, err := s.cli.Get(ctx, s.tokenKey(name), clientv3.WithRev(rev))
-			if err != nil {
-				return 0, etcdErr(err)
-			}
-			if len(tr.Kvs) > 0 {
-				if t, err = s.decodeTokens(name, tr.Kvs[0].Value); err != nil {
+			if v, ok := toks[name]; ok {
+				if t, err = s.decodeTokens(name, v); err != nil {
 					return 0, err
 				}
 			}
@@ -337,6 +338,33 @@ func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 		}
 		if !resp.More || len(resp.Kvs) == 0 {
 			return rev, nil
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// tokensFor reads, at rev, the token records of one page of connection
+// keys (sorted, under base) with range reads over the same span of the
+// tokens prefix: a page costs a few round trips, not one per connection.
+func (s *EtcdStore) tokensFor(ctx context.Context, conns []*mvccpb.KeyValue, base string, rev int64) (map[string][]byte, error) {
+	out := make(map[string][]byte, len(conns))
+	if len(conns) == 0 {
+		return out, nil
+	}
+	first := strings.TrimPrefix(string(conns[0].Key), base)
+	last := strings.TrimPrefix(string(conns[len(conns)-1].Key), base)
+	key, end := s.tokenKey(first), s.tokenKey(last)+"\x00"
+	tbase := s.tokenKey("")
+	for {
+		resp, err := s.cli.Get(ctx, key, clientv3.WithRange(end), clientv3.WithRev(rev), clientv3.WithLimit(pageSize))
+		if err != nil {
+			return nil, etcdErr(err)
+		}
+		for _, kv := range resp.Kvs {
+			out[strings.TrimPrefix(string(kv.Key), tbase)] = kv.Value
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return out, nil
 		}
 		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}

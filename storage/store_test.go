@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -399,4 +400,87 @@ func TestEtcdRefusesWrongKeyAndSharesLocks(t *testing.T) {
 		t.Fatalf("after unlock: %v", err)
 	}
 	unlock2()
+}
+
+// countingKV counts the range reads made through an etcd client.
+type countingKV struct {
+	clientv3.KV
+	gets *int64
+	mu   *sync.Mutex
+}
+
+func (c countingKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	c.mu.Lock()
+	*c.gets++
+	c.mu.Unlock()
+	return c.KV.Get(ctx, key, opts...)
+}
+
+// TestLoadAllPairsAcrossPages loads more connections than one etcd range
+// read returns: every connection arrives with its own token state (or none,
+// when it has none), and etcd is read in pages, not once per connection.
+func TestLoadAllPairsAcrossPages(t *testing.T) {
+	const n = 450 // more than two of the etcd store's 200-key pages
+	var gets int64
+	var mu sync.Mutex
+	for _, tc := range []struct {
+		name string
+		open func(t *testing.T) store
+	}{
+		{"bolt", func(t *testing.T) store {
+			return openStore(t, filepath.Join(t.TempDir(), "db"), keyring(t, key(1)))
+		}},
+		{"etcd", func(t *testing.T) store {
+			cli := etcdtest.Client(t, etcdtest.Start(t))
+			cli.KV = countingKV{KV: cli.KV, gets: &gets, mu: &mu}
+			return openEtcd(t, cli, keyring(t, key(1)))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.open(t)
+			ctx := context.Background()
+			withTokens := func(i int) bool { return i%7 != 3 }
+			for i := range n {
+				name := fmt.Sprintf("tenants/t%03d/connections/erp", i)
+				var tok *storage.Tokens
+				if withTokens(i) {
+					tok = sampleTokens()
+					tok.RefreshToken = "rt-" + name
+					tok.Generation = int64(i + 1)
+				}
+				if _, err := s.CreateConnection(ctx, sampleConn(name), tok); err != nil {
+					t.Fatal(err)
+				}
+			}
+			mu.Lock()
+			gets = 0
+			mu.Unlock()
+			seen := map[string]bool{}
+			var seenMu sync.Mutex
+			err := s.LoadAll(ctx, func(c *storage.Connection, tok *storage.Tokens) error {
+				var i int
+				if _, err := fmt.Sscanf(c.Name, "tenants/t%03d/connections/erp", &i); err != nil {
+					return err
+				}
+				switch {
+				case withTokens(i) && (tok.RefreshToken != "rt-"+c.Name || tok.Generation != int64(i+1)):
+					t.Errorf("%s loaded with tokens of generation %d", c.Name, tok.Generation)
+				case !withTokens(i) && (tok.RefreshToken != "" || tok.Generation != 0):
+					t.Errorf("%s has no tokens but loaded generation %d", c.Name, tok.Generation)
+				}
+				seenMu.Lock()
+				seen[c.Name] = true
+				seenMu.Unlock()
+				return nil
+			})
+			if err != nil || len(seen) != n {
+				t.Fatalf("LoadAll: %d of %d connections, %v", len(seen), n, err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if tc.name == "etcd" && gets > 12 {
+				t.Errorf("LoadAll made %d etcd range reads for %d connections; want a few per page", gets, n)
+			}
+		})
+	}
 }
