@@ -34,13 +34,14 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per cached-path figure (median taken)")
 	concFlag := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
 	herdN := flag.Int("herd", 10000, "callers in the thundering herd")
+	sweepFlag := flag.String("herd-sweep", "10,100,1000", "smaller herd sizes measured the same way, to show how the herd's time grows with its size")
 	latency := flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herd")
 	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
 	econH := flag.Int("economy-hours", 24, "simulated hours")
 	scaleFlag := flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
 	flag.Parse()
 	if *quick {
-		*dur, *runs, *herdN, *econN, *econH, *scaleFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000"
+		*dur, *runs, *herdN, *econN, *econH, *scaleFlag, *sweepFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000", "10"
 	}
 	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
 	want := map[string]bool{}
@@ -86,6 +87,15 @@ func main() {
 		rep.herd = r
 		logf("herd: %d callers, upstream calls per herd %v, released: last caller after %v (no-op %v); parked: %v (no-op %v)",
 			r.callers, r.upstreamCalls, r.lastCaller, r.noopHerd, r.parked, r.parkedNoop)
+		for _, n := range ints(*sweepFlag) {
+			r, err := benchHerd(mkdir(tmp, fmt.Sprintf("herd-%d", n)), n, *runs, *latency)
+			if err != nil {
+				fail(err)
+			}
+			rep.herdSweep = append(rep.herdSweep, r)
+			logf("herd of %d: upstream calls per herd %v, released %v (no-op %v), parked %v (no-op %v)",
+				n, r.upstreamCalls, r.lastCaller, r.noopHerd, r.parked, r.parkedNoop)
+		}
 	}
 	if want["economy"] {
 		r, err := benchEconomy(mkdir(tmp, "economy"), *econN, *econH, logf)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -16,6 +17,8 @@ type report struct {
 	cached   []cachedPoint
 	plot     string
 	herd     *herdResult
+	// herdSweep is the herd measured the same way at smaller sizes.
+	herdSweep []*herdResult
 	economy  *economyResult
 	baseline *baselineResult
 	scale    []*scaleResult
@@ -102,8 +105,10 @@ func (r *report) markdown() string {
 		w("  from one process on the same two cores. Baseline: the same release of no-op RPCs.")
 		w("")
 		calls := true
-		for _, c := range h.upstreamCalls {
-			calls = calls && c == 1
+		for _, s := range append(slices.Clone(r.herdSweep), h) {
+			for _, c := range s.upstreamCalls {
+				calls = calls && c == 1
+			}
 		}
 		w("| herd | upstream token requests per herd | most distinct tokens in one herd | failed callers | last caller served after | baseline | minus baseline | target | time | minus baseline within target |")
 		w("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
@@ -112,7 +117,7 @@ func (r *report) markdown() string {
 		w("| released | | | | %s | %s | %s | %s | %s | %s |", ms(h.lastCaller), ms(h.noopHerd), ms(h.lastCaller-h.noopHerd),
 			ms(h.target), r.miss(h.lastCaller <= h.target, "herd time (released, arrival of the callers included)"), yesNo(h.lastCaller-h.noopHerd <= h.target))
 		w("")
-		w("Upstream calls: %s (the list has one entry per herd, released and parked in turn).", r.miss(calls, "herd upstream calls"))
+		w("Upstream calls: %s (the list has one entry per herd, released and parked in turn; the smaller herds below count too).", r.miss(calls, "herd upstream calls"))
 		w("")
 		w("Both baselines do no token work at all. Released at once, issuing and answering %d RPCs from one", h.callers)
 		w("process on two cores takes the time in its baseline column; parked, answering %d calls that are already", h.callers)
@@ -121,6 +126,21 @@ func (r *report) markdown() string {
 		w("the same fan-out. The last column compares the herd's cost over its baseline with the target; it is")
 		w("informative, not the verdict.")
 		w("")
+		if len(r.herdSweep) > 0 {
+			w("**How the herd's time grows with its size.** The same two measurements at smaller sizes, each on a")
+			w("fresh server, %d herds of each kind. If the broker's share were per caller (a lock, a store read or an", 2*h.runs)
+			w("upstream call per waiter), the time over the baseline would grow with the size; if it is one token request")
+			w("and one commit, it stays near the upstream latency and only the fan-out grows.")
+			w("")
+			w("| callers | upstream token requests per herd | failed callers | parked | baseline | minus baseline | released | baseline | minus baseline | parked within %s |", ms(h.target))
+			w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+			for _, s := range append(slices.Clone(r.herdSweep), h) {
+				w("| %d | %v | %d | %s | %s | %s | %s | %s | %s | %s |", s.callers, s.upstreamCalls, s.errors,
+					ms(s.parked), ms(s.parkedNoop), ms(s.parked-s.parkedNoop), ms(s.lastCaller), ms(s.noopHerd), ms(s.lastCaller-s.noopHerd),
+					yesNo(s.parked <= s.target))
+			}
+			w("")
+		}
 	}
 	if e := r.economy; e != nil {
 		w("## 3. Upstream economy over a simulated day")
