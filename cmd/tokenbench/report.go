@@ -8,21 +8,21 @@ import (
 )
 
 type report struct {
-	command  string
-	started  time.Time
-	machine  string
-	concs    []int
-	runs     int
-	dur      time.Duration
-	cached   []cachedPoint
-	plot     string
-	herd     *herdResult
+	command string
+	started time.Time
+	machine string
+	concs   []int
+	runs    int
+	dur     time.Duration
+	cached  []cachedPoint
+	plot    string
+	herd    *herdResult
 	// herdSweep is the herd measured the same way at smaller sizes.
 	herdSweep []*herdResult
-	economy  *economyResult
-	baseline *baselineResult
-	scale    []*scaleResult
-	misses   []string
+	economy   *economyResult
+	baseline  *baselineResult
+	scale     []*scaleResult
+	misses    []string
 }
 
 func verdict(ok bool) string {
