@@ -482,6 +482,8 @@ func storageMessage(err error) string {
 		return "store closed"
 	case errors.Is(err, storage.ErrNotFound):
 		return "connection deleted"
+	case errors.Is(err, storage.ErrLockLost):
+		return "the connection's cluster lock lapsed before the write; another replica may hold it"
 	}
 	return err.Error()
 }

@@ -15,6 +15,9 @@ var (
 	ErrNotDataFile = errors.New("storage: not a tokenbroker data file")
 	// ErrWrongKey means the key cannot open what the file holds.
 	ErrWrongKey = errors.New("storage: wrong key for data file")
+	// ErrLockLost means a token write made under a connection's lock was
+	// refused because the lock had lapsed and may be held elsewhere.
+	ErrLockLost = errors.New("storage: connection lock lost")
 	// ErrClosed means the store was closed.
 	ErrClosed = errors.New("storage: closed")
 )

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"google.golang.org/protobuf/proto"
@@ -42,8 +44,15 @@ type EtcdStore struct {
 	cli       *clientv3.Client
 	keys      *Keyring
 	prefix    string
-	session   *concurrency.Session
+	ttl       int // session lease TTL, seconds
+
+	sessMu  sync.Mutex
+	session *concurrency.Session // replaced when its lease lapses; see lockSession
+	closed  bool
 	loadedRev atomic.Int64 // revision of the last LoadAll; Watch continues after it
+	// held maps a connection name to the lock this replica holds on it
+	// (see [EtcdStore.Lock]); token writes for that name are fenced by it.
+	held sync.Map
 }
 
 // pageSize bounds one etcd range read (etcd caps response sizes).
@@ -99,16 +108,56 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
 			return nil, fmt.Errorf("%w: etcd prefix %s was sealed with key id %s; the key file holds %v", ErrWrongKey, s.prefix, stored.GetCanaryKeyId(), s.keys.IDs())
 		}
 	}
-	s.session, err = concurrency.NewSession(s.cli, concurrency.WithTTL(int(opts.SessionTTL/time.Second)))
+	s.ttl = int(opts.SessionTTL / time.Second)
+	s.session, err = concurrency.NewSession(s.cli, concurrency.WithTTL(s.ttl))
 	if err != nil {
 		return nil, fmt.Errorf("storage: etcd session: %w", err)
 	}
 	return s, nil
 }
 
+// lockSession returns the session to take locks under. A session whose
+// lease lapsed (etcd unreachable for longer than its TTL, or the lease
+// revoked) is dead for good, so a new one is granted, bounded by ctx: the
+// replica takes locks again once etcd is back instead of failing every
+// refresh until it restarts.
+//
+// etcd may report the lease gone before the session notices; stale, when
+// set, is a session a lock attempt found so, and is replaced too.
+func (s *EtcdStore) lockSession(ctx context.Context, stale *concurrency.Session) (*concurrency.Session, error) {
+	s.sessMu.Lock()
+	defer s.sessMu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	if s.session != stale {
+		select {
+		case <-s.session.Done():
+		default:
+			return s.session, nil
+		}
+	}
+	s.session.Orphan()
+	lease, err := s.cli.Grant(ctx, int64(s.ttl))
+	if err != nil {
+		return nil, etcdErr(err)
+	}
+	sess, err := concurrency.NewSession(s.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(s.ttl))
+	if err != nil {
+		return nil, fmt.Errorf("storage: etcd session: %w", err)
+	}
+	s.session = sess
+	return sess, nil
+}
+
 // Close releases this replica's session (and with it its locks). It does
 // not close the client.
-func (s *EtcdStore) Close() error { return s.session.Close() }
+func (s *EtcdStore) Close() error {
+	s.sessMu.Lock()
+	defer s.sessMu.Unlock()
+	s.closed = true
+	return s.session.Close()
+}
 
 func (s *EtcdStore) connKey(name string) string  { return s.prefix + "connections/" + name }
 func (s *EtcdStore) tokenKey(name string) string { return s.prefix + "tokens/" + name }
@@ -226,14 +275,22 @@ func (s *EtcdStore) UpdateConnection(ctx context.Context, c *Connection, t *Toke
 		return nil, err
 	}
 	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
+	conds := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)}
+	fence, fenced := s.fence(c.Name)
 	if tv != nil {
 		ops = append(ops, clientv3.OpPut(s.tokenKey(c.Name), string(tv)))
+		if fenced {
+			conds = append(conds, fence)
+		}
 	}
-	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).Then(ops...).Commit()
+	resp, err := s.cli.Txn(ctx).If(conds...).Then(ops...).Else(clientv3.OpGet(ck, clientv3.WithKeysOnly())).Commit()
 	if err != nil {
 		return nil, etcdErr(err)
 	}
 	if !resp.Succeeded {
+		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); tv != nil && fenced && len(kvs) == 1 && kvs[0].ModRevision == modRev {
+			return nil, fmt.Errorf("%w: %s", ErrLockLost, c.Name)
+		}
 		return nil, fmt.Errorf("%w: %s changed concurrently", ErrConflict, c.Name)
 	}
 	return next, nil
@@ -278,15 +335,37 @@ func (s *EtcdStore) PutTokens(ctx context.Context, name string, t *Tokens) error
 		return err
 	}
 	ck := s.connKey(name)
-	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(ck), ">", 0)).
-		Then(clientv3.OpPut(s.tokenKey(name), string(tv))).Commit()
+	conds := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(ck), ">", 0)}
+	fence, fenced := s.fence(name)
+	if fenced {
+		conds = append(conds, fence)
+	}
+	resp, err := s.cli.Txn(ctx).If(conds...).
+		Then(clientv3.OpPut(s.tokenKey(name), string(tv))).
+		Else(clientv3.OpGet(ck, clientv3.WithCountOnly())).Commit()
 	if err != nil {
 		return etcdErr(err)
 	}
 	if !resp.Succeeded {
+		if fenced && resp.Responses[0].GetResponseRange().GetCount() > 0 {
+			return fmt.Errorf("%w: %s", ErrLockLost, name)
+		}
 		return fmt.Errorf("%w: %s", ErrNotFound, name)
 	}
 	return nil
+}
+
+// fence returns, while this replica holds name's lock, the comparison that
+// holds only as long as the lock is still this replica's. Token writes made
+// under the lock carry it: if the lock's lease lapsed (a long pause, a
+// partition from etcd) and another replica took the lock, the write fails
+// with [ErrLockLost] instead of overwriting what the other replica did.
+func (s *EtcdStore) fence(name string) (clientv3.Cmp, bool) {
+	v, ok := s.held.Load(name)
+	if !ok {
+		return clientv3.Cmp{}, false
+	}
+	return v.(*concurrency.Mutex).IsOwner(), true
 }
 
 // LoadAll calls fn for every connection with its token state, in name
@@ -428,11 +507,25 @@ func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
 // other replica talks to the connection's token endpoint. It is released by
 // unlock, or by etcd when this replica's session lapses.
 func (s *EtcdStore) Lock(ctx context.Context, name string) (unlock func(), err error) {
-	m := concurrency.NewMutex(s.session, s.prefix+"locks/"+name)
-	if err := m.Lock(ctx); err != nil {
+	sess, err := s.lockSession(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	m := concurrency.NewMutex(sess, s.prefix+"locks/"+name)
+	err = m.Lock(ctx)
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		if sess, err = s.lockSession(ctx, sess); err != nil {
+			return nil, err
+		}
+		m = concurrency.NewMutex(sess, s.prefix+"locks/"+name)
+		err = m.Lock(ctx)
+	}
+	if err != nil {
 		return nil, etcdErr(err)
 	}
+	s.held.Store(name, m)
 	return func() {
+		s.held.CompareAndDelete(name, m)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		m.Unlock(ctx)

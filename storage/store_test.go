@@ -484,3 +484,80 @@ func TestLoadAllPairsAcrossPages(t *testing.T) {
 		})
 	}
 }
+
+// TestEtcdLockFencesTokenWrites: replica A holds a connection's lock, its
+// lease lapses (revoked here, as etcd does when A is paused or cut off for
+// longer than the TTL) and replica B takes the lock and commits. A's late
+// token writes are refused with ErrLockLost instead of overwriting B's, and
+// A takes locks again on a new session once B lets go.
+func TestEtcdLockFencesTokenWrites(t *testing.T) {
+	ep := etcdtest.Start(t)
+	cliA, cliB := etcdtest.Client(t, ep), etcdtest.Client(t, ep)
+	a, b := openEtcd(t, cliA, keyring(t, key(1))), openEtcd(t, cliB, keyring(t, key(1)))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const name = "tenants/a/connections/x"
+	conn, err := a.CreateConnection(ctx, sampleConn(name), sampleTokens())
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := func(g int64) *storage.Tokens {
+		tok := sampleTokens()
+		tok.Generation = g
+		return tok
+	}
+	unlockA, err := a.Lock(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PutTokens(ctx, name, gen(2)); err != nil {
+		t.Fatalf("write under a held lock: %v", err)
+	}
+	// A's lease lapses.
+	held, err := cliB.Get(ctx, "/tokenbroker/locks/"+name+"/", clientv3.WithPrefix())
+	if err != nil || len(held.Kvs) != 1 {
+		t.Fatalf("lock keys: %v %v", held, err)
+	}
+	if _, err := cliB.Revoke(ctx, clientv3.LeaseID(held.Kvs[0].Lease)); err != nil {
+		t.Fatal(err)
+	}
+	unlockB, err := b.Lock(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.PutTokens(ctx, name, gen(3)); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PutTokens(ctx, name, gen(99)); !errors.Is(err, storage.ErrLockLost) {
+		t.Errorf("late PutTokens after the lock lapsed: %v, want ErrLockLost", err)
+	}
+	upd := conn.Clone()
+	upd.DisplayName = "late"
+	if _, err := a.UpdateConnection(ctx, upd, gen(99)); !errors.Is(err, storage.ErrLockLost) {
+		t.Errorf("late UpdateConnection with tokens after the lock lapsed: %v, want ErrLockLost", err)
+	}
+	if got, err := b.GetTokens(ctx, name); err != nil || got.Generation != 3 {
+		t.Fatalf("stored generation %v (%v), want B's 3", got.Generation, err)
+	}
+	if got, err := b.GetConnection(ctx, name); err != nil || got.DisplayName == "late" {
+		t.Errorf("refused update changed the connection: %v %v", got, err)
+	}
+	unlockA()
+	unlockB()
+	// A takes the lock again on a new session and writes under it.
+	unlockA, err = a.Lock(ctx, name)
+	if err != nil {
+		t.Fatalf("lock after the session lapsed: %v", err)
+	}
+	defer unlockA()
+	if err := a.PutTokens(ctx, name, gen(4)); err != nil {
+		t.Fatalf("write under the new lock: %v", err)
+	}
+	// B cannot take the lock while A holds it.
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelShort()
+	if unlock, err := b.Lock(short, name); err == nil {
+		unlock()
+		t.Error("B took the lock while A held it")
+	}
+}
