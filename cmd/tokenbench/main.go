@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -39,7 +40,18 @@ func main() {
 	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
 	econH := flag.Int("economy-hours", 24, "simulated hours")
 	scaleFlag := flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fail(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fail(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if *quick {
 		*dur, *runs, *herdN, *econN, *econH, *scaleFlag, *sweepFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000", "10"
 	}
@@ -151,6 +163,9 @@ func mkdir(root, name string) string {
 func ints(s string) []int {
 	var out []int
 	for _, f := range strings.Split(s, ",") {
+		if strings.TrimSpace(f) == "" {
+			continue
+		}
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil {
 			fail(fmt.Errorf("bad number %q", f))
