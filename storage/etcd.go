@@ -41,14 +41,14 @@ type EtcdOptions struct {
 // connection's upstream calls across replicas and [EtcdStore.Watch] to keep
 // replicas' caches coherent.
 type EtcdStore struct {
-	cli       *clientv3.Client
-	keys      *Keyring
-	prefix    string
-	ttl       int // session lease TTL, seconds
+	cli    *clientv3.Client
+	keys   *Keyring
+	prefix string
+	ttl    int // session lease TTL, seconds
 
-	sessMu  sync.Mutex
-	session *concurrency.Session // replaced when its lease lapses; see lockSession
-	closed  bool
+	sessMu    sync.Mutex
+	session   *concurrency.Session // replaced when its lease lapses; see lockSession
+	closed    bool
 	loadedRev atomic.Int64 // revision of the last LoadAll; Watch continues after it
 	// held maps a connection name to the lock this replica holds on it
 	// (see [EtcdStore.Lock]); token writes for that name are fenced by it.
