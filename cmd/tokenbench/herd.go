@@ -71,20 +71,10 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 	}
 	// herd runs one herd on a freshly expired token and checks its outcome.
 	herd := func(run func() (time.Duration, error)) (time.Duration, error) {
-		clear(tokens)
-		clk.Advance(2 * time.Hour) // the token has expired
-		before := s.idp.Counts()
-		d, err := run()
-		after := s.idp.Counts()
-		res.upstreamCalls = append(res.upstreamCalls, (after.RefreshGrants+after.PasswordGrants)-(before.RefreshGrants+before.PasswordGrants))
-		seen := map[string]bool{}
-		for _, t := range tokens {
-			if t == "" {
-				res.errors++
-			}
-			seen[t] = true
-		}
-		res.distinct = max(res.distinct, len(seen))
+		d, calls, failed, distinct, err := herdOnce(clk, s.idp, tokens, run)
+		res.upstreamCalls = append(res.upstreamCalls, calls)
+		res.errors += failed
+		res.distinct = max(res.distinct, distinct)
 		return d, err
 	}
 	var released, noopReleased, parked, parkedNoop []time.Duration

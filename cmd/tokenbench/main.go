@@ -30,7 +30,7 @@ func main() {
 	out := flag.String("out", "BENCHMARKS.md", "report file")
 	plot := flag.String("plot", "cmd/tokenbench/results/latency.png", "latency plot (PNG)")
 	quick := flag.Bool("quick", false, "small sizes and short runs (smoke test, not for numbers)")
-	sections := flag.String("sections", "cached,herd,economy,baseline,scale", "sections to run")
+	sections := flag.String("sections", "cached,herd,economy,baseline,scale,etcd", "sections to run")
 	dur := flag.Duration("duration", 2*time.Second, "length of one cached-path measurement")
 	runs := flag.Int("runs", 3, "runs per cached-path figure (median taken)")
 	concFlag := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
@@ -40,6 +40,9 @@ func main() {
 	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
 	econH := flag.Int("economy-hours", 24, "simulated hours")
 	scaleFlag := flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
+	etcdConns := flag.Int("etcd-conns", 10000, "connections loaded from etcd and bbolt in the etcd section")
+	etcdSamples := flag.Int("etcd-samples", 300, "refreshes' storage work timed on each store in the etcd section")
+	etcdHerd := flag.Int("etcd-herd", 1000, "callers in the herd across two replicas on etcd")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -54,6 +57,7 @@ func main() {
 	}
 	if *quick {
 		*dur, *runs, *herdN, *econN, *econH, *scaleFlag, *sweepFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000", "10"
+		*etcdConns, *etcdSamples, *etcdHerd = 200, 20, 50
 	}
 	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
 	want := map[string]bool{}
@@ -141,6 +145,13 @@ func main() {
 			rep.scale = append(rep.scale, r)
 			os.RemoveAll(filepath.Join(tmp, fmt.Sprintf("scale-%d", n)))
 		}
+	}
+	if want["etcd"] {
+		r, err := benchEtcd(mkdir(tmp, "etcd"), *etcdConns, *etcdSamples, *etcdHerd, *runs, *latency, logf)
+		if err != nil {
+			fail(err)
+		}
+		rep.etcd = r
 	}
 	rep.machine = machine()
 	if err := os.WriteFile(*out, []byte(rep.markdown()), 0o644); err != nil {

@@ -21,6 +21,7 @@ import (
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
+	"tokenbroker/broker"
 	"tokenbroker/storage"
 )
 
@@ -47,6 +48,12 @@ func populate(path string, keys *storage.Keyring, n int) error {
 		return err
 	}
 	defer st.Close()
+	return populateStore(st, n)
+}
+
+// populateStore writes n connections with token state through st, 256 at
+// a time.
+func populateStore(st broker.Store, n int) error {
 	now := time.Now()
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 256)

@@ -24,6 +24,7 @@ import (
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/etcdtest"
 )
 
 const (
@@ -57,7 +58,7 @@ func (c *clock) Advance(d time.Duration) {
 type stack struct {
 	idp    *acumaticatest.Server
 	idpURL string
-	store  *storage.BoltStore
+	store  stackStore
 	b      *broker.Broker
 	srv    *server.Server
 	addr   string
@@ -73,6 +74,13 @@ type stackOptions struct {
 	wrapIDP func(http.Handler) http.Handler       // wraps the stand-in's handler
 	observe func(broker.Observer) broker.Observer // wraps the metrics observer
 	park    *parking                              // registers the parked baseline RPC
+	etcd    string                                // an etcd endpoint: run as a replica on it instead of a bbolt file
+}
+
+// stackStore is the store behind a stack: bbolt, or etcd for replicas.
+type stackStore interface {
+	broker.Store
+	Close() error
 }
 
 func newStack(o stackOptions) (*stack, error) {
@@ -90,21 +98,45 @@ func newStack(o stackOptions) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
-	if err != nil {
-		return nil, err
+	bopts := broker.Options{Now: o.now, TickInterval: -1}
+	closeClient := func() {}
+	if o.etcd != "" {
+		cli, err := etcdtest.NewClient(o.etcd)
+		if err != nil {
+			return nil, err
+		}
+		st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys})
+		if err != nil {
+			cli.Close()
+			return nil, err
+		}
+		s.store, bopts.Locker, bopts.Watcher = st, st, st
+		closeClient = func() { cli.Close() }
+	} else {
+		st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
+		if err != nil {
+			return nil, err
+		}
+		s.store = st
 	}
-	s.store = st
+	st := s.store
+	bopts.Store = st
 	metrics := server.NewMetrics()
-	var obs broker.Observer = metrics
+	bopts.Observer = metrics
 	if o.observe != nil {
-		obs = o.observe(metrics)
+		bopts.Observer = o.observe(metrics)
 	}
-	b, err := broker.New(broker.Options{Store: st, Now: o.now, Observer: obs, TickInterval: -1})
+	b, err := broker.New(bopts)
 	if err != nil {
 		return nil, err
 	}
 	s.b = b
+	if o.etcd != "" {
+		if _, err := b.Load(context.Background()); err != nil {
+			return nil, err
+		}
+		b.Start() // the watch of the other replicas' changes
+	}
 	metrics.Watch(b, time.Now)
 	auditor := server.NewAuditor(io.Discard)
 	s.srv = server.New(server.Options{
@@ -144,6 +176,7 @@ func newStack(o stackOptions) (*stack, error) {
 		b.Close()
 		auditor.Close()
 		st.Close()
+		closeClient()
 		hs.Close()
 	}
 	return s, nil
