@@ -35,6 +35,7 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per cached-path figure (median taken)")
 	concFlag := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
 	herdN := flag.Int("herd", 10000, "callers in the thundering herd")
+	expiryN := flag.Int("expiry", 1000, "connections whose tokens expire together, one caller each (herd section)")
 	sweepFlag := flag.String("herd-sweep", "10,100,1000", "smaller herd sizes measured the same way, to show how the herd's time grows with its size")
 	latency := flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herd")
 	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
@@ -57,7 +58,7 @@ func main() {
 	}
 	if *quick {
 		*dur, *runs, *herdN, *econN, *econH, *scaleFlag, *sweepFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000", "10"
-		*etcdConns, *etcdSamples, *etcdHerd = 200, 20, 50
+		*etcdConns, *etcdSamples, *etcdHerd, *expiryN = 200, 20, 50, 50
 	}
 	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
 	want := map[string]bool{}
@@ -111,6 +112,15 @@ func main() {
 			rep.herdSweep = append(rep.herdSweep, r)
 			logf("herd of %d: upstream calls per herd %v, released %v (no-op %v), parked %v (no-op %v)",
 				n, r.upstreamCalls, r.lastCaller, r.noopHerd, r.parked, r.parkedNoop)
+		}
+		if *expiryN > 0 {
+			e, err := benchExpiry(mkdir(tmp, "expiry"), *expiryN, *latency)
+			if err != nil {
+				fail(err)
+			}
+			rep.expiry = e
+			logf("expiry: %d connections, %d upstream calls, last caller after %v (upstream floor %v), %d writes in %d commits",
+				e.conns, e.upstream, e.elapsed, e.floor, e.writes, e.commits)
 		}
 	}
 	if want["economy"] {

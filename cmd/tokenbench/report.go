@@ -20,6 +20,7 @@ type report struct {
 	// herdSweep is the herd measured the same way at smaller sizes.
 	herdSweep []*herdResult
 	etcd      *etcdResult
+	expiry    *expiryResult
 	economy   *economyResult
 	baseline  *baselineResult
 	scale     []*scaleResult
@@ -142,6 +143,20 @@ func (r *report) markdown() string {
 			}
 			w("")
 		}
+	}
+	if e := r.expiry; e != nil {
+		w("**Many connections expiring at once.** %d connections whose tokens expire together, as after an outage, and", e.conns)
+		w("one caller per connection released at once: every connection needs its own refresh. The broker caps upstream")
+		w("calls at %d at a time (--max-concurrent-upstream), so the upstream alone needs ceil(%d/%d) rounds of %v. Each", e.upstreamCap, e.conns, e.upstreamCap, e.latency)
+		w("refresh makes two durable writes, the intent and the commit; the group committer lets concurrent refreshes share fsyncs.")
+		w("")
+		w("| connections | upstream token requests | failed callers | last caller served | upstream floor | vs floor | no-op release of as many RPCs | durable writes | commits | writes per commit |")
+		w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		w("| %d | %d | %d | %s | %s | %.2fx | %s | %d | %d | %.1f |", e.conns, e.upstream, e.failed, ms(e.elapsed), ms(e.floor),
+			float64(e.elapsed)/float64(e.floor), ms(e.noop), e.writes, e.commits, float64(e.writes)/float64(max(e.commits, 1)))
+		w("")
+		w("Exactly one upstream request per connection: %s.", r.miss(e.upstream == e.conns && e.failed == 0, "one refresh per expired connection"))
+		w("")
 	}
 	if e := r.economy; e != nil {
 		w("## 3. Upstream economy over a simulated day")

@@ -33,6 +33,7 @@ type config struct {
 	rateBurst             int
 	reloadInterval        time.Duration
 	rejectCooldown        time.Duration
+	maxUpstream           int
 	logLevel              string
 	logFormat             string
 	shutdownTimeout       time.Duration
@@ -61,6 +62,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.IntVar(&c.rateBurst, "rate-burst", 0, "burst above --rate-limit (default 2x the limit)")
 	fs.DurationVar(&c.reloadInterval, "reload-interval", 5*time.Second, "how often certificate, key, CA and policy files are checked for changes")
 	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
+	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", 32, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
@@ -95,6 +97,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	if c.tlsCert != "" && c.policy == "" {
 		return nil, errors.New("--tls-cert needs --policy: without one every caller would be an operator (dev mode is for plaintext loopback only)")
+	}
+	if c.maxUpstream < 1 {
+		return nil, fmt.Errorf("--max-concurrent-upstream must be at least 1, not %d", c.maxUpstream)
 	}
 	if c.rateBurst == 0 {
 		c.rateBurst = int(2 * c.rateLimit)

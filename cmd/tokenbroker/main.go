@@ -78,6 +78,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		Logger:                log.With("component", "broker"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
 		RejectCooldown:        cmp.Or(cfg.rejectCooldown, -1),
+		MaxConcurrentUpstream: cfg.maxUpstream,
 	})
 	if err != nil {
 		return err
