@@ -43,6 +43,10 @@ type Options struct {
 	// MaxConcurrentUpstream caps upstream calls across all connections.
 	// Default 32.
 	MaxConcurrentUpstream int
+	// MaxConcurrentUpstreamPerHost caps upstream calls to one host (the
+	// scheme and host of instance URLs), within MaxConcurrentUpstream: a
+	// server that hangs holds no more slots than this. Default 8.
+	MaxConcurrentUpstreamPerHost int
 	// TickInterval is how often the maintenance loop looks for tokens to
 	// renew. Default 1 s; negative disables the loop (tests call
 	// [Broker.Maintain] themselves).
@@ -104,6 +108,9 @@ func (o *Options) setDefaults() {
 	if o.MaxConcurrentUpstream <= 0 {
 		o.MaxConcurrentUpstream = 32
 	}
+	if o.MaxConcurrentUpstreamPerHost <= 0 {
+		o.MaxConcurrentUpstreamPerHost = 8
+	}
 	if o.TickInterval == 0 {
 		o.TickInterval = time.Second
 	}
@@ -142,7 +149,7 @@ type Broker struct {
 	now   func() time.Time
 	log   *slog.Logger
 	up    *upstream
-	sem   chan struct{} // global cap on concurrent upstream calls
+	slots *slots // caps on concurrent upstream calls, global and per host
 
 	conns sync.Map // name -> *conn; read without locks on the cached path
 
@@ -222,7 +229,7 @@ func New(opts Options) (*Broker, error) {
 		now:      opts.Now,
 		log:      opts.Logger,
 		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
-		sem:      make(chan struct{}, opts.MaxConcurrentUpstream),
+		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
 	}
@@ -520,15 +527,3 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 		}
 	}
 }
-
-// acquire takes a slot of the global upstream cap.
-func (b *Broker) acquire(ctx context.Context) error {
-	select {
-	case b.sem <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func (b *Broker) release() { <-b.sem }

@@ -361,10 +361,11 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 
 // exchange sends one token request.
 func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, refreshToken string) (resp *tokenResponse, err error) {
-	if err := b.acquire(ctx); err != nil {
-		return nil, &upstreamError{class: classSafe, detail: "global upstream cap: " + err.Error()}
+	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
+	if err != nil {
+		return nil, &upstreamError{class: classSafe, detail: "upstream cap: " + err.Error()}
 	}
-	defer b.release()
+	defer release()
 	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grant},
@@ -554,9 +555,10 @@ func (b *Broker) signOut(ctx context.Context, cfg *storage.Connection, refreshTo
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 	defer cancel()
-	if err := b.acquire(ctx); err != nil {
+	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
+	if err != nil {
 		return
 	}
-	defer b.release()
+	defer release()
 	b.up.revokeAndLogout(ctx, cfg.InstanceURL, cfg.ClientID, cfg.ClientSecret, refreshToken, accessToken)
 }

@@ -860,6 +860,78 @@ func TestGlobalUpstreamCap(t *testing.T) {
 	}
 }
 
+// TestHungHostDoesNotStarveOthers: one Acumatica server that stops
+// answering holds at most its per-host share of the global upstream cap,
+// so connections on other servers still refresh meanwhile.
+func TestHungHostDoesNotStarveOthers(t *testing.T) {
+	const global, perHost, onHung = 4, 2, 6
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.MaxConcurrentUpstream = global
+		b.MaxConcurrentUpstreamPerHost = perHost
+		b.MaxAttempts = 1
+	})
+	healthy := acumaticatest.New(acumaticatest.Options{Now: e.clock.Now})
+	runIdPsMu.Lock()
+	runIdPs = append(runIdPs, healthy)
+	runIdPsMu.Unlock()
+	healthy.AddClient(clientID, clientSecret)
+	healthy.AddUser(username, password)
+	hs := healthy.Start()
+	defer hs.Close()
+
+	hungName := func(i int) string { return fmt.Sprintf("tenants/t%d/connections/erp", i) }
+	for i := range onHung {
+		c := e.conn()
+		c.Name = hungName(i)
+		if _, err := e.b.CreateConnection(context.Background(), c, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := e.conn()
+	other.Name, other.InstanceURL = "tenants/other/connections/erp", hs.URL
+	if _, err := e.b.CreateConnection(context.Background(), other, false); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(2 * time.Hour) // every access token has expired
+
+	// The first server holds every token request until released.
+	arrived, release := make(chan struct{}, onHung), make(chan struct{})
+	for range onHung {
+		e.idp.Inject(acumaticatest.Fault{Arrived: arrived, Release: release})
+	}
+	errs := make(chan error, onHung)
+	for i := range onHung {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, err := e.b.GetAccessToken(ctx, hungName(i), time.Minute, "")
+			errs <- err
+		}()
+	}
+	for range perHost {
+		<-arrived
+	}
+	// The hung server now holds its share of the cap, and more of its
+	// refreshes queue behind it; the other server's connection refreshes.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	tok, err := e.b.GetAccessToken(ctx, other.Name, time.Minute, "")
+	cancel()
+	if err != nil || !healthy.AccessTokenValid(tok.AccessToken) {
+		t.Errorf("connection on the healthy server while the other hangs: err = %v, want a live token", err)
+	}
+	close(release)
+	for range onHung {
+		if err := <-errs; err != nil {
+			t.Errorf("connection on the released server: %v", err)
+		}
+	}
+	c := e.idp.Counts()
+	if c.RefreshGrants != onHung || c.MaxConcurrentUser != perHost {
+		t.Errorf("hung server saw %d refresh grants, at most %d at once; want %d, at most %d",
+			c.RefreshGrants, c.MaxConcurrentUser, onHung, perHost)
+	}
+}
+
 func TestUpstreamHangPastDeadline(t *testing.T) {
 	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
 		b.UpstreamTimeout = 100 * time.Millisecond

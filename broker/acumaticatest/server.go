@@ -39,6 +39,10 @@ type Fault struct {
 	Redirect string
 	// Arrived, when set, receives a value when a request takes this fault.
 	Arrived chan<- struct{}
+	// Release, when set, holds the request until it is closed (or the
+	// client gives up), then lets it go on to the rest of the fault, or to
+	// a normal answer.
+	Release <-chan struct{}
 	// Processed, when set, receives a value once the grant was processed
 	// (with Process or Mutate), before the answer is written.
 	Processed chan<- struct{}
@@ -326,11 +330,19 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 			<-r.Context().Done()
 			return
 		}
+		if fault.Release != nil {
+			select {
+			case <-fault.Release:
+			case <-r.Context().Done():
+				return
+			}
+		}
 		if fault.Redirect != "" {
 			http.Redirect(w, r, fault.Redirect, http.StatusTemporaryRedirect)
 			return
 		}
-		if !fault.Process && fault.Mutate == nil && fault.HoldAfterProcess == 0 {
+		heldOnly := fault.Release != nil && fault.Status == 0 && !fault.Reset
+		if !heldOnly && !fault.Process && fault.Mutate == nil && fault.HoldAfterProcess == 0 {
 			s.writeFault(w, fault)
 			return
 		}

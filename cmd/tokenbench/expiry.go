@@ -38,7 +38,6 @@ func benchExpiry(dir string, n int, latency time.Duration) (*expiryResult, error
 	if err != nil {
 		return nil, err
 	}
-	const upstreamCap = 32 // broker.Options.MaxConcurrentUpstream's default, as the stack runs it
 	res := &expiryResult{conns: n, upstreamCap: upstreamCap, latency: latency}
 	res.floor = time.Duration((n+upstreamCap-1)/upstreamCap) * latency
 	if res.noop, err = release(n, func(i int) error { return servertest.CallNoop(ctx, s.conns[i%len(s.conns)]) }); err != nil {

@@ -147,8 +147,10 @@ func (r *report) markdown() string {
 	if e := r.expiry; e != nil {
 		w("**Many connections expiring at once.** %d connections whose tokens expire together, as after an outage, and", e.conns)
 		w("one caller per connection released at once: every connection needs its own refresh. The broker caps upstream")
-		w("calls at %d at a time (--max-concurrent-upstream), so the upstream alone needs ceil(%d/%d) rounds of %v. Each", e.upstreamCap, e.conns, e.upstreamCap, e.latency)
-		w("refresh makes two durable writes, the intent and the commit; the group committer lets concurrent refreshes share fsyncs.")
+		w("calls at %d at a time (--max-concurrent-upstream), so the upstream alone needs ceil(%d/%d) rounds of %v. The one", e.upstreamCap, e.conns, e.upstreamCap, e.latency)
+		w("stand-in serves for every instance here, so the bench lets one host use the whole cap (--max-concurrent-upstream-per-host")
+		w("%d; the default of 8 keeps a server that hangs from holding more). Each refresh makes two durable writes, the", e.upstreamCap)
+		w("intent and the commit; the group committer lets concurrent refreshes share fsyncs.")
 		w("")
 		w("| connections | upstream token requests | failed callers | last caller served | upstream floor | vs floor | no-op release of as many RPCs | durable writes | commits | writes per commit |")
 		w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -66,6 +66,10 @@ type stack struct {
 	close  func()
 }
 
+// upstreamCap is the stack's cap on concurrent upstream token requests:
+// broker.Options.MaxConcurrentUpstream's default.
+const upstreamCap = 32
+
 type stackOptions struct {
 	dir     string
 	now     func() time.Time
@@ -98,7 +102,9 @@ func newStack(o stackOptions) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	bopts := broker.Options{Now: o.now, TickInterval: -1}
+	// The one stand-in serves for every instance, so one host may use the
+	// whole global cap.
+	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap}
 	closeClient := func() {}
 	if o.etcd != "" {
 		cli, err := etcdtest.NewClient(o.etcd)

@@ -34,6 +34,7 @@ type config struct {
 	reloadInterval        time.Duration
 	rejectCooldown        time.Duration
 	maxUpstream           int
+	maxUpstreamPerHost    int
 	logLevel              string
 	logFormat             string
 	shutdownTimeout       time.Duration
@@ -63,6 +64,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&c.reloadInterval, "reload-interval", 5*time.Second, "how often certificate, key, CA and policy files are checked for changes")
 	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
 	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", 32, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
+	fs.IntVar(&c.maxUpstreamPerHost, "max-concurrent-upstream-per-host", 8, "upstream token requests in flight at once to one Acumatica server (scheme and host of the instance URL), within --max-concurrent-upstream: a server that stops answering holds no more slots than this")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
@@ -100,6 +102,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	}
 	if c.maxUpstream < 1 {
 		return nil, fmt.Errorf("--max-concurrent-upstream must be at least 1, not %d", c.maxUpstream)
+	}
+	if c.maxUpstreamPerHost < 1 {
+		return nil, fmt.Errorf("--max-concurrent-upstream-per-host must be at least 1, not %d", c.maxUpstreamPerHost)
 	}
 	if c.rateBurst == 0 {
 		c.rateBurst = int(2 * c.rateLimit)

@@ -71,14 +71,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 
 	metrics := server.NewMetrics()
 	b, err := broker.New(broker.Options{
-		Observer:              metrics,
-		Store:                 st.store,
-		Locker:                st.locker,
-		Watcher:               st.watcher,
-		Logger:                log.With("component", "broker"),
-		AllowInsecureUpstream: cfg.allowInsecureUpstream,
-		RejectCooldown:        cmp.Or(cfg.rejectCooldown, -1),
-		MaxConcurrentUpstream: cfg.maxUpstream,
+		Observer:                     metrics,
+		Store:                        st.store,
+		Locker:                       st.locker,
+		Watcher:                      st.watcher,
+		Logger:                       log.With("component", "broker"),
+		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
+		RejectCooldown:               cmp.Or(cfg.rejectCooldown, -1),
+		MaxConcurrentUpstream:        cfg.maxUpstream,
+		MaxConcurrentUpstreamPerHost: cfg.maxUpstreamPerHost,
 	})
 	if err != nil {
 		return err

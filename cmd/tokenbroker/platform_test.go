@@ -162,6 +162,7 @@ func TestTLSStartRules(t *testing.T) {
 		{[]string{"--policy", "p.yaml"}, "--policy needs --client-ca"},
 		{[]string{"--tls-cert", "a.crt"}, "go together"},
 		{[]string{"--max-concurrent-upstream", "0"}, "--max-concurrent-upstream must be at least 1"},
+		{[]string{"--max-concurrent-upstream-per-host", "0"}, "--max-concurrent-upstream-per-host must be at least 1"},
 		{[]string{"--etcd-endpoints", "http://127.0.0.1:1"}, "every replica must seal with the same key"},
 	} {
 		p := start(t, nil, append([]string{"--data-dir", filepath.Join(dir, "data"), "--listen", "127.0.0.1:0"}, tc.args...)...)
