@@ -41,7 +41,7 @@ func BenchmarkRPC(b *testing.B) {
 	defer br.Close()
 	auditor := server.NewAuditor(io.Discard)
 	defer auditor.Close()
-	srv := server.New(server.Options{Broker: br, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics})
+	srv := server.New(server.Options{Broker: br, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics, QuietMethods: servertest.QuietMethods})
 	servertest.RegisterNoop(srv.Server)
 	lis, _ := net.Listen("tcp", "127.0.0.1:0")
 	go srv.Serve(lis)

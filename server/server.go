@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"slices"
 	"time"
 
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
@@ -47,6 +49,11 @@ type Options struct {
 	MaxRecvMsgSize int
 	// ServerOptions are added to the grpc.Server (credentials).
 	ServerOptions []grpc.ServerOption
+	// QuietMethods are full method names whose successful calls are logged
+	// at debug level, like GetAccessToken's always are: they are the hot
+	// path, and the audit log records each token issued. Their failures
+	// are logged as every other call's.
+	QuietMethods []string
 }
 
 // Server is the gRPC server with its health service.
@@ -86,9 +93,22 @@ func New(opts Options) *Server {
 			return nil
 		}),
 	}
+	quiet := map[string]bool{pb.TokenBroker_GetAccessToken_FullMethodName: true}
+	for _, m := range opts.QuietMethods {
+		quiet[m] = true
+	}
+	isQuiet := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool { return quiet[c.FullMethod()] })
+	quietOpts := append(slices.Clone(logOpts), logging.WithLevels(func(c codes.Code) logging.Level {
+		if c == codes.OK {
+			return logging.LevelDebug
+		}
+		return logging.DefaultServerCodeToLevel(c)
+	}))
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
-	unary = append(unary, logging.UnaryServerInterceptor(slogAdapter(log), logOpts...))
+	unary = append(unary,
+		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(slogAdapter(log), quietOpts...), isQuiet),
+		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(slogAdapter(log), logOpts...), not(isQuiet)))
 	stream = append(stream, logging.StreamServerInterceptor(slogAdapter(log), logOpts...))
 	if opts.Metrics != nil {
 		unary = append(unary, opts.Metrics.grpc.UnaryServerInterceptor())
@@ -125,6 +145,11 @@ func New(opts Options) *Server {
 		opts.Metrics.grpc.InitializeMetrics(gs)
 	}
 	return &Server{Server: gs, Health: hs}
+}
+
+// not inverts a selector's match.
+func not(m selector.Matcher) selector.Matcher {
+	return selector.MatchFunc(func(ctx context.Context, c interceptors.CallMeta) bool { return !m.Match(ctx, c) })
 }
 
 // slogAdapter routes go-grpc-middleware's logging through slog.

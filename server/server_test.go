@@ -3,6 +3,7 @@ package server_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -591,4 +592,42 @@ func TestRequestsAreLoggedWithoutPayloads(t *testing.T) {
 		}
 	}
 	// checkNoLeaks (cleanup) scans these logs for every secret and token.
+}
+
+// TestSuccessfulTokenCallsLogAtDebug: the hot path's successes go to debug
+// (the audit log records each token issued); its failures and every admin
+// call stay at info or above.
+func TestSuccessfulTokenCallsLogAtDebug(t *testing.T) {
+	f := newFixture(t)
+	c := f.create("acme", "erp")
+	if _, err := f.client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: c.GetName()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: "tenants/acme/connections/nope"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("unknown connection: %v, want NOT_FOUND", err)
+	}
+	levels := map[string]string{} // method and code -> level of its "finished call" line
+	for _, line := range strings.Split(strings.TrimSpace(f.logs.String()), "\n") {
+		var rec struct {
+			Level  string `json:"level"`
+			Msg    string `json:"msg"`
+			Method string `json:"grpc.method"`
+			Code   string `json:"grpc.code"`
+		}
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if rec.Msg == "finished call" {
+			levels[rec.Method+" "+rec.Code] = rec.Level
+		}
+	}
+	for call, want := range map[string]string{
+		"GetAccessToken OK":       "DEBUG",
+		"GetAccessToken NotFound": "INFO",
+		"CreateConnection OK":     "INFO",
+	} {
+		if got := levels[call]; got != want {
+			t.Errorf("%s logged at %q, want %s (all: %v)", call, got, want, levels)
+		}
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -150,6 +151,8 @@ func newStack(o stackOptions) (*stack, error) {
 		Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
 		Auditor: auditor,
 		Metrics: metrics,
+		// The baselines are logged as GetAccessToken is.
+		QuietMethods: append(slices.Clone(servertest.QuietMethods), parkMethod),
 	})
 	servertest.RegisterNoop(s.srv.Server)
 	if o.park != nil {

@@ -12,6 +12,12 @@ import (
 // NoopMethod is the full name of the baseline RPC that [RegisterNoop] adds.
 const NoopMethod = "/tokenbroker.bench.Noop/Ping"
 
+// QuietMethods are the baselines' full names. Pass them as
+// server.Options.QuietMethods, so that the baselines' successful calls are
+// logged at debug level as GetAccessToken's are: a comparison with them
+// then pays the same logging.
+var QuietMethods = []string{NoopMethod, EchoMethod}
+
 // RegisterNoop adds a unary RPC that does nothing to s, so that benchmarks
 // can compare an RPC against the same server stack (listener, credentials,
 // every interceptor) with no work behind it. Register before s serves.
