@@ -36,6 +36,7 @@ func main() {
 	concFlag := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
 	herdN := flag.Int("herd", 10000, "callers in the thundering herd")
 	expiryN := flag.Int("expiry", 1000, "connections whose tokens expire together, one caller each (herd section)")
+	hungN := flag.Int("hung", 200, "connections on a healthy server expiring together while another server hangs (herd section)")
 	sweepFlag := flag.String("herd-sweep", "10,100,1000", "smaller herd sizes measured the same way, to show how the herd's time grows with its size")
 	latency := flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herd")
 	econN := flag.Int("economy-conns", 1000, "connections in the simulated day")
@@ -58,7 +59,7 @@ func main() {
 	}
 	if *quick {
 		*dur, *runs, *herdN, *econN, *econH, *scaleFlag, *sweepFlag = 200*time.Millisecond, 1, 500, 20, 3, "1000", "10"
-		*etcdConns, *etcdSamples, *etcdHerd, *expiryN = 200, 20, 50, 50
+		*etcdConns, *etcdSamples, *etcdHerd, *expiryN, *hungN = 200, 20, 50, 50, 20
 	}
 	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
 	want := map[string]bool{}
@@ -121,6 +122,17 @@ func main() {
 			rep.expiry = e
 			logf("expiry: %d connections, %d upstream calls, last caller after %v (upstream floor %v), %d writes in %d commits",
 				e.conns, e.upstream, e.elapsed, e.floor, e.writes, e.commits)
+		}
+		if *hungN > 0 {
+			h, err := benchHung(mkdir(tmp, "hung"), *hungN, 2*upstreamCap, *latency)
+			if err != nil {
+				fail(err)
+			}
+			rep.hung = h
+			for _, r := range h.rows {
+				logf("hung: per-host share %d, other server hung %v: %d served, %d failed, last after %v (hung server held %d)",
+					r.perHost, r.withHung, r.served, r.failed, r.last, r.held)
+			}
 		}
 	}
 	if want["economy"] {

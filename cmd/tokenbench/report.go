@@ -21,6 +21,7 @@ type report struct {
 	herdSweep []*herdResult
 	etcd      *etcdResult
 	expiry    *expiryResult
+	hung      *hungResult
 	economy   *economyResult
 	baseline  *baselineResult
 	scale     []*scaleResult
@@ -159,6 +160,43 @@ func (r *report) markdown() string {
 		w("")
 		w("Exactly one upstream request per connection: %s.", r.miss(e.upstream == e.conns && e.failed == 0, "one refresh per expired connection"))
 		w("")
+	}
+	if h := r.hung; h != nil {
+		w("**One server hangs.** %d connections on a healthy server (%v of added latency) expire together and one caller", h.healthy, h.latency)
+		w("per connection is released at once, each with a %v deadline. In the runs marked *hung*, %d connections on a", h.deadline, h.hung)
+		w("second server expired first, and that server holds every token request it gets until the broker's upstream")
+		w("timeout (%v here; 30 s by default). The global cap is %d. Each setup runs on a fresh server.", h.timeout, upstreamCap)
+		w("")
+		w("| per-host share | other server hung | healthy callers served | failed | last healthy caller served | requests held at the hung server then |")
+		w("|---:|---|---:|---:|---:|---:|")
+		byKey := map[[2]int]hungRow{}
+		for _, row := range h.rows {
+			hung, held := "no", "-"
+			if row.withHung {
+				hung, held = "yes", fmt.Sprint(row.held)
+				byKey[[2]int{row.perHost, 1}] = row
+			} else {
+				byKey[[2]int{row.perHost, 0}] = row
+			}
+			share := fmt.Sprintf("%d (the whole cap)", row.perHost)
+			if row.perHost == defaultPerHost {
+				share = fmt.Sprintf("%d (default)", row.perHost)
+			}
+			w("| %s | %s | %d | %d | %s | %s |", share, hung, row.served, row.failed, ms(row.last), held)
+		}
+		w("")
+		old, okOld := byKey[[2]int{upstreamCap, 1}]
+		calm, okCalm := byKey[[2]int{defaultPerHost, 0}]
+		now, okNow := byKey[[2]int{defaultPerHost, 1}]
+		if okOld && okCalm && okNow {
+			w("Without a per-host share the hung server takes every slot, and the healthy server's connections wait for its")
+			w("requests to time out: %s instead of %s. With the default share it holds %d slots, and the healthy server's", ms(old.last), ms(byKey[[2]int{upstreamCap, 0}].last), now.held)
+			w("connections refresh as fast as when nothing hangs (%s against %s). The share's cost is the first row against", ms(now.last), ms(calm.last))
+			w("the third: one server's own mass expiry is paced by its share, not the whole cap.")
+			isolated := now.failed == 0 && now.held <= defaultPerHost && float64(now.last) <= 1.5*float64(calm.last)
+			w("A hung server does not hold up the others: %s.", r.miss(isolated, "isolation from a hung server"))
+			w("")
+		}
 	}
 	if e := r.economy; e != nil {
 		w("## 3. Upstream economy over a simulated day")

@@ -80,6 +80,9 @@ type stackOptions struct {
 	observe func(broker.Observer) broker.Observer // wraps the metrics observer
 	park    *parking                              // registers the parked baseline RPC
 	etcd    string                                // an etcd endpoint: run as a replica on it instead of a bbolt file
+	perHost int                                   // upstream calls per host (default: the whole cap)
+	// upstreamTimeout bounds one token request (default the broker's).
+	upstreamTimeout time.Duration
 }
 
 // stackStore is the store behind a stack: bbolt, or etcd for replicas.
@@ -105,7 +108,11 @@ func newStack(o stackOptions) (*stack, error) {
 	}
 	// The one stand-in serves for every instance, so one host may use the
 	// whole global cap.
-	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap}
+	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap,
+		UpstreamTimeout: o.upstreamTimeout}
+	if o.perHost > 0 {
+		bopts.MaxConcurrentUpstreamPerHost = o.perHost
+	}
 	closeClient := func() {}
 	if o.etcd != "" {
 		cli, err := etcdtest.NewClient(o.etcd)
@@ -195,22 +202,30 @@ func (s *stack) client(i int) pb.TokenBrokerClient {
 	return pb.NewTokenBrokerClient(s.conns[i%len(s.conns)])
 }
 
-// createConnections registers n connections, concurrently, through the API.
+// createConnections registers n connections on the stand-in, concurrently,
+// through the API.
 func (s *stack) createConnections(ctx context.Context, n int) ([]string, error) {
+	return s.createConnectionsOn(ctx, s.idpURL, "t", n)
+}
+
+// createConnectionsOn registers n connections on the instance at url, with
+// tenant ids prefix plus a number.
+func (s *stack) createConnectionsOn(ctx context.Context, url, prefix string, n int) ([]string, error) {
 	names := make([]string, n)
 	errs := make(chan error, n)
 	sem := make(chan struct{}, 32)
 	var wg sync.WaitGroup
 	for i := range n {
-		names[i] = fmt.Sprintf("tenants/t%06d/connections/erp", i)
+		tenant := fmt.Sprintf("tenants/%s%06d", prefix, i)
+		names[i] = tenant + "/connections/erp"
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
 			_, err := s.client(i).CreateConnection(ctx, &pb.CreateConnectionRequest{
-				Parent: fmt.Sprintf("tenants/t%06d", i), ConnectionId: "erp",
-				Connection: &pb.Connection{InstanceUrl: s.idpURL, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password},
+				Parent: tenant, ConnectionId: "erp",
+				Connection: &pb.Connection{InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password},
 			})
 			if err != nil {
 				errs <- err
