@@ -189,10 +189,12 @@ func (r *report) markdown() string {
 		calm, okCalm := byKey[[2]int{defaultPerHost, 0}]
 		now, okNow := byKey[[2]int{defaultPerHost, 1}]
 		if okOld && okCalm && okNow {
-			w("Without a per-host share the hung server takes every slot, and the healthy server's connections wait for its")
-			w("requests to time out: %s instead of %s. With the default share it holds %d slots, and the healthy server's", ms(old.last), ms(byKey[[2]int{upstreamCap, 0}].last), now.held)
-			w("connections refresh as fast as when nothing hangs (%s against %s). The share's cost is the first row against", ms(now.last), ms(calm.last))
-			w("the third: one server's own mass expiry is paced by its share, not the whole cap.")
+			w("Without a per-host share the hung server takes every slot, and its refreshes take them again on every retry:")
+			w("the healthy server's connections wait behind requests that can only time out. %d of %d healthy callers got no", old.failed, h.healthy)
+			w("token within their deadline, and the last answer came after %s instead of %s. With the default share the", ms(old.last), ms(byKey[[2]int{upstreamCap, 0}].last))
+			w("hung server holds %d slots, and the healthy server's connections refresh as fast as when nothing hangs (%s", now.held, ms(now.last))
+			w("against %s). The share's cost is the first row against the third: one server's own mass expiry is paced by", ms(calm.last))
+			w("its share, not the whole cap (raise --max-concurrent-upstream-per-host for a site that serves many tenants).")
 			isolated := now.failed == 0 && now.held <= defaultPerHost && float64(now.last) <= 1.5*float64(calm.last)
 			w("A hung server does not hold up the others: %s.", r.miss(isolated, "isolation from a hung server"))
 			w("")
