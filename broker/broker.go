@@ -77,6 +77,12 @@ type Options struct {
 	Watcher Watcher
 }
 
+// Defaults of the upstream caps in [Options].
+const (
+	DefaultMaxConcurrentUpstream        = 32
+	DefaultMaxConcurrentUpstreamPerHost = 8
+)
+
 func (o *Options) setDefaults() {
 	if o.Now == nil {
 		o.Now = time.Now
@@ -106,10 +112,10 @@ func (o *Options) setDefaults() {
 		o.LoginLimitBackoff = time.Minute
 	}
 	if o.MaxConcurrentUpstream <= 0 {
-		o.MaxConcurrentUpstream = 32
+		o.MaxConcurrentUpstream = DefaultMaxConcurrentUpstream
 	}
 	if o.MaxConcurrentUpstreamPerHost <= 0 {
-		o.MaxConcurrentUpstreamPerHost = 8
+		o.MaxConcurrentUpstreamPerHost = DefaultMaxConcurrentUpstreamPerHost
 	}
 	if o.TickInterval == 0 {
 		o.TickInterval = time.Second

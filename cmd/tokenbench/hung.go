@@ -12,6 +12,7 @@ import (
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
+	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 )
 
@@ -51,8 +52,8 @@ func benchHung(dir string, healthy, hung int, latency time.Duration) (*hungResul
 	return res, nil
 }
 
-// defaultPerHost is broker.Options.MaxConcurrentUpstreamPerHost's default.
-const defaultPerHost = 8
+// defaultPerHost is the broker's default per-host share.
+const defaultPerHost = broker.DefaultMaxConcurrentUpstreamPerHost
 
 func hungOnce(dir string, res *hungResult, perHost int, withHung bool) (hungRow, error) {
 	ctx := context.Background()

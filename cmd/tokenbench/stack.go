@@ -68,8 +68,8 @@ type stack struct {
 }
 
 // upstreamCap is the stack's cap on concurrent upstream token requests:
-// broker.Options.MaxConcurrentUpstream's default.
-const upstreamCap = 32
+// the broker's default.
+const upstreamCap = broker.DefaultMaxConcurrentUpstream
 
 type stackOptions struct {
 	dir     string

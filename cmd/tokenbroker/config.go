@@ -8,6 +8,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"tokenbroker/broker"
 )
 
 // config is the serve command's configuration: flags, each also read from
@@ -63,8 +65,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.IntVar(&c.rateBurst, "rate-burst", 0, "burst above --rate-limit (default 2x the limit)")
 	fs.DurationVar(&c.reloadInterval, "reload-interval", 5*time.Second, "how often certificate, key, CA and policy files are checked for changes")
 	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
-	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", 32, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
-	fs.IntVar(&c.maxUpstreamPerHost, "max-concurrent-upstream-per-host", 8, "upstream token requests in flight at once to one Acumatica server (scheme and host of the instance URL), within --max-concurrent-upstream: a server that stops answering holds no more slots than this")
+	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", broker.DefaultMaxConcurrentUpstream, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
+	fs.IntVar(&c.maxUpstreamPerHost, "max-concurrent-upstream-per-host", broker.DefaultMaxConcurrentUpstreamPerHost, "upstream token requests in flight at once to one Acumatica server (scheme and host of the instance URL), within --max-concurrent-upstream: a server that stops answering holds no more slots than this")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
