@@ -150,7 +150,7 @@ func (r *report) markdown() string {
 		w("one caller per connection released at once: every connection needs its own refresh. The broker caps upstream")
 		w("calls at %d at a time (--max-concurrent-upstream), so the upstream alone needs ceil(%d/%d) rounds of %v. The one", e.upstreamCap, e.conns, e.upstreamCap, e.latency)
 		w("stand-in serves for every instance here, so the bench lets one host use the whole cap (--max-concurrent-upstream-per-host")
-		w("%d; the default of 8 keeps a server that hangs from holding more). Each refresh makes two durable writes, the", e.upstreamCap)
+		w("%d; the default of %d keeps a server that hangs from holding more). Each refresh makes two durable writes, the", e.upstreamCap, defaultPerHost)
 		w("intent and the commit; the group committer lets concurrent refreshes share fsyncs.")
 		w("")
 		w("| connections | upstream token requests | failed callers | last caller served | upstream floor | vs floor | no-op release of as many RPCs | durable writes | commits | writes per commit |")
@@ -169,14 +169,16 @@ func (r *report) markdown() string {
 		w("")
 		w("| per-host share | other server hung | healthy callers served | failed | last healthy caller served | requests held at the hung server then |")
 		w("|---:|---|---:|---:|---:|---:|")
-		byKey := map[[2]int]hungRow{}
+		type setup struct {
+			perHost int
+			hung    bool
+		}
+		rows := map[setup]hungRow{}
 		for _, row := range h.rows {
+			rows[setup{row.perHost, row.withHung}] = row
 			hung, held := "no", "-"
 			if row.withHung {
 				hung, held = "yes", fmt.Sprint(row.held)
-				byKey[[2]int{row.perHost, 1}] = row
-			} else {
-				byKey[[2]int{row.perHost, 0}] = row
 			}
 			share := fmt.Sprintf("%d (the whole cap)", row.perHost)
 			if row.perHost == defaultPerHost {
@@ -185,20 +187,17 @@ func (r *report) markdown() string {
 			w("| %s | %s | %d | %d | %s | %s |", share, hung, row.served, row.failed, ms(row.last), held)
 		}
 		w("")
-		old, okOld := byKey[[2]int{upstreamCap, 1}]
-		calm, okCalm := byKey[[2]int{defaultPerHost, 0}]
-		now, okNow := byKey[[2]int{defaultPerHost, 1}]
-		if okOld && okCalm && okNow {
-			w("Without a per-host share the hung server takes every slot, and its refreshes take them again on every retry:")
-			w("the healthy server's connections wait behind requests that can only time out. %d of %d healthy callers got no", old.failed, h.healthy)
-			w("token within their deadline, and the last answer came after %s instead of %s. With the default share the", ms(old.last), ms(byKey[[2]int{upstreamCap, 0}].last))
-			w("hung server holds %d slots, and the healthy server's connections refresh as fast as when nothing hangs (%s", now.held, ms(now.last))
-			w("against %s). The share's cost is the first row against the third: one server's own mass expiry is paced by", ms(calm.last))
-			w("its share, not the whole cap (raise --max-concurrent-upstream-per-host for a site that serves many tenants).")
-			isolated := now.failed == 0 && now.held <= defaultPerHost && float64(now.last) <= 1.5*float64(calm.last)
-			w("A hung server does not hold up the others: %s.", r.miss(isolated, "isolation from a hung server"))
-			w("")
-		}
+		// benchHung measures all four setups.
+		old, calm, now := rows[setup{upstreamCap, true}], rows[setup{defaultPerHost, false}], rows[setup{defaultPerHost, true}]
+		w("Without a per-host share the hung server takes every slot, and its refreshes take them again on every retry:")
+		w("the healthy server's connections wait behind requests that can only time out. %d of %d healthy callers got no", old.failed, h.healthy)
+		w("token within their deadline, and the last answer came after %s instead of %s. With the default share the", ms(old.last), ms(rows[setup{upstreamCap, false}].last))
+		w("hung server holds %d slots, and the healthy server's connections refresh as fast as when nothing hangs (%s", now.held, ms(now.last))
+		w("against %s). The share's cost is the first row against the third: one server's own mass expiry is paced by", ms(calm.last))
+		w("its share, not the whole cap (raise --max-concurrent-upstream-per-host for a site that serves many tenants).")
+		isolated := now.failed == 0 && now.held <= defaultPerHost && float64(now.last) <= 1.5*float64(calm.last)
+		w("A hung server does not hold up the others: %s.", r.miss(isolated, "isolation from a hung server"))
+		w("")
 	}
 	if e := r.economy; e != nil {
 		w("## 3. Upstream economy over a simulated day")
