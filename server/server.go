@@ -8,7 +8,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
@@ -84,32 +83,9 @@ func New(opts Options) *Server {
 		log.ErrorContext(ctx, "panic recovered in handler", "panic_type", fmt.Sprintf("%T", p), "stack", string(debug.Stack()))
 		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 	}
-	logOpts := []logging.Option{
-		logging.WithLogOnEvents(logging.FinishCall),
-		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
-			if id := authz.callerIdentity(ctx); id != "" {
-				return logging.Fields{"caller", id}
-			}
-			return nil
-		}),
-	}
-	quiet := map[string]bool{pb.TokenBroker_GetAccessToken_FullMethodName: true}
-	for _, m := range opts.QuietMethods {
-		quiet[m] = true
-	}
-	isQuiet := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool { return quiet[c.FullMethod()] })
-	quietOpts := append(slices.Clone(logOpts), logging.WithLevels(func(c codes.Code) logging.Level {
-		if c == codes.OK {
-			return logging.LevelDebug
-		}
-		return logging.DefaultServerCodeToLevel(c)
-	}))
-	var unary []grpc.UnaryServerInterceptor
-	var stream []grpc.StreamServerInterceptor
-	unary = append(unary,
-		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(slogAdapter(log), quietOpts...), isQuiet),
-		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(slogAdapter(log), logOpts...), not(isQuiet)))
-	stream = append(stream, logging.StreamServerInterceptor(slogAdapter(log), logOpts...))
+	reqLog := newRequestLog(log, authz.callerIdentity, opts.QuietMethods)
+	unary := []grpc.UnaryServerInterceptor{reqLog.unary}
+	stream := []grpc.StreamServerInterceptor{reqLog.stream}
 	if opts.Metrics != nil {
 		unary = append(unary, opts.Metrics.grpc.UnaryServerInterceptor())
 		stream = append(stream, opts.Metrics.grpc.StreamServerInterceptor())
@@ -147,9 +123,80 @@ func New(opts Options) *Server {
 	return &Server{Server: gs, Health: hs}
 }
 
-// not inverts a selector's match.
-func not(m selector.Matcher) selector.Matcher {
-	return selector.MatchFunc(func(ctx context.Context, c interceptors.CallMeta) bool { return !m.Match(ctx, c) })
+// requestLog logs every finished call through go-grpc-middleware: quiet
+// methods (GetAccessToken and Options.QuietMethods) log success at debug
+// level, everything else at the interceptor's default levels.
+type requestLog struct {
+	log      *slog.Logger
+	quiet    map[string]bool
+	quietLog grpc.UnaryServerInterceptor // for quiet methods
+	loudLog  grpc.UnaryServerInterceptor // for the others
+	stream   grpc.StreamServerInterceptor
+}
+
+func newRequestLog(log *slog.Logger, who func(context.Context) string, quietMethods []string) *requestLog {
+	opts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
+			var f logging.Fields
+			if id := who(ctx); id != "" {
+				f = logging.Fields{"caller", id}
+			}
+			// A quiet call that failed is logged after the fact; these
+			// fields take precedence over the interceptor's own.
+			if r, ok := ctx.Value(replayedCall{}).(replayedCall); ok {
+				f = append(f, "grpc.start_time", r.start.Format(time.RFC3339))
+				f = append(f, logging.DurationToTimeMillisFields(r.took)...)
+			}
+			return f
+		}),
+	}
+	quietOpts := append(slices.Clone(opts), logging.WithLevels(func(c codes.Code) logging.Level {
+		if c == codes.OK {
+			return logging.LevelDebug
+		}
+		return logging.DefaultServerCodeToLevel(c)
+	}))
+	quiet := map[string]bool{pb.TokenBroker_GetAccessToken_FullMethodName: true}
+	for _, m := range quietMethods {
+		quiet[m] = true
+	}
+	return &requestLog{
+		log:      log,
+		quiet:    quiet,
+		quietLog: logging.UnaryServerInterceptor(slogAdapter(log), quietOpts...),
+		loudLog:  logging.UnaryServerInterceptor(slogAdapter(log), opts...),
+		stream:   logging.StreamServerInterceptor(slogAdapter(log), opts...),
+	}
+}
+
+// replayedCall is the real start and duration of a quiet call that is
+// logged after it finished.
+type replayedCall struct {
+	start time.Time
+	took  time.Duration
+}
+
+// unary logs a unary call. The interceptor builds its fields before the
+// call, which on a cached GetAccessToken costs more than the broker's own
+// work, for a line that is dropped when debug is off. So a quiet call runs
+// first, and only when it failed, or debug lines are kept, does it go
+// through quietLog; a failed one is replayed with its real start time and
+// duration.
+func (r *requestLog) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	switch {
+	case !r.quiet[info.FullMethod]:
+		return r.loudLog(ctx, req, info, handler)
+	case r.log.Enabled(ctx, slog.LevelDebug):
+		return r.quietLog(ctx, req, info, handler)
+	}
+	start := time.Now()
+	resp, err := handler(ctx, req)
+	if err == nil {
+		return resp, nil
+	}
+	ctx = context.WithValue(ctx, replayedCall{}, replayedCall{start: start, took: time.Since(start)})
+	return r.quietLog(ctx, req, info, func(context.Context, any) (any, error) { return resp, err })
 }
 
 // slogAdapter routes go-grpc-middleware's logging through slog.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http/httptest"
@@ -630,4 +631,76 @@ func TestSuccessfulTokenCallsLogAtDebug(t *testing.T) {
 			t.Errorf("%s logged at %q, want %s (all: %v)", call, got, want, levels)
 		}
 	}
+}
+
+// With debug lines off, a successful GetAccessToken writes no request line,
+// while a failed one writes the same "finished call" line as with debug on,
+// timed from the call's real start: the quiet path logs it after the fact.
+func TestQuietFailuresAreLoggedWithTheirRealDuration(t *testing.T) {
+	f := newFixture(t)
+	c := f.create("acme", "erp")
+	var infoLogs syncBuffer
+	infoLog := slog.New(slog.NewJSONHandler(io.MultiWriter(&infoLogs, f.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	srv := server.New(server.Options{Broker: f.b, Logger: infoLog})
+	t.Cleanup(srv.Stop)
+	f.start(srv.Server) // f.client now calls the info-level server
+
+	tok, err := f.client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: c.GetName()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const delay = 150 * time.Millisecond
+	f.idp.Inject(acumaticatest.Fault{Status: 503, Delay: delay})
+	before := time.Now()
+	_, err = f.client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: c.GetName(), RejectedAccessToken: tok.GetAccessToken()})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("refresh against a 503: %v, want UNAVAILABLE", err)
+	}
+	if _, err := f.client.GetConnection(context.Background(), &pb.GetConnectionRequest{Name: c.GetName()}); err != nil {
+		t.Fatal(err)
+	}
+
+	lines := map[string]map[string]any{} // method and code -> its "finished call" line
+	for _, line := range strings.Split(strings.TrimSpace(infoLogs.String()), "\n") {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if rec["msg"] == "finished call" {
+			lines[fmt.Sprint(rec["grpc.method"], " ", rec["grpc.code"])] = rec
+		}
+	}
+	if l, ok := lines["GetAccessToken OK"]; ok {
+		t.Errorf("successful GetAccessToken logged with debug off: %v", l)
+	}
+	failed, ok := lines["GetAccessToken Unavailable"]
+	if !ok {
+		t.Fatalf("failed GetAccessToken not logged; lines: %v", lines)
+	}
+	if ms, _ := failed["grpc.time_ms"].(string); parseMillis(t, ms) < float64(delay.Milliseconds()) {
+		t.Errorf("grpc.time_ms = %q, want at least the upstream's %v", ms, delay)
+	}
+	// RFC 3339 to the second, as the interceptor writes it.
+	if start, err := time.Parse(time.RFC3339, fmt.Sprint(failed["grpc.start_time"])); err != nil || start.After(before) || before.Sub(start) > time.Second {
+		t.Errorf("grpc.start_time = %v (%v), want the second the call began, %v", failed["grpc.start_time"], err, before.Format(time.RFC3339))
+	}
+	if failed["level"] != "WARN" || failed["grpc.error"] == nil || failed["caller"] != server.DevIdentity {
+		t.Errorf("failed call line = %v, want level WARN with grpc.error and caller", failed)
+	}
+	// The same fields as a line logged the usual way.
+	loud := lines["GetConnection OK"]
+	for k := range loud {
+		if _, ok := failed[k]; !ok {
+			t.Errorf("field %q of GetConnection's line missing from the failed GetAccessToken's: %v", k, failed)
+		}
+	}
+}
+
+func parseMillis(t *testing.T, s string) float64 {
+	t.Helper()
+	var ms float64
+	if _, err := fmt.Sscan(s, &ms); err != nil {
+		t.Fatalf("grpc.time_ms %q: %v", s, err)
+	}
+	return ms
 }
