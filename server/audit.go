@@ -19,9 +19,12 @@ import (
 
 // Auditor writes one JSON line per TokenBroker call: who (caller
 // identity), what (method), which connection, the outcome, and for token
-// hand-outs a fingerprint (a short SHA-256 prefix), never the token. Lines
-// are buffered and flushed every second and on Close, so that auditing
-// does not put a write on the token path.
+// hand-outs a fingerprint (a short SHA-256 prefix), never the token.
+// Token hand-outs are buffered and flushed every second and on Close, so
+// that auditing does not put a write on the token path. Every other call
+// (the admin calls, rare and the ones an audit is for) is written out before
+// it answers, with whatever was buffered before it: a crash loses at most a
+// second of token hand-outs, never an admin call its caller saw succeed.
 type Auditor struct {
 	mu   sync.Mutex    // guards w
 	w    *bufio.Writer // buffered audit sink
@@ -44,6 +47,16 @@ func (a *Auditor) Write(p []byte) (int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.w.Write(p)
+}
+
+// write appends one line to the buffer and, with flush, writes the buffer out.
+func (a *Auditor) write(line []byte, flush bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.w.Write(line)
+	if flush {
+		a.w.Flush()
+	}
 }
 
 // Flush writes buffered lines out.
@@ -144,7 +157,7 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		b = append(b, ']')
 	}
 	b = append(b, "}\n"...)
-	a.Write(b)
+	a.write(b, info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
 	*bp = b
 	linePool.Put(bp)
 	return resp, err

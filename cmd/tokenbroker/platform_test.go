@@ -172,3 +172,36 @@ func TestTLSStartRules(t *testing.T) {
 		}
 	}
 }
+
+// An admin call the caller saw succeed is in the audit log even if the
+// process is killed right after; token hand-outs may wait for the next
+// second's flush.
+func TestAdminCallsAreAuditedBeforeTheyAnswer(t *testing.T) {
+	_, url := idp(t)
+	dir := t.TempDir()
+	auditPath := filepath.Join(dir, "audit.log")
+	p := start(t, nil, "--data-dir", filepath.Join(dir, "data"), "--listen", "127.0.0.1:0", "--audit-log", auditPath)
+	c := p.client()
+	ctx := context.Background()
+	createConnection(t, c, "tenants/acme", url)
+	if _, err := c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: connName}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.GetConnection(ctx, &pb.GetConnectionRequest{Name: connName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.DeleteConnection(ctx, &pb.DeleteConnectionRequest{Name: connName, Etag: got.GetConnection().GetEtag()}); err != nil {
+		t.Fatal(err)
+	}
+	p.kill9()
+	audit, err := os.ReadFile(auditPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, method := range []string{"CreateConnection", "GetConnection", "DeleteConnection"} {
+		if !strings.Contains(string(audit), `"method":"/tokenbroker.v1.TokenBroker/`+method+`","connection":"`+connName+`","outcome":"OK"`) {
+			t.Errorf("no audit line for %s after kill -9; the log holds:\n%s", method, audit)
+		}
+	}
+}
