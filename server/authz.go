@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"net"
 	"sync/atomic"
 
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
@@ -48,17 +49,54 @@ func Identity(cert *x509.Certificate) string {
 }
 
 // peerIdentity is the verified client certificate identity of the call.
+// Over [TLSFiles.Credentials] it was found once, at the handshake.
 func peerIdentity(ctx context.Context) (string, bool) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
 		return "", false
 	}
-	tlsInfo, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(tlsInfo.State.VerifiedChains) == 0 || len(tlsInfo.State.VerifiedChains[0]) == 0 {
-		return "", false
+	switch ai := p.AuthInfo.(type) {
+	case callerInfo:
+		return ai.identity, ai.identity != ""
+	case credentials.TLSInfo:
+		id := tlsIdentity(ai)
+		return id, id != ""
 	}
-	id := Identity(tlsInfo.State.VerifiedChains[0][0])
-	return id, id != ""
+	return "", false
+}
+
+// tlsIdentity is the identity of a verified client certificate, or "".
+func tlsIdentity(ti credentials.TLSInfo) string {
+	if len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	return Identity(ti.State.VerifiedChains[0][0])
+}
+
+// callerInfo is a TLS connection's AuthInfo with the caller identity of
+// its verified client certificate, found once per connection rather than
+// formatted from the certificate on every call.
+type callerInfo struct {
+	credentials.TLSInfo
+	identity string
+}
+
+// identityCreds wraps TLS server credentials so that each connection's
+// AuthInfo is a [callerInfo].
+type identityCreds struct {
+	credentials.TransportCredentials
+}
+
+func (c identityCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, ai, err := c.TransportCredentials.ServerHandshake(raw)
+	if ti, ok := ai.(credentials.TLSInfo); ok && err == nil {
+		return conn, callerInfo{TLSInfo: ti, identity: tlsIdentity(ti)}, nil
+	}
+	return conn, ai, err
+}
+
+func (c identityCreds) Clone() credentials.TransportCredentials {
+	return identityCreds{c.TransportCredentials.Clone()}
 }
 
 // Authorizer decides who may call what. Without a policy it is in dev

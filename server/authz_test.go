@@ -87,7 +87,7 @@ func newTLSFixture(t *testing.T, rateLimit float64) *tlsFixture {
 		Broker: f.b, Logger: slog.New(slog.NewJSONHandler(f.logs, nil)),
 		Authorizer: server.NewAuthorizer(p), Auditor: tf.auditor, Metrics: tf.metrics,
 		RateLimit: rateLimit, RateBurst: int(rateLimit),
-		ServerOptions: []grpc.ServerOption{grpc.Creds(credentials.NewTLS(files.Config()))},
+		ServerOptions: []grpc.ServerOption{grpc.Creds(files.Credentials())},
 	})
 	lis, _ := net.Listen("tcp", "127.0.0.1:0")
 	go srv.Serve(lis)

@@ -39,6 +39,16 @@ const (
 // a `/`.
 type Policy struct {
 	rules []rule
+	// The identity patterns, indexed so that a call does not match every
+	// rule's patterns: exact ones (no glob metacharacters) by identity, the
+	// globs in rule order. Each holds rule indexes.
+	exact map[string][]int
+	globs []identityGlob
+}
+
+type identityGlob struct {
+	pattern string
+	rule    int
 }
 
 type rule struct {
@@ -119,7 +129,39 @@ func ParsePolicy(data []byte) (*Policy, error) {
 		}
 		p.rules = append(p.rules, rule{identities: r.Identities, role: r.Role, tenants: r.Tenants, connections: r.Connections})
 	}
+	p.index()
 	return p, nil
+}
+
+// index builds exact and globs from the rules.
+func (p *Policy) index() {
+	p.exact = map[string][]int{}
+	for i, r := range p.rules {
+		for _, id := range r.identities {
+			if strings.ContainsAny(id, `*?[\`) {
+				p.globs = append(p.globs, identityGlob{pattern: id, rule: i})
+			} else if ids := p.exact[id]; len(ids) == 0 || ids[len(ids)-1] != i {
+				p.exact[id] = append(ids, i)
+			}
+		}
+	}
+}
+
+// anyRule reports whether f holds for a rule that names identity. The
+// rules are visited through the index: a map lookup and the glob patterns,
+// not every rule.
+func (p *Policy) anyRule(identity string, f func(*rule) bool) bool {
+	for _, i := range p.exact[identity] {
+		if f(&p.rules[i]) {
+			return true
+		}
+	}
+	for _, g := range p.globs {
+		if ok, _ := path.Match(g.pattern, identity); ok && f(&p.rules[g.rule]) {
+			return true
+		}
+	}
+	return false
 }
 
 func mapValue(n *yaml.Node, key string) *yaml.Node {
@@ -173,22 +215,14 @@ func globAny(patterns []string, s string) bool {
 
 // Known reports whether any rule names the identity.
 func (p *Policy) Known(identity string) bool {
-	for _, r := range p.rules {
-		if globAny(r.identities, identity) {
-			return true
-		}
-	}
-	return false
+	return p.anyRule(identity, func(*rule) bool { return true })
 }
 
 // CanManage reports whether identity is an operator of tenant.
 func (p *Policy) CanManage(identity, tenant string) bool {
-	for _, r := range p.rules {
-		if r.role == RoleOperator && globAny(r.identities, identity) && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant)) {
-			return true
-		}
-	}
-	return false
+	return p.anyRule(identity, func(r *rule) bool {
+		return r.role == RoleOperator && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant))
+	})
 }
 
 // CanConsume reports whether identity may get tokens of the connection.
@@ -197,23 +231,12 @@ func (p *Policy) CanConsume(identity, name string) bool {
 	if err != nil {
 		return false
 	}
-	for _, r := range p.rules {
-		if r.role != RoleConsumer || !globAny(r.identities, identity) {
-			continue
-		}
-		if slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name) {
-			return true
-		}
-	}
-	return false
+	return p.anyRule(identity, func(r *rule) bool {
+		return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
+	})
 }
 
 // IsOperator reports whether identity is an operator of any tenant.
 func (p *Policy) IsOperator(identity string) bool {
-	for _, r := range p.rules {
-		if r.role == RoleOperator && globAny(r.identities, identity) {
-			return true
-		}
-	}
-	return false
+	return p.anyRule(identity, func(r *rule) bool { return r.role == RoleOperator })
 }

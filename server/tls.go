@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
+
+	"google.golang.org/grpc/credentials"
 )
 
 // TLSFiles serves TLS from certificate, key and client CA files that can be
@@ -49,6 +51,13 @@ func (t *TLSFiles) Reload() error {
 	}
 	t.cur.Store(cfg)
 	return nil
+}
+
+// Credentials are the gRPC server credentials to serve with: TLS with
+// [TLSFiles.Config], each connection's caller identity found once, at its
+// handshake.
+func (t *TLSFiles) Credentials() credentials.TransportCredentials {
+	return identityCreds{credentials.NewTLS(t.Config())}
 }
 
 // Config is the tls.Config to serve with; it picks up reloads.

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
 	"tokenbroker/broker"
 	"tokenbroker/server"
@@ -97,7 +96,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		if err != nil {
 			return err
 		}
-		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(tf.Config())))
+		serverOpts = append(serverOpts, grpc.Creds(tf.Credentials()))
 		go watchFiles(ctx, cfg.reloadInterval, []string{cfg.tlsCert, cfg.tlsKey, cfg.clientCA}, func() {
 			if err := tf.Reload(); err != nil {
 				log.Error("certificate files changed but cannot be loaded; keeping the old ones", "error", err.Error())
