@@ -28,7 +28,6 @@ import (
 type Auditor struct {
 	mu   sync.Mutex    // guards w
 	w    *bufio.Writer // buffered audit sink
-	out  io.Writer
 	stop chan struct{}
 	done chan struct{}
 	once sync.Once
@@ -37,16 +36,9 @@ type Auditor struct {
 
 // NewAuditor writes audit lines to w.
 func NewAuditor(w io.Writer) *Auditor {
-	a := &Auditor{w: bufio.NewWriterSize(w, 64<<10), out: w, stop: make(chan struct{}), done: make(chan struct{})}
+	a := &Auditor{w: bufio.NewWriterSize(w, 64<<10), stop: make(chan struct{}), done: make(chan struct{})}
 	go a.flusher()
 	return a
-}
-
-// Write appends one line to the buffer.
-func (a *Auditor) Write(p []byte) (int, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.w.Write(p)
 }
 
 // write appends one line to the buffer and, with flush, writes the buffer out.

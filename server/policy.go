@@ -213,6 +213,17 @@ func globAny(patterns []string, s string) bool {
 	return false
 }
 
+// manages reports whether r makes its identities operators of tenant.
+func (r *rule) manages(tenant string) bool {
+	return r.role == RoleOperator && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant))
+}
+
+// consumes reports whether r lets its identities get tokens of the
+// connection name, in tenant.
+func (r *rule) consumes(tenant, name string) bool {
+	return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
+}
+
 // Known reports whether any rule names the identity.
 func (p *Policy) Known(identity string) bool {
 	return p.anyRule(identity, func(*rule) bool { return true })
@@ -220,9 +231,7 @@ func (p *Policy) Known(identity string) bool {
 
 // CanManage reports whether identity is an operator of tenant.
 func (p *Policy) CanManage(identity, tenant string) bool {
-	return p.anyRule(identity, func(r *rule) bool {
-		return r.role == RoleOperator && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant))
-	})
+	return p.anyRule(identity, func(r *rule) bool { return r.manages(tenant) })
 }
 
 // CanConsume reports whether identity may get tokens of the connection.
@@ -231,9 +240,7 @@ func (p *Policy) CanConsume(identity, name string) bool {
 	if err != nil {
 		return false
 	}
-	return p.anyRule(identity, func(r *rule) bool {
-		return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
-	})
+	return p.anyRule(identity, func(r *rule) bool { return r.consumes(tenant, name) })
 }
 
 // IsOperator reports whether identity is an operator of any tenant.

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net"
-	"slices"
 	"strings"
 	"testing"
 
@@ -123,12 +122,8 @@ func TestPolicyIndexAgreesWithAScanOfEveryRule(t *testing.T) {
 		}
 		for _, tenant := range tenants {
 			name := "tenants/" + tenant + "/connections/erp"
-			manage := func(r *rule) bool {
-				return r.role == RoleOperator && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant))
-			}
-			consume := func(r *rule) bool {
-				return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
-			}
+			manage := func(r *rule) bool { return r.manages(tenant) }
+			consume := func(r *rule) bool { return r.consumes(tenant, name) }
 			if got, want := p.CanManage(id, tenant), scan(id, manage); got != want {
 				t.Errorf("CanManage(%q, %q) = %v, scan says %v", id, tenant, got, want)
 			}
