@@ -143,13 +143,12 @@ func listFilter(ctx context.Context) func(string) bool {
 // PERMISSION_DENIED, before anything reads the store (so existence is not
 // revealed).
 func (a *Authorizer) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	p := a.policy.Load()
+	p, id, err := a.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
 	if p == nil {
 		return handler(ctx, req)
-	}
-	id, ok := peerIdentity(ctx)
-	if !ok || !p.Known(id) {
-		return nil, toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
 	}
 	manage := func(tenant string) bool { return p.CanManage(id, tenant) }
 	tenantOf := func(name string) string { t, _, _ := broker.ParseConnectionName(name); return t }
@@ -185,15 +184,49 @@ func (a *Authorizer) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo
 	return handler(ctx, req)
 }
 
-// stream guards streaming services: server reflection is for operators.
-func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+// withAuthenticated returns a.unary, except that the methods in open
+// (full names) need only a caller the policy knows: no rule names them.
+func (a *Authorizer) withAuthenticated(open []string) grpc.UnaryServerInterceptor {
+	if len(open) == 0 {
+		return a.unary
+	}
+	set := make(map[string]bool, len(open))
+	for _, m := range open {
+		set[m] = true
+	}
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if !set[info.FullMethod] {
+			return a.unary(ctx, req, info, handler)
+		}
+		if _, _, err := a.authenticate(ctx); err != nil {
+			return nil, err
+		}
+		return handler(ctx, req)
+	}
+}
+
+// authenticate returns the policy and the caller's identity, which the
+// policy knows; a nil policy in dev mode, where every caller is known.
+func (a *Authorizer) authenticate(ctx context.Context) (*Policy, string, error) {
 	p := a.policy.Load()
 	if p == nil {
-		return handler(srv, ss)
+		return nil, "", nil
 	}
-	id, ok := peerIdentity(ss.Context())
+	id, ok := peerIdentity(ctx)
 	if !ok || !p.Known(id) {
-		return toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
+		return nil, "", toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
+	}
+	return p, id, nil
+}
+
+// stream guards streaming services: server reflection is for operators.
+func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	p, id, err := a.authenticate(ss.Context())
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		return handler(srv, ss)
 	}
 	if !p.IsOperator(id) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id})

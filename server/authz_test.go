@@ -64,7 +64,9 @@ type tlsFixture struct {
 	hs      *httptest.Server
 }
 
-func newTLSFixture(t *testing.T, rateLimit float64) *tlsFixture {
+// newTLSFixture serves over mutual TLS with testPolicy; opts adjust the
+// server's options.
+func newTLSFixture(t *testing.T, rateLimit float64, opts ...func(*server.Options)) *tlsFixture {
 	t.Helper()
 	metrics := server.NewMetrics()
 	f := newFixture(t, func(o *broker.Options) { o.Observer = metrics }) // plus a plaintext dev server, unused here
@@ -83,12 +85,19 @@ func newTLSFixture(t *testing.T, rateLimit float64) *tlsFixture {
 	}
 	tf.auditor = server.NewAuditor(tf.audit)
 	tf.metrics.Watch(f.b, time.Now)
-	srv := server.New(server.Options{
+	o := server.Options{
 		Broker: f.b, Logger: slog.New(slog.NewJSONHandler(f.logs, nil)),
 		Authorizer: server.NewAuthorizer(p), Auditor: tf.auditor, Metrics: tf.metrics,
 		RateLimit: rateLimit, RateBurst: int(rateLimit),
 		ServerOptions: []grpc.ServerOption{grpc.Creds(files.Credentials())},
-	})
+	}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	srv := server.New(o)
+	// The benchmarks' baselines, added beside TokenBroker.
+	servertest.RegisterNoop(srv.Server)
+	servertest.RegisterEcho(srv.Server, &pb.GetAccessTokenResponse{})
 	lis, _ := net.Listen("tcp", "127.0.0.1:0")
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
@@ -462,3 +471,36 @@ var (
 	_ = broker.AllTenants
 	_ = acumaticatest.Options{}
 )
+
+// A method added beside TokenBroker is authorized by its request, as
+// TokenBroker's are, unless it is named in AuthenticatedMethods: then any
+// caller the policy knows may call it, and no one else. Naming it opens
+// nothing else.
+func TestAuthenticatedMethodsNeedOnlyAKnownCaller(t *testing.T) {
+	tf := newTLSFixture(t, 0, func(o *server.Options) { o.AuthenticatedMethods = []string{servertest.NoopMethod} })
+	orders := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"})
+	stranger := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/stranger"})
+	ctx := context.Background()
+	for _, c := range []struct {
+		who  string
+		cert *tls.Certificate
+		call func(*grpc.ClientConn) error
+		want codes.Code
+	}{
+		{"known caller, named method", &orders, func(cc *grpc.ClientConn) error { return servertest.CallNoop(ctx, cc) }, codes.OK},
+		{"unknown caller, named method", &stranger, func(cc *grpc.ClientConn) error { return servertest.CallNoop(ctx, cc) }, codes.Unauthenticated},
+		{"no certificate, named method", nil, func(cc *grpc.ClientConn) error { return servertest.CallNoop(ctx, cc) }, codes.Unauthenticated},
+		{"known caller, method not named", &orders, func(cc *grpc.ClientConn) error {
+			return servertest.CallEcho(ctx, cc, &pb.GetAccessTokenRequest{Name: "tenants/globex/connections/erp"})
+		}, codes.PermissionDenied},
+		{"known caller, TokenBroker still by the policy", &orders, func(cc *grpc.ClientConn) error {
+			_, err := pb.NewTokenBrokerClient(cc).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: "tenants/globex/connections/erp"})
+			return err
+		}, codes.PermissionDenied},
+	} {
+		_, cc := tf.client(t, c.cert)
+		if got := status.Code(c.call(cc)); got != c.want {
+			t.Errorf("%s: %v, want %v", c.who, got, c.want)
+		}
+	}
+}

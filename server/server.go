@@ -53,6 +53,12 @@ type Options struct {
 	// path, and the audit log records each token issued. Their failures
 	// are logged as every other call's.
 	QuietMethods []string
+	// AuthenticatedMethods are full method names of services added to the
+	// server beside TokenBroker (such as the benchmarks' baselines) that
+	// any caller the policy knows may call: no policy rule names them.
+	// Other added methods are authorized by their request as TokenBroker's
+	// are: a request that is not one of TokenBroker's is denied.
+	AuthenticatedMethods []string
 }
 
 // Server is the gRPC server with its health service.
@@ -94,7 +100,7 @@ func New(opts Options) *Server {
 		opts.Auditor.who = authz.callerIdentity
 		unary = append(unary, opts.Auditor.unary)
 	}
-	unary = append(unary, selector.UnaryServerInterceptor(authz.unary, selector.MatchFunc(needsAuth)))
+	unary = append(unary, selector.UnaryServerInterceptor(authz.withAuthenticated(opts.AuthenticatedMethods), selector.MatchFunc(needsAuth)))
 	stream = append(stream, selector.StreamServerInterceptor(authz.stream, selector.MatchFunc(needsAuth)))
 	if opts.RateLimit > 0 {
 		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerIdentity}
