@@ -75,24 +75,24 @@ func main() {
 	rep := &report{command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), started: time.Now()}
 	if want["cached"] {
 		concs := ints(*concFlag)
-		points, err := benchCached(mkdir(tmp, "cached"), concs, *runs, *dur, logf)
+		points, err := benchCached(mkdir(tmp, "cached"), false, concs, *runs, *dur, logf)
 		if err != nil {
 			fail(err)
 		}
-		rep.cached, rep.concs, rep.runs, rep.dur = points, concs, *runs, *dur
-		var tp50, tp99, np50, np99 []time.Duration
-		for _, p := range points {
-			tp50, tp99 = append(tp50, p.token.p50), append(tp99, p.token.p99)
-			np50, np99 = append(np50, p.noop.p50), append(np99, p.noop.p99)
+		tlsPoints, err := benchCached(mkdir(tmp, "cached-mtls"), true, concs, *runs, *dur, logf)
+		if err != nil {
+			fail(err)
 		}
+		rep.cached, rep.cachedTLS, rep.concs, rep.runs, rep.dur = points, tlsPoints, concs, *runs, *dur
 		if err := os.MkdirAll(filepath.Dir(*plot), 0o755); err != nil {
 			fail(err)
 		}
 		blue, orange := color.RGBA{31, 119, 180, 255}, color.RGBA{255, 127, 14, 255}
-		if err := plotLatency(*plot, concs, []series{
-			{"no-op RPC p50", blue, false, np50}, {"no-op RPC p99", blue, true, np99},
-			{"cached GetAccessToken p50", orange, false, tp50}, {"cached GetAccessToken p99", orange, true, tp99},
-		}); err != nil {
+		green, red := color.RGBA{44, 160, 44, 255}, color.RGBA{214, 39, 40, 255}
+		var lines []series
+		lines = append(lines, latencySeries(points, "", blue, orange)...)
+		lines = append(lines, latencySeries(tlsPoints, " (mTLS)", green, red)...)
+		if err := plotLatency(*plot, concs, lines); err != nil {
 			fail(err)
 		}
 		rep.plot = *plot
@@ -182,6 +182,19 @@ func main() {
 	logf("wrote %s", *out)
 	if rep.failed() {
 		logf("some targets were missed; see %s", *out)
+	}
+}
+
+// latencySeries are the p50 and p99 lines of the no-op and the cached path.
+func latencySeries(points []cachedPoint, suffix string, noop, cached color.RGBA) []series {
+	var tp50, tp99, np50, np99 []time.Duration
+	for _, p := range points {
+		tp50, tp99 = append(tp50, p.token.p50), append(tp99, p.token.p99)
+		np50, np99 = append(np50, p.noop.p50), append(np99, p.noop.p99)
+	}
+	return []series{
+		{"no-op RPC p50" + suffix, noop, false, np50}, {"no-op RPC p99" + suffix, noop, true, np99},
+		{"cached GetAccessToken p50" + suffix, cached, false, tp50}, {"cached GetAccessToken p99" + suffix, cached, true, tp99},
 	}
 }
 

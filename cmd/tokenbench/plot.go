@@ -56,7 +56,7 @@ func plotLatency(path string, concs []int, lines []series) error {
 	line(img, left, top, left, h-bottom, black, false)
 	label(img, w/2-110, h-20, "concurrent callers (log scale)", black)
 	label(img, 8, top-20, "latency (microseconds)", black)
-	label(img, w/2-200, 25, "Cached GetAccessToken vs no-op RPC, same server stack", black)
+	label(img, w/2-200, 25, "Cached GetAccessToken vs no-op RPC, same server stack (plaintext and mTLS)", black)
 	for li, s := range lines {
 		for i := 1; i < len(s.ys); i++ {
 			x0, y0 := xs(i-1), ys(float64(s.ys[i-1].Microseconds()))

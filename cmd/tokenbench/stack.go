@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -15,6 +18,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -83,6 +87,63 @@ type stackOptions struct {
 	perHost int                                   // upstream calls per host (default: the whole cap)
 	// upstreamTimeout bounds one token request (default the broker's).
 	upstreamTimeout time.Duration
+	// mtls serves over mutual TLS with a policy, as production does: the
+	// clients present a certificate the policy makes operator and consumer,
+	// and the baselines are open to any caller the policy knows.
+	mtls bool
+}
+
+// benchIdentity is the clients' certificate identity over mutual TLS.
+const benchIdentity = "spiffe://tokenbench.test/svc/caller"
+
+// benchPolicy grants benchIdentity what the benchmarks do: create
+// connections and get their tokens.
+const benchPolicy = `
+rules:
+  - identities: ["spiffe://tokenbench.test/ops/*", "` + benchIdentity + `"]
+    role: operator
+    tenants: ["*"]
+  - identities: ["` + benchIdentity + `"]
+    role: consumer
+    connections: ["tenants/*/connections/*"]
+`
+
+// mutualTLS returns the server options and client credentials of a stack
+// served over mutual TLS with benchPolicy, through the production code
+// paths (TLS files, policy, per-connection identity).
+func mutualTLS(dir string) ([]grpc.ServerOption, *server.Authorizer, credentials.TransportCredentials, error) {
+	ca, err := servertest.MakeCA("tokenbench CA")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	srvCert, err := ca.Make(servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	cliCert, err := ca.Make(servertest.Leaf{URI: benchIdentity})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	certPath, keyPath, err := servertest.SavePair(dir, "server", srvCert)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	caPath := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(caPath, ca.PEM, 0o600); err != nil {
+		return nil, nil, nil, err
+	}
+	files, err := server.NewTLSFiles(certPath, keyPath, caPath)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	policy, err := server.ParsePolicy([]byte(benchPolicy))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	creds := credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12})
+	return []grpc.ServerOption{grpc.Creds(files.Credentials())}, server.NewAuthorizer(policy), creds, nil
 }
 
 // stackStore is the store behind a stack: bbolt, or etcd for replicas.
@@ -153,14 +214,24 @@ func newStack(o stackOptions) (*stack, error) {
 	}
 	metrics.Watch(b, time.Now)
 	auditor := server.NewAuditor(io.Discard)
-	s.srv = server.New(server.Options{
+	baselines := append(slices.Clone(servertest.QuietMethods), parkMethod)
+	sopts := server.Options{
 		Broker:  b,
 		Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
 		Auditor: auditor,
 		Metrics: metrics,
 		// The baselines are logged as GetAccessToken is.
-		QuietMethods: append(slices.Clone(servertest.QuietMethods), parkMethod),
-	})
+		QuietMethods: baselines,
+	}
+	clientCreds := insecure.NewCredentials()
+	if o.mtls {
+		var err error
+		if sopts.ServerOptions, sopts.Authorizer, clientCreds, err = mutualTLS(o.dir); err != nil {
+			return nil, err
+		}
+		sopts.AuthenticatedMethods = baselines
+	}
+	s.srv = server.New(sopts)
 	servertest.RegisterNoop(s.srv.Server)
 	if o.park != nil {
 		o.park.register(s.srv.Server, s.idpURL)
@@ -178,7 +249,7 @@ func newStack(o stackOptions) (*stack, error) {
 	go s.srv.Serve(lis)
 	s.addr = lis.Addr().String()
 	for range max(o.conns, 1) {
-		cc, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		cc, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(clientCreds))
 		if err != nil {
 			return nil, err
 		}
