@@ -18,7 +18,7 @@ type report struct {
 	// cachedTLS is the same comparison over mutual TLS with a policy.
 	cachedTLS []cachedPoint
 	plot      string
-	herd    *herdResult
+	herd      *herdResult
 	// herdSweep is the herd measured the same way at smaller sizes.
 	herdSweep []*herdResult
 	etcd      *etcdResult
