@@ -26,6 +26,10 @@ type herdResult struct {
 	// moment the held token request goes on until the last caller has its
 	// token, and the same for no-op RPCs held and released at once.
 	parked, parkedNoop time.Duration
+	// answered is when, in the parked herd, the stand-in answered the one
+	// token request; afterAnswer is from then until the last caller had
+	// its token (the commit and the fan-out).
+	answered, afterAnswer time.Duration
 }
 
 // benchHerd measures n callers on an expired token through real gRPC,
@@ -77,7 +81,7 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 		res.distinct = max(res.distinct, distinct)
 		return d, err
 	}
-	var released, noopReleased, parked, parkedNoop []time.Duration
+	var released, noopReleased, parked, parkedNoop, answered, afterAnswer []time.Duration
 	for range runs {
 		// The baselines use the parked RPC (same request and answer shapes);
 		// unarmed, it answers at once.
@@ -100,7 +104,11 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 			// whose token request is held at the stand-in; then it goes on.
 			allMissed, held := misses.arm(n, false), upstream.arm(1, true)
 			defer misses.open()
-			return parkThenRelease(n, func() { <-allMissed; <-held }, upstream.open, getToken)
+			var opened time.Time
+			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, getToken)
+			a := time.Unix(0, upstream.answered.Load()).Sub(opened)
+			answered, afterAnswer = append(answered, a), append(afterAnswer, d-a)
+			return d, err
 		}); err != nil {
 			return nil, fmt.Errorf("parked herd: %w", err)
 		}
@@ -108,6 +116,7 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 	}
 	res.lastCaller, res.noopHerd = medianDur(released), medianDur(noopReleased)
 	res.parked, res.parkedNoop = medianDur(parked), medianDur(parkedNoop)
+	res.answered, res.afterAnswer = medianDur(answered), medianDur(afterAnswer)
 	if res.errors > 0 {
 		return res, fmt.Errorf("herd: %d callers failed", res.errors)
 	}

@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -19,7 +21,10 @@ import (
 // the gate opens: the parked herd holds the stand-in's token request with
 // it, and the parked baseline holds no-op RPCs.
 type parking struct {
-	mu      sync.Mutex
+	// answered is when a token request that arrived here was last
+	// answered (Unix nanoseconds).
+	answered atomic.Int64
+	mu       sync.Mutex
 	gate    chan struct{} // closed by open; nil: arrivals pass
 	want    int
 	arrived int
@@ -70,6 +75,9 @@ func (p *parking) holdTokenRequests(next http.Handler) http.Handler {
 			}
 		}
 		next.ServeHTTP(w, r)
+		if strings.HasSuffix(r.URL.Path, "/connect/token") {
+			p.answered.Store(time.Now().UnixNano())
+		}
 	})
 }
 
