@@ -25,10 +25,10 @@ type parking struct {
 	// answered (Unix nanoseconds).
 	answered atomic.Int64
 	mu       sync.Mutex
-	gate    chan struct{} // closed by open; nil: arrivals pass
-	want    int
-	arrived int
-	all     chan struct{} // closed when want arrivals were counted
+	gate     chan struct{} // closed by open; nil: arrivals pass
+	want     int
+	arrived  int
+	all      chan struct{} // closed when want arrivals were counted
 }
 
 // arm starts counting towards want; with hold, arrivals wait for open.
