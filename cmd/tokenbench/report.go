@@ -107,6 +107,8 @@ func (r *report) markdown() string {
 			w("authentication only: the server is told to admit any caller the policy knows to it")
 			w("(`server.Options.AuthenticatedMethods`), since no policy rule can name a method. Both pay TLS on every")
 			w("call; the handshakes happen before the clock starts. A fresh server, the same clients and the same rules.")
+			w("Each table's ratios come from its own interleaved runs; the two tables ran one after the other, so their")
+			w("absolute rates are not a measure of what TLS costs.")
 			w("")
 			r.cachedTable(w, r.cachedTLS, " (mutual TLS)")
 			w("")
