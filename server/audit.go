@@ -113,7 +113,7 @@ func auditTarget(req any) string {
 }
 
 func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if !strings.HasPrefix(info.FullMethod, "/tokenbroker.v1.TokenBroker/") {
+	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		return handler(ctx, req)
 	}
 	resp, err := handler(ctx, req)

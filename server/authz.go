@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"strings"
 	"sync/atomic"
 
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
@@ -142,13 +143,18 @@ func listFilter(ctx context.Context) func(string) bool {
 // unknown callers get UNAUTHENTICATED, known callers without the grant
 // PERMISSION_DENIED, before anything reads the store (so existence is not
 // revealed).
-func (a *Authorizer) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	p, id, err := a.authenticate(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if p == nil {
 		return handler(ctx, req)
+	}
+	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
+		// A method added beside TokenBroker: no rule can grant it, whatever
+		// its request says.
+		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
 	}
 	manage := func(tenant string) bool { return p.CanManage(id, tenant) }
 	tenantOf := func(name string) string { t, _, _ := broker.ParseConnectionName(name); return t }

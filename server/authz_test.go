@@ -472,10 +472,10 @@ var (
 	_ = acumaticatest.Options{}
 )
 
-// A method added beside TokenBroker is authorized by its request, as
-// TokenBroker's are, unless it is named in AuthenticatedMethods: then any
-// caller the policy knows may call it, and no one else. Naming it opens
-// nothing else.
+// A method added beside TokenBroker is denied to every caller under a
+// policy, even one whose request the caller could send to TokenBroker,
+// unless it is named in AuthenticatedMethods: then any caller the policy
+// knows may call it, and no one else. Naming it opens nothing else.
 func TestAuthenticatedMethodsNeedOnlyAKnownCaller(t *testing.T) {
 	tf := newTLSFixture(t, 0, func(o *server.Options) { o.AuthenticatedMethods = []string{servertest.NoopMethod} })
 	orders := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"})
@@ -491,8 +491,13 @@ func TestAuthenticatedMethodsNeedOnlyAKnownCaller(t *testing.T) {
 		{"unknown caller, named method", &stranger, func(cc *grpc.ClientConn) error { return servertest.CallNoop(ctx, cc) }, codes.Unauthenticated},
 		{"no certificate, named method", nil, func(cc *grpc.ClientConn) error { return servertest.CallNoop(ctx, cc) }, codes.Unauthenticated},
 		{"known caller, method not named", &orders, func(cc *grpc.ClientConn) error {
-			return servertest.CallEcho(ctx, cc, &pb.GetAccessTokenRequest{Name: "tenants/globex/connections/erp"})
+			// orders consumes this connection: through GetAccessToken it is allowed.
+			return servertest.CallEcho(ctx, cc, &pb.GetAccessTokenRequest{Name: "tenants/acme/connections/erp"})
 		}, codes.PermissionDenied},
+		{"known caller, the same request through TokenBroker", &orders, func(cc *grpc.ClientConn) error {
+			_, err := pb.NewTokenBrokerClient(cc).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: "tenants/acme/connections/erp"})
+			return err
+		}, codes.OK},
 		{"known caller, TokenBroker still by the policy", &orders, func(cc *grpc.ClientConn) error {
 			_, err := pb.NewTokenBrokerClient(cc).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: "tenants/globex/connections/erp"})
 			return err

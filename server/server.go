@@ -56,10 +56,12 @@ type Options struct {
 	// AuthenticatedMethods are full method names of services added to the
 	// server beside TokenBroker (such as the benchmarks' baselines) that
 	// any caller the policy knows may call: no policy rule names them.
-	// Other added methods are authorized by their request as TokenBroker's
-	// are: a request that is not one of TokenBroker's is denied.
+	// Under a policy, other added methods are denied to every caller.
 	AuthenticatedMethods []string
 }
+
+// tokenBrokerMethods prefixes the full names of TokenBroker's methods.
+const tokenBrokerMethods = "/tokenbroker.v1.TokenBroker/"
 
 // Server is the gRPC server with its health service.
 type Server struct {
