@@ -97,7 +97,9 @@ type stackOptions struct {
 const benchIdentity = "spiffe://tokenbench.test/svc/caller"
 
 // benchPolicy grants benchIdentity what the benchmarks do: create
-// connections and get their tokens.
+// connections and get their tokens. The operators' glob names no bench
+// caller; it makes each lookup walk the policy's globs too, as a real
+// policy's would.
 const benchPolicy = `
 rules:
   - identities: ["spiffe://tokenbench.test/ops/*", "` + benchIdentity + `"]
