@@ -62,6 +62,17 @@ func (r *report) cachedTable(w func(string, ...any), points []cachedPoint, how s
 	}
 }
 
+// echoTable writes the cached path against the echo baseline, one row per
+// concurrency level.
+func echoTable(w func(string, ...any), points []cachedPoint) {
+	w("| callers | echo calls/s | cached calls/s | throughput vs echo | echo p99 | cached p99 | p99 vs echo |")
+	w("|---:|---:|---:|---:|---:|---:|---:|")
+	for _, p := range points {
+		w("| %d | %.0f | %.0f | %.3f | %s | %s | %.3f |", p.conc, p.echo.throughput, p.token.throughput, p.echoTputRatio,
+			us(p.echo.p99), us(p.token.p99), p.echoP99Ratio)
+	}
+}
+
 func (r *report) markdown() string {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
@@ -92,12 +103,7 @@ func (r *report) markdown() string {
 		w("the echo, the ratio is the cost of the broker's own work: the lookup, the audit line, name validation and")
 		w("the response build. Against the no-op, the ratio also includes carrying a token request and answer.")
 		w("")
-		w("| callers | echo calls/s | cached calls/s | throughput vs echo | echo p99 | cached p99 | p99 vs echo |")
-		w("|---:|---:|---:|---:|---:|---:|---:|")
-		for _, p := range r.cached {
-			w("| %d | %.0f | %.0f | %.3f | %s | %s | %.3f |", p.conc, p.echo.throughput, p.token.throughput, p.echoTputRatio,
-				us(p.echo.p99), us(p.token.p99), p.echoP99Ratio)
-		}
+		echoTable(w, r.cached)
 		w("")
 		if len(r.cachedTLS) > 0 {
 			w("**The same over mutual TLS, with a policy**, as production serves: the server presents a certificate")
@@ -112,12 +118,7 @@ func (r *report) markdown() string {
 			w("")
 			r.cachedTable(w, r.cachedTLS, " (mutual TLS)")
 			w("")
-			w("| callers | echo calls/s | cached calls/s | throughput vs echo | echo p99 | cached p99 | p99 vs echo |")
-			w("|---:|---:|---:|---:|---:|---:|---:|")
-			for _, p := range r.cachedTLS {
-				w("| %d | %.0f | %.0f | %.3f | %s | %s | %.3f |", p.conc, p.echo.throughput, p.token.throughput, p.echoTputRatio,
-					us(p.echo.p99), us(p.token.p99), p.echoP99Ratio)
-			}
+			echoTable(w, r.cachedTLS)
 			w("")
 		}
 		w("![latency vs concurrency](%s)", r.plot)
