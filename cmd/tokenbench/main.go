@@ -13,6 +13,7 @@
 package main
 
 import (
+	"cmp"
 	"flag"
 	"fmt"
 	"image/color"
@@ -24,6 +25,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"tokenbroker/server"
 )
 
 func main() {
@@ -46,7 +49,13 @@ func main() {
 	etcdSamples := flag.Int("etcd-samples", 300, "refreshes' storage work timed on each store in the etcd section")
 	etcdHerd := flag.Int("etcd-herd", 1000, "callers in the herd across two replicas on etcd")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	heapFloor := flag.Int("gc-heap-floor-mib", server.DefaultHeapFloor>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve (its --gc-heap-floor-mib); 0: GOGC alone")
 	flag.Parse()
+	// The in-process servers run as the binary does, with its heap floor;
+	// it is process-wide, so the bench clients share it.
+	if *heapFloor > 0 {
+		defer server.StartHeapFloor(uint64(*heapFloor) << 20).Stop()
+	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -176,6 +185,8 @@ func main() {
 		rep.etcd = r
 	}
 	rep.machine = machine()
+	rep.runtime = fmt.Sprintf("GC heap floor %d MiB (tokenbroker serve's default; the in-process servers and clients share it), GOGC=%s, GOMEMLIMIT=%s",
+		*heapFloor, cmp.Or(os.Getenv("GOGC"), "100"), cmp.Or(os.Getenv("GOMEMLIMIT"), "none"))
 	if err := os.WriteFile(*out, []byte(rep.markdown()), 0o644); err != nil {
 		fail(err)
 	}

@@ -174,6 +174,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, where)
 
 	errc := make(chan error, 2)
+	floor := make(chan *server.HeapFloor, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	// Serve while loading: a connection not loaded yet is read from the
 	// store when first asked for. Maintenance starts once all are loaded.
@@ -190,6 +191,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		if err != nil {
 			errc <- err
 			return
+		}
+		// From here on the heap holds every connection; below the floor
+		// the collector lets garbage build up instead of running scores
+		// of times a second under load.
+		if cfg.gcHeapFloorMiB > 0 {
+			floor <- server.StartHeapFloor(uint64(cfg.gcHeapFloorMiB) << 20)
 		}
 		b.Start()
 		log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
@@ -210,6 +217,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		srv.Stop()
 	}
 	b.Close() // waits for shared refreshes and their commits
+	select {
+	case f := <-floor:
+		f.Stop()
+	default:
+	}
 	log.Info("stopped")
 	return nil
 }

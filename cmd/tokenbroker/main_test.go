@@ -202,6 +202,7 @@ func TestStartRefusals(t *testing.T) {
 	}{
 		{"non-loopback without TLS", nil, nil, []string{"--listen", "0.0.0.0:0"}, "refusing to listen on 0.0.0.0:0 without TLS"},
 		{"environment variable read", nil, []string{"TOKENBROKER_LISTEN=0.0.0.0:0"}, []string{}, "refusing to listen"},
+		{"negative heap floor", nil, []string{"TOKENBROKER_GC_HEAP_FLOOR_MIB=-1"}, []string{}, "--gc-heap-floor-mib must not be negative"},
 		{"corrupt data file", func(t *testing.T, dir string) {
 			os.MkdirAll(dir, 0o700)
 			os.WriteFile(filepath.Join(dir, "tokenbroker.db"), bytes.Repeat([]byte("garbage!"), 4096), 0o600)

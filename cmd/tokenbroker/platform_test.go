@@ -4,9 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -203,5 +207,49 @@ func TestAdminCallsAreAuditedBeforeTheyAnswer(t *testing.T) {
 		if !strings.Contains(string(audit), `"method":"/tokenbroker.v1.TokenBroker/`+method+`","connection":"`+connName+`","outcome":"OK"`) {
 			t.Errorf("no audit line for %s after kill -9; the log holds:\n%s", method, audit)
 		}
+	}
+}
+
+// TestMetricsShowTheHeapFloor scrapes the binary's /metrics: GOGC is raised
+// for the heap floor by default, and left at 100 with the floor off.
+func TestMetricsShowTheHeapFloor(t *testing.T) {
+	listenLine := regexp.MustCompile(`"msg":"metrics serving","listen":"([^"]+)"`)
+	gogcLine := regexp.MustCompile(`(?m)^go_gc_gogc_percent (\S+)$`)
+	for _, tc := range []struct {
+		args []string
+		want func(float64) bool
+		says string
+	}{
+		{nil, func(p float64) bool { return p > 100 }, "above 100 (the default 64 MiB floor over a heap of a few MiB)"},
+		{[]string{"--gc-heap-floor-mib", "0"}, func(p float64) bool { return p == 100 }, "100 (floor off)"},
+	} {
+		args := append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", filepath.Join(t.TempDir(), "data")}, tc.args...)
+		p := start(t, nil, args...)
+		if !p.waitOutput("loaded 0 connections", 20*time.Second) {
+			t.Fatalf("did not load: %s", p.out.String())
+		}
+		m := listenLine.FindStringSubmatch(p.out.String())
+		if m == nil {
+			t.Fatalf("no metrics address in %s", p.out.String())
+		}
+		resp, err := http.Get("http://" + m[1] + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := gogcLine.FindSubmatch(body)
+		if g == nil {
+			t.Fatalf("no go_gc_gogc_percent in /metrics")
+		}
+		percent, err := strconv.ParseFloat(string(g[1]), 64)
+		if err != nil || !tc.want(percent) {
+			t.Errorf("%v: go_gc_gogc_percent %s, want %s", tc.args, g[1], tc.says)
+		}
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		<-p.exited
 	}
 }
