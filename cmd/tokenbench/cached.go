@@ -44,9 +44,10 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 	noop := func(ctx context.Context, w int) error {
 		return servertest.CallNoop(ctx, s.conns[w%len(s.conns)])
 	}
-	echoReq := &pb.GetAccessTokenRequest{Name: name}
+	// Each mode builds its request per call, as a caller does, and calls
+	// the way a generated client does (servertest's callers mirror it).
 	echo := func(ctx context.Context, w int) error {
-		return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], echoReq)
+		return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], &pb.GetAccessTokenRequest{Name: name})
 	}
 	// Warm both paths.
 	runLoad(16, 300*time.Millisecond, token)

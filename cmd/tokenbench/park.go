@@ -121,5 +121,5 @@ func (p *parking) register(s *grpc.Server, instanceURL string) {
 }
 
 func callPark(ctx context.Context, cc grpc.ClientConnInterface, req *pb.GetAccessTokenRequest) error {
-	return cc.Invoke(ctx, parkMethod, req, new(pb.GetAccessTokenResponse))
+	return cc.Invoke(ctx, parkMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
 }

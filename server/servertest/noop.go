@@ -50,9 +50,10 @@ func RegisterUnary(s *grpc.Server, service, method string, newReq func() any, h 
 	}, struct{}{})
 }
 
-// CallNoop calls the baseline RPC.
+// CallNoop calls the baseline RPC the way a generated client calls a
+// method: a fresh answer, and the method marked static.
 func CallNoop(ctx context.Context, cc grpc.ClientConnInterface) error {
-	return cc.Invoke(ctx, NoopMethod, &emptypb.Empty{}, &emptypb.Empty{})
+	return cc.Invoke(ctx, NoopMethod, &emptypb.Empty{}, &emptypb.Empty{}, grpc.StaticMethod())
 }
 
 // EchoMethod is the full name of the second baseline RPC that
@@ -68,7 +69,7 @@ func RegisterEcho(s *grpc.Server, answer *pb.GetAccessTokenResponse) {
 		func(context.Context, any) (any, error) { return answer, nil })
 }
 
-// CallEcho calls the echo baseline with req.
+// CallEcho calls the echo baseline with req, as a generated client would.
 func CallEcho(ctx context.Context, cc grpc.ClientConnInterface, req *pb.GetAccessTokenRequest) error {
-	return cc.Invoke(ctx, EchoMethod, req, new(pb.GetAccessTokenResponse))
+	return cc.Invoke(ctx, EchoMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
 }
