@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -13,6 +14,18 @@ type loadResult struct {
 	errors     int
 	throughput float64 // calls per second
 	p50, p99   time.Duration
+	// cpu is the process's CPU time (user and system) per call: client
+	// and server together, as both run in the bench process.
+	cpu time.Duration
+}
+
+// processCPU is the CPU time the process has used so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // runLoad runs conc goroutines calling call back to back for dur and
@@ -42,11 +55,11 @@ func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker 
 			}
 		}()
 	}
-	began := time.Now()
+	cpu0, began := processCPU(), time.Now()
 	deadline = began.Add(dur)
 	close(start)
 	wg.Wait()
-	elapsed := time.Since(began)
+	elapsed, cpu := time.Since(began), processCPU()-cpu0
 	var all []time.Duration
 	r := loadResult{}
 	for w := range conc {
@@ -57,14 +70,15 @@ func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker 
 	r.calls = len(all)
 	r.throughput = float64(len(all)) / elapsed.Seconds()
 	if len(all) > 0 {
+		r.cpu = cpu / time.Duration(len(all))
 		r.p50 = all[len(all)*50/100]
 		r.p99 = all[min(len(all)*99/100, len(all)-1)]
 	}
 	return r
 }
 
-// median returns the run with the median throughput, and the median p50
-// and p99 taken separately.
+// median returns the median throughput, p50, p99 and CPU per call, each
+// taken separately.
 func median(runs []loadResult) loadResult {
 	pick := func(key func(loadResult) float64) float64 {
 		v := make([]float64, len(runs))
@@ -78,6 +92,7 @@ func median(runs []loadResult) loadResult {
 		throughput: pick(func(r loadResult) float64 { return r.throughput }),
 		p50:        time.Duration(pick(func(r loadResult) float64 { return float64(r.p50) })),
 		p99:        time.Duration(pick(func(r loadResult) float64 { return float64(r.p99) })),
+		cpu:        time.Duration(pick(func(r loadResult) float64 { return float64(r.cpu) })),
 	}
 	for _, r := range runs {
 		out.calls += r.calls

@@ -63,6 +63,19 @@ func (r *report) cachedTable(w func(string, ...any), points []cachedPoint, how s
 	}
 }
 
+// cpuTable writes the process's CPU time per call of each mode.
+func cpuTable(w func(string, ...any), points []cachedPoint) {
+	w("| callers | no-op CPU per call | echo CPU per call | cached CPU per call | cached over no-op | cached over echo | no-op / cached |")
+	w("|---:|---:|---:|---:|---:|---:|---:|")
+	for _, p := range points {
+		w("| %d | %s | %s | %s | +%s | +%s | %.3f |", p.conc, us1(p.noop.cpu), us1(p.echo.cpu), us1(p.token.cpu),
+			us1(p.token.cpu-p.noop.cpu), us1(p.token.cpu-p.echo.cpu), float64(p.noop.cpu)/float64(p.token.cpu))
+	}
+}
+
+// us1 formats d in microseconds with one decimal.
+func us1(d time.Duration) string { return fmt.Sprintf("%.1f µs", float64(d)/1e3) }
+
 // echoTable writes the cached path against the echo baseline, one row per
 // concurrency level.
 func echoTable(w func(string, ...any), points []cachedPoint) {
@@ -108,6 +121,14 @@ func (r *report) markdown() string {
 		w("")
 		echoTable(w, r.cached)
 		w("")
+		w("**CPU per call.** Throughput on two shared cores swings from run to run; the CPU time the process spent per")
+		w("call (user and system, from getrusage over each measured run; medians) moves less. It counts the client and")
+		w("the server together, since both run in the bench process, and the collector's work. What the cached path")
+		w("costs over the no-op is what a token call costs over an empty one; over the echo, what the broker itself adds.")
+		w("At one caller, threads spinning idle between calls add to every mode's figure.")
+		w("")
+		cpuTable(w, r.cached)
+		w("")
 		if len(r.cachedTLS) > 0 {
 			w("**The same over mutual TLS, with a policy**, as production serves: the server presents a certificate")
 			w("and verifies the client's (`TLSFiles`, as `--tls-cert`, `--tls-key` and `--client-ca` load them), and a")
@@ -122,6 +143,8 @@ func (r *report) markdown() string {
 			r.cachedTable(w, r.cachedTLS, " (mutual TLS)")
 			w("")
 			echoTable(w, r.cachedTLS)
+			w("")
+			cpuTable(w, r.cachedTLS)
 			w("")
 		}
 		w("![latency vs concurrency](%s)", r.plot)
