@@ -68,8 +68,8 @@ func cpuTable(w func(string, ...any), points []cachedPoint) {
 	w("| callers | no-op CPU per call | echo CPU per call | cached CPU per call | cached over no-op | cached over echo | no-op / cached |")
 	w("|---:|---:|---:|---:|---:|---:|---:|")
 	for _, p := range points {
-		w("| %d | %s | %s | %s | +%s | +%s | %.3f |", p.conc, us1(p.noop.cpu), us1(p.echo.cpu), us1(p.token.cpu),
-			us1(p.token.cpu-p.noop.cpu), us1(p.token.cpu-p.echo.cpu), float64(p.noop.cpu)/float64(p.token.cpu))
+		w("| %d | %s | %s | %s | %+.1f µs | %+.1f µs | %.3f |", p.conc, us1(p.noop.cpu), us1(p.echo.cpu), us1(p.token.cpu),
+			float64(p.token.cpu-p.noop.cpu)/1e3, float64(p.token.cpu-p.echo.cpu)/1e3, float64(p.noop.cpu)/float64(p.token.cpu))
 	}
 }
 
@@ -109,8 +109,8 @@ func (r *report) markdown() string {
 		w("level, so neither goes through the logging interceptor (README, Logs). The no-op handler does no")
 		w("work. A Go closed-loop client (in the bench process, on the same two cores) calls every mode as a")
 		w("generated client does, with a fresh request each call, and drives each concurrency level for %v; the", r.dur)
-		w("modes are interleaved, and each figure is the median of %d runs. Targets: throughput at least 0.95x, p99")
-		w("within 1.1x.", r.runs)
+		w("modes are interleaved, and each figure is the median of %d runs. Targets: throughput at least 0.95x, p99", r.runs)
+		w("within 1.1x.")
 		w("")
 		r.cachedTable(w, r.cached, "")
 		w("")
@@ -121,11 +121,11 @@ func (r *report) markdown() string {
 		w("")
 		echoTable(w, r.cached)
 		w("")
-		w("**CPU per call.** Throughput on two shared cores swings from run to run; the CPU time the process spent per")
-		w("call (user and system, from getrusage over each measured run; medians) moves less. It counts the client and")
-		w("the server together, since both run in the bench process, and the collector's work. What the cached path")
-		w("costs over the no-op is what a token call costs over an empty one; over the echo, what the broker itself adds.")
-		w("At one caller, threads spinning idle between calls add to every mode's figure.")
+		w("**CPU per call.** The same runs seen another way: the CPU time the process spent per call (user and system,")
+		w("from getrusage around each measured run; medians). It counts the client and the server together, since both")
+		w("run in the bench process, and the collector's work. What the cached path costs over the no-op is what a token")
+		w("call costs over an empty one; over the echo, what the broker itself adds. It is as noisy as the rates: at one")
+		w("caller, threads spinning idle between calls add to every mode's figure.")
 		w("")
 		cpuTable(w, r.cached)
 		w("")

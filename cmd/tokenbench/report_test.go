@@ -44,10 +44,20 @@ func TestCachedVerdictsAtTheTargetsEdges(t *testing.T) {
 }
 
 func TestNothingMissedIsSaid(t *testing.T) {
-	r := &report{cached: []cachedPoint{{conc: 1, tputRatio: 1, p99Ratio: 1}}, runs: 1}
+	p := cachedPoint{conc: 1, tputRatio: 1, p99Ratio: 1}
+	p.noop.cpu, p.echo.cpu, p.token.cpu = 30*time.Microsecond, 33*time.Microsecond, 32*time.Microsecond
+	r := &report{cached: []cachedPoint{p}, cachedTLS: []cachedPoint{p}, runs: 1}
 	md := r.markdown()
 	if r.failed() || strings.Contains(md, "**missed**") {
 		t.Errorf("a run that met its targets reads as failed:\n%s", md)
+	}
+	if !strings.Contains(md, "| 1 | 30.0 µs | 33.0 µs | 32.0 µs | +2.0 µs | -1.0 µs | 0.938 |") {
+		t.Errorf("CPU per call row, with a saving over the echo, is not as expected:\n%s", md)
+	}
+	// fmt's complaints (%!d(MISSING), %!(EXTRA ...)) mean a line and its
+	// arguments went apart.
+	if strings.Contains(md, "%!") {
+		t.Errorf("formatting errors in the report:\n%s", md)
 	}
 }
 
