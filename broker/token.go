@@ -120,11 +120,18 @@ func (b *Broker) slowToken(ctx context.Context, c *conn, minValid time.Duration,
 			}
 		}
 		f := b.startFlightLocked(c, why)
+		// A flight that has already committed a newer generation is only
+		// finishing: if the token it issued is the one reported, it will
+		// bring nothing newer. Wait for it to end, then start another.
+		finishing := rejected != "" && c.tok.Generation > f.gen
 		c.mu.Unlock()
 		select {
 		case <-f.done:
 		case <-ctx.Done():
 			return Token{}, ctx.Err()
+		}
+		if finishing {
+			continue
 		}
 		joined = true
 		flightErr = f.err
