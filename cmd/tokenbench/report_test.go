@@ -91,3 +91,35 @@ func TestRunLoadCountsFailures(t *testing.T) {
 		t.Errorf("%d calls made, %d failed; result %+v", n, n/2, r)
 	}
 }
+
+// TestBareCarryingAgainstTheBudget: the bare server's table compares what
+// carrying costs (bare echo over bare no-op, CPU per call) with 5.3% of the
+// full stack's no-op, on both sides of the edge, and counts the levels over.
+func TestBareCarryingAgainstTheBudget(t *testing.T) {
+	point := func(conc int, carry time.Duration) cachedPoint {
+		p := cachedPoint{conc: conc, tputRatio: 1, p99Ratio: 1, bareNoopRuns: []loadResult{{}}}
+		p.noop.cpu = 38 * time.Microsecond // budget: 2.0 µs
+		p.bareNoop = loadResult{throughput: 100, cpu: 20 * time.Microsecond}
+		p.bareEcho = loadResult{throughput: 90, cpu: 20*time.Microsecond + carry}
+		return p
+	}
+	r := &report{cached: []cachedPoint{point(1, 2*time.Microsecond), point(16, 2100*time.Nanosecond), {conc: 64}}, runs: 1}
+	md := r.markdown()
+	for _, want := range []string{
+		"| 1 | 100 | 90 | 0.900 | 20.0 µs | 22.0 µs | +2.0 µs | 2.0 µs | yes |",
+		"| 16 | 100 | 90 | 0.900 | 20.0 µs | 22.1 µs | +2.1 µs | 2.0 µs | no |",
+		"Carrying alone exceeded the whole budget at 1 of 2 concurrency levels.",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+	if strings.Contains(md, "%!") {
+		t.Errorf("formatting errors in the report:\n%s", md)
+	}
+	// Without bare runs (the mutual TLS table's points), no bare table.
+	r = &report{cached: []cachedPoint{{conc: 1, tputRatio: 1, p99Ratio: 1}}, runs: 1}
+	if md := r.markdown(); strings.Contains(md, "bare no-op") {
+		t.Errorf("a bare table without bare runs:\n%s", md)
+	}
+}

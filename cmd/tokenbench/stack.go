@@ -68,7 +68,9 @@ type stack struct {
 	srv    *server.Server
 	addr   string
 	conns  []*grpc.ClientConn
-	close  func()
+	// bareConns reach a bare gRPC server (stackOptions.bare).
+	bareConns []*grpc.ClientConn
+	close     func()
 }
 
 // upstreamCap is the stack's cap on concurrent upstream token requests:
@@ -91,6 +93,11 @@ type stackOptions struct {
 	// clients present a certificate the policy makes operator and consumer,
 	// and the baselines are open to any caller the policy knows.
 	mtls bool
+	// bare also serves the no-op and echo baselines from a second, bare
+	// gRPC server (grpc.NewServer with no options: no interceptors, no
+	// broker) on its own loopback listener, reached through bareConns.
+	// Plaintext only: not with mtls.
+	bare bool
 }
 
 // benchIdentity is the clients' certificate identity over mutual TLS.
@@ -240,27 +247,27 @@ func newStack(o stackOptions) (*stack, error) {
 	}
 	// The echo baseline answers with a token response shaped like the real
 	// one (the stand-in's token length, this instance URL, the same scopes).
-	servertest.RegisterEcho(s.srv.Server, &pb.GetAccessTokenResponse{
+	echoAnswer := &pb.GetAccessTokenResponse{
 		AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer", ExpireTime: timestamppb.Now(),
 		InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"},
-	})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	}
+	servertest.RegisterEcho(s.srv.Server, echoAnswer)
+	if s.addr, s.conns, err = serveOn(s.srv.Server, o.conns, clientCreds); err != nil {
 		return nil, err
 	}
-	go s.srv.Serve(lis)
-	s.addr = lis.Addr().String()
-	for range max(o.conns, 1) {
-		cc, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(clientCreds))
-		if err != nil {
+	bare := grpc.NewServer()
+	if o.bare && !o.mtls {
+		servertest.RegisterNoop(bare)
+		servertest.RegisterEcho(bare, echoAnswer)
+		if _, s.bareConns, err = serveOn(bare, o.conns, clientCreds); err != nil {
 			return nil, err
 		}
-		s.conns = append(s.conns, cc)
 	}
 	s.close = func() {
-		for _, cc := range s.conns {
+		for _, cc := range append(slices.Clone(s.conns), s.bareConns...) {
 			cc.Close()
 		}
+		bare.Stop()
 		s.srv.Stop()
 		b.Close()
 		auditor.Close()
@@ -269,6 +276,25 @@ func newStack(o stackOptions) (*stack, error) {
 		hs.Close()
 	}
 	return s, nil
+}
+
+// serveOn serves srv on a new loopback listener and dials it n times
+// (at least once).
+func serveOn(srv *grpc.Server, n int, creds credentials.TransportCredentials) (string, []*grpc.ClientConn, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, err
+	}
+	go srv.Serve(lis)
+	var conns []*grpc.ClientConn
+	for range max(n, 1) {
+		cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return "", nil, err
+		}
+		conns = append(conns, cc)
+	}
+	return lis.Addr().String(), conns, nil
 }
 
 func (s *stack) client(i int) pb.TokenBrokerClient {
