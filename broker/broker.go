@@ -261,15 +261,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	}()
 	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
-		if _, dead := b.tombs.Load(cfg.Name); !dead {
-			c := b.loadedConn(cfg, tok)
-			if _, existed := b.conns.LoadOrStore(cfg.Name, c); !existed {
-				// A delete may have landed between the check and the store.
-				if _, dead := b.tombs.Load(cfg.Name); dead {
-					b.conns.CompareAndDelete(cfg.Name, c)
-				}
-			}
-		}
+		b.adopt(cfg, tok)
 		loaded.Add(1)
 		return nil
 	})
@@ -280,18 +272,33 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	return n, nil
 }
 
-// loadedConn makes the live state of a stored connection.
-func (b *Broker) loadedConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
-	c := newConn(cfg, tok)
-	if tok.IntentGrant != "" {
-		c.recovering = true
-		b.log.Warn("token request was in flight at last stop; refresh token may be spent",
-			"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
+// adopt makes the live state of a connection read from the store while
+// loading and keeps it, unless the connection is already live (Load and a
+// caller's loadOne can both read it; the first to store wins, and only it
+// reports a token request left in flight) or was deleted meanwhile. It
+// returns the live connection, nil when deleted.
+func (b *Broker) adopt(cfg *storage.Connection, tok *storage.Tokens) *conn {
+	if _, dead := b.tombs.Load(cfg.Name); dead {
+		return nil
 	}
+	c := newConn(cfg, tok)
+	c.recovering = tok.IntentGrant != ""
 	if tok.State == "" || tok.State == string(StateDegraded) {
 		c.tok.State = string(StateActive)
 	}
 	c.publish()
+	if v, existed := b.conns.LoadOrStore(cfg.Name, c); existed {
+		return v.(*conn)
+	}
+	// A delete may have landed between the check and the store.
+	if _, dead := b.tombs.Load(cfg.Name); dead {
+		b.conns.CompareAndDelete(cfg.Name, c)
+		return nil
+	}
+	if c.recovering {
+		b.log.Warn("token request was in flight at last stop; refresh token may be spent",
+			"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
+	}
 	return c
 }
 
@@ -308,8 +315,7 @@ func (b *Broker) loadOne(ctx context.Context, name string) *conn {
 	if err != nil {
 		return nil
 	}
-	v, _ := b.conns.LoadOrStore(name, b.loadedConn(cfg, tok))
-	return v.(*conn)
+	return b.adopt(cfg, tok)
 }
 
 func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {

@@ -1,0 +1,118 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"tokenbroker/storage"
+)
+
+// lockedBuffer is a log sink safe for concurrent writers.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection: Load and a
+// caller's lazy load (loadOne) can both read a connection while the broker
+// loads; only the one whose state is kept marks it recovering and logs the
+// token request left in flight. Either order gives one line.
+func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
+	for _, lazyFirst := range []bool{true, false} {
+		keys, err := storage.NewKeyring(make([]byte, 32))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
+		if err != nil {
+			t.Fatal(err)
+		}
+		const name = "tenants/t/connections/erp"
+		now := time.Now()
+		ctx := context.Background()
+		if _, err := st.CreateConnection(ctx, &storage.Connection{Name: name, InstanceURL: "https://erp.example.com",
+			ClientID: "88358B02-A48D-A50E-F710-39C1636C30F6@T", ClientSecret: "secret", Username: "u", Password: "pw",
+			CreateTime: now, UpdateTime: now}, &storage.Tokens{Generation: 3, RefreshToken: "rt-3",
+			IntentGrant: "refresh_token", IntentGeneration: 3, IntentTime: now}); err != nil {
+			t.Fatal(err)
+		}
+		var logs lockedBuffer
+		b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var lazy *conn
+		if lazyFirst {
+			lazy = b.loadOne(ctx, name)
+		}
+		if _, err := b.Load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if !lazyFirst {
+			b.loading.Store(true) // as if a caller's read had raced the end of Load
+			lazy = b.loadOne(ctx, name)
+		}
+		v, _ := b.conns.Load(name)
+		if lazy == nil || v.(*conn) != lazy || !lazy.recovering {
+			t.Errorf("lazy first %v: the caller got %p, the broker keeps %p (recovering %v)", lazyFirst, lazy, v, lazy != nil && lazy.recovering)
+		}
+		if n := strings.Count(logs.String(), "token request was in flight at last stop"); n != 1 {
+			t.Errorf("lazy first %v: the leftover intent was logged %d times, want once:\n%s", lazyFirst, n, logs.String())
+		}
+		b.Close()
+		st.Close()
+	}
+}
+
+// TestALazyLoadDoesNotBringBackADeletedConnection: a connection deleted
+// while Load runs is not brought back by a caller's lazy load.
+func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
+	keys, err := storage.NewKeyring(make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	const name = "tenants/t/connections/erp"
+	now := time.Now()
+	cfg := &storage.Connection{Name: name, InstanceURL: "https://erp.example.com",
+		ClientID: "88358B02-A48D-A50E-F710-39C1636C30F6@T", ClientSecret: "secret", Username: "u", Password: "pw",
+		CreateTime: now, UpdateTime: now}
+	if _, err := st.CreateConnection(context.Background(), cfg, &storage.Tokens{}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(Options{Store: st, TickInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	// The delete's tomb, as DeleteConnection leaves it while loading.
+	b.tombs.Store(name, struct{}{})
+	if c := b.adopt(cfg, &storage.Tokens{}); c != nil {
+		t.Errorf("a deleted connection was adopted")
+	}
+	if _, ok := b.conns.Load(name); ok {
+		t.Errorf("a deleted connection is live again")
+	}
+}
