@@ -196,7 +196,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		// the collector lets garbage build up instead of running scores
 		// of times a second under load.
 		if cfg.gcHeapFloorMiB > 0 {
-			floor <- server.StartHeapFloor(uint64(cfg.gcHeapFloorMiB) << 20)
+			want := uint64(cfg.gcHeapFloorMiB) << 20
+			limit, limited := cgroupMemoryLimit(os.DirFS("/"))
+			f := heapFloorFor(want, limit, limited)
+			if f < want {
+				log.Info("GC heap floor lowered to a quarter of the cgroup's memory limit",
+					"gc_heap_floor_mib", f>>20, "memory_limit_mib", limit>>20)
+			}
+			floor <- server.StartHeapFloor(f)
 		}
 		b.Start()
 		log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
