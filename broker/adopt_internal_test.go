@@ -18,20 +18,11 @@ import (
 // token request left in flight. Either order gives one line.
 func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 	for _, lazyFirst := range []bool{true, false} {
-		keys, err := storage.NewKeyring(make([]byte, 32))
-		if err != nil {
-			t.Fatal(err)
-		}
-		st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
-		if err != nil {
-			t.Fatal(err)
-		}
+		st := openStore(t)
 		const name = "tenants/t/connections/erp"
 		now := time.Now()
 		ctx := context.Background()
-		if _, err := st.CreateConnection(ctx, &storage.Connection{Name: name, InstanceURL: "https://erp.example.com",
-			ClientID: "88358B02-A48D-A50E-F710-39C1636C30F6@T", ClientSecret: "secret", Username: "u", Password: "pw",
-			CreateTime: now, UpdateTime: now}, &storage.Tokens{Generation: 3, RefreshToken: "rt-3",
+		if _, err := st.CreateConnection(ctx, testConnection(name, now), &storage.Tokens{Generation: 3, RefreshToken: "rt-3",
 			IntentGrant: "refresh_token", IntentGeneration: 3, IntentTime: now}); err != nil {
 			t.Fatal(err)
 		}
@@ -60,27 +51,16 @@ func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 			t.Errorf("lazy first %v: the leftover intent was logged %d times, want once:\n%s", lazyFirst, n, logs.String())
 		}
 		b.Close()
-		st.Close()
 	}
 }
 
 // TestALazyLoadDoesNotBringBackADeletedConnection: a connection deleted
 // while Load runs is not brought back by a caller's lazy load.
 func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
-	keys, err := storage.NewKeyring(make([]byte, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	const name = "tenants/t/connections/erp"
 	now := time.Now()
-	cfg := &storage.Connection{Name: name, InstanceURL: "https://erp.example.com",
-		ClientID: "88358B02-A48D-A50E-F710-39C1636C30F6@T", ClientSecret: "secret", Username: "u", Password: "pw",
-		CreateTime: now, UpdateTime: now}
+	cfg := testConnection(name, now)
 	if _, err := st.CreateConnection(context.Background(), cfg, &storage.Tokens{}); err != nil {
 		t.Fatal(err)
 	}
@@ -97,4 +77,27 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 	if _, ok := b.conns.Load(name); ok {
 		t.Errorf("a deleted connection is live again")
 	}
+}
+
+// openStore opens a bbolt store in a temporary directory, closed when the
+// test ends.
+func openStore(t *testing.T) *storage.BoltStore {
+	t.Helper()
+	keys, err := storage.NewKeyring(make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// testConnection is a stored connection's configuration on a fixed instance.
+func testConnection(name string, now time.Time) *storage.Connection {
+	return &storage.Connection{Name: name, InstanceURL: "https://erp.example.com",
+		ClientID: "88358B02-A48D-A50E-F710-39C1636C30F6@T", ClientSecret: "secret", Username: "u", Password: "pw",
+		CreateTime: now, UpdateTime: now}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"path/filepath"
 	"runtime"
 	"testing"
 	"time"
@@ -24,15 +23,7 @@ func TestReportOfATokenFromAFinishingRefreshRefreshesAgain(t *testing.T) {
 	idp.AddUser("u", "pw")
 	hs := idp.Start()
 	defer hs.Close()
-	keys, err := storage.NewKeyring(make([]byte, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openStore(t)
 	b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)

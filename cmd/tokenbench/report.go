@@ -98,7 +98,7 @@ func bareTable(w func(string, ...any), points []cachedPoint) (over, of int) {
 		}
 		w("| %d | %.0f | %.0f | %.3f | %s | %s | %+.1f µs | %.1f µs | %s |", p.conc, p.bareNoop.throughput, p.bareEcho.throughput,
 			p.bareEcho.throughput/p.bareNoop.throughput, us1(p.bareNoop.cpu), us1(p.bareEcho.cpu),
-			float64(carry)/1e3, float64(budget)/1e3, map[bool]string{true: "yes", false: "no"}[ok])
+			float64(carry)/1e3, float64(budget)/1e3, yesNo(ok))
 	}
 	return over, of
 }
