@@ -256,11 +256,16 @@ func (c *conn) failureCount() int {
 	return c.rt.failures
 }
 
-// touch records use, writing only when the stored second changed so that
-// many callers do not fight over the cache line.
+// touchEvery is the resolution of lastUsed: fine enough for maintenance to
+// see use of a token that lives a second, coarse enough that many callers
+// do not fight over the cache line (at most ten writes a second).
+const touchEvery = 100 * time.Millisecond
+
+// touch records use, writing only when the stored value is older than
+// touchEvery.
 func (c *conn) touch(now time.Time) {
 	n := now.UnixNano()
-	if old := c.lastUsed.Load(); n-old > int64(time.Second) {
+	if old := c.lastUsed.Load(); n-old > int64(touchEvery) {
 		c.lastUsed.Store(n)
 	}
 }

@@ -179,3 +179,61 @@ func TestRecoveryAfterCrashWithIntent(t *testing.T) {
 		})
 	}
 }
+
+// TestCrashMidRefreshRevokesInsteadOfReplaying: the broker stops (here: its
+// store is closed under it, as a kill -9 leaves the file) while a refresh
+// is at an identity server that processed it, spent the refresh token and
+// revoked the access token it replaced. The restarted broker must not
+// present that refresh token again (reuse detection would revoke the
+// family and count it as theft) nor serve the pre-crash access token: it
+// revokes the old chain and recovers with one password grant.
+func TestCrashMidRefreshRevokesInsteadOfReplaying(t *testing.T) {
+	e := newEnv(t, func(o *acumaticatest.Options, b *broker.Options) {
+		o.RevokeAccessOnRefresh = true
+		b.UpstreamTimeout = time.Second // the dead process's request gives up soon
+	})
+	e.create()
+	old := e.mustToken()
+	e.clock.Advance(50 * time.Minute)
+
+	processed := make(chan struct{}, 1)
+	e.idp.Inject(acumaticatest.Fault{Processed: processed, HoldAfterProcess: time.Minute})
+	crashed, crashedStore := e.b, e.store
+	t.Cleanup(crashed.Close)
+	go crashed.GetAccessToken(context.Background(), connName, 15*time.Minute, "")
+	<-processed // upstream spent the refresh token; its answer never arrives
+	crashedStore.Close()
+	if e.idp.AccessTokenValid(old.AccessToken) {
+		t.Fatal("setup: the stand-in did not revoke the old access token on refresh")
+	}
+
+	e.store, e.b = nil, nil
+	e.open() // the restarted process, on the same file
+	before := e.idp.Counts()
+	tok, err := e.token(time.Minute)
+	if err != nil {
+		t.Fatalf("first GetAccessToken after the restart: %v", err)
+	}
+	if tok.AccessToken == old.AccessToken || !e.idp.AccessTokenValid(tok.AccessToken) {
+		t.Fatalf("served the pre-crash token (%v) or a dead one", tok.AccessToken == old.AccessToken)
+	}
+	after := e.idp.Counts()
+	if after.ReuseDetected != 0 || after.RefreshGrants != before.RefreshGrants {
+		t.Errorf("counts %+v -> %+v: the possibly spent refresh token was presented again", before, after)
+	}
+	if got := after.PasswordGrants - before.PasswordGrants; got != 1 {
+		t.Errorf("password grants = %d, want 1", got)
+	}
+	if after.Revocations == before.Revocations {
+		t.Error("the possibly spent refresh token was not revoked")
+	}
+	if v := e.view(); v.State != broker.StateActive || v.Status.StateReason != "" {
+		t.Errorf("state %s (%s), want ACTIVE", v.State, v.Status.StateReason)
+	}
+	// The new chain works and stays the only one.
+	e.clock.Advance(2 * time.Hour)
+	e.mustToken()
+	if c := e.idp.Counts(); c.ReuseDetected != 0 || c.InvalidGrant != 0 {
+		t.Errorf("counts = %+v after the next refresh", c)
+	}
+}
