@@ -120,11 +120,20 @@ func TestDue(t *testing.T) {
 		{"idle refresh token past keep-alive", issued.Add(-time.Minute), 0,
 			func(c *conn) { c.committed.RefreshTokenUseTime = now.Add(-8 * 24 * time.Hour) }, triggerKeepAlive},
 		{"chain in its last tenth, quiet", now.Add(-time.Hour), 10 * 24 * time.Hour,
-			func(c *conn) { c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute); c.committed.IssueTime = now }, triggerRenewChain},
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute)
+				c.committed.IssueTime = now
+			}, triggerRenewChain},
 		{"chain in its last tenth, busy", now, 10 * 24 * time.Hour,
-			func(c *conn) { c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute); c.committed.IssueTime = now }, 0},
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute)
+				c.committed.IssueTime = now
+			}, 0},
 		{"chain in its last twentieth, busy", now, 10 * 24 * time.Hour,
-			func(c *conn) { c.committed.ChainStartTime = now.Add(-9*24*time.Hour - 13*time.Hour); c.committed.IssueTime = now }, triggerRenewChain},
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - 13*time.Hour)
+				c.committed.IssueTime = now
+			}, triggerRenewChain},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newConn(&storage.Connection{Name: "tenants/t/connections/c", AbsoluteLifetime: tc.absolute}, fresh())
