@@ -11,6 +11,7 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
+	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -18,7 +19,7 @@ import (
 func replica(t *testing.T, endpoint string, clk *testkit.Clock) *broker.Broker {
 	t.Helper()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
-	st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: etcdtest.Client(t, endpoint), Keyring: keys})
+	st, err := etcd.Open(context.Background(), etcd.Options{Client: etcdtest.Client(t, endpoint), Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}
