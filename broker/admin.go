@@ -232,90 +232,115 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 	if err != nil {
 		return nil, err
 	}
+	u, err := newUpdate(patch, fields, etagIn)
+	if err != nil {
+		return nil, err
+	}
+	var out *View
+	err = b.withTurn(ctx, c, func() (err error) {
+		out, err = b.update(ctx, c, u, validateOnly)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// update is an UpdateConnection request, checked.
+type update struct {
+	patch  *storage.Connection
+	fields []string
+	etag   string
+	want   int64 // the revision etag names; 0 for none
+	proof  bool  // a named field must be proven upstream
+}
+
+// newUpdate checks the request's field mask and etag.
+func newUpdate(patch *storage.Connection, fields []string, etagIn string) (*update, error) {
+	u := &update{patch: patch, fields: fields, etag: etagIn}
 	var v []FieldViolation
-	proof := false
 	for _, f := range fields {
 		needs, ok := Updatable[f]
 		if !ok {
 			v = append(v, FieldViolation{Field: "update_mask", Description: fmt.Sprintf("field %q cannot be updated", f)})
 		}
-		proof = proof || needs
+		u.proof = u.proof || needs
 	}
-	var want int64
 	if etagIn != "" {
 		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if u.want, ok = ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
 	if len(v) > 0 {
 		return nil, invalid(v...)
 	}
-	var out *View
-	err = b.withTurn(ctx, c, func() error {
-		c.mu.Lock()
-		deleted := c.deleted
-		cur := c.cfg.Clone()
-		tok := c.committed.Clone()
-		pending := c.rt.pending
-		c.mu.Unlock()
-		if deleted {
-			return notFound(name)
-		}
-		if want != 0 && want != cur.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
-		}
-		next := cur.Clone()
-		applyFields(next, patch, fields)
-		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
-			return invalid(v...)
-		}
-		if validateOnly {
-			out = b.viewOf(newConnPublished(next, tok))
-			return nil
-		}
-		var newTok *storage.Tokens
-		if proof {
-			if newTok, err = b.prove(ctx, next, tok); err != nil {
-				return err
-			}
-		}
-		next.UpdateTime = b.now()
-		stored, err := b.store.UpdateConnection(ctx, next, newTok)
-		if err != nil {
-			if newTok != nil {
-				b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
-			}
-			if errors.Is(err, storage.ErrConflict) {
-				return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
-			}
-			if errors.Is(err, storage.ErrNotFound) {
-				return notFound(name)
-			}
-			return storageError(name, err)
-		}
-		c.mu.Lock()
-		c.configLocked(stored)
-		if newTok != nil {
-			c.succeededLocked(newTok)
-		}
-		out = b.viewLocked(c)
-		c.mu.Unlock()
-		if newTok != nil {
-			// Sign the old chain out before returning, so that when the
-			// update is answered the old session's seat is free.
-			b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
-			if pending != nil && pending.RefreshToken != tok.RefreshToken {
-				b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
-			}
-		}
-		b.log.Info("connection updated", "connection", name, "fields", fields, "proven_upstream", newTok != nil)
-		return nil
-	})
-	if err != nil {
-		return nil, err
+	return u, nil
+}
+
+// update applies u to c. The caller holds c's turn.
+func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bool) (*View, error) {
+	c.mu.Lock()
+	deleted, cur, tok, pending := c.deleted, c.cfg.Clone(), c.committed.Clone(), c.rt.pending
+	c.mu.Unlock()
+	if deleted {
+		return nil, notFound(c.name)
 	}
+	if u.want != 0 && u.want != cur.Revision {
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur.Revision))
+	}
+	next := cur.Clone()
+	applyFields(next, u.patch, u.fields)
+	if v := Normalize(next, u.fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	if validateOnly {
+		return b.viewOf(newConnPublished(next, tok)), nil
+	}
+	var newTok *storage.Tokens
+	if u.proof {
+		var err error
+		if newTok, err = b.prove(ctx, next, tok); err != nil {
+			return nil, err
+		}
+	}
+	next.UpdateTime = b.now()
+	stored, err := b.store.UpdateConnection(ctx, next, newTok)
+	if err != nil {
+		if newTok != nil {
+			b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
+		}
+		return nil, updateError(c.name, err)
+	}
+	c.mu.Lock()
+	c.configLocked(stored)
+	if newTok != nil {
+		c.succeededLocked(newTok)
+	}
+	out := b.viewLocked(c)
+	c.mu.Unlock()
+	if newTok != nil {
+		// Sign the old chain out before returning, so that when the update
+		// is answered the old session's seat is free.
+		b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
+		if pending != nil && pending.RefreshToken != tok.RefreshToken {
+			b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
+		}
+	}
+	b.log.Info("connection updated", "connection", c.name, "fields", u.fields, "proven_upstream", newTok != nil)
 	return out, nil
+}
+
+// updateError is the error for a failed write of an update.
+func updateError(name string, err error) error {
+	switch {
+	case errors.Is(err, storage.ErrConflict):
+		return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
+	case errors.Is(err, storage.ErrNotFound):
+		return notFound(name)
+	}
+	return storageError(name, err)
 }
 
 func applyFields(dst, src *storage.Connection, fields []string) {
