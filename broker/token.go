@@ -165,7 +165,7 @@ func (b *Broker) joinLocked(c *conn, s *snapshot, now time.Time, rejected string
 	if rejected != "" {
 		why = triggerRejected
 		if c.flight == nil && s.rejected && s.tok.AccessToken == rejected {
-			c.rt.lastReject = now
+			c.reportRefreshLocked(now)
 		}
 	}
 	f := b.startFlightLocked(c, why)
