@@ -120,6 +120,7 @@ func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 		life, minValid time.Duration
 	}{
 		{50 * time.Second, 60 * time.Second},
+		{50 * time.Second, 50 * time.Second},
 		{60 * time.Second, 300 * time.Second},
 		{15 * time.Minute, 30 * time.Minute},
 	} {
