@@ -143,6 +143,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		RateBurst:             cfg.rateBurst,
 		ServerOptions:         serverOpts,
 	})
+	go st.watchHealth(ctx, srv.Health, log)
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
