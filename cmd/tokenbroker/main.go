@@ -3,6 +3,7 @@
 // internal callers.
 //
 //	tokenbroker [serve] [--listen 127.0.0.1:50051] [--data-dir ./data] ...
+//	tokenbroker version (or --version)
 package main
 
 import (
@@ -29,6 +30,10 @@ import (
 
 func main() {
 	args := os.Args[1:]
+	if wantsVersion(args) {
+		fmt.Println(versionLine())
+		return
+	}
 	if len(args) > 0 && args[0] == "serve" {
 		args = args[1:]
 	}
@@ -246,7 +251,7 @@ func announce(cfg *config, lis net.Listener, keys *storage.Keyring, log *slog.Lo
 	case cfg.clientCA != "":
 		mode = "mTLS"
 	}
-	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "store", storeName(cfg), "transport", mode, "key_id", keys.PrimaryID())
+	log.Info("tokenbroker serving", "version", versionLine(), "listen", lis.Addr().String(), "store", storeName(cfg), "transport", mode, "key_id", keys.PrimaryID())
 	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, storeName(cfg))
 }
 
