@@ -115,6 +115,7 @@ func storeName(cfg *config) string {
 	return dataFile(cfg)
 }
 
+// newBroker builds the broker on the opened store, reporting to metrics.
 func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.Logger) (*broker.Broker, error) {
 	return broker.New(broker.Options{
 		Observer:                     metrics,
