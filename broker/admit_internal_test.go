@@ -73,7 +73,7 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 	// The delete's tomb, as DeleteConnection leaves it while loading.
 	b.tombs.Store(name, struct{}{})
 	if c := b.admit(cfg, &storage.Tokens{}); c != nil {
-		t.Errorf("a deleted connection was adopted")
+		t.Errorf("a deleted connection was admitted")
 	}
 	if _, ok := b.conns.Load(name); ok {
 		t.Errorf("a deleted connection is live again")
