@@ -49,7 +49,9 @@ type Options struct {
 	MaxConcurrentUpstreamPerHost int
 	// TickInterval is how often the maintenance loop looks for tokens to
 	// renew. Default 1 s; negative disables the loop (tests call
-	// [Broker.Maintain] themselves).
+	// [Broker.Maintain] themselves). Tokens in use are renewed once past
+	// 75% of their lifetime, so tokens that live less than about four ticks
+	// may lapse first: callers then share one refresh on demand.
 	TickInterval time.Duration
 	// KeepAliveAfter is how long an idle refresh token may go unused before
 	// the broker refreshes it, capped at half the sliding lifetime. Default
