@@ -49,7 +49,7 @@ rules:
   - identities: ["billing.svc.corp.test"]
     role: consumer
     tenants: ["globex"]
-  - identities: ["legacy-cn-client"]
+  - identities: ["cn:legacy-cn-client"]
     role: consumer
     tenants: ["acme"]
 `

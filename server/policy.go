@@ -36,7 +36,14 @@ const (
 //	    tenants: ["globex"]          # every connection of these tenants
 //
 // Identity and connection patterns use path.Match globs: `*` does not cross
-// a `/`.
+// a `/`. In identity patterns `*` matches at least one character, so
+// `spiffe://corp.example/ops/*` does not match `spiffe://corp.example/ops/`.
+//
+// Each identity pattern matches one kind of identity ([Caller]) only: a
+// pattern with `://` (or the prefix `uri:`) matches URI SANs, a pattern
+// without `:` (or with the prefix `dns:`) DNS SANs, and a pattern with the
+// prefix `cn:` the subject CN of a certificate that has no URI or DNS SAN.
+// Any other pattern with a colon (`urn:…`) must name its kind with a prefix.
 type Policy struct {
 	rules []rule
 	// The identity patterns, indexed so that a call does not match every
@@ -97,10 +104,13 @@ func ParsePolicy(data []byte) (*Policy, error) {
 		if len(r.Identities) == 0 {
 			return nil, bad("identities is required")
 		}
+		ids := make([]string, 0, len(r.Identities))
 		for _, id := range r.Identities {
-			if _, err := path.Match(id, ""); err != nil || id == "" {
-				return nil, bad("identity pattern %q is not a valid glob", id)
+			pat, err := identityPattern(id)
+			if err != nil {
+				return nil, bad("identity pattern %q %s", id, err.Error())
 			}
+			ids = append(ids, pat)
 		}
 		switch r.Role {
 		case RoleOperator:
@@ -127,10 +137,65 @@ func ParsePolicy(data []byte) (*Policy, error) {
 				return nil, bad("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
 			}
 		}
-		p.rules = append(p.rules, rule{identities: r.Identities, role: r.Role, tenants: r.Tenants, connections: r.Connections})
+		p.rules = append(p.rules, rule{identities: ids, role: r.Role, tenants: r.Tenants, connections: r.Connections})
 	}
 	p.index()
 	return p, nil
+}
+
+// identityPattern turns an identity pattern of a policy file into the form
+// matched against [Caller.Key]: prefixed with its kind, and each `*`
+// standing for at least one character.
+func identityPattern(p string) (string, error) {
+	kind, glob := patternKind(p)
+	if kind == "" {
+		return "", errors.New("has a scheme but no //: name its kind, e.g. uri:" + p)
+	}
+	if _, err := path.Match(glob, ""); err != nil || glob == "" {
+		return "", errors.New("is not a valid glob")
+	}
+	return kind + ":" + nonEmptyStars(glob), nil
+}
+
+// patternKind splits a pattern into the kind of identity it matches and
+// its glob; kind is "" when the pattern does not say.
+func patternKind(p string) (kind, glob string) {
+	if k, rest, ok := strings.Cut(p, ":"); ok && !strings.HasPrefix(rest, "//") {
+		switch k {
+		case KindURI, KindDNS, KindCN:
+			return k, rest
+		}
+		return "", p
+	}
+	if strings.Contains(p, "://") {
+		return KindURI, p
+	}
+	return KindDNS, p
+}
+
+// nonEmptyStars rewrites each `*` of a glob (outside brackets, unescaped)
+// as `?*`, so that it matches one or more characters: a URI with an empty
+// last segment must not pass for a name under the prefix.
+func nonEmptyStars(glob string) string {
+	var b strings.Builder
+	inClass := false
+	for i := 0; i < len(glob); i++ {
+		c := glob[i]
+		switch {
+		case c == '\\' && i+1 < len(glob):
+			b.WriteByte(c)
+			i++
+			c = glob[i]
+		case inClass && c == ']':
+			inClass = false
+		case !inClass && c == '[':
+			inClass = true
+		case !inClass && c == '*':
+			b.WriteByte('?')
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
 }
 
 // index builds exact and globs from the rules.
@@ -224,7 +289,8 @@ func (r *rule) consumes(tenant, name string) bool {
 	return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
 }
 
-// Known reports whether any rule names the identity.
+// Known reports whether any rule names the identity, given as
+// [Caller.Key] (so are the identities of the methods below).
 func (p *Policy) Known(identity string) bool {
 	return p.anyRule(identity, func(*rule) bool { return true })
 }

@@ -91,7 +91,7 @@ func New(opts Options) *Server {
 		log.ErrorContext(ctx, "panic recovered in handler", "panic_type", fmt.Sprintf("%T", p), "stack", string(debug.Stack()))
 		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 	}
-	reqLog := newRequestLog(log, authz.callerIdentity, opts.QuietMethods)
+	reqLog := newRequestLog(log, authz.callerIdentity, authz.callerKind, opts.QuietMethods)
 	unary := []grpc.UnaryServerInterceptor{reqLog.unary}
 	stream := []grpc.StreamServerInterceptor{reqLog.stream}
 	if opts.Metrics != nil {
@@ -105,7 +105,7 @@ func New(opts Options) *Server {
 	unary = append(unary, selector.UnaryServerInterceptor(authz.withAuthenticated(opts.AuthenticatedMethods), selector.MatchFunc(needsAuth)))
 	stream = append(stream, selector.StreamServerInterceptor(authz.stream, selector.MatchFunc(needsAuth)))
 	if opts.RateLimit > 0 {
-		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerIdentity}
+		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerKey}
 		unary = append(unary, selector.UnaryServerInterceptor(rl.unary, selector.MatchFunc(needsAuth)))
 	}
 	unary = append(unary, val.unary, recovery.UnaryServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
@@ -142,13 +142,18 @@ type requestLog struct {
 	stream   grpc.StreamServerInterceptor
 }
 
-func newRequestLog(log *slog.Logger, who func(context.Context) string, quietMethods []string) *requestLog {
+func newRequestLog(log *slog.Logger, who, kind func(context.Context) string, quietMethods []string) *requestLog {
 	opts := []logging.Option{
 		logging.WithLogOnEvents(logging.FinishCall),
 		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
 			var f logging.Fields
 			if id := who(ctx); id != "" {
 				f = logging.Fields{"caller", id}
+			}
+			// Which kind of certificate identity the policy matched: a URI
+			// or DNS SAN, or a subject CN.
+			if k := kind(ctx); k != "" {
+				f = append(f, "caller_kind", k)
 			}
 			// A quiet call that failed is logged after the fact; these
 			// fields take precedence over the interceptor's own.
