@@ -39,8 +39,8 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
 		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
@@ -251,10 +251,8 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		}
 		proof = proof || needs
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -272,8 +270,8 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		if deleted {
 			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
 		}
-		if want != 0 && want != cur.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
+		if etagIn != "" && etagIn != etag(cur) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur))
 		}
 		next := cur.Clone()
 		applyFields(next, patch, fields)
@@ -364,10 +362,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	if err != nil {
 		return err
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -378,8 +374,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if deleted {
 			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
 		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		if etagIn != "" && etagIn != etag(cfg) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
 		}
 		if pending != nil {
 			b.signOut(ctx, cfg, pending.RefreshToken, "")
@@ -424,7 +420,7 @@ func (b *Broker) view(c *conn) *View {
 		ClientSecretSet: cfg.ClientSecret != "",
 		PasswordSet:     cfg.Password != "",
 		State:           State(t.State),
-		ETag:            etag(cfg.Revision),
+		ETag:            etag(cfg),
 	}
 	cfg.ClientSecret, cfg.Password = "", ""
 	if v.State == "" {

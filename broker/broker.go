@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -414,13 +415,24 @@ func (c *conn) publish() {
 	c.snap.Store(s)
 }
 
-// etag formats a revision as an etag.
-func etag(rev int64) string { return strconv.FormatInt(rev, 10) }
+// etag is a connection's etag: its revision and its create time, so that
+// an etag read before a delete and re-create never matches the new one.
+func etag(cfg *storage.Connection) string {
+	return strconv.FormatInt(cfg.Revision, 10) + "-" + strconv.FormatUint(uint64(cfg.CreateTime.UnixNano()), 36)
+}
 
-// ParseETag parses an etag made by the broker; ok is false for anything else.
+// ParseETag parses an etag made by the broker, returning its revision; ok
+// is false for anything else. A bare revision, as older versions issued,
+// parses too, and matches no connection.
 func ParseETag(s string) (int64, bool) {
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil && n > 0
+	revPart, inc, hasInc := strings.Cut(s, "-")
+	n, err := strconv.ParseInt(revPart, 10, 64)
+	if hasInc {
+		if _, ierr := strconv.ParseUint(inc, 36, 64); ierr != nil || inc != strings.ToLower(inc) {
+			return 0, false
+		}
+	}
+	return n, err == nil && n > 0 && revPart == strconv.FormatInt(n, 10)
 }
 
 // turnChan returns c's turn, making it on first use: most connections loaded

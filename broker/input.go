@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"regexp"
 	"strings"
+	"unicode/utf8"
 )
 
 // MaxSecretLen bounds client secrets, usernames and passwords.
@@ -25,7 +26,10 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 	if len(s) > 2048 {
 		return "", errors.New("is longer than 2048 characters")
 	}
-	if strings.ContainsAny(s, " \t\r\n\\") {
+	if err := CheckText(s); err != nil {
+		return "", err
+	}
+	if strings.ContainsAny(s, " \\") {
 		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
 	}
 	if !strings.Contains(s, "://") {
@@ -47,6 +51,12 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 	case u.Opaque != "":
 		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
 	}
+	if strings.HasSuffix(u.Host, ":") {
+		// An empty port is refused rather than dropped: it is most often a
+		// port left out by mistake, and the default would reach another
+		// service.
+		return "", errors.New("has an empty port: remove the colon, or give the port")
+	}
 	host := u.Hostname()
 	if host == "" || !validHost(host) {
 		return "", errors.New("must name a host, e.g. mycompany.acumatica.com")
@@ -61,7 +71,7 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 		return "", errors.New("http is allowed only for loopback hosts; use https")
 	}
 	path := strings.TrimRight(u.EscapedPath(), "/")
-	if strings.Contains(path, "//") || strings.Contains(path, "/../") || strings.HasSuffix(path, "/..") || strings.Contains(path, "/./") {
+	if !plainPath(path) {
 		return "", errors.New("path must be a plain virtual directory such as /AcumaticaERP")
 	}
 	out := u.Scheme + "://" + strings.ToLower(u.Host) + path
@@ -71,6 +81,51 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 		return "", errors.New("is longer than 2048 characters")
 	}
 	return out, nil
+}
+
+// plainPath reports whether an escaped path is empty or /-separated
+// segments that are neither empty nor dot segments, once decoded (%2e%2e
+// is ..), and hold no encoded / or \.
+func plainPath(escaped string) bool {
+	if escaped == "" {
+		return true
+	}
+	segs := strings.Split(escaped, "/")
+	if segs[0] != "" {
+		return false
+	}
+	for _, seg := range segs[1:] {
+		dec, err := url.PathUnescape(seg)
+		if err != nil || dec == "" || dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") || CheckText(dec) != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// CheckText refuses what no string field may hold: invalid UTF-8 (and
+// U+FFFD, which the API's edge puts in its place) and control characters:
+// C0 (NUL, ESC, tab, newlines …), DEL and C1. The message never echoes the
+// value, so it fits secrets too.
+func CheckText(s string) error {
+	if !utf8.ValidString(s) || strings.ContainsRune(s, utf8.RuneError) {
+		return errors.New("is not valid UTF-8")
+	}
+	for _, r := range s {
+		if r < 0x20 || r >= 0x7f && r <= 0x9f {
+			return fmt.Errorf("must not contain control characters (found U+%04X)", r)
+		}
+	}
+	return nil
+}
+
+// ValidateDisplayName checks a connection's display name: at most 256
+// bytes of text.
+func ValidateDisplayName(s string) error {
+	if len(s) > 256 {
+		return errors.New("is longer than 256 characters")
+	}
+	return CheckText(s)
 }
 
 func validHost(h string) bool {
@@ -113,7 +168,10 @@ func ValidateClientID(id string) error {
 	if len(id) > 256 {
 		return errors.New("is longer than 256 characters")
 	}
-	if strings.ContainsAny(id, " \t\r\n") {
+	if err := CheckText(id); err != nil {
+		return err
+	}
+	if strings.Contains(id, " ") {
 		return errors.New("must not contain white space")
 	}
 	guid, tenant, found := strings.Cut(id, "@")
@@ -132,8 +190,10 @@ func ValidateClientID(id string) error {
 	return nil
 }
 
-// ValidateSecretField checks a required credential: non-empty, at most
-// [MaxSecretLen] bytes. The message never echoes the value.
+// ValidateSecretField checks a required credential (client secret,
+// username, password): non-empty, at most [MaxSecretLen] bytes of text
+// without control characters ([CheckText]). The message never echoes the
+// value.
 func ValidateSecretField(v string) error {
 	if v == "" {
 		return errors.New("is required")
@@ -141,7 +201,7 @@ func ValidateSecretField(v string) error {
 	if len(v) > MaxSecretLen {
 		return fmt.Errorf("is longer than %d bytes", MaxSecretLen)
 	}
-	return nil
+	return CheckText(v)
 }
 
 var scopePattern = regexp.MustCompile(`^[\x21\x23-\x5B\x5D-\x7E]{1,128}$`)

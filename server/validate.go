@@ -66,6 +66,14 @@ func (val validator) check(req any) (v violations, err error) {
 			err = withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 		}
 	}()
+	if paths := badUTF8Paths(req); len(paths) > 0 {
+		// The other checks would judge the U+FFFD put in place of the bad
+		// bytes: name the cause instead.
+		for _, p := range paths {
+			v.add(p, "is not valid UTF-8")
+		}
+		return v, nil
+	}
 	switch r := req.(type) {
 	case *pb.CreateConnectionRequest:
 		if _, err := broker.ParseParent(r.GetParent(), false); err != nil {
@@ -127,6 +135,8 @@ func (val validator) check(req any) (v violations, err error) {
 		}
 		if len(r.GetRejectedAccessToken()) > maxTokenLen {
 			v.add("rejected_access_token", "is longer than %d bytes", maxTokenLen)
+		} else if err := broker.CheckText(r.GetRejectedAccessToken()); err != nil {
+			v.add("rejected_access_token", "%s", err.Error())
 		}
 	}
 	return v, nil
