@@ -31,7 +31,7 @@ var Updatable = map[string]bool{
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -43,7 +43,10 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -98,7 +101,7 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
@@ -275,7 +278,7 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		}
 		next := cur.Clone()
 		applyFields(next, patch, fields)
-		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+		if v := Normalize(next, fields, b.opts.upstreamRules()); len(v) > 0 {
 			return invalid(v...)
 		}
 		if validateOnly {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,7 +25,8 @@ type Options struct {
 	// Logger receives operational events; never secrets. Default discards.
 	Logger *slog.Logger
 	// Transport carries upstream HTTP requests. Default a clone of
-	// http.DefaultTransport.
+	// http.DefaultTransport. An *http.Transport is cloned and its
+	// connections' addresses checked against the upstream rules.
 	Transport http.RoundTripper
 	// UpstreamTimeout bounds one upstream HTTP request. Default 30 s.
 	UpstreamTimeout time.Duration
@@ -59,8 +61,12 @@ type Options struct {
 	// DefaultSlidingLifetime applies to connections that set none. Default
 	// 15 days.
 	DefaultSlidingLifetime time.Duration
-	// AllowInsecureUpstream allows http:// instance URLs beyond loopback.
+	// AllowInsecureUpstream allows http:// instance URLs beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may reach (see [UpstreamRules]). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Sleep waits between attempts. Default a timer that ctx can cut short.
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
@@ -90,9 +96,6 @@ func (o *Options) setDefaults() {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
-	}
-	if o.Transport == nil {
-		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	if o.UpstreamTimeout <= 0 {
 		o.UpstreamTimeout = 30 * time.Second
@@ -235,7 +238,7 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),

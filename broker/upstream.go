@@ -260,6 +260,9 @@ func classifyTransport(err error, sent bool) *upstreamError {
 func transportKind(err error) string {
 	var ne net.Error
 	var dns *net.DNSError
+	if msg, ok := refusedAddress(err); ok {
+		return msg
+	}
 	switch {
 	case errors.As(err, &dns):
 		return "DNS lookup failed"

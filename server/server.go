@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -31,8 +32,12 @@ type Options struct {
 	// Logger receives request logs (method, code, duration; never payloads).
 	// Default discards.
 	Logger *slog.Logger
-	// AllowInsecureUpstream lets instance URLs use http beyond loopback.
+	// AllowInsecureUpstream lets instance URLs use http beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may name (see broker.UpstreamRules). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Authorizer decides who may call what. Default dev mode (everyone).
 	Authorizer *Authorizer
 	// Auditor records every TokenBroker call. Default none.
@@ -85,7 +90,7 @@ func New(opts Options) *Server {
 	if opts.MaxRecvMsgSize <= 0 {
 		opts.MaxRecvMsgSize = 64 << 10
 	}
-	val := validator{allowInsecure: opts.AllowInsecureUpstream}
+	val := validator{upstream: broker.UpstreamRules{AllowInsecure: opts.AllowInsecureUpstream, AllowCIDRs: opts.AllowUpstreamCIDRs}}
 	recoverPanic := func(ctx context.Context, p any) error {
 		// The panic value is not logged: it could hold request data.
 		log.ErrorContext(ctx, "panic recovered in handler", "panic_type", fmt.Sprintf("%T", p), "stack", string(debug.Stack()))

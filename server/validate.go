@@ -43,7 +43,7 @@ func (v *violations) name(field, name string) {
 
 // validator checks requests before any handler work.
 type validator struct {
-	allowInsecure bool
+	upstream broker.UpstreamRules
 }
 
 // unary is the validation interceptor: an invalid request never reaches a
@@ -87,7 +87,7 @@ func (val validator) check(req any) (v violations, err error) {
 			break
 		}
 		c := fromProto(r.GetConnection())
-		for _, fv := range broker.Normalize(c, nil, val.allowInsecure) {
+		for _, fv := range broker.Normalize(c, nil, val.upstream) {
 			v.add("connection."+fv.Field, "%s", fv.Description)
 		}
 	case *pb.GetConnectionRequest:
@@ -181,7 +181,7 @@ func (val validator) checkUpdate(r *pb.UpdateConnectionRequest, v *violations) {
 		return
 	}
 	c := fromProto(r.GetConnection())
-	for _, fv := range broker.Normalize(c, fields, val.allowInsecure) {
+	for _, fv := range broker.Normalize(c, fields, val.upstream) {
 		v.add("connection."+fv.Field, "%s", fv.Description)
 	}
 }

@@ -88,7 +88,8 @@ func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{t: t, out: &lockedBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(binary, args...)
-	p.cmd.Env = append(os.Environ(), env...)
+	// The stand-ins serve on loopback; a test may say otherwise in env.
+	p.cmd.Env = append(append(os.Environ(), "TOKENBROKER_ALLOW_UPSTREAM_CIDR=127.0.0.0/8"), env...)
 	pr, pw := io.Pipe()
 	p.cmd.Stderr = io.MultiWriter(p.out, pw)
 	p.cmd.Stdout = p.out
