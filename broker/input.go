@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -19,55 +20,14 @@ const MaxSecretLen = 1024
 // http is allowed only for loopback hosts unless allowInsecure is set. Query,
 // fragment and user-info are rejected.
 func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
-	s := strings.TrimSpace(raw)
-	if s == "" {
-		return "", errors.New("is required")
-	}
-	if len(s) > 2048 {
-		return "", errors.New("is longer than 2048 characters")
-	}
-	if err := CheckText(s); err != nil {
+	u, err := parseInstanceURL(raw)
+	if err != nil {
 		return "", err
 	}
-	if strings.ContainsAny(s, " \\") {
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
+	if err := checkHostPort(u); err != nil {
+		return "", err
 	}
-	if !strings.Contains(s, "://") {
-		s = "https://" + s
-	}
-	u, err := url.Parse(s)
-	if err != nil {
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
-	}
-	switch {
-	case u.Scheme != "https" && u.Scheme != "http":
-		return "", fmt.Errorf("scheme %q is not allowed; use https", u.Scheme)
-	case u.User != nil:
-		return "", errors.New("must not carry user info; put credentials in their own fields")
-	case u.RawQuery != "" || u.ForceQuery:
-		return "", errors.New("must not have a query")
-	case u.Fragment != "" || strings.Contains(s, "#"):
-		return "", errors.New("must not have a fragment")
-	case u.Opaque != "":
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
-	}
-	if strings.HasSuffix(u.Host, ":") {
-		// An empty port is refused rather than dropped: it is most often a
-		// port left out by mistake, and the default would reach another
-		// service.
-		return "", errors.New("has an empty port: remove the colon, or give the port")
-	}
-	host := u.Hostname()
-	if host == "" || !validHost(host) {
-		return "", errors.New("must name a host, e.g. mycompany.acumatica.com")
-	}
-	if p := u.Port(); p != "" {
-		var n int
-		if _, err := fmt.Sscanf(p, "%d", &n); err != nil || n < 1 || n > 65535 || fmt.Sprint(n) != p {
-			return "", fmt.Errorf("port %q is not valid", p)
-		}
-	}
-	if u.Scheme == "http" && !allowInsecure && !isLoopback(host) {
+	if u.Scheme == "http" && !allowInsecure && !isLoopback(u.Hostname()) {
 		return "", errors.New("http is allowed only for loopback hosts; use https")
 	}
 	path := strings.TrimRight(u.EscapedPath(), "/")
@@ -81,6 +41,64 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 		return "", errors.New("is longer than 2048 characters")
 	}
 	return out, nil
+}
+
+// errNotAURL is the answer to input that is no URL at all.
+var errNotAURL = errors.New("must be a URL such as https://mycompany.acumatica.com")
+
+// parseInstanceURL parses raw as an http(s) URL (https when it names no
+// scheme) without user info, query or fragment.
+func parseInstanceURL(raw string) (*url.URL, error) {
+	s := strings.TrimSpace(raw)
+	switch {
+	case s == "":
+		return nil, errors.New("is required")
+	case len(s) > 2048:
+		return nil, errors.New("is longer than 2048 characters")
+	}
+	if err := CheckText(s); err != nil {
+		return nil, err
+	}
+	if strings.ContainsAny(s, " \\") {
+		return nil, errNotAURL
+	}
+	if !strings.Contains(s, "://") {
+		s = "https://" + s
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil || u.Opaque != "":
+		return nil, errNotAURL
+	case u.Scheme != "https" && u.Scheme != "http":
+		return nil, fmt.Errorf("scheme %q is not allowed; use https", u.Scheme)
+	case u.User != nil:
+		return nil, errors.New("must not carry user info; put credentials in their own fields")
+	case u.RawQuery != "" || u.ForceQuery:
+		return nil, errors.New("must not have a query")
+	case u.Fragment != "" || strings.Contains(s, "#"):
+		return nil, errors.New("must not have a fragment")
+	}
+	return u, nil
+}
+
+// checkHostPort checks that u names a host, and a valid port if any.
+func checkHostPort(u *url.URL) error {
+	if strings.HasSuffix(u.Host, ":") {
+		// An empty port is refused rather than dropped: it is most often a
+		// port left out by mistake, and the default would reach another
+		// service.
+		return errors.New("has an empty port: remove the colon, or give the port")
+	}
+	if host := u.Hostname(); host == "" || !validHost(host) {
+		return errors.New("must name a host, e.g. mycompany.acumatica.com")
+	}
+	if p := u.Port(); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != p {
+			return fmt.Errorf("port %q is not valid", p)
+		}
+	}
+	return nil
 }
 
 // plainPath reports whether an escaped path is empty or /-separated

@@ -66,12 +66,7 @@ type rule struct {
 }
 
 type policyFile struct {
-	Rules []struct {
-		Identities  []string `yaml:"identities"`
-		Role        string   `yaml:"role"`
-		Tenants     []string `yaml:"tenants"`
-		Connections []string `yaml:"connections"`
-	} `yaml:"rules"`
+	Rules []fileRule `yaml:"rules"`
 }
 
 // ParsePolicy parses and validates a policy; errors name the line.
@@ -97,50 +92,71 @@ func ParsePolicy(data []byte) (*Policy, error) {
 	}
 	p := &Policy{}
 	for i, r := range pf.Rules {
-		line := rulesNode.Content[i].Line
-		bad := func(format string, args ...any) error {
-			return fmt.Errorf("policy line %d (rule %d): %s", line, i+1, fmt.Sprintf(format, args...))
+		parsed, err := parseRule(r)
+		if err != nil {
+			return nil, fmt.Errorf("policy line %d (rule %d): %w", rulesNode.Content[i].Line, i+1, err)
 		}
-		if len(r.Identities) == 0 {
-			return nil, bad("identities is required")
-		}
-		ids := make([]string, 0, len(r.Identities))
-		for _, id := range r.Identities {
-			pat, err := identityPattern(id)
-			if err != nil {
-				return nil, bad("identity pattern %q %s", id, err.Error())
-			}
-			ids = append(ids, pat)
-		}
-		switch r.Role {
-		case RoleOperator:
-			if len(r.Connections) > 0 {
-				return nil, bad("operators are granted tenants, not connections")
-			}
-			if len(r.Tenants) == 0 {
-				return nil, bad(`operator rule needs tenants (["*"] for all)`)
-			}
-		case RoleConsumer:
-			if len(r.Tenants) == 0 && len(r.Connections) == 0 {
-				return nil, bad("consumer rule needs tenants or connections")
-			}
-		default:
-			return nil, bad("role %q is not operator or consumer", r.Role)
-		}
-		for _, t := range r.Tenants {
-			if t != "*" && !broker.ValidID(t) {
-				return nil, bad("tenant %q is not a tenant id or *", t)
-			}
-		}
-		for _, c := range r.Connections {
-			if _, err := path.Match(c, ""); err != nil || !strings.HasPrefix(c, "tenants/") {
-				return nil, bad("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
-			}
-		}
-		p.rules = append(p.rules, rule{identities: ids, role: r.Role, tenants: r.Tenants, connections: r.Connections})
+		p.rules = append(p.rules, parsed)
 	}
 	p.index()
 	return p, nil
+}
+
+// fileRule is a rule as the policy file spells it.
+type fileRule struct {
+	Identities  []string `yaml:"identities"`
+	Role        string   `yaml:"role"`
+	Tenants     []string `yaml:"tenants"`
+	Connections []string `yaml:"connections"`
+}
+
+// parseRule checks one rule of the file and compiles its identity patterns.
+func parseRule(r fileRule) (rule, error) {
+	if len(r.Identities) == 0 {
+		return rule{}, errors.New("identities is required")
+	}
+	ids := make([]string, 0, len(r.Identities))
+	for _, id := range r.Identities {
+		pat, err := identityPattern(id)
+		if err != nil {
+			return rule{}, fmt.Errorf("identity pattern %q %s", id, err.Error())
+		}
+		ids = append(ids, pat)
+	}
+	if err := checkGrants(r); err != nil {
+		return rule{}, err
+	}
+	return rule{identities: ids, role: r.Role, tenants: r.Tenants, connections: r.Connections}, nil
+}
+
+// checkGrants checks a rule's role and what it grants the role on.
+func checkGrants(r fileRule) error {
+	switch r.Role {
+	case RoleOperator:
+		if len(r.Connections) > 0 {
+			return errors.New("operators are granted tenants, not connections")
+		}
+		if len(r.Tenants) == 0 {
+			return errors.New(`operator rule needs tenants (["*"] for all)`)
+		}
+	case RoleConsumer:
+		if len(r.Tenants) == 0 && len(r.Connections) == 0 {
+			return errors.New("consumer rule needs tenants or connections")
+		}
+	default:
+		return fmt.Errorf("role %q is not operator or consumer", r.Role)
+	}
+	for _, t := range r.Tenants {
+		if t != "*" && !broker.ValidID(t) {
+			return fmt.Errorf("tenant %q is not a tenant id or *", t)
+		}
+	}
+	for _, c := range r.Connections {
+		if _, err := path.Match(c, ""); err != nil || !strings.HasPrefix(c, "tenants/") {
+			return fmt.Errorf("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
+		}
+	}
+	return nil
 }
 
 // identityPattern turns an identity pattern of a policy file into the form
