@@ -20,6 +20,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/server"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // serveWithRules runs a broker and gRPC server on loopback whose upstream
@@ -32,7 +33,7 @@ func serveWithRules(t *testing.T, insecureUpstream bool, allow ...string) pb.Tok
 		cidrs = append(cidrs, netip.MustParsePrefix(a))
 	}
 	keys, _ := storage.NewKeyring(bytes.Repeat([]byte{7}, 32))
-	st, err := storage.Open(filepath.Join(t.TempDir(), "tokenbroker.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "tokenbroker.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}
