@@ -120,16 +120,26 @@ func base64Core(enc *base64.Encoding, sec string, offset int) string {
 // may come back in lower-case hex, and over-redacting costs nothing.
 func redact(s string, forms []string) string {
 	for _, f := range forms {
-		lf := strings.ToLower(f)
-		for {
-			i := strings.Index(strings.ToLower(s), lf)
-			if i < 0 {
-				break
-			}
-			s = s[:i] + redactedMark + s[i+len(f):]
-		}
+		s = redactOne(s, f)
 	}
 	return s
+}
+
+// redactOne replaces each occurrence of f in s in one pass from the left,
+// so that a secret that is part of the mark itself cannot loop forever.
+func redactOne(s, f string) string {
+	lower, lf := strings.ToLower(s), strings.ToLower(f)
+	var b strings.Builder
+	for {
+		i := strings.Index(lower, lf)
+		if i < 0 {
+			b.WriteString(s)
+			return b.String()
+		}
+		b.WriteString(s[:i])
+		b.WriteString(redactedMark)
+		s, lower = s[i+len(f):], lower[i+len(f):]
+	}
 }
 
 // revealsForm reports whether s, once percent-, form- or JSON-decoded,
