@@ -31,3 +31,30 @@ func TestScrubEndsWhenTheSecretIsInTheMark(t *testing.T) {
 		}
 	}
 }
+
+// FuzzScrub: whatever the upstream text, scrub ends, and what it returns is
+// printable, short, and holds no secret in any form it removes.
+func FuzzScrub(f *testing.F) {
+	for _, s := range [][2]string{
+		{"bad P%40ss+w0rd%21%26x%3D1", "P@ss w0rd!&x=1"},
+		{"echo redacted", "redacted"},
+		{"x UEBzcyB3MHJk y", "P@ss w0rd"},
+		{"s3cr\x003t-value", "s3cr3t-value"},
+		{"100% %73%33%63%72%33%74", "s3cr3t"},
+	} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, text, secret string) {
+		got := scrub(text, 200, []string{secret})
+		if len(got) > 203 || printable(got) != got {
+			t.Fatalf("scrub(%q) = %q: not printable or too long", text, got)
+		}
+		fixed := strings.ToLower(redactedMark + withheld + "...")
+		for _, form := range secretForms([]string{secret}) {
+			lf := strings.ToLower(form)
+			if strings.Contains(strings.ToLower(got), lf) && !strings.Contains(fixed, lf) {
+				t.Errorf("scrub(%q) = %q holds %q", text, got, form)
+			}
+		}
+	})
+}
