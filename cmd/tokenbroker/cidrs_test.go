@@ -19,6 +19,11 @@ func TestAllowUpstreamCIDRFlag(t *testing.T) {
 	if err != nil || cfg.allowUpstreamCIDRs.String() != "172.16.0.0/12" {
 		t.Errorf("from the environment: %v %v", cfg, err)
 	}
+	// The command line replaces the environment's ranges, as for every flag.
+	cfg, err = parseConfig([]string{"--allow-upstream-cidr", "10.9.0.0/16"}, env(map[string]string{"TOKENBROKER_ALLOW_UPSTREAM_CIDR": "10.0.0.0/8"}), io.Discard)
+	if err != nil || cfg.allowUpstreamCIDRs.String() != "10.9.0.0/16" {
+		t.Errorf("flag over environment: %v %v, want only 10.9.0.0/16", cfg, err)
+	}
 	for arg, want := range map[string]string{
 		"10.0.0.0":    "not a CIDR range",
 		"10.1.2.3/8":  "write 10.0.0.0/8 for the range, or 10.1.2.3/32",
