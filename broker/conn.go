@@ -49,8 +49,11 @@ type runtimeState struct {
 	degraded string
 	// lastErr is the newest failure seen in this process.
 	lastErr failureNote
-	// recovering: an intent was found at start; the refresh token may be
-	// spent (see [conn.suspectLocked]).
+	// recovering: an intent was found at start, left by a request whose
+	// outcome is unknown (the broker stopped while it was at the upstream,
+	// or it ended ambiguously); the refresh token may be spent (see
+	// [conn.suspectLocked]). Attempts upstream certainly did not process
+	// clear their intent, so a clean restart after them recovers nothing.
 	recovering bool
 	// rejected is an access token a caller reported answered 401, and
 	// lastReject when such a report last started a refresh.

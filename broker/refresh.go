@@ -172,9 +172,30 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 		}
 		return false, b.halt(c, intent, ue)
 	case classLoginLimit:
+		if err := b.forgetIntent(c, intent); err != nil {
+			return false, err
+		}
 		return false, b.giveUp(c, ue, max(b.loginLimitBackoff(c.failureCount()+1), ue.retryAfter))
+	case classSafe:
+		if err := b.forgetIntent(c, intent); err != nil {
+			return false, err
+		}
 	}
-	// Transient: 5xx, 429, network, timeouts, unusable answers.
+	return b.retryOrGiveUp(ctx, c, g, grant, attempt, ue)
+}
+
+// forgetIntent durably clears the intent of an attempt upstream certainly
+// did not process (refused, 503, 429, the upstream cap): its refresh token
+// is not spent, and a restart must not take it for one a crash may have
+// spent.
+func (b *Broker) forgetIntent(c *conn, intent *storage.Tokens) error {
+	return b.commit(c, withoutIntent(intent), false)
+}
+
+// retryOrGiveUp ends a transient failure (5xx, 429, network, timeouts,
+// unusable answers): another attempt after a backoff while the shared
+// refresh may make one, else the renewal's error.
+func (b *Broker) retryOrGiveUp(ctx context.Context, c *conn, g *grantPolicy, grant string, attempt int, ue *upstreamError) (retry bool, err error) {
 	wait := max(b.backoff(attempt), ue.retryAfter)
 	if b.mayRetry(ctx, attempt, wait) {
 		b.attemptFailed(c, ue.reason(), ue.Error())

@@ -70,9 +70,11 @@ func rotate(prev *storage.Tokens, cfg *storage.Connection, grant string, resp *t
 }
 
 // withoutRefreshToken is intent after upstream rejected its refresh token
-// (lapsed, revoked or reused): the next grant is a password grant.
+// (lapsed, revoked or reused): the next grant is a password grant. It is a
+// new generation, so other replicas stop holding the dead refresh token.
 func withoutRefreshToken(intent *storage.Tokens, msg string, now time.Time) *storage.Tokens {
 	next := withoutIntent(intent)
+	next.Generation = intent.Generation + 1
 	next.RefreshToken = ""
 	setError(next, ReasonRefreshTokenRevoked, msg, now)
 	return next
@@ -90,9 +92,12 @@ func halted(intent *storage.Tokens, reason, msg string, now time.Time) *storage.
 
 // abandoned is prev after its refresh token, which a crash may have spent,
 // was given up: neither it nor the access token the lost refresh may have
-// revoked is used again.
+// revoked is used again. It is a new generation, so other replicas take it
+// too (they only take newer generations) instead of serving a signed-out
+// token or presenting the spent refresh token.
 func abandoned(prev *storage.Tokens, now time.Time) *storage.Tokens {
 	next := withoutIntent(prev)
+	next.Generation = prev.Generation + 1
 	next.RefreshToken = ""
 	next.AccessToken = ""
 	next.AccessTokenExpireTime = time.Time{}
