@@ -211,3 +211,31 @@ func fileSum(t *testing.T, path string) [32]byte {
 	}
 	return sha256.Sum256(b)
 }
+
+// TestWriteAfterCloseFailsInsteadOfHanging: a write that races Close (a
+// shared refresh finishing while the process stops) answers ErrClosed; it
+// never waits for a committer that has already gone.
+func TestWriteAfterCloseFailsInsteadOfHanging(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "db"), keyring(t, key(1)))
+	ctx := context.Background()
+	if _, err := s.CreateConnection(ctx, sampleConn(name(0)), nil); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	done := make(chan error, 100)
+	go func() {
+		for range 100 {
+			done <- s.PutTokens(ctx, name(0), sampleToken())
+		}
+	}()
+	for i := range 100 {
+		select {
+		case err := <-done:
+			if !errors.Is(err, storage.ErrClosed) {
+				t.Fatalf("write %d after Close: err = %v, want ErrClosed", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("write %d after Close still waiting after 10 s", i)
+		}
+	}
+}
