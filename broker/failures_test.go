@@ -197,10 +197,12 @@ func TestRetriesTransientFailuresWithinOneSharedRefresh(t *testing.T) {
 	})
 	e.create()
 	e.clock.Advance(2 * time.Hour)
+	// Failures upstream certainly did not process: the same refresh token
+	// is retried (ambiguous ones: TestAmbiguousRefreshIsNeverReplayed).
 	e.idp.Inject(
-		acumaticatest.Fault{Status: 502, Body: "<html><body>Bad Gateway</body></html>", ContentType: "text/html"},
+		acumaticatest.Fault{Status: 503, Body: "<html><body>Service Unavailable</body></html>", ContentType: "text/html"},
 		acumaticatest.Fault{Status: 503, RetryAfter: "3"},
-		acumaticatest.Fault{Reset: true},
+		acumaticatest.Fault{Status: 429},
 	)
 	if _, err := e.token(time.Minute); err != nil {
 		t.Fatalf("err = %v, want success on the 4th attempt", err)
@@ -217,7 +219,7 @@ func TestRetriesTransientFailuresWithinOneSharedRefresh(t *testing.T) {
 		t.Errorf("first backoff %v, want jittered in [50ms, 100ms]", slept[0])
 	}
 	if c := e.idp.Counts(); c.PasswordGrants != 1 {
-		t.Errorf("password grants = %d; a 502/reset must not lead to a password grant when the token survives", c.PasswordGrants)
+		t.Errorf("password grants = %d; a 503/429 must not lead to a password grant", c.PasswordGrants)
 	}
 }
 
@@ -286,27 +288,59 @@ func TestRedirectNotFollowed(t *testing.T) {
 	}
 }
 
-func TestTimeoutAfterSendIsAmbiguousAndRecovers(t *testing.T) {
-	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
-		b.UpstreamTimeout = 100 * time.Millisecond
-		b.MaxAttempts = 2
-	})
-	e.create()
-	e.clock.Advance(2 * time.Hour)
-	// The first refresh is processed upstream, but the answer never arrives.
-	e.idp.Inject(acumaticatest.Fault{Process: true, Hang: false, Delay: 0, Status: 504})
-	tok, err := e.token(time.Minute)
-	if err != nil {
-		t.Fatalf("err = %v", err)
-	}
-	c := e.idp.Counts()
-	// The spent refresh token is retried once (invalid_grant, reuse detected),
-	// then exactly one password grant recovers.
-	if c.PasswordGrants != 2 || c.ReuseDetected != 1 {
-		t.Errorf("counts = %+v, want one reuse detection and one recovery password grant", c)
-	}
-	if !e.idp.AccessTokenValid(tok.AccessToken) {
-		t.Error("token not live")
+// TestAmbiguousRefreshIsNeverReplayed: when the answer to a refresh leaves
+// unknown whether upstream spent the refresh token (a 5xx that may come
+// after processing, a timeout or reset after sending), that refresh token is
+// never presented again: reuse detection would take it for theft and revoke
+// the family. It is revoked (harmless if spent), its session signed out,
+// and exactly one password grant recovers.
+func TestAmbiguousRefreshIsNeverReplayed(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault acumaticatest.Fault
+	}{
+		{"504 after processing", acumaticatest.Fault{Process: true, Status: 504}},
+		{"500 after processing", acumaticatest.Fault{Process: true, Status: 500}},
+		{"502 before processing", acumaticatest.Fault{Status: 502}},
+		{"reset after processing", acumaticatest.Fault{Process: true, Reset: true}},
+		{"timeout after processing", acumaticatest.Fault{HoldAfterProcess: time.Minute}},
+		{"timeout before processing", acumaticatest.Fault{Hang: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+				b.UpstreamTimeout = 100 * time.Millisecond
+				b.MaxAttempts = 2
+			})
+			e.create()
+			e.clock.Advance(2 * time.Hour)
+			e.idp.Inject(tc.fault)
+			tok, err := e.token(time.Minute)
+			if err != nil {
+				t.Fatalf("err = %v", err)
+			}
+			c := e.idp.Counts()
+			if c.ReuseDetected != 0 || c.InvalidGrant != 0 {
+				t.Errorf("counts = %+v: the possibly spent refresh token was presented again", c)
+			}
+			if c.PasswordGrants != 2 { // the create's and the recovery's
+				t.Errorf("password grants = %d, want exactly one recovery password grant", c.PasswordGrants-1)
+			}
+			if c.Revocations != 1 || c.Logouts != 1 {
+				t.Errorf("counts = %+v, want the abandoned chain revoked and signed out once", c)
+			}
+			if !e.idp.AccessTokenValid(tok.AccessToken) {
+				t.Error("token not live")
+			}
+			if st := e.stored(); st.IntentGrant != "" || st.RefreshToken == "" {
+				t.Errorf("stored intent %q, has refresh token %v: want the new chain, no intent", st.IntentGrant, st.RefreshToken != "")
+			}
+			// The new chain refreshes as usual.
+			e.clock.Advance(2 * time.Hour)
+			e.mustToken()
+			if c := e.idp.Counts(); c.ReuseDetected != 0 || c.InvalidGrant != 0 || c.PasswordGrants != 2 {
+				t.Errorf("counts = %+v after the next refresh", c)
+			}
+		})
 	}
 }
 
@@ -363,22 +397,29 @@ func TestUpstreamHangPastDeadline(t *testing.T) {
 	first := e.mustToken()
 	e.clock.Advance(50 * time.Minute)
 	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
-	// A valid token exists: the caller gets it although upstream hangs.
-	tok, err := e.token(15 * time.Minute)
-	if err != nil || tok.AccessToken != first.AccessToken {
-		t.Fatalf("err = %v, want the cached token", err)
+	// A hang after the request was sent is ambiguous: the refresh token may
+	// be spent, so the chain is revoked and signed out (its access token is
+	// then dead) and a password grant tried, which hangs too. The caller
+	// gets a clear answer within the refresh's own deadline, never the
+	// signed-out token.
+	_, err := e.token(15 * time.Minute)
+	if !errors.Is(err, broker.ErrUpstreamUnavailable) {
+		t.Fatalf("err = %v, want ErrUpstreamUnavailable", err)
+	}
+	if e.idp.AccessTokenValid(first.AccessToken) {
+		t.Error("the abandoned chain's access token is still live upstream")
 	}
 	if v := e.view(); v.State != broker.StateDegraded {
 		t.Errorf("state = %s, want DEGRADED", v.State)
 	}
-	// A hang after the request was sent is ambiguous: the next attempt uses the
-	// same refresh token, which upstream never processed, so it still works.
+	// Upstream answers again: one password grant, the hung refresh token is
+	// never presented again.
 	e.clock.Advance(time.Hour)
 	if _, err := e.token(time.Minute); err != nil {
 		t.Fatalf("after the hang: %v", err)
 	}
-	if c := e.idp.Counts(); c.PasswordGrants != 1 || c.InvalidGrant != 0 {
-		t.Errorf("counts = %+v", c)
+	if c := e.idp.Counts(); c.PasswordGrants != 2 || c.InvalidGrant != 0 || c.RefreshGrants != 0 || c.ReuseDetected != 0 {
+		t.Errorf("counts = %+v, want one recovery password grant and no refresh grant", c)
 	}
 }
 

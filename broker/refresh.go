@@ -15,7 +15,8 @@ import (
 // Each attempt: prepare (deleted, halted, a pending commit, a refresh token
 // a crash may have spent) → choose the grant → record the intent durably →
 // exchange → take the answer → handle the failure (retry, fall back to a
-// password grant, halt, or back off).
+// password grant, give up a refresh token the failure may have spent, halt,
+// or back off).
 func (b *Broker) renew(ctx context.Context, c *conn, why trigger) error {
 	g := grantPolicy{forcePassword: why == triggerRenewChain}
 	for attempt := 1; ; attempt++ {
@@ -60,23 +61,24 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 	case isHalted:
 		return nil, nil, true, haltedError(c.name, state, reason)
 	case suspect:
-		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)
+		tok, err = b.abandonSpentChain(ctx, c, cfg, tok, ReasonCrashRecovery, "a refresh was in flight when the broker stopped")
 		return cfg, tok, err != nil, err
 	}
 	return cfg, tok, false, nil
 }
 
-// abandonSpentChain gives up a refresh token the broker may have presented
-// just before it stopped. Presenting it again could look like token theft to
-// an identity server with reuse detection (RFC 9700 section 4.14.2), which
-// then revokes the whole family. So it is revoked (harmless if spent) and
-// its session signed out, then dropped durably together with the access
-// token the lost refresh may have revoked; the renewal signs in again with
-// one password grant.
-func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Connection, tok *storage.Tokens) (*storage.Tokens, error) {
-	b.log.Warn("refresh token may have been spent before the last stop; revoking it and signing in again", "connection", c.name)
+// abandonSpentChain gives up a refresh token the broker may have spent: it
+// presented it just before it stopped, or upstream's answer left the
+// outcome unknown (why says which). Presenting it again could look like
+// token theft to an identity server with reuse detection (RFC 9700 section
+// 4.14.2), which then revokes the whole family. So it is revoked (harmless
+// if spent) and its session signed out, freeing the session's seat, then
+// dropped durably together with the access token the lost refresh may have
+// revoked; the renewal signs in again with one password grant.
+func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Connection, tok *storage.Tokens, code, why string) (*storage.Tokens, error) {
+	b.log.Warn("refresh token may have been spent; revoking it and signing in again", "connection", c.name, "why", why)
 	b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
-	next := abandoned(tok, b.now())
+	next := abandoned(tok, code, why+"; its refresh token was revoked rather than presented again", b.now())
 	if err := b.commit(c, next, false); err != nil {
 		return nil, err
 	}
@@ -180,8 +182,26 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 		if err := b.forgetIntent(c, intent); err != nil {
 			return false, err
 		}
+	case classAmbiguous:
+		if grant == grantRefresh {
+			if err := b.giveUpSpentRefreshToken(ctx, c, intent, ue); err != nil {
+				return false, err
+			}
+		}
 	}
 	return b.retryOrGiveUp(ctx, c, g, grant, attempt, ue)
+}
+
+// giveUpSpentRefreshToken ends the chain whose refresh token an ambiguous
+// answer (a timeout or reset after sending, 500, 502, 504) may have spent:
+// it is never presented again, within this process or after a restart;
+// the next attempt, or the next renewal, signs in with a password grant.
+func (b *Broker) giveUpSpentRefreshToken(ctx context.Context, c *conn, intent *storage.Tokens, ue *upstreamError) error {
+	c.mu.Lock()
+	cfg := c.cfg.Clone()
+	c.mu.Unlock()
+	_, err := b.abandonSpentChain(ctx, c, cfg, intent, ReasonRefreshTokenRevoked, ue.Error()+" after the refresh token was sent, so it may have been spent")
+	return err
 }
 
 // forgetIntent durably clears the intent of an attempt upstream certainly

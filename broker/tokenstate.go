@@ -90,18 +90,19 @@ func halted(intent *storage.Tokens, reason, msg string, now time.Time) *storage.
 	return next
 }
 
-// abandoned is prev after its refresh token, which a crash may have spent,
-// was given up: neither it nor the access token the lost refresh may have
-// revoked is used again. It is a new generation, so other replicas take it
+// abandoned is prev after its refresh token, which may have been spent (a
+// crash, or an answer that left the outcome unknown), was given up: neither
+// it nor the access token the lost refresh may have revoked is used again.
+// code and msg say why. It is a new generation, so other replicas take it
 // too (they only take newer generations) instead of serving a signed-out
 // token or presenting the spent refresh token.
-func abandoned(prev *storage.Tokens, now time.Time) *storage.Tokens {
+func abandoned(prev *storage.Tokens, code, msg string, now time.Time) *storage.Tokens {
 	next := withoutIntent(prev)
 	next.Generation = prev.Generation + 1
 	next.RefreshToken = ""
 	next.AccessToken = ""
 	next.AccessTokenExpireTime = time.Time{}
-	setError(next, ReasonCrashRecovery, "a refresh was in flight when the broker stopped; its refresh token was revoked rather than presented again", now)
+	setError(next, code, msg, now)
 	return next
 }
 

@@ -151,7 +151,7 @@ const (
 	// same refresh token may be retried.
 	classSafe failureClass = iota + 1
 	// classAmbiguous: the request may have been processed; the refresh token
-	// may be spent.
+	// may be spent, so it is never presented again.
 	classAmbiguous
 	// classInvalidGrant: the grant (refresh token or user) was rejected.
 	classInvalidGrant
