@@ -75,6 +75,9 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// EventRing is how many recent connection events are kept for
+	// watchers that resume. Default [DefaultEventRing].
+	EventRing int
 }
 
 // Defaults of the upstream caps in [Options].
@@ -172,6 +175,8 @@ type Broker struct {
 	once    sync.Once
 
 	stats Stats
+
+	events *feed // connection events for WatchConnections (events.go)
 }
 
 // Stats are counters for tests, benchmarks and metrics.
@@ -221,6 +226,7 @@ func New(opts Options) (*Broker, error) {
 		stop:     make(chan struct{}),
 	}
 	b.loading.Store(true) // until Load is done
+	b.events = newFeed(b, opts.EventRing)
 	return b, nil
 }
 
@@ -239,6 +245,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	defer func() {
 		b.loading.Store(false)
 		b.tombs.Clear()
+		b.events.markLoaded()
 	}()
 	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
@@ -397,7 +404,9 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 			if err != nil {
 				t = &storage.Tokens{}
 			}
-			b.conns.LoadOrStore(ch.Name, newConnPublished(ch.Connection, t))
+			if nc := newConnPublished(ch.Connection, t); !loaded(b.conns.LoadOrStore(ch.Name, nc)) {
+				b.events.admitted(nc, true)
+			}
 			return
 		}
 		c := v.(*conn)

@@ -28,6 +28,7 @@ func (b *Broker) Maintain() {
 		c.mu.Unlock()
 		return true
 	})
+	b.events.scan(now)
 }
 
 // dueLocked says why c needs a refresh now, or 0. c.mu must be held.
