@@ -252,8 +252,9 @@ func (c *conn) takeNewer(t *storage.Tokens) bool {
 
 // configLocked takes a newer configuration.
 func (c *conn) configLocked(cfg *storage.Connection) {
+	prev := c.cfg.Revision
 	c.cfg = cfg
-	c.announceUpdatedLocked()
+	c.announceUpdatedLocked(prev)
 	c.publishLocked()
 }
 

@@ -186,9 +186,11 @@ func (c *conn) announceLocked() {
 	f.warnLocked(c, f.b.now())
 }
 
-// announceUpdatedLocked reports a configuration change.
-func (c *conn) announceUpdatedLocked() {
-	if c.ev.feed != nil && !c.deleted {
+// announceUpdatedLocked reports a configuration change from revision
+// prev. A revision already taken (this replica's own update, seen again
+// through the store's watch first) is not reported again.
+func (c *conn) announceUpdatedLocked(prev int64) {
+	if c.ev.feed != nil && !c.deleted && c.cfg.Revision > prev {
 		c.ev.feed.emitLocked(c, Event{Type: EventUpdated})
 	}
 }
@@ -318,14 +320,20 @@ func (b *Broker) WatchConnections(ctx context.Context, req WatchRequest, send fu
 	}
 	for err == nil {
 		select {
+		case <-w.lagged:
+			// Behind: what is queued is stale, the current state is not.
+			f.unsubscribe(w)
+			w, _, _ = f.subscribe(req.match, 0, "")
+			skip, err = b.sendCurrent(w, req, true, send)
+			continue
+		default:
+		}
+		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-b.stop:
 			return ErrClosed
 		case <-w.lagged:
-			f.unsubscribe(w)
-			w, _, _ = f.subscribe(req.match, 0, "")
-			skip, err = b.sendCurrent(w, req, true, send)
 		case ev := <-w.ch:
 			if ev.Seq > skip[ev.Name] {
 				err = send(&ev)

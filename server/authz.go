@@ -237,7 +237,7 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerI
 	if !p.IsOperator(id) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
 	}
-	return handler(srv, ss)
+	return handler(srv, withOperator(ss, func(tenant string) bool { return p.CanManage(id, tenant) }))
 }
 
 // needsAuth selects every call but health checks.

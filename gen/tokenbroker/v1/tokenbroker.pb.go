@@ -150,6 +150,83 @@ func (TestConnectionResponse_EntityResult_Outcome) EnumDescriptor() ([]byte, []i
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{14, 0, 0}
 }
 
+// Type says what the message reports.
+type WatchConnectionsResponse_Type int32
+
+const (
+	// TYPE_UNSPECIFIED is never sent.
+	WatchConnectionsResponse_TYPE_UNSPECIFIED WatchConnectionsResponse_Type = 0
+	// TYPE_EXISTING: a connection's state when the stream starts or
+	// resyncs.
+	WatchConnectionsResponse_TYPE_EXISTING WatchConnectionsResponse_Type = 1
+	// TYPE_SYNCED: the current state (or the replay of missed events) is
+	// complete; changes follow as they happen.
+	WatchConnectionsResponse_TYPE_SYNCED WatchConnectionsResponse_Type = 2
+	// TYPE_CREATED: the connection was created.
+	WatchConnectionsResponse_TYPE_CREATED WatchConnectionsResponse_Type = 3
+	// TYPE_UPDATED: the connection's configuration changed.
+	WatchConnectionsResponse_TYPE_UPDATED WatchConnectionsResponse_Type = 4
+	// TYPE_DELETED: the connection was deleted; `connection` is its last
+	// state.
+	WatchConnectionsResponse_TYPE_DELETED WatchConnectionsResponse_Type = 5
+	// TYPE_STATE_CHANGED: the connection's state changed from
+	// `previous_state` to `connection.state`.
+	WatchConnectionsResponse_TYPE_STATE_CHANGED WatchConnectionsResponse_Type = 6
+	// TYPE_WARNING: a warning appeared (`warning_code`, `warning`).
+	WatchConnectionsResponse_TYPE_WARNING WatchConnectionsResponse_Type = 7
+)
+
+// Enum value maps for WatchConnectionsResponse_Type.
+var (
+	WatchConnectionsResponse_Type_name = map[int32]string{
+		0: "TYPE_UNSPECIFIED",
+		1: "TYPE_EXISTING",
+		2: "TYPE_SYNCED",
+		3: "TYPE_CREATED",
+		4: "TYPE_UPDATED",
+		5: "TYPE_DELETED",
+		6: "TYPE_STATE_CHANGED",
+		7: "TYPE_WARNING",
+	}
+	WatchConnectionsResponse_Type_value = map[string]int32{
+		"TYPE_UNSPECIFIED":   0,
+		"TYPE_EXISTING":      1,
+		"TYPE_SYNCED":        2,
+		"TYPE_CREATED":       3,
+		"TYPE_UPDATED":       4,
+		"TYPE_DELETED":       5,
+		"TYPE_STATE_CHANGED": 6,
+		"TYPE_WARNING":       7,
+	}
+)
+
+func (x WatchConnectionsResponse_Type) Enum() *WatchConnectionsResponse_Type {
+	p := new(WatchConnectionsResponse_Type)
+	*p = x
+	return p
+}
+
+func (x WatchConnectionsResponse_Type) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (WatchConnectionsResponse_Type) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenbroker_v1_tokenbroker_proto_enumTypes[2].Descriptor()
+}
+
+func (WatchConnectionsResponse_Type) Type() protoreflect.EnumType {
+	return &file_tokenbroker_v1_tokenbroker_proto_enumTypes[2]
+}
+
+func (x WatchConnectionsResponse_Type) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use WatchConnectionsResponse_Type.Descriptor instead.
+func (WatchConnectionsResponse_Type) EnumDescriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18, 0}
+}
+
 // Connection is one tenant's link to one Acumatica instance through one
 // Connected Application and one integration user.
 type Connection struct {
@@ -1326,6 +1403,201 @@ func (x *GetAccessTokenResponse) GetScopes() []string {
 	return nil
 }
 
+// WatchConnectionsRequest is the request of WatchConnections.
+type WatchConnectionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `tenants/{tenant}`, or `tenants/-` for every tenant the caller operates.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Optional. Resume after this sequence: the last one handled. 0 starts
+	// with the current state.
+	AfterSequence int64 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Optional. The `feed_id` of the message `after_sequence` came from; a
+	// sequence from another feed (another replica, or before a restart)
+	// resyncs. Empty means this server's feed.
+	FeedId        string `protobuf:"bytes,3,opt,name=feed_id,json=feedId,proto3" json:"feed_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsRequest) Reset() {
+	*x = WatchConnectionsRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsRequest) ProtoMessage() {}
+
+func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchConnectionsRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *WatchConnectionsRequest) GetAfterSequence() int64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+func (x *WatchConnectionsRequest) GetFeedId() string {
+	if x != nil {
+		return x.FeedId
+	}
+	return ""
+}
+
+// WatchConnectionsResponse is one message of WatchConnections.
+type WatchConnectionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the message reports.
+	Type WatchConnectionsResponse_Type `protobuf:"varint,1,opt,name=type,proto3,enum=tokenbroker.v1.WatchConnectionsResponse_Type" json:"type,omitempty"`
+	// Orders the messages of one feed. Each change has its own, one more
+	// than the change before; TYPE_EXISTING and TYPE_SYNCED carry the
+	// sequence the state they show is current to. Resume from the last one
+	// handled.
+	Sequence int64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// Names the feed the sequence belongs to: one per server process.
+	FeedId string `protobuf:"bytes,3,opt,name=feed_id,json=feedId,proto3" json:"feed_id,omitempty"`
+	// When the server saw the change.
+	EventTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
+	// The connection with its state and status, secrets never included.
+	// Unset on TYPE_SYNCED.
+	Connection *Connection `protobuf:"bytes,5,opt,name=connection,proto3" json:"connection,omitempty"`
+	// The state before a TYPE_STATE_CHANGED.
+	PreviousState Connection_State `protobuf:"varint,6,opt,name=previous_state,json=previousState,proto3,enum=tokenbroker.v1.Connection_State" json:"previous_state,omitempty"`
+	// Machine-readable warning of TYPE_WARNING: `CLIENT_SECRET_EXPIRING`
+	// (within 30 days), `REFRESH_TOKEN_CHAIN_ENDING` (absolute lifetime near
+	// and the broker's renewal overdue), `REFRESH_TOKEN_IDLE_LAPSING`
+	// (sliding window near and the keep-alive refresh overdue),
+	// `LOGIN_LIMIT_REACHED`.
+	WarningCode string `protobuf:"bytes,7,opt,name=warning_code,json=warningCode,proto3" json:"warning_code,omitempty"`
+	// Human-readable warning of TYPE_WARNING.
+	Warning string `protobuf:"bytes,8,opt,name=warning,proto3" json:"warning,omitempty"`
+	// The client's sequence could not be resumed, or it fell behind: drop
+	// what it knows of these connections; the TYPE_EXISTING messages that
+	// follow are the current state.
+	Resync        bool `protobuf:"varint,9,opt,name=resync,proto3" json:"resync,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsResponse) Reset() {
+	*x = WatchConnectionsResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsResponse) ProtoMessage() {}
+
+func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *WatchConnectionsResponse) GetType() WatchConnectionsResponse_Type {
+	if x != nil {
+		return x.Type
+	}
+	return WatchConnectionsResponse_TYPE_UNSPECIFIED
+}
+
+func (x *WatchConnectionsResponse) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *WatchConnectionsResponse) GetFeedId() string {
+	if x != nil {
+		return x.FeedId
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetEventTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EventTime
+	}
+	return nil
+}
+
+func (x *WatchConnectionsResponse) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+func (x *WatchConnectionsResponse) GetPreviousState() Connection_State {
+	if x != nil {
+		return x.PreviousState
+	}
+	return Connection_STATE_UNSPECIFIED
+}
+
+func (x *WatchConnectionsResponse) GetWarningCode() string {
+	if x != nil {
+		return x.WarningCode
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetWarning() string {
+	if x != nil {
+		return x.Warning
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetResync() bool {
+	if x != nil {
+		return x.Resync
+	}
+	return false
+}
+
 // Result of reading one entity.
 type TestConnectionResponse_EntityResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1343,7 +1615,7 @@ type TestConnectionResponse_EntityResult struct {
 
 func (x *TestConnectionResponse_EntityResult) Reset() {
 	*x = TestConnectionResponse_EntityResult{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1627,7 @@ func (x *TestConnectionResponse_EntityResult) String() string {
 func (*TestConnectionResponse_EntityResult) ProtoMessage() {}
 
 func (x *TestConnectionResponse_EntityResult) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1790,33 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12!\n" +
 	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
-	"\x06scopes\x18\x05 \x03(\tR\x06scopes2\xc6\x05\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"q\n" +
+	"\x17WatchConnectionsRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12%\n" +
+	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\x12\x17\n" +
+	"\afeed_id\x18\x03 \x01(\tR\x06feedId\"\xca\x04\n" +
+	"\x18WatchConnectionsResponse\x12A\n" +
+	"\x04type\x18\x01 \x01(\x0e2-.tokenbroker.v1.WatchConnectionsResponse.TypeR\x04type\x12\x1a\n" +
+	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12\x17\n" +
+	"\afeed_id\x18\x03 \x01(\tR\x06feedId\x129\n" +
+	"\n" +
+	"event_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\x12:\n" +
+	"\n" +
+	"connection\x18\x05 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\x12G\n" +
+	"\x0eprevious_state\x18\x06 \x01(\x0e2 .tokenbroker.v1.Connection.StateR\rpreviousState\x12!\n" +
+	"\fwarning_code\x18\a \x01(\tR\vwarningCode\x12\x18\n" +
+	"\awarning\x18\b \x01(\tR\awarning\x12\x16\n" +
+	"\x06resync\x18\t \x01(\bR\x06resync\"\xa0\x01\n" +
+	"\x04Type\x12\x14\n" +
+	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n" +
+	"\rTYPE_EXISTING\x10\x01\x12\x0f\n" +
+	"\vTYPE_SYNCED\x10\x02\x12\x10\n" +
+	"\fTYPE_CREATED\x10\x03\x12\x10\n" +
+	"\fTYPE_UPDATED\x10\x04\x12\x10\n" +
+	"\fTYPE_DELETED\x10\x05\x12\x16\n" +
+	"\x12TYPE_STATE_CHANGED\x10\x06\x12\x10\n" +
+	"\fTYPE_WARNING\x10\a2\xaf\x06\n" +
 	"\vTokenBroker\x12e\n" +
 	"\x10CreateConnection\x12'.tokenbroker.v1.CreateConnectionRequest\x1a(.tokenbroker.v1.CreateConnectionResponse\x12\\\n" +
 	"\rGetConnection\x12$.tokenbroker.v1.GetConnectionRequest\x1a%.tokenbroker.v1.GetConnectionResponse\x12b\n" +
@@ -1526,7 +1824,8 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x10UpdateConnection\x12'.tokenbroker.v1.UpdateConnectionRequest\x1a(.tokenbroker.v1.UpdateConnectionResponse\x12e\n" +
 	"\x10DeleteConnection\x12'.tokenbroker.v1.DeleteConnectionRequest\x1a(.tokenbroker.v1.DeleteConnectionResponse\x12_\n" +
 	"\x0eTestConnection\x12%.tokenbroker.v1.TestConnectionRequest\x1a&.tokenbroker.v1.TestConnectionResponse\x12_\n" +
-	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponseB.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
+	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12g\n" +
+	"\x10WatchConnections\x12'.tokenbroker.v1.WatchConnectionsRequest\x1a(.tokenbroker.v1.WatchConnectionsResponse0\x01B.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
 
 var (
 	file_tokenbroker_v1_tokenbroker_proto_rawDescOnce sync.Once
@@ -1540,78 +1839,87 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescData
 }
 
-var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(Connection_State)(0),                            // 0: tokenbroker.v1.Connection.State
 	(TestConnectionResponse_EntityResult_Outcome)(0), // 1: tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	(*Connection)(nil),                               // 2: tokenbroker.v1.Connection
-	(*ConnectionStatus)(nil),                         // 3: tokenbroker.v1.ConnectionStatus
-	(*ConnectionError)(nil),                          // 4: tokenbroker.v1.ConnectionError
-	(*CreateConnectionRequest)(nil),                  // 5: tokenbroker.v1.CreateConnectionRequest
-	(*CreateConnectionResponse)(nil),                 // 6: tokenbroker.v1.CreateConnectionResponse
-	(*GetConnectionRequest)(nil),                     // 7: tokenbroker.v1.GetConnectionRequest
-	(*GetConnectionResponse)(nil),                    // 8: tokenbroker.v1.GetConnectionResponse
-	(*ListConnectionsRequest)(nil),                   // 9: tokenbroker.v1.ListConnectionsRequest
-	(*ListConnectionsResponse)(nil),                  // 10: tokenbroker.v1.ListConnectionsResponse
-	(*UpdateConnectionRequest)(nil),                  // 11: tokenbroker.v1.UpdateConnectionRequest
-	(*UpdateConnectionResponse)(nil),                 // 12: tokenbroker.v1.UpdateConnectionResponse
-	(*DeleteConnectionRequest)(nil),                  // 13: tokenbroker.v1.DeleteConnectionRequest
-	(*DeleteConnectionResponse)(nil),                 // 14: tokenbroker.v1.DeleteConnectionResponse
-	(*TestConnectionRequest)(nil),                    // 15: tokenbroker.v1.TestConnectionRequest
-	(*TestConnectionResponse)(nil),                   // 16: tokenbroker.v1.TestConnectionResponse
-	(*GetAccessTokenRequest)(nil),                    // 17: tokenbroker.v1.GetAccessTokenRequest
-	(*GetAccessTokenResponse)(nil),                   // 18: tokenbroker.v1.GetAccessTokenResponse
-	(*TestConnectionResponse_EntityResult)(nil),      // 19: tokenbroker.v1.TestConnectionResponse.EntityResult
-	(*timestamppb.Timestamp)(nil),                    // 20: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                      // 21: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),                    // 22: google.protobuf.FieldMask
+	(WatchConnectionsResponse_Type)(0),               // 2: tokenbroker.v1.WatchConnectionsResponse.Type
+	(*Connection)(nil),                               // 3: tokenbroker.v1.Connection
+	(*ConnectionStatus)(nil),                         // 4: tokenbroker.v1.ConnectionStatus
+	(*ConnectionError)(nil),                          // 5: tokenbroker.v1.ConnectionError
+	(*CreateConnectionRequest)(nil),                  // 6: tokenbroker.v1.CreateConnectionRequest
+	(*CreateConnectionResponse)(nil),                 // 7: tokenbroker.v1.CreateConnectionResponse
+	(*GetConnectionRequest)(nil),                     // 8: tokenbroker.v1.GetConnectionRequest
+	(*GetConnectionResponse)(nil),                    // 9: tokenbroker.v1.GetConnectionResponse
+	(*ListConnectionsRequest)(nil),                   // 10: tokenbroker.v1.ListConnectionsRequest
+	(*ListConnectionsResponse)(nil),                  // 11: tokenbroker.v1.ListConnectionsResponse
+	(*UpdateConnectionRequest)(nil),                  // 12: tokenbroker.v1.UpdateConnectionRequest
+	(*UpdateConnectionResponse)(nil),                 // 13: tokenbroker.v1.UpdateConnectionResponse
+	(*DeleteConnectionRequest)(nil),                  // 14: tokenbroker.v1.DeleteConnectionRequest
+	(*DeleteConnectionResponse)(nil),                 // 15: tokenbroker.v1.DeleteConnectionResponse
+	(*TestConnectionRequest)(nil),                    // 16: tokenbroker.v1.TestConnectionRequest
+	(*TestConnectionResponse)(nil),                   // 17: tokenbroker.v1.TestConnectionResponse
+	(*GetAccessTokenRequest)(nil),                    // 18: tokenbroker.v1.GetAccessTokenRequest
+	(*GetAccessTokenResponse)(nil),                   // 19: tokenbroker.v1.GetAccessTokenResponse
+	(*WatchConnectionsRequest)(nil),                  // 20: tokenbroker.v1.WatchConnectionsRequest
+	(*WatchConnectionsResponse)(nil),                 // 21: tokenbroker.v1.WatchConnectionsResponse
+	(*TestConnectionResponse_EntityResult)(nil),      // 22: tokenbroker.v1.TestConnectionResponse.EntityResult
+	(*timestamppb.Timestamp)(nil),                    // 23: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                      // 24: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),                    // 25: google.protobuf.FieldMask
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	20, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	21, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
-	21, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
+	23, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	24, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
+	24, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
 	0,  // 3: tokenbroker.v1.Connection.state:type_name -> tokenbroker.v1.Connection.State
-	3,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
-	20, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
-	20, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
-	4,  // 7: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
-	20, // 8: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
-	20, // 9: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 10: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
-	20, // 12: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
-	2,  // 13: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 14: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 15: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 16: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
-	2,  // 17: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	22, // 18: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
-	2,  // 19: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	20, // 20: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	19, // 21: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
-	21, // 22: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	20, // 23: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	1,  // 24: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	5,  // 25: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
-	7,  // 26: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
-	9,  // 27: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
-	11, // 28: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
-	13, // 29: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
-	15, // 30: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
-	17, // 31: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
-	6,  // 32: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
-	8,  // 33: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
-	10, // 34: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
-	12, // 35: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
-	14, // 36: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
-	16, // 37: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
-	18, // 38: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
-	32, // [32:39] is the sub-list for method output_type
-	25, // [25:32] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	4,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
+	23, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
+	23, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
+	5,  // 7: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
+	23, // 8: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
+	23, // 9: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	23, // 10: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
+	23, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
+	23, // 12: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
+	3,  // 13: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 14: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 15: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 16: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
+	3,  // 17: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	25, // 18: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	3,  // 19: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	23, // 20: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	22, // 21: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
+	24, // 22: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	23, // 23: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 24: tokenbroker.v1.WatchConnectionsResponse.type:type_name -> tokenbroker.v1.WatchConnectionsResponse.Type
+	23, // 25: tokenbroker.v1.WatchConnectionsResponse.event_time:type_name -> google.protobuf.Timestamp
+	3,  // 26: tokenbroker.v1.WatchConnectionsResponse.connection:type_name -> tokenbroker.v1.Connection
+	0,  // 27: tokenbroker.v1.WatchConnectionsResponse.previous_state:type_name -> tokenbroker.v1.Connection.State
+	1,  // 28: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	6,  // 29: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
+	8,  // 30: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
+	10, // 31: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
+	12, // 32: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
+	14, // 33: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
+	16, // 34: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
+	18, // 35: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
+	20, // 36: tokenbroker.v1.TokenBroker.WatchConnections:input_type -> tokenbroker.v1.WatchConnectionsRequest
+	7,  // 37: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
+	9,  // 38: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
+	11, // 39: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
+	13, // 40: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
+	15, // 41: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
+	17, // 42: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
+	19, // 43: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
+	21, // 44: tokenbroker.v1.TokenBroker.WatchConnections:output_type -> tokenbroker.v1.WatchConnectionsResponse
+	37, // [37:45] is the sub-list for method output_type
+	29, // [29:37] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -1624,8 +1932,8 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   18,
+			NumEnums:      3,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	TokenBroker_DeleteConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/DeleteConnection"
 	TokenBroker_TestConnection_FullMethodName   = "/tokenbroker.v1.TokenBroker/TestConnection"
 	TokenBroker_GetAccessToken_FullMethodName   = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_WatchConnections_FullMethodName = "/tokenbroker.v1.TokenBroker/WatchConnections"
 )
 
 // TokenBrokerClient is the client API for TokenBroker service.
@@ -64,6 +65,19 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
 }
 
 type tokenBrokerClient struct {
@@ -144,6 +158,25 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchConnections_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchConnectionsRequest, WatchConnectionsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsClient = grpc.ServerStreamingClient[WatchConnectionsResponse]
+
 // TokenBrokerServer is the server API for TokenBroker service.
 // All implementations must embed UnimplementedTokenBrokerServer
 // for forward compatibility.
@@ -180,6 +213,19 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
 	mustEmbedUnimplementedTokenBrokerServer()
 }
 
@@ -210,6 +256,9 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
 }
 func (UnimplementedTokenBrokerServer) mustEmbedUnimplementedTokenBrokerServer() {}
 func (UnimplementedTokenBrokerServer) testEmbeddedByValue()                     {}
@@ -358,6 +407,17 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchConnectionsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchConnections(m, &grpc.GenericServerStream[WatchConnectionsRequest, WatchConnectionsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsServer = grpc.ServerStreamingServer[WatchConnectionsResponse]
+
 // TokenBroker_ServiceDesc is the grpc.ServiceDesc for TokenBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -394,6 +454,12 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _TokenBroker_GetAccessToken_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchConnections",
+			Handler:       _TokenBroker_WatchConnections_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tokenbroker/v1/tokenbroker.proto",
 }
