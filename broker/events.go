@@ -120,6 +120,8 @@ type feed struct {
 
 	loaded   chan struct{} // closed when Load is done
 	loadOnce sync.Once
+	ending   chan struct{} // closed by EndWatches
+	endOnce  sync.Once
 
 	mu       sync.Mutex // guards the fields below
 	seq      int64
@@ -153,10 +155,15 @@ func newFeed(b *Broker, ring int) *feed {
 	}
 	var id [8]byte
 	rand.Read(id[:])
-	return &feed{b: b, id: hex.EncodeToString(id[:]), loaded: make(chan struct{}), ring: make([]Event, ring), subs: map[*watcher]struct{}{}}
+	return &feed{b: b, id: hex.EncodeToString(id[:]), loaded: make(chan struct{}), ending: make(chan struct{}), ring: make([]Event, ring), subs: map[*watcher]struct{}{}}
 }
 
 func (f *feed) markLoaded() { f.loadOnce.Do(func() { close(f.loaded) }) }
+
+// EndWatches ends every WatchConnections call, now and later, with
+// [ErrClosed]: a watch never ends by itself, so a graceful stop of the
+// server would otherwise wait for it.
+func (b *Broker) EndWatches() { b.events.endOnce.Do(func() { close(b.events.ending) }) }
 
 // admitted makes c's changes feed events from now on, starting from its
 // present state; announce reports it as created.
@@ -294,7 +301,8 @@ func (f *feed) unsubscribe(w *watcher) {
 // WatchConnections sends the selected connections' current state (one
 // EventExisting each, by name, then EventSynced), or with req.AfterSeq
 // the events missed since (then EventSynced), then one event per change
-// until ctx ends, send fails, or the broker closes ([ErrClosed]). It waits
+// until ctx ends, send fails, or the broker closes or ends watches
+// ([ErrClosed]). It waits
 // for [Broker.Load] to finish first, so the current state is complete.
 //
 // Emitting never waits for a watcher: a watcher whose backlog is full
@@ -307,6 +315,8 @@ func (b *Broker) WatchConnections(ctx context.Context, req WatchRequest, send fu
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-b.stop:
+		return ErrClosed
+	case <-f.ending:
 		return ErrClosed
 	}
 	w, replay, resumed := f.subscribe(req.match, req.AfterSeq, req.FeedID)
@@ -332,6 +342,8 @@ func (b *Broker) WatchConnections(ctx context.Context, req WatchRequest, send fu
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-b.stop:
+			return ErrClosed
+		case <-f.ending:
 			return ErrClosed
 		case <-w.lagged:
 		case ev := <-w.ch:

@@ -225,3 +225,26 @@ func TestWatchConnectionsIsForOperatorsOfTheTenant(t *testing.T) {
 		t.Errorf("after deleting globex's and then acme's: %q", brief(m))
 	}
 }
+
+// TestWatchConnectionsEndsOnShutdown: EndWatches, which the binary calls
+// as it stops, ends open watches with UNAVAILABLE (so clients reconnect
+// elsewhere) and lets a graceful stop finish.
+func TestWatchConnectionsEndsOnShutdown(t *testing.T) {
+	f := newFixture(t)
+	if _, err := f.b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := f.client.WatchConnections(ctx, &pb.WatchConnectionsRequest{Parent: "tenants/-"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := s.Recv(); err != nil || m.GetType() != pb.WatchConnectionsResponse_TYPE_SYNCED {
+		t.Fatalf("first message %v, %v", m, err)
+	}
+	f.b.EndWatches()
+	if _, err := s.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("after EndWatches: %v, want UNAVAILABLE", err)
+	}
+}

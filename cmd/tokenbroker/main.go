@@ -331,6 +331,7 @@ func startHeapFloor(cfg *config, log *slog.Logger) *server.HeapFloor {
 func shutDown(cfg *config, srv *server.Server, b *broker.Broker, log *slog.Logger) {
 	log.Info("shutting down: no new calls; finishing in-flight calls and refreshes")
 	srv.Health.Shutdown()
+	b.EndWatches() // a watch never ends by itself: the graceful stop would wait for it
 	done := make(chan struct{})
 	go func() { srv.GracefulStop(); close(done) }()
 	select {
