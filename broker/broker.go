@@ -11,6 +11,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
 	"tokenbroker/storage"
 )
 
@@ -75,6 +78,10 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// TracerProvider traces upstream requests (token, discovery,
+	// revocation, logout, TestConnection reads), each a child of the
+	// caller's span that caused it. Default none (a no-op provider).
+	TracerProvider trace.TracerProvider
 	// EventRing is how many recent connection events are kept for
 	// watchers that resume. Default [DefaultEventRing].
 	EventRing int
@@ -135,6 +142,9 @@ func (o *Options) setDefaults() {
 	if o.Observer == nil {
 		o.Observer = nopObserver{}
 	}
+	if o.TracerProvider == nil {
+		o.TracerProvider = noop.NewTracerProvider()
+	}
 	if o.RejectCooldown == 0 {
 		o.RejectCooldown = 5 * time.Second
 	}
@@ -193,6 +203,10 @@ type flight struct {
 	why  trigger
 	gen  int64 // token generation when the flight was decided on
 	err  error
+	// parent is the span of the caller that started the flight: the
+	// flight runs on the broker's own context, but its upstream requests
+	// are traced as children of the call that caused them.
+	parent trace.SpanContext
 }
 
 // trigger says why a shared refresh runs.
@@ -220,7 +234,7 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now, opts.TracerProvider.Tracer(tracerName)),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"time"
 
 	"tokenbroker/storage"
@@ -23,7 +24,7 @@ func (b *Broker) Maintain() {
 		c := v.(*conn)
 		c.mu.Lock()
 		if why := b.dueLocked(c, now); why != 0 {
-			b.startFlightLocked(c, why)
+			b.startFlightLocked(context.Background(), c, why)
 		}
 		c.mu.Unlock()
 		return true

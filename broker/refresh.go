@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -244,6 +245,7 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		return nil, &upstreamError{class: classSafe, grant: grant, detail: "upstream cap: " + err.Error()}
 	}
 	defer release()
+	ctx = withConnName(ctx, cfg.Name)
 	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grant},
@@ -260,12 +262,14 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		b.stats.UpstreamRefresh.Add(1)
 	}
 	began := time.Now()
+	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grant))
 	resp, err = b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
-	outcome := "ok"
+	outcome, status := "ok", http.StatusOK
 	var ue *upstreamError
 	if errors.As(err, &ue) {
-		outcome = ue.class.String()
+		outcome, status = ue.class.String(), ue.status
 	}
+	endUpstream(span, outcome, status)
 	if err != nil {
 		b.stats.UpstreamFailures.Add(1)
 	}
@@ -357,7 +361,7 @@ func (b *Broker) signOut(ctx context.Context, cfg *storage.Connection, refreshTo
 	if refreshToken == "" && accessToken == "" {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	ctx, cancel := context.WithTimeout(withConnName(context.WithoutCancel(ctx), cfg.Name), 15*time.Second)
 	defer cancel()
 	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
 	if err != nil {

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Grant types.
@@ -45,12 +47,13 @@ type upstream struct {
 	client *http.Client
 	now    func() time.Time
 	ttl    time.Duration
+	tracer trace.Tracer
 
 	mu    sync.Mutex            // guards cache
 	cache map[string]*endpoints // instance URL -> discovered endpoints
 }
 
-func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time) *upstream {
+func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time, tracer trace.Tracer) *upstream {
 	return &upstream{
 		client: &http.Client{
 			Timeout:   timeout,
@@ -59,9 +62,10 @@ func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() 
 			// not be re-sent anywhere else.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		now:   now,
-		ttl:   time.Hour,
-		cache: map[string]*endpoints{},
+		now:    now,
+		tracer: tracer,
+		ttl:    time.Hour,
+		cache:  map[string]*endpoints{},
 	}
 }
 
@@ -110,7 +114,9 @@ func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc
 		return nil, err
 	}
 	req.Header.Set("Accept", "application/json")
+	_, span := startUpstream(ctx, u.tracer, "discovery", http.MethodGet)
 	resp, err := u.client.Do(req)
+	endHTTP(span, resp, err)
 	if err != nil {
 		return nil, err
 	}
@@ -502,7 +508,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 		}
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.revocation, strings.NewReader(form.Encode())); err == nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "revocation", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}
@@ -511,7 +520,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 	if accessToken != "" {
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, instance+"/entity/auth/logout", nil); err == nil {
 			req.Header.Set("Authorization", "Bearer "+accessToken)
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "logout", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}
