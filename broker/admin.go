@@ -25,6 +25,7 @@ var Updatable = map[string]bool{
 	"scopes":                          true,
 	"refresh_token_sliding_lifetime":  false,
 	"refresh_token_absolute_lifetime": false,
+	"redirect_uri":                    false,
 }
 
 // Normalize checks and normalizes a connection's input fields in place. With
@@ -39,6 +40,7 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
+	v = append(v, normalizeFlow(c, has)...)
 	if has("display_name") && len(c.DisplayName) > 256 {
 		add("display_name", errors.New("is longer than 256 characters"))
 	}
@@ -56,7 +58,7 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 		name string
 		val  string
 	}{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}} {
-		if has(f.name) {
+		if has(f.name) && (f.name == "client_secret" || !isAuthCode(c)) {
 			add(f.name, ValidateSecretField(f.val))
 		}
 	}
@@ -124,6 +126,9 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	c.CreateTime, c.UpdateTime = now, now
 	if validateOnly {
 		return b.viewOf(newConnPublished(c, &storage.Tokens{State: string(StateActive)})), nil
+	}
+	if isAuthCode(c) {
+		return nil, invalid(FieldViolation{Field: "connection.flow", Description: "a FLOW_AUTHORIZATION_CODE connection is created by StartAuthorization and CompleteAuthorization, or by ImportRefreshToken (validate_only may check it here)"})
 	}
 	tok, err := b.prove(ctx, c, &storage.Tokens{})
 	if err != nil {
@@ -291,9 +296,15 @@ func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bo
 		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur.Revision))
 	}
 	next := cur.Clone()
+	if next.Flow == "" {
+		next.Flow = FlowPassword // a record written before flows existed
+	}
 	applyFields(next, u.patch, u.fields)
 	if v := Normalize(next, u.fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
 		return nil, invalid(v...)
+	}
+	if err := authCodeUpdateRefused(next, u); err != nil {
+		return nil, err
 	}
 	if validateOnly {
 		return b.viewOf(newConnPublished(next, tok)), nil
@@ -366,6 +377,8 @@ func applyFields(dst, src *storage.Connection, fields []string) {
 			dst.SlidingLifetime = src.SlidingLifetime
 		case "refresh_token_absolute_lifetime":
 			dst.AbsoluteLifetime = src.AbsoluteLifetime
+		case "redirect_uri":
+			dst.RedirectURI = src.RedirectURI
 		}
 	}
 }

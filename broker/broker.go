@@ -165,6 +165,8 @@ type Broker struct {
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
+	auths authorizations // Authorization Code flows started and not yet completed
+
 	flights sync.WaitGroup // shared refreshes in progress
 	stop    chan struct{}
 	loop    sync.WaitGroup
@@ -178,6 +180,7 @@ type Broker struct {
 type Stats struct {
 	UpstreamRefresh  atomic.Int64 // refresh grants sent
 	UpstreamPassword atomic.Int64 // password grants sent
+	UpstreamCode     atomic.Int64 // authorization_code grants sent
 	UpstreamFailures atomic.Int64 // failed upstream token requests
 	CommitFailures   atomic.Int64 // failed durable writes
 }

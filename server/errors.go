@@ -67,7 +67,7 @@ func toStatus(log *slog.Logger, err error) error {
 		code = codes.AlreadyExists
 	case errors.Is(be, broker.ErrConflict):
 		code = codes.Aborted
-	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort):
+	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort), errors.Is(be, broker.ErrAuthorization):
 		code = codes.FailedPrecondition
 	case errors.Is(be, broker.ErrUpstreamUnavailable), errors.Is(be, broker.ErrLoginLimit), errors.Is(be, broker.ErrStorage), errors.Is(be, broker.ErrClosed):
 		code = codes.Unavailable

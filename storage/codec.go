@@ -68,6 +68,8 @@ func (cd *Codec) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
 		CreateTime:              ts(c.CreateTime),
 		UpdateTime:              ts(c.UpdateTime),
 		Revision:                c.Revision,
+		Flow:                    c.Flow,
+		RedirectUri:             c.RedirectURI,
 	}
 }
 
@@ -98,6 +100,8 @@ func (cd *Codec) decodeConnection(key string, r *storagev1.ConnectionRecord) (*C
 		CreateTime:             fromTS(r.GetCreateTime()),
 		UpdateTime:             fromTS(r.GetUpdateTime()),
 		Revision:               r.GetRevision(),
+		Flow:                   intern(r.GetFlow()),
+		RedirectURI:            r.GetRedirectUri(),
 	}, nil
 }
 

@@ -20,7 +20,19 @@ type Connection struct {
 	UpdateTime             time.Time
 	// Revision is set by the store: 1 on create, +1 on every update.
 	Revision int64
+	// Flow is how the connection signs in: [FlowPassword] (also "") or
+	// [FlowAuthorizationCode], which has no username or password.
+	Flow string
+	// RedirectURI is the registered redirect URI of an authorization-code
+	// connection.
+	RedirectURI string
 }
+
+// Flows of a connection.
+const (
+	FlowPassword          = "password"
+	FlowAuthorizationCode = "authorization_code"
+)
 
 // Tokens is a connection's token chain state. RefreshToken and AccessToken
 // are plaintext in memory only; the store seals them.

@@ -57,6 +57,7 @@ func SampleConn(name string) *storage.Connection {
 		Name: name, DisplayName: "ERP", InstanceURL: "https://erp.example.com", ClientID: "G@T",
 		ClientSecret: Secret, Username: "u", Password: Password, Scopes: []string{"api", "offline_access"},
 		SlidingLifetime: 15 * 24 * time.Hour, CreateTime: time.Unix(1700000000, 0).UTC(), UpdateTime: time.Unix(1700000000, 0).UTC(),
+		Flow: storage.FlowAuthorizationCode, RedirectURI: "https://app.example.com/callback",
 	}
 }
 

@@ -195,7 +195,13 @@ type ConnectionRecord struct {
 	// Last configuration change.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	// Revision, incremented on every change.
-	Revision      int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	// How the connection signs in: "" or "password" (Resource Owner
+	// Password Credentials), or "authorization_code". Numbers 15 and 16 are
+	// kept for the record seal and the delete mark.
+	Flow string `protobuf:"bytes,17,opt,name=flow,proto3" json:"flow,omitempty"`
+	// The registered redirect URI of an authorization-code connection.
+	RedirectUri   string `protobuf:"bytes,18,opt,name=redirect_uri,json=redirectUri,proto3" json:"redirect_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -326,6 +332,20 @@ func (x *ConnectionRecord) GetRevision() int64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *ConnectionRecord) GetFlow() string {
+	if x != nil {
+		return x.Flow
+	}
+	return ""
+}
+
+func (x *ConnectionRecord) GetRedirectUri() string {
+	if x != nil {
+		return x.RedirectUri
+	}
+	return ""
 }
 
 // TokenRecord is a connection's token chain state.
@@ -544,7 +564,7 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"\rcanary_key_id\x18\x02 \x01(\tR\vcanaryKeyId\x126\n" +
 	"\x06canary\x18\x03 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\x06canary\x12;\n" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xa1\x05\n" +
+	"createTime\"\xd8\x05\n" +
 	"\x10ConnectionRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12!\n" +
@@ -562,7 +582,9 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12\x1a\n" +
-	"\brevision\x18\x0e \x01(\x03R\brevision\"\x87\a\n" +
+	"\brevision\x18\x0e \x01(\x03R\brevision\x12\x12\n" +
+	"\x04flow\x18\x11 \x01(\tR\x04flow\x12!\n" +
+	"\fredirect_uri\x18\x12 \x01(\tR\vredirectUri\"\x87\a\n" +
 	"\vTokenRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1e\n" +
 	"\n" +
