@@ -66,6 +66,9 @@ func (val validator) check(req any) (v violations, err error) {
 			err = withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 		}
 	}()
+	if checkAuthCodeRequest(req, &v) {
+		return v, nil
+	}
 	switch r := req.(type) {
 	case *pb.CreateConnectionRequest:
 		if _, err := broker.ParseParent(r.GetParent(), false); err != nil {

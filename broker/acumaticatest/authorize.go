@@ -92,7 +92,8 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) {
 		scopes: strings.Fields(q.Get("scope")), user: s.consentUser,
 		expires: s.opts.Now().Add(s.opts.CodeLifetime),
 	}
-	s.seen = append(s.seen, code)
+	// The state and the code join the tokens of leak scans.
+	s.seen = append(s.seen, code, q.Get("state"))
 	back(url.Values{"code": {code}})
 }
 
@@ -126,6 +127,9 @@ func withQuery(base string, params url.Values) string {
 // verifier must hash to its challenge. A replayed code revokes the tokens
 // its first exchange issued (RFC 6749 section 4.1.2).
 func (s *Server) codeGrantLocked(f url.Values, now time.Time) (int, map[string]any) {
+	if v := f.Get("code_verifier"); len(v) >= 8 {
+		s.seen = append(s.seen, v) // for leak scans
+	}
 	ac, ok := s.codes[f.Get("code")]
 	refuse := func() (int, map[string]any) {
 		s.counts.InvalidGrant++

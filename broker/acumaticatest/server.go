@@ -244,7 +244,8 @@ func (s *Server) Counts() Counts {
 	return c
 }
 
-// Issued returns every token the server has issued, for leak scans.
+// Issued returns every token and authorization code the server has issued,
+// and every state and PKCE verifier it was shown, for leak scans.
 func (s *Server) Issued() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
