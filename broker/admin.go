@@ -32,7 +32,7 @@ var Updatable = map[string]bool{
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -41,11 +41,14 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 		}
 	}
 	v = append(v, normalizeFlow(c, has)...)
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -100,7 +103,7 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
@@ -257,8 +260,7 @@ type update struct {
 	patch  *storage.Connection
 	fields []string
 	etag   string
-	want   int64 // the revision etag names; 0 for none
-	proof  bool  // a named field must be proven upstream
+	proof  bool // a named field must be proven upstream
 }
 
 // newUpdate checks the request's field mask and etag.
@@ -273,8 +275,7 @@ func newUpdate(patch *storage.Connection, fields []string, etagIn string) (*upda
 		u.proof = u.proof || needs
 	}
 	if etagIn != "" {
-		var ok bool
-		if u.want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -292,15 +293,15 @@ func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bo
 	if deleted {
 		return nil, notFound(c.name)
 	}
-	if u.want != 0 && u.want != cur.Revision {
-		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur.Revision))
+	if u.etag != "" && u.etag != etag(cur) {
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
 	}
 	next := cur.Clone()
 	if next.Flow == "" {
 		next.Flow = FlowPassword // a record written before flows existed
 	}
 	applyFields(next, u.patch, u.fields)
-	if v := Normalize(next, u.fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if err := authCodeUpdateRefused(next, u); err != nil {
@@ -391,10 +392,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	if err != nil {
 		return err
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -405,8 +404,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if deleted {
 			return notFound(name)
 		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		if etagIn != "" && etagIn != etag(cfg) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
 		}
 		if pending != nil {
 			b.signOut(ctx, cfg, pending.RefreshToken, "")

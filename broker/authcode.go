@@ -363,15 +363,15 @@ func (b *Broker) plan(t Target) (*plan, error) {
 	switch {
 	case deleted:
 		return nil, notFound(c.name)
-	case u.want != 0 && u.want != cur.Revision:
-		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur.Revision))
+	case u.etag != "" && u.etag != etag(cur):
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
 	}
 	next := cur.Clone()
 	if next.Flow == "" {
 		next.Flow = FlowPassword
 	}
 	applyFields(next, u.patch, u.fields)
-	if v := Normalize(next, u.fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	return &plan{cfg: next, existing: true, revision: cur.Revision, tokens: tok}, nil
@@ -379,7 +379,7 @@ func (b *Broker) plan(t Target) (*plan, error) {
 
 func (b *Broker) planNew(in *storage.Connection) (*plan, error) {
 	c := in.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
