@@ -185,6 +185,7 @@ func (c failureClass) String() string {
 // scrubbed: it never holds a secret, a token or a raw body.
 type upstreamError struct {
 	class      failureClass
+	grant      string // the grant that failed
 	status     int
 	code       string
 	detail     string
@@ -208,6 +209,49 @@ func (e *upstreamError) Error() string {
 	return b.String()
 }
 
+// reason is the reason code of the failure: the one place that names it,
+// for renewals and proofs alike.
+func (e *upstreamError) reason() string {
+	switch e.class {
+	case classInvalidGrant:
+		if e.grant == grantRefresh {
+			return ReasonRefreshTokenRevoked
+		}
+		return ReasonCredentialsRejected
+	case classInvalidClient:
+		return ReasonClientRejected
+	case classLoginLimit:
+		return ReasonLoginLimit
+	case classProtocol:
+		return ReasonUpstreamProtocol
+	}
+	if e.status == http.StatusTooManyRequests {
+		return ReasonUpstreamRateLimited
+	}
+	return ReasonUpstreamUnavailable
+}
+
+// toError is the broker's error for a failure that ends a request for
+// name: the one mapping from class to kind, reason and message. retryAfter
+// applies to the failures a caller may retry.
+func (e *upstreamError) toError(name string, retryAfter time.Duration) *Error {
+	r := e.reason()
+	switch r {
+	case ReasonCredentialsRejected:
+		return newError(ErrCredentialsRejected, r, name,
+			"upstream rejected the username or password (%s); check the integration user's login, password and tenant", e)
+	case ReasonClientRejected:
+		return newError(ErrCredentialsRejected, r, name,
+			"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", e)
+	}
+	out := newError(ErrUpstreamUnavailable, r, name, "%s", e)
+	if r == ReasonLoginLimit {
+		out = newError(ErrLoginLimit, r, name, "the integration user's concurrent sign-ins are used up; sign other sessions out or raise the limit")
+	}
+	out.RetryAfter = retryAfter
+	return out
+}
+
 // tokenRequest posts a form to the token endpoint (client credentials in the
 // body, as Acumatica expects) and classifies the outcome. A 200 answer that
 // carries a refresh token is returned even when it is otherwise unusable, so
@@ -229,7 +273,9 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		sentMu.Lock()
 		wasSent := sent
 		sentMu.Unlock()
-		return nil, classifyTransport(err, wasSent)
+		ue := classifyTransport(err, wasSent)
+		ue.grant = form.Get("grant_type")
+		return nil, ue
 	}
 	defer resp.Body.Close()
 	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxBody))
@@ -239,7 +285,7 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		}
 		return parseTokenResponse(body)
 	}
-	return nil, classifyStatus(resp, body, secrets)
+	return nil, classifyStatus(resp, body, form.Get("grant_type"), secrets)
 }
 
 func classifyTransport(err error, sent bool) *upstreamError {
@@ -275,8 +321,10 @@ func transportKind(err error) string {
 	return "network error"
 }
 
-func classifyStatus(resp *http.Response, body []byte, secrets []string) *upstreamError {
-	e := &upstreamError{status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
+// classifyStatus classes a non-200 answer of the token endpoint to a grant:
+// the one place that decides what an upstream failure means.
+func classifyStatus(resp *http.Response, body []byte, grant string, secrets []string) *upstreamError {
+	e := &upstreamError{grant: grant, status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
 	var oe struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
@@ -296,6 +344,10 @@ func classifyStatus(resp *http.Response, body []byte, secrets []string) *upstrea
 	case loginLimit:
 		e.class = classLoginLimit
 		e.detail = "API Login Limit reached for the integration user"
+	case resp.StatusCode == http.StatusTooManyRequests && grant == grantPassword:
+		// A password grant opens a session: 429 on it means the user's
+		// concurrent sign-ins (a licence limit) are used up.
+		e.class = classLoginLimit
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
 		// A redirect is not followed; nothing reached the token endpoint.
 		e.class = classSafe
@@ -357,21 +409,36 @@ func parseTokenResponse(body []byte) (*tokenResponse, error) {
 	case !strings.EqualFold(tr.TokenType, "bearer"):
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, nil))}
 	case !ok:
-		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a missing or nonsensical expires_in"}
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a nonsensical expires_in"}
 	}
 	tr.ExpiresIn = time.Duration(secs) * time.Second
 	return tr, nil
 }
 
-// parseExpiresIn accepts a number or numeric string of seconds between 10 s
-// and 7 days.
+// Bounds of expires_in. RFC 6749 section 5.1 allows any positive lifetime,
+// and some identity servers (and most test setups) issue tokens that live a
+// few seconds. A week is far beyond any access token's life: a larger value
+// is a broken server, and a token held that long would outlive revocation.
+const (
+	minExpiresIn = 1
+	maxExpiresIn = 7 * 24 * 3600
+	// defaultExpiresIn applies when a 200 answer has no expires_in. RFC
+	// 6749 section 5.1 makes it RECOMMENDED and leaves the default to the
+	// server's documentation; Acumatica's access tokens live one hour.
+	// Refusing the answer would lose the rotated refresh token it carries.
+	defaultExpiresIn = 3600
+)
+
+// parseExpiresIn accepts a whole number of seconds, as a JSON number or
+// numeric string, from minExpiresIn to maxExpiresIn; a missing (or null)
+// expires_in means defaultExpiresIn.
 func parseExpiresIn(raw json.RawMessage) (int64, bool) {
-	if len(raw) == 0 {
-		return 0, false
+	if len(raw) == 0 || string(raw) == "null" {
+		return defaultExpiresIn, true
 	}
 	s := strings.Trim(string(raw), `"`)
 	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || math.IsNaN(f) || f != math.Trunc(f) || f < 10 || f > 7*24*3600 {
+	if err != nil || math.IsNaN(f) || f != math.Trunc(f) || f < minExpiresIn || f > maxExpiresIn {
 		return 0, false
 	}
 	return int64(f), true
