@@ -58,7 +58,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err != nil {
 		return err
 	}
-	st, err := openStore(ctx, cfg, dbPath, keys)
+	st, err := openStore(ctx, cfg, dbPath, keys, log)
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -34,12 +35,13 @@ type openedStore struct {
 	close   func()
 }
 
-func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring) (*openedStore, error) {
+func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring, log *slog.Logger) (*openedStore, error) {
 	if cfg.etcdEndpoints == "" {
 		st, err := bolt.Open(dbPath, bolt.Options{Keyring: keys, Populate: true})
 		if err != nil {
 			return nil, err
 		}
+		logUpgrade(log, st.Upgraded(), keys)
 		return &openedStore{store: st, close: func() { st.Close() }}, nil
 	}
 	ccfg := clientv3.Config{Endpoints: strings.Split(cfg.etcdEndpoints, ","), DialTimeout: 5 * time.Second}
@@ -75,5 +77,15 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		cli.Close()
 		return nil, err
 	}
+	logUpgrade(log, st.Upgraded(), keys)
 	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// logUpgrade reports the one-time upgrade of records written before every
+// record was authenticated: they were taken as found, once.
+func logUpgrade(log *slog.Logger, n int, keys *storage.Keyring) {
+	if n > 0 {
+		log.Warn("upgraded the store's records to authenticated ones: they were trusted as found this once; from now on a record changed without the data key is refused",
+			"records", n, "key_id", keys.PrimaryID())
+	}
 }

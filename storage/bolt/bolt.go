@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -21,7 +22,11 @@ var (
 	bucketMeta        = []byte("meta")
 	bucketConnections = []byte("connections")
 	bucketTokens      = []byte("tokens")
-	keyMeta           = []byte("meta")
+	// bucketDeleting holds the connection records of deletes in progress
+	// (see [Store.MarkDeleting]): out of bucketConnections, so every read
+	// treats them as gone, yet durable until the delete is finished.
+	bucketDeleting = []byte("deleting")
+	keyMeta        = []byte("meta")
 )
 
 // Options configure [Open]. Zero fields mean the documented defaults.
@@ -43,10 +48,18 @@ type Options struct {
 
 // Store is the embedded store on one bbolt file.
 type Store struct {
-	db    *bbolt.DB
-	codec *storage.Codec
-	now   func() time.Time
-	max   int
+	path  string
+	bopts *bbolt.Options
+	// mu guards db, which an erase replaces by a compacted copy (see
+	// wipe): every transaction runs under its read lock.
+	mu     sync.RWMutex
+	db     *bbolt.DB
+	broken error // set when a wipe could not reopen the file
+
+	codec    *storage.Codec
+	upgraded int // records authenticated at open (a file of format 1)
+	now      func() time.Time
+	max      int
 
 	writes  chan *writeReq
 	quit    chan struct{}
@@ -62,6 +75,7 @@ type Store struct {
 // shared transaction untouched.
 type writeReq struct {
 	fn   func(tx *bbolt.Tx) error
+	wipe bool // an erase: free pages are wiped before it answers
 	err  error
 	done chan struct{}
 }
@@ -102,6 +116,7 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
 	s := &Store{
+		path: path, bopts: &bbolt.Options{Timeout: opts.LockTimeout},
 		db: db, codec: storage.NewCodec(opts.Keyring), now: opts.Now, max: opts.MaxBatch,
 		writes: make(chan *writeReq, opts.MaxBatch),
 		quit:   make(chan struct{}),
@@ -115,11 +130,13 @@ func Open(path string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// checkOrInit verifies the meta record, or initializes an empty file.
+// checkOrInit verifies the meta record, or initializes an empty file, and
+// brings a checked file up to date: a file of format 1 has its records
+// authenticated, a canary sealed with an older key is sealed anew.
 func (s *Store) checkOrInit(path string) error {
 	var meta []byte
 	empty := true
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		return tx.ForEach(func(name []byte, b *bbolt.Bucket) error {
 			empty = false
 			if bytes.Equal(name, bucketMeta) {
@@ -131,18 +148,26 @@ func (s *Store) checkOrInit(path string) error {
 	if err != nil {
 		return fmt.Errorf("%w: %s: %v", storage.ErrNotDataFile, path, err)
 	}
-	if meta != nil {
-		return s.codec.CheckMeta(path, meta)
-	}
-	if !empty {
+	if meta == nil && !empty {
 		return fmt.Errorf("%w: %s holds bbolt buckets of another program", storage.ErrNotDataFile, path)
 	}
+	if meta == nil {
+		return s.initFile()
+	}
+	st, err := s.codec.OpenMeta(path, meta)
+	if err != nil {
+		return err
+	}
+	return s.bringUpToDate(meta, st)
+}
+
+func (s *Store) initFile() error {
 	v, err := s.codec.EncodeMeta(s.now())
 	if err != nil {
 		return err
 	}
 	return s.db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range [][]byte{bucketConnections, bucketTokens} {
+		for _, name := range [][]byte{bucketConnections, bucketTokens, bucketDeleting} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -155,13 +180,79 @@ func (s *Store) checkOrInit(path string) error {
 	})
 }
 
+// bringUpToDate makes what st asks for in one transaction, and creates the
+// buckets files of earlier versions lack. A file of format 1 is trusted
+// once, as that version trusted it, and comes out authenticated.
+func (s *Store) bringUpToDate(meta []byte, st storage.MetaStatus) error {
+	hasDeleting := false
+	s.db.View(func(tx *bbolt.Tx) error { hasDeleting = tx.Bucket(bucketDeleting) != nil; return nil })
+	if hasDeleting && !st.Reseal {
+		return nil
+	}
+	return s.db.Update(func(tx *bbolt.Tx) error {
+		if _, err := tx.CreateBucketIfNotExists(bucketDeleting); err != nil {
+			return err
+		}
+		if st.Upgrade {
+			n, err := s.upgradeBucket(tx.Bucket(bucketConnections), s.codec.UpgradeConnection)
+			if err != nil {
+				return err
+			}
+			m, err := s.upgradeBucket(tx.Bucket(bucketTokens), s.codec.UpgradeTokens)
+			if err != nil {
+				return err
+			}
+			s.upgraded = n + m
+		}
+		if !st.Reseal {
+			return nil
+		}
+		v, err := s.codec.ResealMeta(meta)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketMeta).Put(keyMeta, v)
+	})
+}
+
+// upgradeBucket rewrites every record of b with recode.
+func (s *Store) upgradeBucket(b *bbolt.Bucket, recode func(name string, v []byte) ([]byte, error)) (int, error) {
+	type kv struct{ k, v []byte }
+	var out []kv
+	err := b.ForEach(func(k, v []byte) error {
+		nv, err := recode(string(k), v)
+		if err != nil {
+			return err
+		}
+		out = append(out, kv{bytes.Clone(k), nv})
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range out {
+		if err := b.Put(e.k, e.v); err != nil {
+			return 0, err
+		}
+	}
+	return len(out), nil
+}
+
+// Upgraded is how many records of a file of format 1 (which authenticated
+// only the secrets) were accepted as they were and authenticated at open.
+func (s *Store) Upgraded() int { return s.upgraded }
+
 // Close waits for queued writes and closes the file.
 func (s *Store) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
 		close(s.quit)
 		<-s.done
-		err = s.db.Close()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.broken == nil {
+			err = s.db.Close()
+		}
 	})
 	return err
 }
@@ -173,7 +264,17 @@ func (s *Store) CommitStats() (commits, writes int64) {
 }
 
 // Path is the data file's path.
-func (s *Store) Path() string { return s.db.Path() }
+func (s *Store) Path() string { return s.path }
+
+// view runs fn in a read transaction of the current file.
+func (s *Store) view(fn func(tx *bbolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.broken != nil {
+		return s.broken
+	}
+	return s.db.View(fn)
+}
 
 // commitLoop is the group committer: it takes every write queued while the
 // previous transaction was syncing and commits them in one transaction, so
@@ -212,28 +313,58 @@ func (s *Store) commitLoop() {
 func (s *Store) commit(batch []*writeReq) {
 	s.commits.Add(1)
 	s.written.Add(int64(len(batch)))
-	err := s.db.Update(func(tx *bbolt.Tx) error {
+	err := s.update(func(tx *bbolt.Tx) error {
 		for _, r := range batch {
 			r.err = r.fn(tx)
 		}
 		return nil
 	})
+	var werr error
+	if err == nil && erased(batch) {
+		werr = s.wipe()
+	}
 	for _, r := range batch {
-		if err != nil {
+		switch {
+		case err != nil:
 			r.err = fmt.Errorf("storage: commit: %w", err)
+		case r.wipe && r.err == nil && werr != nil:
+			// Erased, but the bytes may linger in free pages.
+			r.err = werr
 		}
 		close(r.done)
 	}
+}
+
+func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.broken != nil {
+		return s.broken
+	}
+	return s.db.Update(fn)
+}
+
+// erased reports whether the batch erased a record.
+func erased(batch []*writeReq) bool {
+	for _, r := range batch {
+		if r.wipe && r.err == nil {
+			return true
+		}
+	}
+	return false
 }
 
 // write queues fn for the group committer and waits for its durable commit.
 // The wait ignores ctx once the write is queued: a caller cannot learn
 // whether a write it abandoned landed, so it never abandons one.
 func (s *Store) write(ctx context.Context, fn func(tx *bbolt.Tx) error) error {
+	return s.queue(ctx, &writeReq{fn: fn, done: make(chan struct{})})
+}
+
+func (s *Store) queue(ctx context.Context, r *writeReq) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	r := &writeReq{fn: fn, done: make(chan struct{})}
 	select {
 	case s.writes <- r:
 	case <-s.quit:
@@ -260,6 +391,9 @@ func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *
 		if tx.Bucket(bucketConnections).Get(key) != nil {
 			return fmt.Errorf("%w: %s", storage.ErrAlreadyExists, c.Name)
 		}
+		if tx.Bucket(bucketDeleting).Get(key) != nil {
+			return fmt.Errorf("%w: %s (its delete is being finished)", storage.ErrAlreadyExists, c.Name)
+		}
 		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
 			return err
 		}
@@ -274,7 +408,7 @@ func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *
 // GetConnection reads one connection.
 func (s *Store) GetConnection(ctx context.Context, name string) (*storage.Connection, error) {
 	var c *storage.Connection
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get([]byte(name))
 		if v == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
@@ -298,7 +432,7 @@ func (s *Store) decodeTokens(key, v []byte) (*storage.Tokens, error) {
 // prefix and sort after the name after, in name order.
 func (s *Store) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error) {
 	var out []*storage.Connection
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		cur := tx.Bucket(bucketConnections).Cursor()
 		start := []byte(prefix)
 		if after > prefix {
@@ -347,7 +481,7 @@ func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *
 		if tv != nil {
 			return tx.Bucket(bucketTokens).Put(key, tv)
 		}
-		return nil
+		return s.resealIn(tx.Bucket(bucketTokens), key, s.codec.TokensNeedsReseal, s.codec.ResealTokens)
 	})
 	if err != nil {
 		return nil, err
@@ -355,12 +489,52 @@ func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *
 	return c, nil
 }
 
-// DeleteConnection erases a connection and its tokens. A revision other than
-// 0 must match the stored one.
-func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+// MarkDeleting starts a delete durably: the connection record (whose
+// Revision must equal revision unless it is 0) leaves the live records with
+// its DeleteTime set, so every read treats it as gone, while it and its
+// tokens stay stored until [Store.DeleteConnection] erases them. LoadAll
+// reports it, so a delete interrupted by a crash is finished at the next
+// start.
+func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) error {
 	key := []byte(name)
 	return s.write(ctx, func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get(key)
+		if v == nil {
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+		}
+		c, err := s.decodeConnection(key, v)
+		if err != nil {
+			return err
+		}
+		if revision != 0 && c.Revision != revision {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
+		}
+		c.DeleteTime = s.now()
+		dv, err := s.codec.EncodeConnection(c)
+		if err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketDeleting).Put(key, dv); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketConnections).Delete(key)
+	})
+}
+
+// DeleteConnection erases a connection and its tokens, or finishes a delete
+// [Store.MarkDeleting] started. A revision other than 0 must match the
+// stored one. The erased records' bytes are wiped from the file before it
+// returns: the file is compacted into a copy that replaces it, since bbolt
+// leaves freed pages' bytes in place.
+func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+	key := []byte(name)
+	return s.queue(ctx, &writeReq{wipe: true, done: make(chan struct{}), fn: func(tx *bbolt.Tx) error {
+		from := tx.Bucket(bucketConnections)
+		v := from.Get(key)
+		if v == nil {
+			from = tx.Bucket(bucketDeleting)
+			v = from.Get(key)
+		}
 		if v == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
@@ -373,19 +547,81 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 				return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, revision)
 			}
 		}
-		if err := tx.Bucket(bucketConnections).Delete(key); err != nil {
+		if err := from.Delete(key); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketTokens).Delete(key)
-	})
+	}})
+}
+
+// wipe replaces the file with a compacted copy, which holds the live
+// records only: the bytes of erased records (and of every earlier version
+// of any record) left in the old file's free pages go with it. It runs on
+// the committer, so no write is in flight, and waits for readers.
+func (s *Store) wipe() error {
+	tmp := s.path + ".compact"
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	if err := s.compactTo(tmp); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken != nil {
+		return s.broken
+	}
+	if err := s.db.Close(); err != nil {
+		s.broken = fmt.Errorf("storage: wipe: close: %w", err)
+		return s.broken
+	}
+	err := os.Rename(tmp, s.path)
+	if err == nil {
+		err = syncDir(filepath.Dir(s.path))
+	}
+	db, oerr := bbolt.Open(s.path, 0o600, s.bopts)
+	if oerr != nil {
+		s.broken = fmt.Errorf("storage: wipe: reopen %s: %w", s.path, oerr)
+		return s.broken
+	}
+	s.db = db
+	if err != nil {
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	return nil
+}
+
+// compactTo copies the live records into a new file at tmp and syncs it.
+func (s *Store) compactTo(tmp string) error {
+	dst, err := bbolt.Open(tmp, 0o600, s.bopts)
+	if err != nil {
+		return err
+	}
+	s.mu.RLock()
+	err = bbolt.Compact(dst, s.db, 64<<20)
+	s.mu.RUnlock()
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // GetTokens reads a connection's token state.
 func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, error) {
 	var t *storage.Tokens
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.view(func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketTokens).Get([]byte(name))
-		if v == nil {
+		if v == nil || tx.Bucket(bucketConnections).Get([]byte(name)) == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		var err error
@@ -397,7 +633,10 @@ func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, er
 
 // PutTokens durably replaces a connection's token state. It fails with
 // [storage.ErrNotFound] if the connection was deleted, so a late refresh never
-// resurrects one.
+// resurrects one. While keys rotate, the connection record is resealed with
+// the sealing key in the same transaction if it holds anything sealed with
+// an older one: a connection's regular refreshes move all its secrets to
+// the new key.
 func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) error {
 	tv, err := s.codec.EncodeTokens(name, t)
 	if err != nil {
@@ -408,11 +647,33 @@ func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) e
 		if tx.Bucket(bucketConnections).Get(key) == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
+		if err := s.resealIn(tx.Bucket(bucketConnections), key, s.codec.ConnectionNeedsReseal, s.codec.ResealConnection); err != nil {
+			return err
+		}
 		return tx.Bucket(bucketTokens).Put(key, tv)
 	})
 }
 
-// LoadAll calls fn for every connection with its token state. Records are
+// resealIn rewrites the record under key in b with the sealing key if
+// stale says it holds anything sealed with an older one. A record that
+// fails its check is left as it is: the write at hand does not depend on it.
+func (s *Store) resealIn(b *bbolt.Bucket, key []byte, stale func([]byte) bool, reseal func(string, []byte) ([]byte, error)) error {
+	if !s.codec.Rotating() {
+		return nil
+	}
+	v := b.Get(key)
+	if v == nil || !stale(v) {
+		return nil
+	}
+	nv, err := reseal(string(key), v)
+	if err != nil {
+		return nil
+	}
+	return b.Put(key, nv)
+}
+
+// LoadAll calls fn for every connection with its token state, and for
+// every delete in progress (DeleteTime set) with what it still holds. Records are
 // decoded and unsealed by several goroutines at once, and fn is called from
 // them concurrently, in no particular order. When it is done, the pages of
 // the file it read are dropped from the process's resident memory (they stay
@@ -420,7 +681,7 @@ func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) e
 func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
 	type item struct{ k, cv, tv []byte }
 	workers := max(runtime.GOMAXPROCS(0), 1)
-	return s.db.View(func(tx *bbolt.Tx) error {
+	return s.view(func(tx *bbolt.Tx) error {
 		// Values stay valid while the transaction is open, so the workers
 		// decode straight from the memory map.
 		items := make(chan item, 256)
@@ -451,17 +712,19 @@ func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *stora
 			}()
 		}
 		tokens := tx.Bucket(bucketTokens)
-		cur := tx.Bucket(bucketConnections).Cursor()
 		var sendErr error
 	loop:
-		for k, v := cur.First(); k != nil; k, v = cur.Next() {
-			select {
-			case items <- item{k, v, tokens.Get(k)}:
-			case sendErr = <-errc:
-				break loop
-			case <-ctx.Done():
-				sendErr = ctx.Err()
-				break loop
+		for _, bucket := range [][]byte{bucketConnections, bucketDeleting} {
+			cur := tx.Bucket(bucket).Cursor()
+			for k, v := cur.First(); k != nil; k, v = cur.Next() {
+				select {
+				case items <- item{k, v, tokens.Get(k)}:
+				case sendErr = <-errc:
+					break loop
+				case <-ctx.Done():
+					sendErr = ctx.Err()
+					break loop
+				}
 			}
 		}
 		close(items)
