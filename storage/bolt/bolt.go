@@ -238,6 +238,31 @@ func (s *Store) upgradeBucket(b *bbolt.Bucket, recode func(name string, v []byte
 	return len(out), nil
 }
 
+// OldKeyRecords counts the records holding anything sealed with a key other
+// than the sealing key: while it is above 0, the key file must keep the
+// older keys.
+func (s *Store) OldKeyRecords(ctx context.Context) (int, error) {
+	n := 0
+	err := s.view(func(tx *bbolt.Tx) error {
+		for _, b := range []struct {
+			name  []byte
+			stale func([]byte) bool
+		}{{bucketConnections, s.codec.ConnectionNeedsReseal}, {bucketDeleting, s.codec.ConnectionNeedsReseal}, {bucketTokens, s.codec.TokensNeedsReseal}} {
+			err := tx.Bucket(b.name).ForEach(func(_, v []byte) error {
+				if b.stale(v) {
+					n++
+				}
+				return ctx.Err()
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return n, err
+}
+
 // Upgraded is how many records of a file of format 1 (which authenticated
 // only the secrets) were accepted as they were and authenticated at open.
 func (s *Store) Upgraded() int { return s.upgraded }

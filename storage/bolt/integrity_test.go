@@ -157,6 +157,9 @@ func TestRotationResealsOnTokenCommit(t *testing.T) {
 	}
 	s.Close()
 	s = openStore(t, path, keyring(t, key(2), key(1)))
+	if n, err := s.OldKeyRecords(ctx); err != nil || n != 4 {
+		t.Errorf("records on the old key before: %d, %v; want 4", n, err)
+	}
 	if err := s.PutTokens(ctx, victim, sampleToken()); err != nil {
 		t.Fatal(err)
 	}
@@ -168,6 +171,9 @@ func TestRotationResealsOnTokenCommit(t *testing.T) {
 	}
 	if _, err := s.UpdateConnection(ctx, c, nil); err != nil {
 		t.Fatal(err)
+	}
+	if n, err := s.OldKeyRecords(ctx); err != nil || n != 0 {
+		t.Errorf("records on the old key after one write each: %d, %v; want 0", n, err)
 	}
 	s.Close()
 	s = openStore(t, path, keyring(t, key(2)))

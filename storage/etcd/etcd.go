@@ -166,6 +166,36 @@ func (s *Store) upgradePrefix(ctx context.Context, base string, recode func(name
 	}
 }
 
+// OldKeyRecords counts the records holding anything sealed with a key other
+// than the sealing key: while it is above 0, the key file must keep the
+// older keys.
+func (s *Store) OldKeyRecords(ctx context.Context) (int, error) {
+	n := 0
+	for _, p := range []struct {
+		base  string
+		stale func([]byte) bool
+	}{{"connections/", s.codec.ConnectionNeedsReseal}, {"deleting/", s.codec.ConnectionNeedsReseal}, {"tokens/", s.codec.TokensNeedsReseal}} {
+		base := s.prefix + p.base
+		key := base
+		for {
+			resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
+			if err != nil {
+				return n, etcdErr(err)
+			}
+			for _, kv := range resp.Kvs {
+				if p.stale(kv.Value) {
+					n++
+				}
+			}
+			if !resp.More || len(resp.Kvs) == 0 {
+				break
+			}
+			key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		}
+	}
+	return n, nil
+}
+
 // Upgraded is how many records written in format 1 (which authenticated
 // only the secrets) were accepted as they were and authenticated at open.
 func (s *Store) Upgraded() int { return s.upgraded }

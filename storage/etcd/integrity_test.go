@@ -125,8 +125,14 @@ func TestRotationResealsOnTokenCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	s = openStore(t, cli, keyring(t, key(2), key(1)), "/p/")
+	if n, err := s.OldKeyRecords(ctx); err != nil || n != 2 {
+		t.Errorf("records on the old key before: %d, %v; want 2", n, err)
+	}
 	if err := s.PutTokens(ctx, victim, sampleTokens()); err != nil {
 		t.Fatal(err)
+	}
+	if n, err := s.OldKeyRecords(ctx); err != nil || n != 0 {
+		t.Errorf("records on the old key after a token commit: %d, %v; want 0", n, err)
 	}
 	s = openStore(t, cli, keyring(t, key(2)), "/p/")
 	c, err := s.GetConnection(ctx, victim)
