@@ -31,7 +31,7 @@ var Updatable = map[string]bool{
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -39,11 +39,14 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -98,7 +101,7 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
@@ -232,90 +235,113 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 	if err != nil {
 		return nil, err
 	}
+	u, err := newUpdate(patch, fields, etagIn)
+	if err != nil {
+		return nil, err
+	}
+	var out *View
+	err = b.withTurn(ctx, c, func() (err error) {
+		out, err = b.update(ctx, c, u, validateOnly)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// update is an UpdateConnection request, checked.
+type update struct {
+	patch  *storage.Connection
+	fields []string
+	etag   string
+	proof  bool // a named field must be proven upstream
+}
+
+// newUpdate checks the request's field mask and etag.
+func newUpdate(patch *storage.Connection, fields []string, etagIn string) (*update, error) {
+	u := &update{patch: patch, fields: fields, etag: etagIn}
 	var v []FieldViolation
-	proof := false
 	for _, f := range fields {
 		needs, ok := Updatable[f]
 		if !ok {
 			v = append(v, FieldViolation{Field: "update_mask", Description: fmt.Sprintf("field %q cannot be updated", f)})
 		}
-		proof = proof || needs
+		u.proof = u.proof || needs
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
 	if len(v) > 0 {
 		return nil, invalid(v...)
 	}
-	var out *View
-	err = b.withTurn(ctx, c, func() error {
-		c.mu.Lock()
-		deleted := c.deleted
-		cur := c.cfg.Clone()
-		tok := c.committed.Clone()
-		pending := c.rt.pending
-		c.mu.Unlock()
-		if deleted {
-			return notFound(name)
-		}
-		if want != 0 && want != cur.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
-		}
-		next := cur.Clone()
-		applyFields(next, patch, fields)
-		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
-			return invalid(v...)
-		}
-		if validateOnly {
-			out = b.viewOf(newConnPublished(next, tok))
-			return nil
-		}
-		var newTok *storage.Tokens
-		if proof {
-			if newTok, err = b.prove(ctx, next, tok); err != nil {
-				return err
-			}
-		}
-		next.UpdateTime = b.now()
-		stored, err := b.store.UpdateConnection(ctx, next, newTok)
-		if err != nil {
-			if newTok != nil {
-				b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
-			}
-			if errors.Is(err, storage.ErrConflict) {
-				return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
-			}
-			if errors.Is(err, storage.ErrNotFound) {
-				return notFound(name)
-			}
-			return storageError(name, err)
-		}
-		c.mu.Lock()
-		c.configLocked(stored)
-		if newTok != nil {
-			c.succeededLocked(newTok)
-		}
-		out = b.viewLocked(c)
-		c.mu.Unlock()
-		if newTok != nil {
-			// Sign the old chain out before returning, so that when the
-			// update is answered the old session's seat is free.
-			b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
-			if pending != nil && pending.RefreshToken != tok.RefreshToken {
-				b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
-			}
-		}
-		b.log.Info("connection updated", "connection", name, "fields", fields, "proven_upstream", newTok != nil)
-		return nil
-	})
-	if err != nil {
-		return nil, err
+	return u, nil
+}
+
+// update applies u to c. The caller holds c's turn.
+func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bool) (*View, error) {
+	c.mu.Lock()
+	deleted, cur, tok, pending := c.deleted, c.cfg.Clone(), c.committed.Clone(), c.rt.pending
+	c.mu.Unlock()
+	if deleted {
+		return nil, notFound(c.name)
 	}
+	if u.etag != "" && u.etag != etag(cur) {
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
+	}
+	next := cur.Clone()
+	applyFields(next, u.patch, u.fields)
+	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	if validateOnly {
+		return b.viewOf(newConnPublished(next, tok)), nil
+	}
+	var newTok *storage.Tokens
+	if u.proof {
+		var err error
+		if newTok, err = b.prove(ctx, next, tok); err != nil {
+			return nil, err
+		}
+	}
+	next.UpdateTime = b.now()
+	stored, err := b.store.UpdateConnection(ctx, next, newTok)
+	if err != nil {
+		if newTok != nil {
+			b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
+		}
+		return nil, updateError(c.name, err)
+	}
+	c.mu.Lock()
+	c.configLocked(stored)
+	if newTok != nil {
+		c.succeededLocked(newTok)
+	}
+	out := b.viewLocked(c)
+	c.mu.Unlock()
+	if newTok != nil {
+		// Sign the old chain out before returning, so that when the update
+		// is answered the old session's seat is free.
+		b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
+		if pending != nil && pending.RefreshToken != tok.RefreshToken {
+			b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
+		}
+	}
+	b.log.Info("connection updated", "connection", c.name, "fields", u.fields, "proven_upstream", newTok != nil)
 	return out, nil
+}
+
+// updateError is the error for a failed write of an update.
+func updateError(name string, err error) error {
+	switch {
+	case errors.Is(err, storage.ErrConflict):
+		return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
+	case errors.Is(err, storage.ErrNotFound):
+		return notFound(name)
+	}
+	return storageError(name, err)
 }
 
 func applyFields(dst, src *storage.Connection, fields []string) {
@@ -344,4 +370,3 @@ func applyFields(dst, src *storage.Connection, fields []string) {
 		}
 	}
 }
-

@@ -222,6 +222,10 @@ func (c *conn) rejectedLocked() {
 	c.publishLocked()
 }
 
+// reportRefreshLocked records that a caller's report of a rejected token
+// starts a refresh now: the cooldown against report storms counts from here.
+func (c *conn) reportRefreshLocked(now time.Time) { c.rt.lastReject = now }
+
 // takeNewerLocked takes a token state committed elsewhere (another replica,
 // an update) if it is newer: a later generation, or the same one halted.
 // It reports whether it did.
@@ -339,7 +343,7 @@ func (b *Broker) viewLocked(c *conn) *View {
 		ClientSecretSet: cfg.ClientSecret != "",
 		PasswordSet:     cfg.Password != "",
 		State:           c.stateLocked(),
-		ETag:            etag(cfg.Revision),
+		ETag:            etag(cfg),
 	}
 	cfg.ClientSecret, cfg.Password = "", ""
 	st := &v.Status

@@ -25,10 +25,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	if err != nil {
 		return err
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -39,8 +37,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if deleted {
 			return notFound(name)
 		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		if etagIn != "" && etagIn != etag(cfg) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
 		}
 		if err := b.store.MarkDeleting(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
 			if errors.Is(err, storage.ErrNotFound) {

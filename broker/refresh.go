@@ -49,7 +49,7 @@ func (b *Broker) renew(ctx context.Context, c *conn, why trigger) error {
 func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Connection, tok *storage.Tokens, done bool, err error) {
 	c.mu.Lock()
 	deleted, pending, suspect := c.deleted, c.rt.pending, c.suspectLocked()
-	halted, state, reason := c.haltedLocked(), c.stateLocked(), c.stateReasonLocked()
+	isHalted, state, reason := c.haltedLocked(), c.stateLocked(), c.stateReasonLocked()
 	cfg, tok = c.cfg.Clone(), c.committed.Clone()
 	c.mu.Unlock()
 	switch {
@@ -57,7 +57,7 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 		return nil, nil, true, notFound(c.name)
 	case pending != nil:
 		return nil, nil, true, b.commit(c, pending, true)
-	case halted:
+	case isHalted:
 		return nil, nil, true, haltedError(c.name, state, reason)
 	case suspect:
 		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)

@@ -306,6 +306,9 @@ func classifyTransport(err error, sent bool) *upstreamError {
 func transportKind(err error) string {
 	var ne net.Error
 	var dns *net.DNSError
+	if msg, ok := refusedAddress(err); ok {
+		return msg
+	}
 	switch {
 	case errors.As(err, &dns):
 		return "DNS lookup failed"
@@ -322,7 +325,8 @@ func transportKind(err error) string {
 }
 
 // classifyStatus classes a non-200 answer of the token endpoint to a grant:
-// the one place that decides what an upstream failure means.
+// the one place that decides what an upstream failure means (see
+// statusClass).
 func classifyStatus(resp *http.Response, body []byte, grant string, secrets []string) *upstreamError {
 	e := &upstreamError{grant: grant, status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
 	var oe struct {
@@ -340,37 +344,45 @@ func classifyStatus(resp *http.Response, body []byte, grant string, secrets []st
 		e.detail = fmt.Sprintf("%s answer of %d bytes", orDefault(mt, "untyped"), len(body))
 	}
 	loginLimit := bytes.Contains(bytes.ToLower(body), []byte("api login limit"))
+	e.class = statusClass(resp.StatusCode, oe.Error, loginLimit, grant)
 	switch {
 	case loginLimit:
-		e.class = classLoginLimit
 		e.detail = "API Login Limit reached for the integration user"
-	case resp.StatusCode == http.StatusTooManyRequests && grant == grantPassword:
-		// A password grant opens a session: 429 on it means the user's
-		// concurrent sign-ins (a licence limit) are used up.
-		e.class = classLoginLimit
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
-		// A redirect is not followed; nothing reached the token endpoint.
-		e.class = classSafe
 		e.detail = "token endpoint answered with a redirect, which is not followed"
-	case oe.Error == "invalid_client" || resp.StatusCode == http.StatusUnauthorized:
-		e.class = classInvalidClient
-	case oe.Error == "invalid_grant":
-		e.class = classInvalidGrant
-	case resp.StatusCode == http.StatusTooManyRequests:
-		e.class = classSafe
-	case resp.StatusCode == http.StatusServiceUnavailable:
-		e.class = classSafe
-	case resp.StatusCode >= 500:
-		// 500, 502, 504 and the rest may have been processed upstream.
-		e.class = classAmbiguous
-	case oe.Error == "unauthorized_client" || oe.Error == "unsupported_grant_type" || oe.Error == "invalid_scope":
-		// The Connected Application is set up for another flow or scope:
-		// an operator must act, retrying cannot help.
-		e.class = classInvalidClient
-	default:
-		e.class = classAmbiguous
 	}
 	return e
+}
+
+// statusClass decides what a token endpoint's answer with status, OAuth
+// error code oauthErr, and a body that does or does not name Acumatica's
+// API login limit, means for a grant. The order of the cases matters.
+func statusClass(status int, oauthErr string, loginLimit bool, grant string) failureClass {
+	switch {
+	case loginLimit:
+		return classLoginLimit
+	case status == http.StatusTooManyRequests && grant == grantPassword:
+		// A password grant opens a session: 429 on it means the user's
+		// concurrent sign-ins (a licence limit) are used up.
+		return classLoginLimit
+	case status >= 300 && status < 400:
+		// A redirect is not followed; nothing reached the token endpoint.
+		return classSafe
+	case oauthErr == "invalid_client" || status == http.StatusUnauthorized:
+		return classInvalidClient
+	case oauthErr == "invalid_grant":
+		return classInvalidGrant
+	case status == http.StatusTooManyRequests, status == http.StatusServiceUnavailable:
+		return classSafe
+	case status >= 500:
+		// 500, 502, 504 and the rest may have been processed upstream.
+		return classAmbiguous
+	case oauthErr == "unauthorized_client" || oauthErr == "unsupported_grant_type" || oauthErr == "invalid_scope":
+		// The Connected Application is set up for another flow or scope:
+		// an operator must act, retrying cannot help.
+		return classInvalidClient
+	}
+	return classAmbiguous
 }
 
 func orDefault(s, d string) string {
@@ -457,27 +469,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		d = t.Sub(now)
 	}
 	return min(max(d, 0), time.Hour)
-}
-
-// scrub makes upstream text fit for a log or a status: printable ASCII only,
-// known secrets removed, cut to n bytes.
-func scrub(s string, n int, secrets []string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
-		}
-	}
-	var b strings.Builder
-	for _, r := range s {
-		if b.Len() >= n {
-			b.WriteString("...")
-			break
-		}
-		if r >= 0x20 && r < 0x7f {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
 }
 
 // revoke asks the revocation endpoint to revoke a refresh token, and signs

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -446,56 +447,70 @@ func (s *Server) grant(r *http.Request) (int, map[string]any) {
 	switch f.Get("grant_type") {
 	case "password":
 		s.counts.PasswordGrants++
-		u, ok := s.users[f.Get("username")]
-		if !ok || u.password != f.Get("password") {
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant", "error_description": "invalid_username_or_password"}
-		}
-		if s.opts.MaxSessions > 0 {
-			open := 0
-			for _, ss := range s.sessions {
-				if ss.user == f.Get("username") && !ss.ended {
-					open++
-				}
-			}
-			if open >= s.opts.MaxSessions {
-				s.counts.LoginLimit++
-				return 429, map[string]any{"error": "invalid_grant", "error_description": "API Login Limit"}
-			}
-		}
-		ss := &session{id: newToken("s"), user: f.Get("username"), client: f.Get("client_id"), start: now,
-			access: map[string]time.Time{}, chainUsed: map[string]bool{}}
-		s.sessions[ss.id] = ss
-		return 200, s.issue(ss, strings.Fields(f.Get("scope")), now)
+		return s.passwordGrantLocked(f, now)
 	case "refresh_token":
 		s.counts.RefreshGrants++
-		rt := f.Get("refresh_token")
-		ss, ok := s.refresh[rt]
-		switch {
-		case !ok || ss.client != f.Get("client_id"):
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant"}
-		case ss.chainUsed[rt]:
-			// Reuse of a spent refresh token: revoke the whole chain.
-			s.counts.ReuseDetected++
-			s.counts.InvalidGrant++
-			ss.ended = true
-			return 400, map[string]any{"error": "invalid_grant"}
-		case ss.ended,
-			now.Sub(ss.lastUse) > s.opts.SlidingLifetime,
-			s.opts.AbsoluteLifetime > 0 && now.Sub(ss.start) > s.opts.AbsoluteLifetime:
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant"}
-		}
-		ss.chainUsed[rt] = true
-		if s.opts.RevokeAccessOnRefresh {
-			for a := range ss.access {
-				delete(ss.access, a)
-			}
-		}
-		return 200, s.issue(ss, []string{"api", "offline_access"}, now)
+		return s.refreshGrantLocked(f, now)
 	}
 	return 400, map[string]any{"error": "unsupported_grant_type"}
+}
+
+// passwordGrantLocked signs the user in: a new session and chain, unless
+// the user's concurrent sessions are used up (Acumatica's API Login Limit).
+func (s *Server) passwordGrantLocked(f url.Values, now time.Time) (int, map[string]any) {
+	u, ok := s.users[f.Get("username")]
+	if !ok || u.password != f.Get("password") {
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant", "error_description": "invalid_username_or_password"}
+	}
+	if s.opts.MaxSessions > 0 && s.openSessionsLocked(f.Get("username")) >= s.opts.MaxSessions {
+		s.counts.LoginLimit++
+		return 429, map[string]any{"error": "invalid_grant", "error_description": "API Login Limit"}
+	}
+	ss := &session{id: newToken("s"), user: f.Get("username"), client: f.Get("client_id"), start: now,
+		access: map[string]time.Time{}, chainUsed: map[string]bool{}}
+	s.sessions[ss.id] = ss
+	return 200, s.issue(ss, strings.Fields(f.Get("scope")), now)
+}
+
+func (s *Server) openSessionsLocked(user string) int {
+	open := 0
+	for _, ss := range s.sessions {
+		if ss.user == user && !ss.ended {
+			open++
+		}
+	}
+	return open
+}
+
+// refreshGrantLocked rotates a chain's refresh token. Presenting a spent
+// one is taken for theft (RFC 9700 section 4.14.2): the whole chain is
+// revoked and the reuse counted.
+func (s *Server) refreshGrantLocked(f url.Values, now time.Time) (int, map[string]any) {
+	rt := f.Get("refresh_token")
+	ss, ok := s.refresh[rt]
+	switch {
+	case !ok || ss.client != f.Get("client_id"):
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant"}
+	case ss.chainUsed[rt]:
+		s.counts.ReuseDetected++
+		s.counts.InvalidGrant++
+		ss.ended = true
+		return 400, map[string]any{"error": "invalid_grant"}
+	case ss.ended,
+		now.Sub(ss.lastUse) > s.opts.SlidingLifetime,
+		s.opts.AbsoluteLifetime > 0 && now.Sub(ss.start) > s.opts.AbsoluteLifetime:
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant"}
+	}
+	ss.chainUsed[rt] = true
+	if s.opts.RevokeAccessOnRefresh {
+		for a := range ss.access {
+			delete(ss.access, a)
+		}
+	}
+	return 200, s.issue(ss, []string{"api", "offline_access"}, now)
 }
 
 func (s *Server) issue(ss *session, scopes []string, now time.Time) map[string]any {
