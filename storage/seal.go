@@ -80,8 +80,12 @@ func tampered(name, kind string, seal *storagev1.Sealed) error {
 	return fmt.Errorf("%w: the %s of %q does not check with key id %s: it was changed without the data key and is not used; restore it from a backup", ErrTampered, what, name, seal.GetKeyId())
 }
 
-// withoutField returns v with every occurrence of field removed.
+// withoutField returns v with every occurrence of field removed: a prefix
+// of v, not a copy, when field is only at the end (as sealRecord puts it).
 func withoutField(v []byte, field protowire.Number) ([]byte, error) {
+	if at, ok := trailing(v, field); ok {
+		return v[:at], nil
+	}
 	out := make([]byte, 0, len(v))
 	for rest := v; len(rest) > 0; {
 		num, typ, n := protowire.ConsumeTag(rest)
@@ -98,4 +102,28 @@ func withoutField(v []byte, field protowire.Number) ([]byte, error) {
 		rest = rest[n+m:]
 	}
 	return out, nil
+}
+
+// trailing reports where field starts when it occurs once, as v's last
+// field.
+func trailing(v []byte, field protowire.Number) (int, bool) {
+	at, seen := -1, 0
+	for off := 0; off < len(v); {
+		num, typ, n := protowire.ConsumeTag(v[off:])
+		if n < 0 {
+			return 0, false
+		}
+		m := protowire.ConsumeFieldValue(num, typ, v[off+n:])
+		if m < 0 {
+			return 0, false
+		}
+		if num == field {
+			at, seen = off, seen+1
+		}
+		off += n + m
+		if num == field && off != len(v) {
+			return 0, false
+		}
+	}
+	return at, seen == 1
 }

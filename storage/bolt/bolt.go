@@ -125,6 +125,8 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("storage: stat %s: %w", path, err)
 	}
 	s.fd = file.Fd()
+	// A wipe a crash cut short leaves its half-made copy; the lock is ours.
+	os.Remove(path + compactSuffix)
 	if err := guard(path, func() error { return s.checkOrInit(path) }); err != nil {
 		db.Close()
 		return nil, err
@@ -659,12 +661,15 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 	}})
 }
 
+// compactSuffix names, next to the data file, the copy a wipe makes.
+const compactSuffix = ".compact"
+
 // wipe replaces the file with a compacted copy, which holds the live
 // records only: the bytes of erased records (and of every earlier version
 // of any record) left in the old file's free pages go with it. It runs on
 // the committer, so no write is in flight, and waits for readers.
 func (s *Store) wipe() error {
-	tmp := s.path + ".compact"
+	tmp := s.path + compactSuffix
 	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("storage: wipe: %w", err)
 	}
