@@ -239,7 +239,8 @@ func (b *Broker) Stats() *Stats { return &b.stats }
 // Load reads every stored connection into memory (fn of the store's LoadAll
 // may run concurrently). Connections whose last upstream request may have
 // been interrupted by a crash are marked for recovery and refreshed by the
-// next maintenance pass.
+// next maintenance pass; deletes a crash interrupted are finished (see
+// delete.go).
 //
 // The broker may serve before and while Load runs: until Load is done, a
 // connection not yet in memory is read from the store when it is first
@@ -250,7 +251,12 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 		b.tombs.Clear()
 	}()
 	var loaded atomic.Int64
+	var deleting unfinished
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
+		if !cfg.DeleteTime.IsZero() {
+			deleting.add(cfg, tok)
+			return nil
+		}
 		b.admit(cfg, tok)
 		loaded.Add(1)
 		return nil
@@ -259,6 +265,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}
+	deleting.finish(ctx, b)
 	return n, nil
 }
 

@@ -20,6 +20,10 @@ type Connection struct {
 	UpdateTime             time.Time
 	// Revision is set by the store: 1 on create, +1 on every update.
 	Revision int64
+	// DeleteTime is set while a delete is in progress (see the stores'
+	// MarkDeleting): reads treat the connection as gone, and LoadAll
+	// reports it so that an interrupted delete is finished.
+	DeleteTime time.Time
 	// Flow is how the connection signs in: [FlowPassword] (also "") or
 	// [FlowAuthorizationCode], which has no username or password.
 	Flow string

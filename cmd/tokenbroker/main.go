@@ -96,7 +96,7 @@ func openStorage(ctx context.Context, cfg *config, getenv func(string) string, l
 	if err != nil {
 		return nil, nil, err
 	}
-	st, err := openStore(ctx, cfg, dataFile(cfg), keys)
+	st, err := openStore(ctx, cfg, dataFile(cfg), keys, log)
 	if err != nil {
 		return nil, nil, err
 	}

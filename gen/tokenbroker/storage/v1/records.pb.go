@@ -196,9 +196,16 @@ type ConnectionRecord struct {
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	// Revision, incremented on every change.
 	Revision int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Seal over every other field of the record as stored (an empty
+	// plaintext with the record's bytes as associated data): a record changed
+	// without the key, such as a rewritten instance URL, does not open.
+	// Absent only in records of format 1.
+	RecordSeal *Sealed `protobuf:"bytes,15,opt,name=record_seal,json=recordSeal,proto3" json:"record_seal,omitempty"`
+	// Set while a delete is in progress: the record is gone for readers and
+	// the delete is finished at the next start if it was interrupted.
+	DeleteTime *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=delete_time,json=deleteTime,proto3" json:"delete_time,omitempty"`
 	// How the connection signs in: "" or "password" (Resource Owner
-	// Password Credentials), or "authorization_code". Numbers 15 and 16 are
-	// kept for the record seal and the delete mark.
+	// Password Credentials), or "authorization_code".
 	Flow string `protobuf:"bytes,17,opt,name=flow,proto3" json:"flow,omitempty"`
 	// The registered redirect URI of an authorization-code connection.
 	RedirectUri   string `protobuf:"bytes,18,opt,name=redirect_uri,json=redirectUri,proto3" json:"redirect_uri,omitempty"`
@@ -334,6 +341,20 @@ func (x *ConnectionRecord) GetRevision() int64 {
 	return 0
 }
 
+func (x *ConnectionRecord) GetRecordSeal() *Sealed {
+	if x != nil {
+		return x.RecordSeal
+	}
+	return nil
+}
+
+func (x *ConnectionRecord) GetDeleteTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeleteTime
+	}
+	return nil
+}
+
 func (x *ConnectionRecord) GetFlow() string {
 	if x != nil {
 		return x.Flow
@@ -388,8 +409,11 @@ type TokenRecord struct {
 	IntentTime *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=intent_time,json=intentTime,proto3" json:"intent_time,omitempty"`
 	// When the refresh token was last used.
 	RefreshTokenUseTime *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=refresh_token_use_time,json=refreshTokenUseTime,proto3" json:"refresh_token_use_time,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Seal over every other field of the record as stored, as in
+	// ConnectionRecord. Absent only in records of format 1.
+	RecordSeal    *Sealed `protobuf:"bytes,19,opt,name=record_seal,json=recordSeal,proto3" json:"record_seal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TokenRecord) Reset() {
@@ -548,6 +572,13 @@ func (x *TokenRecord) GetRefreshTokenUseTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *TokenRecord) GetRecordSeal() *Sealed {
+	if x != nil {
+		return x.RecordSeal
+	}
+	return nil
+}
+
 var File_tokenbroker_storage_v1_records_proto protoreflect.FileDescriptor
 
 const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
@@ -564,7 +595,7 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"\rcanary_key_id\x18\x02 \x01(\tR\vcanaryKeyId\x126\n" +
 	"\x06canary\x18\x03 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\x06canary\x12;\n" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xd8\x05\n" +
+	"createTime\"\xd6\x06\n" +
 	"\x10ConnectionRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12!\n" +
@@ -582,9 +613,13 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12\x1a\n" +
-	"\brevision\x18\x0e \x01(\x03R\brevision\x12\x12\n" +
+	"\brevision\x18\x0e \x01(\x03R\brevision\x12?\n" +
+	"\vrecord_seal\x18\x0f \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
+	"recordSeal\x12;\n" +
+	"\vdelete_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"deleteTime\x12\x12\n" +
 	"\x04flow\x18\x11 \x01(\tR\x04flow\x12!\n" +
-	"\fredirect_uri\x18\x12 \x01(\tR\vredirectUri\"\x87\a\n" +
+	"\fredirect_uri\x18\x12 \x01(\tR\vredirectUri\"\xc8\a\n" +
 	"\vTokenRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1e\n" +
 	"\n" +
@@ -609,7 +644,9 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"\fintent_grant\x18\x10 \x01(\tR\vintentGrant\x12;\n" +
 	"\vintent_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"intentTime\x12O\n" +
-	"\x16refresh_token_use_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\x13refreshTokenUseTimeB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
+	"\x16refresh_token_use_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\x13refreshTokenUseTime\x12?\n" +
+	"\vrecord_seal\x18\x13 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
+	"recordSealB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
 
 var (
 	file_tokenbroker_storage_v1_records_proto_rawDescOnce sync.Once
@@ -639,19 +676,22 @@ var file_tokenbroker_storage_v1_records_proto_depIdxs = []int32{
 	4,  // 4: tokenbroker.storage.v1.ConnectionRecord.client_secret_expire_time:type_name -> google.protobuf.Timestamp
 	4,  // 5: tokenbroker.storage.v1.ConnectionRecord.create_time:type_name -> google.protobuf.Timestamp
 	4,  // 6: tokenbroker.storage.v1.ConnectionRecord.update_time:type_name -> google.protobuf.Timestamp
-	0,  // 7: tokenbroker.storage.v1.TokenRecord.refresh_token:type_name -> tokenbroker.storage.v1.Sealed
-	0,  // 8: tokenbroker.storage.v1.TokenRecord.access_token:type_name -> tokenbroker.storage.v1.Sealed
-	4,  // 9: tokenbroker.storage.v1.TokenRecord.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 10: tokenbroker.storage.v1.TokenRecord.issue_time:type_name -> google.protobuf.Timestamp
-	4,  // 11: tokenbroker.storage.v1.TokenRecord.chain_start_time:type_name -> google.protobuf.Timestamp
-	4,  // 12: tokenbroker.storage.v1.TokenRecord.last_error_time:type_name -> google.protobuf.Timestamp
-	4,  // 13: tokenbroker.storage.v1.TokenRecord.intent_time:type_name -> google.protobuf.Timestamp
-	4,  // 14: tokenbroker.storage.v1.TokenRecord.refresh_token_use_time:type_name -> google.protobuf.Timestamp
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	0,  // 7: tokenbroker.storage.v1.ConnectionRecord.record_seal:type_name -> tokenbroker.storage.v1.Sealed
+	4,  // 8: tokenbroker.storage.v1.ConnectionRecord.delete_time:type_name -> google.protobuf.Timestamp
+	0,  // 9: tokenbroker.storage.v1.TokenRecord.refresh_token:type_name -> tokenbroker.storage.v1.Sealed
+	0,  // 10: tokenbroker.storage.v1.TokenRecord.access_token:type_name -> tokenbroker.storage.v1.Sealed
+	4,  // 11: tokenbroker.storage.v1.TokenRecord.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 12: tokenbroker.storage.v1.TokenRecord.issue_time:type_name -> google.protobuf.Timestamp
+	4,  // 13: tokenbroker.storage.v1.TokenRecord.chain_start_time:type_name -> google.protobuf.Timestamp
+	4,  // 14: tokenbroker.storage.v1.TokenRecord.last_error_time:type_name -> google.protobuf.Timestamp
+	4,  // 15: tokenbroker.storage.v1.TokenRecord.intent_time:type_name -> google.protobuf.Timestamp
+	4,  // 16: tokenbroker.storage.v1.TokenRecord.refresh_token_use_time:type_name -> google.protobuf.Timestamp
+	0,  // 17: tokenbroker.storage.v1.TokenRecord.record_seal:type_name -> tokenbroker.storage.v1.Sealed
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_storage_v1_records_proto_init() }
