@@ -377,6 +377,9 @@ func TestDeadAuthCodeChainNeedsAuthorization(t *testing.T) {
 	if view.State != broker.StateNeedsReauth || view.Status.StateReason != broker.ReasonAuthorizationRequired {
 		t.Fatalf("state %s reason %s", view.State, view.Status.StateReason)
 	}
+	if states, _ := e.b.Census(); states[broker.StateNeedsReauth] != 1 {
+		t.Fatalf("census (the metrics' source) shows %v, want one NEEDS_REAUTH", states)
+	}
 	// The halt is durable.
 	e.restart()
 	if _, err := e.b.GetAccessToken(ctx, acName, time.Minute, ""); reasonOf(err) != broker.ReasonAuthorizationRequired {
