@@ -320,6 +320,13 @@ func (b *Broker) authorizationRequired(c *conn, tok *storage.Tokens) error {
 	return haltedError(c.name, StateNeedsReauth, ReasonAuthorizationRequired)
 }
 
+// authCode reports whether c is an authorization-code connection.
+func (c *conn) authCode() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return isAuthCode(c.cfg)
+}
+
 // authCodeUpdateRefused is the error for an UpdateConnection of an
 // authorization-code connection that names a field a password grant would
 // prove: without a password, the proof is a new chain, which

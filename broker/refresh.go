@@ -212,7 +212,9 @@ func (b *Broker) dropRefreshToken(c *conn, intent *storage.Tokens, ue *upstreamE
 	if err := b.commit(c, withoutRefreshToken(intent, ue.Error(), b.now()), false); err != nil {
 		return false, err
 	}
-	b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	if !c.authCode() {
+		b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	}
 	return true, nil
 }
 
