@@ -57,11 +57,8 @@ func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []Fi
 	if has("client_id") {
 		add("client_id", ValidateClientID(c.ClientID))
 	}
-	for _, f := range []struct {
-		name string
-		val  string
-	}{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}} {
-		if has(f.name) && (f.name == "client_secret" || !isAuthCode(c)) {
+	for _, f := range requiredCredentials(c) {
+		if has(f.name) {
 			add(f.name, ValidateSecretField(f.val))
 		}
 	}

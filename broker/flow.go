@@ -62,6 +62,18 @@ func normalizeFlow(c *storage.Connection, has func(string) bool) []FieldViolatio
 	return v
 }
 
+// credential is a credential field's API name and value.
+type credential struct{ name, val string }
+
+// requiredCredentials are the credentials c's flow requires: the client
+// secret, and for the password flow the integration user's login.
+func requiredCredentials(c *storage.Connection) []credential {
+	if isAuthCode(c) {
+		return []credential{{"client_secret", c.ClientSecret}}
+	}
+	return []credential{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}}
+}
+
 // ValidateRedirectURI checks a redirect URI as registered on a Connected
 // Application: an absolute https URL (http only on a loopback host, RFC
 // 8252 section 7.3), no fragment or user-info (RFC 6749 section 3.1.2). It
