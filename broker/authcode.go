@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"net/url"
 	"strings"
@@ -21,12 +22,14 @@ import (
 // CompleteAuthorization exchanges the code, with the verifier only the
 // broker knows, for the first refresh token of the chain.
 //
-// Pending authorizations live in this process's memory only. The verifier
-// never touches a disk, a backup or another replica; what is lost when the
-// broker restarts (or when the completion reaches another replica) is an
-// authorization nobody finished yet, which the operator starts again: the
-// code is single-use and short-lived upstream anyway, so a durable verifier
-// would save one browser round trip at the price of a secret at rest.
+// Pending authorizations (the configuration to complete and the PKCE
+// verifier, under the hash of the state) live in an [AuthorizationStore].
+// With replicas that is the shared etcd store, sealed and removed by a
+// lease when it expires, so the completion may reach any replica and still
+// uses the state once. With one process (bbolt) it is this process's
+// memory: the verifier never touches the disk or a backup, and a restart
+// loses only authorizations nobody finished yet, which the operator starts
+// again (the code is single-use and short-lived upstream anyway).
 
 // Grants and intents of the Authorization Code flow.
 const (
@@ -74,55 +77,77 @@ type Authorization struct {
 	View *View
 }
 
-// pendingAuth is an authorization waiting for its completion.
-type pendingAuth struct {
-	name     string
-	cfg      *storage.Connection // the configuration once completed
-	existing bool
-	revision int64 // existing: the revision cfg was built from
-	verifier string
-	expires  time.Time
+// AuthorizationStore keeps pending authorizations, each under a key (the
+// hash of its state) until taken. TakeAuthorization removes what it
+// returns, at once for every replica sharing the store, and answers
+// storage.ErrNotFound for a key it does not hold. Implementation: the etcd
+// store; the default keeps them in this process's memory.
+type AuthorizationStore interface {
+	PutAuthorization(ctx context.Context, key string, a *storage.Authorization) error
+	TakeAuthorization(ctx context.Context, key string) (*storage.Authorization, error)
 }
 
-// authorizations holds pending authorizations by the hash of their state,
-// so the state itself is kept nowhere but in the URL.
-type authorizations struct {
-	mu      sync.Mutex                // guards pending
-	pending map[[32]byte]*pendingAuth // sha256(state) -> authorization
+// errTooManyAuthorizations: the memory store is full.
+var errTooManyAuthorizations = errors.New("too many authorizations are waiting for completion")
+
+// memAuthorizations is the default [AuthorizationStore]: this process's
+// memory.
+type memAuthorizations struct {
+	now     func() time.Time
+	mu      sync.Mutex                        // guards pending
+	pending map[string]*storage.Authorization // key -> authorization
 }
 
-// add holds p under state, dropping expired authorizations; it fails when
-// too many are pending.
-func (a *authorizations) add(state string, p *pendingAuth, now time.Time) bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.pending == nil {
-		a.pending = map[[32]byte]*pendingAuth{}
-	}
-	for k, q := range a.pending {
-		if now.After(q.expires) {
-			delete(a.pending, k)
+// PutAuthorization holds a under key, dropping expired authorizations; it
+// fails when too many are pending.
+func (m *memAuthorizations) PutAuthorization(_ context.Context, key string, a *storage.Authorization) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now()
+	for k, p := range m.pending {
+		if now.After(p.ExpireTime) {
+			delete(m.pending, k)
 		}
 	}
-	if len(a.pending) >= maxPendingAuthorizations {
-		return false
+	if len(m.pending) >= maxPendingAuthorizations {
+		return errTooManyAuthorizations
 	}
-	a.pending[sha256.Sum256([]byte(state))] = p
-	return true
+	m.pending[key] = a
+	return nil
 }
 
-// take removes and returns the authorization held under state, if it is
-// for name and not expired. Any presentation of a state uses it up.
-func (a *authorizations) take(name, state string, now time.Time) (*pendingAuth, bool) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	k := sha256.Sum256([]byte(state))
-	p, ok := a.pending[k]
-	delete(a.pending, k)
-	if !ok || p.name != name || now.After(p.expires) {
-		return nil, false
+// TakeAuthorization removes and returns the authorization held under key.
+func (m *memAuthorizations) TakeAuthorization(_ context.Context, key string) (*storage.Authorization, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	a, ok := m.pending[key]
+	if !ok {
+		return nil, storage.ErrNotFound
 	}
-	return p, true
+	delete(m.pending, key)
+	return a, nil
+}
+
+// stateKey is the key a state's authorization is kept under: its SHA-256,
+// so the state itself is kept nowhere but in the URL.
+func stateKey(state string) string {
+	sum := sha256.Sum256([]byte(state))
+	return hex.EncodeToString(sum[:])
+}
+
+// takeAuthorization removes the authorization held for state and returns
+// it if it is for name and not expired. Any presentation of a state uses
+// it up.
+func (b *Broker) takeAuthorization(ctx context.Context, name, state string) (*storage.Authorization, error) {
+	a, err := b.auths.TakeAuthorization(context.WithoutCancel(ctx), stateKey(state))
+	switch {
+	case errors.Is(err, storage.ErrNotFound), err == nil && (a.Name != name || b.now().After(a.ExpireTime)):
+		return nil, newError(ErrAuthorization, ReasonAuthorizationInvalid, name,
+			"the state is unknown, already used, expired or for another connection (authorizations last %v); start the authorization again", AuthorizationLifetime)
+	case err != nil:
+		return nil, storageError(name, err)
+	}
+	return a, nil
 }
 
 // randomString is n random bytes from crypto/rand, base64url without
@@ -161,16 +186,18 @@ func (b *Broker) StartAuthorization(ctx context.Context, t Target, validateOnly 
 	if err := errors.Join(err1, err2); err != nil {
 		return nil, err
 	}
-	now := b.now()
-	pa := &pendingAuth{name: p.cfg.Name, cfg: p.cfg, existing: p.existing, revision: p.revision,
-		verifier: verifier, expires: now.Add(AuthorizationLifetime)}
-	if !b.auths.add(state, pa, now) {
-		return nil, newError(ErrUpstreamUnavailable, ReasonUpstreamUnavailable, p.cfg.Name, "too many authorizations are waiting for completion; try again in a few minutes")
+	pa := &storage.Authorization{Name: p.cfg.Name, Conn: p.cfg, Existing: p.existing, Revision: p.revision,
+		Verifier: verifier, ExpireTime: b.now().Add(AuthorizationLifetime)}
+	if err := b.auths.PutAuthorization(context.WithoutCancel(ctx), stateKey(state), pa); err != nil {
+		if errors.Is(err, errTooManyAuthorizations) {
+			return nil, newError(ErrUpstreamUnavailable, ReasonUpstreamUnavailable, p.cfg.Name, "%v; try again in a few minutes", err)
+		}
+		return nil, storageError(p.cfg.Name, err)
 	}
 	ep := b.up.endpointsFor(ctx, p.cfg.InstanceURL)
 	out.URL = authorizationURL(ep.authorize, p.cfg, state, s256(verifier))
-	out.ExpireTime = pa.expires
-	b.log.Info("authorization started", "connection", p.cfg.Name, "expires", pa.expires)
+	out.ExpireTime = pa.ExpireTime
+	b.log.Info("authorization started", "connection", p.cfg.Name, "expires", pa.ExpireTime)
 	return out, nil
 }
 
@@ -202,22 +229,21 @@ func (b *Broker) CompleteAuthorization(ctx context.Context, name, state, code st
 	if v := checkRedirectParams(state, code); len(v) > 0 {
 		return nil, invalid(v...)
 	}
-	p, ok := b.auths.take(name, state, b.now())
-	if !ok {
-		return nil, newError(ErrAuthorization, ReasonAuthorizationInvalid, name,
-			"the state is unknown, already used, expired or for another connection (authorizations last %v and are held by the broker that started them until it restarts); start the authorization again", AuthorizationLifetime)
+	p, err := b.takeAuthorization(ctx, name, state)
+	if err != nil {
+		return nil, err
 	}
-	if !p.existing {
-		return b.createWith(ctx, p.cfg, func(ctx context.Context) (*storage.Tokens, error) {
-			return b.redeemCode(ctx, p.cfg, code, p.verifier, &storage.Tokens{})
+	if !p.Existing {
+		return b.createWith(ctx, p.Conn, func(ctx context.Context) (*storage.Tokens, error) {
+			return b.redeemCode(ctx, p.Conn, code, p.Verifier, &storage.Tokens{})
 		})
 	}
 	c, err := b.lookup(name)
 	if err != nil {
 		return nil, err
 	}
-	return b.replaceChain(ctx, c, p.cfg, p.revision, grantAuthorizationCode, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
-		return b.redeemCode(ctx, p.cfg, code, p.verifier, intent)
+	return b.replaceChain(ctx, c, p.Conn, p.Revision, grantAuthorizationCode, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
+		return b.redeemCode(ctx, p.Conn, code, p.Verifier, intent)
 	})
 }
 

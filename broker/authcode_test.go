@@ -13,8 +13,13 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"tokenbroker/broker"
+	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
+	"tokenbroker/storage/etcdtest"
 )
 
 const (
@@ -489,4 +494,55 @@ func TestAuthorizationCodeInputRules(t *testing.T) {
 			t.Fatal("the completed authorization did not store the masked field")
 		}
 	})
+}
+
+// TestAuthorizationCompletesOnAnotherReplica: with etcd, the completion
+// may reach another replica than the start; the state is still used once,
+// and the verifier is sealed in the cluster.
+func TestAuthorizationCompletesOnAnotherReplica(t *testing.T) {
+	clk := testkit.NewClock()
+	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
+	idp.AddAuthCodeClient(acClientID, clientSecret, acRedirect)
+	idp.SetConsentUser(username)
+	hs := idp.Start()
+	defer hs.Close()
+	endpoint := etcdtest.Start(t)
+	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
+	ctx := context.Background()
+	conn := &storage.Connection{Name: acName, InstanceURL: hs.URL, ClientID: acClientID, ClientSecret: clientSecret,
+		Flow: storage.FlowAuthorizationCode, RedirectURI: acRedirect}
+
+	started, err := a.StartAuthorization(ctx, broker.Target{Conn: conn}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli := etcdtest.Client(t, endpoint)
+	raw, err := cli.Get(ctx, "/tokenbroker/authorizations/", clientv3.WithPrefix())
+	if err != nil || raw.Count != 1 {
+		t.Fatalf("pending authorizations in etcd: %v %v", raw, err)
+	}
+	q := follow(t, started.URL)
+	if strings.Contains(string(raw.Kvs[0].Key)+string(raw.Kvs[0].Value), q.Get("state")) ||
+		strings.Contains(string(raw.Kvs[0].Value), clientSecret) {
+		t.Fatal("the state or the client secret is stored in plain text")
+	}
+	v, err := b.CompleteAuthorization(ctx, acName, q.Get("state"), q.Get("code"))
+	if err != nil || v.State != broker.StateActive {
+		t.Fatalf("completion on the other replica: %v", err)
+	}
+	for _, sec := range idp.Issued() {
+		if strings.Contains(string(raw.Kvs[0].Value), sec) {
+			t.Fatalf("%.8s... (a verifier, state or code) is stored in plain text", sec)
+		}
+	}
+	if _, err := a.CompleteAuthorization(ctx, acName, q.Get("state"), q.Get("code")); reasonOf(err) != broker.ReasonAuthorizationInvalid {
+		t.Fatalf("the state used on one replica was accepted on the other: %v", err)
+	}
+	testkit.Eventually(t, "replica a to see the connection", func() bool {
+		_, err := a.GetAccessToken(ctx, acName, time.Minute, "")
+		return err == nil
+	})
+	if c := idp.Counts(); c.CodeGrants != 1 || c.PasswordGrants != 0 {
+		t.Fatalf("upstream saw %+v", c)
+	}
 }

@@ -84,6 +84,10 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// Authorizations keeps Authorization Code flows started and not yet
+	// completed, so that any replica can complete them (the etcd store).
+	// Default this process's memory.
+	Authorizations AuthorizationStore
 }
 
 // Defaults of the upstream caps in [Options].
@@ -171,7 +175,7 @@ type Broker struct {
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
-	auths authorizations // Authorization Code flows started and not yet completed
+	auths AuthorizationStore // Authorization Code flows started and not yet completed
 
 	flights sync.WaitGroup // shared refreshes in progress
 	stop    chan struct{}
@@ -228,6 +232,10 @@ func New(opts Options) (*Broker, error) {
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
+		auths:    opts.Authorizations,
+	}
+	if b.auths == nil {
+		b.auths = &memAuthorizations{now: opts.Now, pending: map[string]*storage.Authorization{}}
 	}
 	b.loading.Store(true) // until Load is done
 	return b, nil

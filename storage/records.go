@@ -63,6 +63,18 @@ type Tokens struct {
 	IntentTime       time.Time
 }
 
+// Authorization is an Authorization Code flow started and not yet
+// completed: the configuration it completes and the PKCE verifier, which is
+// plaintext in memory only; the store seals it.
+type Authorization struct {
+	Name       string
+	Conn       *Connection
+	Existing   bool
+	Revision   int64
+	Verifier   string
+	ExpireTime time.Time
+}
+
 // Clone returns a deep copy.
 func (c *Connection) Clone() *Connection {
 	if c == nil {

@@ -21,15 +21,17 @@ import (
 
 // Field numbers of record_seal in the record messages.
 const (
-	connectionSealField protowire.Number = 15
-	tokenSealField      protowire.Number = 19
+	connectionSealField    protowire.Number = 15
+	tokenSealField         protowire.Number = 19
+	authorizationSealField protowire.Number = 7
 )
 
 // Kinds of record, bound into the associated data so that one kind's seal
 // never vouches for another's bytes.
 const (
-	kindConnection = "connection_record"
-	kindTokens     = "token_record"
+	kindConnection    = "connection_record"
+	kindTokens        = "token_record"
+	kindAuthorization = "authorization_record"
 )
 
 func recordAAD(name, kind string, body []byte) []byte {

@@ -123,6 +123,7 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.
 		Store:                        st.store,
 		Locker:                       st.locker,
 		Watcher:                      st.watcher,
+		Authorizations:               st.authorizations,
 		Logger:                       log.With("component", "broker"),
 		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
 		AllowUpstreamCIDRs:           cfg.allowUpstreamCIDRs.prefixes,

@@ -28,6 +28,8 @@ var (
 	_ broker.Store   = (*etcd.Store)(nil)
 	_ broker.Locker  = (*etcd.Store)(nil)
 	_ broker.Watcher = (*etcd.Store)(nil)
+
+	_ broker.AuthorizationStore = (*etcd.Store)(nil)
 )
 
 // openedStore is the configured store with what it offers the broker.
@@ -35,6 +37,9 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	// authorizations keeps pending authorizations for every replica; nil
+	// (this process's memory) with bbolt.
+	authorizations broker.AuthorizationStore
 	// healthy says why the store cannot keep writes, or nil; nil when the
 	// store cannot tell (etcd).
 	healthy func() error
@@ -93,7 +98,7 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		cli.Close()
 		return nil, err
 	}
-	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+	return &openedStore{store: st, locker: st, watcher: st, authorizations: st, close: func() { st.Close(); cli.Close() }}, nil
 }
 
 // logUpgrade reports the one-time upgrade of records written before every

@@ -73,8 +73,10 @@ type TokenBrokerClient interface {
 	// when it completes). It returns the URL to open in a browser; the
 	// identity server redirects to the connection's `redirect_uri` with `code`
 	// and `state`, which CompleteAuthorization takes. The broker holds the
-	// state and the PKCE verifier in memory, single-use, for 10 minutes.
-	// Nothing is stored until CompleteAuthorization succeeds.
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
 	StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error)
 	// CompleteAuthorization exchanges the `code` the redirect brought back,
 	// with the PKCE verifier held for `state`, and commits the new refresh
@@ -239,8 +241,10 @@ type TokenBrokerServer interface {
 	// when it completes). It returns the URL to open in a browser; the
 	// identity server redirects to the connection's `redirect_uri` with `code`
 	// and `state`, which CompleteAuthorization takes. The broker holds the
-	// state and the PKCE verifier in memory, single-use, for 10 minutes.
-	// Nothing is stored until CompleteAuthorization succeeds.
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
 	StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error)
 	// CompleteAuthorization exchanges the `code` the redirect brought back,
 	// with the PKCE verifier held for `state`, and commits the new refresh
