@@ -85,8 +85,11 @@ func ValidateRedirectURI(raw string) error {
 		return errors.New("is required for FLOW_AUTHORIZATION_CODE: copy the Redirect URI registered on the Connected Application")
 	case len(raw) > maxRedirectURILen:
 		return errors.New("is longer than 2048 characters")
-	case strings.ContainsAny(raw, " \t\r\n\x00"):
-		return errors.New("must not contain white space or control characters")
+	case strings.Contains(raw, " "):
+		return errors.New("must not contain spaces")
+	}
+	if err := CheckText(raw); err != nil {
+		return err
 	}
 	u, err := url.Parse(raw)
 	if err != nil || !u.IsAbs() || u.Host == "" || u.Opaque != "" {
