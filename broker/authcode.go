@@ -336,12 +336,32 @@ func (b *Broker) observe(grant string, began time.Time, err error) {
 	b.opts.Observer.TokenRequest(grant, outcome, time.Since(began))
 }
 
+// A suspect chain: after a crash during a refresh, a password
+// connection gives its refresh token up and signs in again (see
+// abandonSpentChain). An authorization-code connection has no password to
+// sign in with, so it presents the refresh token once more: if the crash
+// came before upstream spent it, the chain goes on and no operator is
+// needed; if upstream had spent it, the answer is invalid_grant (and an
+// identity server with reuse detection revokes the chain, which the lost
+// answer had already made useless), and the connection needs
+// authorization, as it would without the retry.
+
 // authorizationRequired halts an authorization-code connection whose chain
 // is gone: there is no password to fall back on, so no upstream call is
 // made until an operator authorizes it again or imports a refresh token.
 func (b *Broker) authorizationRequired(c *conn, tok *storage.Tokens) error {
 	msg := "the refresh token chain ended (lapsed, revoked or reused) and a FLOW_AUTHORIZATION_CODE connection has no password; authorize it again or import a refresh token"
-	_ = b.commit(c, halted(tok, ReasonAuthorizationRequired, msg, b.now()), false)
+	next := halted(tok, ReasonAuthorizationRequired, msg, b.now())
+	c.mu.Lock()
+	suspect := c.rt.recovering
+	c.mu.Unlock()
+	if suspect {
+		// The chain was spent by a refresh whose answer a crash lost: the
+		// access token held may have been revoked with it, so it is not
+		// served either.
+		next.AccessToken, next.AccessTokenExpireTime = "", time.Time{}
+	}
+	_ = b.commit(c, next, false)
 	b.log.Error("refresh token chain ended; connection needs authorization", "connection", c.name, "reason", ReasonAuthorizationRequired)
 	return haltedError(c.name, StateNeedsReauth, ReasonAuthorizationRequired)
 }

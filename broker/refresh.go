@@ -63,7 +63,9 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 		return nil, nil, true, b.commit(c, pending, true)
 	case isHalted:
 		return nil, nil, true, haltedError(c.name, state, reason)
-	case suspect:
+	case suspect && !isAuthCode(cfg):
+		// An authorization-code chain is presented once more instead (see
+		// "A suspect chain" in authcode.go).
 		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)
 		return cfg, tok, err != nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -162,4 +163,89 @@ func TestKill9DuringCodeExchange(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestKill9DuringAuthCodeRefresh: an authorization-code connection has no
+// password to start over with, so after a crash during a refresh it
+// presents its refresh token once more. Killed before upstream spent it,
+// the connection goes on with no operator; killed after, the chain is lost
+// and the connection says AUTHORIZATION_REQUIRED, with one reuse upstream
+// and no further call.
+func TestKill9DuringAuthCodeRefresh(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		fault      func() (acumaticatest.Fault, chan struct{})
+		wantWorks  bool
+		wantReuses int
+	}{
+		{"before upstream spent the refresh token", func() (acumaticatest.Fault, chan struct{}) {
+			ch := make(chan struct{}, 1)
+			return acumaticatest.Fault{Arrived: ch, Delay: time.Minute}, ch
+		}, true, 0},
+		{"after upstream spent the refresh token", func() (acumaticatest.Fault, chan struct{}) {
+			ch := make(chan struct{}, 1)
+			return acumaticatest.Fault{Processed: ch, HoldAfterProcess: time.Minute}, ch
+		}, false, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := acumaticatest.New(acumaticatest.Options{})
+			s.AddAuthCodeClient(acClientID, clientSecret, acRedirect)
+			s.SetConsentUser(username)
+			s.AddUser(username, password)
+			hs := httptest.NewServer(s.Handler())
+			t.Cleanup(hs.Close)
+			dir := filepath.Join(t.TempDir(), "data")
+			args := []string{"--data-dir", dir, "--listen", "127.0.0.1:0"}
+			p := start(t, nil, args...)
+			c := p.client()
+			ctx := context.Background()
+			state, code := startAuthorization(t, c, newAuthorization(hs.URL))
+			if _, err := c.CompleteAuthorization(ctx, &pb.CompleteAuthorizationRequest{Name: acName, State: state, Code: code}); err != nil {
+				t.Fatal(err)
+			}
+			tok, err := c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: acName})
+			if err != nil {
+				t.Fatal(err)
+			}
+			fault, moment := tc.fault()
+			s.Inject(fault)
+			go c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: acName, RejectedAccessToken: tok.GetAccessToken()})
+			<-moment
+			p.kill9()
+			s.ClearFaults()
+			before := s.Counts()
+
+			p = start(t, nil, args...)
+			c = p.client()
+			got, err := c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: acName})
+			if tc.wantWorks {
+				if err != nil || !s.AccessTokenValid(got.GetAccessToken()) {
+					t.Fatalf("after the crash: %v", err)
+				}
+			} else if st := status.Code(err); st != codes.FailedPrecondition || errorReason(err) != "AUTHORIZATION_REQUIRED" {
+				t.Fatalf("after the crash: %v, want FAILED_PRECONDITION AUTHORIZATION_REQUIRED\n%+v\n%s", err, s.Counts(), p.out.String())
+			}
+			c.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: acName})
+			after := s.Counts()
+			if after.ReuseDetected-before.ReuseDetected != tc.wantReuses || after.RefreshGrants-before.RefreshGrants != 1 || after.PasswordGrants != 0 {
+				t.Fatalf("upstream saw %+v after %+v: want one refresh, %d reuse, no password grant", after, before, tc.wantReuses)
+			}
+			for _, sec := range s.Issued() {
+				if strings.Contains(p.out.String(), sec) {
+					t.Fatalf("%.8s... (a token, code, state or verifier) in the broker's output", sec)
+				}
+			}
+		})
+	}
+}
+
+// errorReason is the ErrorInfo reason of a status error.
+func errorReason(err error) string {
+	st, _ := status.FromError(err)
+	for _, d := range st.Details() {
+		if ei, ok := d.(*errdetails.ErrorInfo); ok {
+			return ei.GetReason()
+		}
+	}
+	return ""
 }
