@@ -546,3 +546,38 @@ func TestAuthorizationCompletesOnAnotherReplica(t *testing.T) {
 		t.Fatalf("upstream saw %+v", c)
 	}
 }
+
+// TestImportIntoExistingConnection: importing a refresh token into a
+// connection whose chain died brings it back with one refresh grant; the
+// configuration named in the mask changes with it.
+func TestImportIntoExistingConnection(t *testing.T) {
+	e := newEnv(t).withAuthCode()
+	ctx := context.Background()
+	e.authorizeNew(acName)
+	e.idp.RevokeRefreshTokens()
+	e.clock.Advance(2 * time.Hour)
+	if _, err := e.b.GetAccessToken(ctx, acName, time.Minute, ""); reasonOf(err) != broker.ReasonAuthorizationRequired {
+		t.Fatalf("dead chain: %v", err)
+	}
+	imported := directChain(t, e)
+	before := e.idp.Counts()
+	v, err := e.b.ImportRefreshToken(ctx, broker.Target{Conn: &storage.Connection{Name: acName, DisplayName: "Fulfillment"},
+		Existing: true, Fields: []string{"display_name"}}, imported, false)
+	if err != nil {
+		t.Fatalf("import: %v", err)
+	}
+	if v.State != broker.StateActive || v.Conn.DisplayName != "Fulfillment" || v.Status.StateReason != "" {
+		t.Fatalf("after import: %+v", v)
+	}
+	if _, err := e.b.GetAccessToken(ctx, acName, time.Minute, ""); err != nil {
+		t.Fatal(err)
+	}
+	after := e.idp.Counts()
+	if after.RefreshGrants-before.RefreshGrants != 1 || after.PasswordGrants != 0 {
+		t.Fatalf("upstream saw %+v after %+v", after, before)
+	}
+	stored, err := e.store.GetTokens(ctx, acName)
+	if err != nil || stored.IntentGrant != "" || stored.RefreshToken == imported || stored.State != string(broker.StateActive) {
+		t.Fatalf("stored %+v %v", stored, err)
+	}
+}
