@@ -43,7 +43,8 @@ type Store struct {
 	prefix string
 	ttl    int // session lease TTL, seconds
 
-	upgraded int // records authenticated at open (format 1)
+	upgraded int              // records authenticated at open (format 1)
+	now      func() time.Time // stamps a delete's mark
 
 	sessMu    sync.Mutex
 	session   *concurrency.Session // replaced when its lease lapses; see lockSession
@@ -75,7 +76,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix}
+	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix, now: opts.Now}
 	mv, err := s.codec.EncodeMeta(opts.Now())
 	if err != nil {
 		return nil, err
@@ -413,7 +414,7 @@ func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) e
 	if revision != 0 && c.Revision != revision {
 		return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
 	}
-	c.DeleteTime = time.Now()
+	c.DeleteTime = s.now()
 	dv, err := s.codec.EncodeConnection(c)
 	if err != nil {
 		return err
