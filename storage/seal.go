@@ -3,6 +3,7 @@ package storage
 import (
 	"fmt"
 	"strings"
+	"sync"
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -34,8 +35,15 @@ const (
 	kindAuthorization = "authorization_record"
 )
 
+// aadBufs recycles the associated data of record checks: a start checks
+// two records per connection, and each would otherwise be garbage.
+var aadBufs = sync.Pool{New: func() any { return new([]byte) }}
+
 func recordAAD(name, kind string, body []byte) []byte {
-	aad := make([]byte, 0, len(name)+len(kind)+2+len(body))
+	return appendRecordAAD(make([]byte, 0, len(name)+len(kind)+2+len(body)), name, kind, body)
+}
+
+func appendRecordAAD(aad []byte, name, kind string, body []byte) []byte {
 	aad = append(aad, name...)
 	aad = append(aad, 0)
 	aad = append(aad, kind...)
@@ -66,7 +74,11 @@ func (cd *Codec) checkRecord(v []byte, seal *storagev1.Sealed, name, kind string
 	if _, known := cd.keys.aeads[seal.GetKeyId()]; seal != nil && !known {
 		return fmt.Errorf("%w: the %s of %q was sealed with key id %s, which the key file does not hold (it holds %v)", ErrWrongKey, strings.ReplaceAll(kind, "_", " "), name, seal.GetKeyId(), cd.keys.IDs())
 	}
-	if _, err := cd.keys.openAAD(seal, recordAAD(name, kind, body)); err != nil {
+	buf := aadBufs.Get().(*[]byte)
+	*buf = appendRecordAAD((*buf)[:0], name, kind, body)
+	_, err = cd.keys.openAAD(seal, *buf)
+	aadBufs.Put(buf)
+	if err != nil {
 		return tampered(name, kind, seal)
 	}
 	return nil

@@ -24,6 +24,10 @@ var (
 	bucketTokens      = []byte("tokens")
 	keyMeta           = []byte("meta")
 	keyProbe          = []byte("probe") // in bucketMeta, only while a probe write runs
+	// keyWipe, in bucketMeta, is written with every erase and gone from
+	// the compacted copy: found at open, it says an erase's wipe was cut
+	// short, and the wipe runs then.
+	keyWipe = []byte("wipe")
 	// bucketDeleting holds the connection records of deletes in progress
 	// (see [Store.MarkDeleting]): out of bucketConnections, so every read
 	// treats them as gone, yet durable until the delete is finished.
@@ -131,8 +135,35 @@ func Open(path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if err := s.finishWipe(); err != nil {
+		s.closeDB()
+		return nil, err
+	}
 	go s.commitLoop()
 	return s, nil
+}
+
+// finishWipe runs the wipe of an erase that a crash cut short.
+func (s *Store) finishWipe() error {
+	pending := false
+	if err := s.view(func(tx *bbolt.Tx) error {
+		pending = tx.Bucket(bucketMeta).Get(keyWipe) != nil
+		return nil
+	}); err != nil {
+		return err
+	}
+	if !pending {
+		return nil
+	}
+	return s.wipe()
+}
+
+func (s *Store) closeDB() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken == nil {
+		s.db.Close()
+	}
 }
 
 func (o Options) withDefaults() Options {
@@ -657,6 +688,9 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 		if err := from.Delete(key); err != nil {
 			return err
 		}
+		if err := tx.Bucket(bucketMeta).Put(keyWipe, []byte{1}); err != nil {
+			return err
+		}
 		return tx.Bucket(bucketTokens).Delete(key)
 	}})
 }
@@ -720,6 +754,10 @@ func (s *Store) compactTo(tmp string) error {
 	s.mu.RLock()
 	err = s.guard(func() error { return bbolt.Compact(dst, s.db, 64<<20) })
 	s.mu.RUnlock()
+	if err == nil {
+		// The copy is the wiped file: it carries no pending wipe.
+		err = dst.Update(func(tx *bbolt.Tx) error { return tx.Bucket(bucketMeta).Delete(keyWipe) })
+	}
 	if cerr := dst.Close(); err == nil {
 		err = cerr
 	}

@@ -335,3 +335,68 @@ func sealedValues(t *testing.T, path, name string) [][]byte {
 	}
 	return out
 }
+
+// TestInterruptedWipeRunsAtOpen makes the file a crash leaves between an
+// erase's commit and its wipe (the records gone, their bytes in free pages,
+// the erase's wipe mark set): the next open wipes it.
+func TestInterruptedWipeRunsAtOpen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "db")
+	ctx := context.Background()
+	k := keyring(t, key(1))
+	s := openStore(t, path, k)
+	for _, n := range []string{victim, "tenants/b/connections/y"} {
+		if _, err := s.CreateConnection(ctx, sampleConn(n), sampleToken()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	sealed := sealedValues(t, path, victim)
+	db, err := bbolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bbolt.Tx) error {
+		tx.Bucket([]byte("connections")).Delete([]byte(victim))
+		tx.Bucket([]byte("tokens")).Delete([]byte(victim))
+		return tx.Bucket([]byte("meta")).Put([]byte("wipe"), []byte{1})
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if raw, _ := os.ReadFile(path); !containsAny(raw, sealed) {
+		t.Fatal("sanity: the erased records' bytes are not in the file before the open")
+	}
+	s = openStore(t, path, k)
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if containsAny(raw, sealed) {
+		t.Error("the open did not wipe the erased records' bytes")
+	}
+	if c, err := s.GetConnection(ctx, "tenants/b/connections/y"); err != nil || c.Password != storetest.Password {
+		t.Fatalf("the live connection after the wipe: %v", err)
+	}
+	s.Close()
+	db, err = bbolt.Open(path, 0o600, &bbolt.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.View(func(tx *bbolt.Tx) error {
+		if tx.Bucket([]byte("meta")).Get([]byte("wipe")) != nil {
+			t.Error("the wipe mark outlived the wipe")
+		}
+		return nil
+	})
+}
+
+func containsAny(raw []byte, vs [][]byte) bool {
+	for _, v := range vs {
+		if bytes.Contains(raw, v) {
+			return true
+		}
+	}
+	return false
+}

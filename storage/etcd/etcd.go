@@ -43,7 +43,8 @@ type Store struct {
 	prefix string
 	ttl    int // session lease TTL, seconds
 
-	upgraded int // records authenticated at open (format 1)
+	upgraded int              // records authenticated at open (format 1)
+	now      func() time.Time // stamps a delete's mark
 
 	sessMu    sync.Mutex
 	session   *concurrency.Session // replaced when its lease lapses; see lockSession
@@ -75,7 +76,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix}
+	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix, now: opts.Now}
 	mv, err := s.codec.EncodeMeta(opts.Now())
 	if err != nil {
 		return nil, err
@@ -345,50 +346,82 @@ func (s *Store) ListConnections(ctx context.Context, prefix, after string, limit
 // UpdateConnection replaces a connection whose stored Revision equals
 // c.Revision, and its token state when t is not nil.
 func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
-	ck := s.connKey(c.Name)
-	v, modRev, err := s.get(ctx, ck)
-	if errors.Is(err, storage.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, c.Name)
-	}
+	modRev, err := s.atRevision(ctx, c.Name, c.Revision)
 	if err != nil {
 		return nil, err
-	}
-	rev, err := storage.Revision(v)
-	if err != nil {
-		return nil, err
-	}
-	if rev != c.Revision {
-		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, c.Name, rev, c.Revision)
 	}
 	next, cv, tv, err := s.codec.EncodeRecords(c, c.Revision+1, t)
 	if err != nil {
 		return nil, err
 	}
-	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
-	conds := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)}
-	fence, fenced := s.fence(c.Name)
-	if tv != nil {
-		ops = append(ops, clientv3.OpPut(s.tokenKey(c.Name), string(tv)))
-		if fenced {
-			conds = append(conds, fence)
-		}
-	} else if rp := s.resealOp(ctx, c.Name, s.tokenKey(c.Name), s.codec.TokensNeedsReseal, s.codec.ResealTokens); rp != nil {
-		// Unchanged token state still moves to the sealing key; if it
-		// changed meanwhile the whole update is retried by the caller's
-		// conflict handling, as for any concurrent change.
-		conds, ops = append(conds, rp.cmp), append(ops, rp.op)
+	var rp *resealPut
+	if tv == nil {
+		// Unchanged token state still moves to the sealing key.
+		rp = s.resealOp(ctx, c.Name, s.tokenKey(c.Name), s.codec.TokensNeedsReseal, s.codec.ResealTokens)
 	}
-	resp, err := s.cli.Txn(ctx).If(conds...).Then(ops...).Else(clientv3.OpGet(ck, clientv3.WithKeysOnly())).Commit()
+	resp, err := s.updateTxn(ctx, c.Name, modRev, cv, tv, rp)
+	if err == nil && !resp.Succeeded && rp != nil && unchangedSince(resp, modRev) {
+		// Only the token record changed (a refresh committed it, sealed
+		// with the sealing key): update without the reseal.
+		resp, err = s.updateTxn(ctx, c.Name, modRev, cv, tv, nil)
+	}
 	if err != nil {
 		return nil, etcdErr(err)
 	}
 	if !resp.Succeeded {
-		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); tv != nil && fenced && len(kvs) == 1 && kvs[0].ModRevision == modRev {
+		if _, fenced := s.fence(c.Name); tv != nil && fenced && unchangedSince(resp, modRev) {
 			return nil, fmt.Errorf("%w: %s", storage.ErrLockLost, c.Name)
 		}
 		return nil, fmt.Errorf("%w: %s changed concurrently", storage.ErrConflict, c.Name)
 	}
 	return next, nil
+}
+
+// atRevision returns the etcd revision of name's connection record, which
+// must be at the connection revision want.
+func (s *Store) atRevision(ctx context.Context, name string, want int64) (int64, error) {
+	v, modRev, err := s.get(ctx, s.connKey(name))
+	if errors.Is(err, storage.ErrNotFound) {
+		return 0, fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+	}
+	if err != nil {
+		return 0, err
+	}
+	rev, err := storage.Revision(v)
+	if err != nil {
+		return 0, err
+	}
+	if rev != want {
+		return 0, fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, want)
+	}
+	return modRev, nil
+}
+
+// updateTxn writes a connection record (if still at modRev) and, when tv
+// is set, its token record under the fence; or, with rp, the token record
+// resealed. It fails returning the connection key's current revision.
+func (s *Store) updateTxn(ctx context.Context, name string, modRev int64, cv, tv []byte, rp *resealPut) (*clientv3.TxnResponse, error) {
+	ck := s.connKey(name)
+	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
+	conds := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)}
+	if tv != nil {
+		ops = append(ops, clientv3.OpPut(s.tokenKey(name), string(tv)))
+		if fence, fenced := s.fence(name); fenced {
+			conds = append(conds, fence)
+		}
+	}
+	if rp != nil {
+		conds, ops = append(conds, rp.cmp), append(ops, rp.op)
+	}
+	return s.cli.Txn(ctx).If(conds...).Then(ops...).Else(clientv3.OpGet(ck, clientv3.WithKeysOnly())).Commit()
+}
+
+// unchangedSince reports whether a failed updateTxn found the connection
+// key still at modRev: something else than the connection failed the
+// comparison.
+func unchangedSince(resp *clientv3.TxnResponse, modRev int64) bool {
+	kvs := resp.Responses[0].GetResponseRange().GetKvs()
+	return len(kvs) == 1 && kvs[0].ModRevision == modRev
 }
 
 // MarkDeleting starts a delete durably: the connection record (whose
@@ -413,7 +446,7 @@ func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) e
 	if revision != 0 && c.Revision != revision {
 		return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
 	}
-	c.DeleteTime = time.Now()
+	c.DeleteTime = s.now()
 	dv, err := s.codec.EncodeConnection(c)
 	if err != nil {
 		return err

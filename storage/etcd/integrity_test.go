@@ -5,12 +5,16 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	bbolt "go.etcd.io/bbolt"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
 
 	"tokenbroker/storage"
 	"tokenbroker/storage/etcdtest"
@@ -143,15 +147,29 @@ func TestRotationResealsOnTokenCommit(t *testing.T) {
 
 // TestDeletedValuesLeaveHistoryAtCompaction checks what README says of a
 // delete on etcd: the sealed values stay readable at earlier revisions
-// until the cluster's history is compacted past the delete, and not after.
+// until the cluster's history is compacted past the delete, and are out of
+// the member's backend file once it is defragmented.
 func TestDeletedValuesLeaveHistoryAtCompaction(t *testing.T) {
-	cli := etcdtest.Client(t, etcdtest.Start(t))
+	dir := t.TempDir()
+	endpoint, stop, err := etcdtest.Run(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	cli := etcdtest.Client(t, endpoint)
 	ctx := context.Background()
 	s := openStore(t, cli, keyring(t, key(1)), "/p/")
 	if _, err := s.CreateConnection(ctx, sampleConn(victim), sampleTokens()); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := s.CreateConnection(ctx, sampleConn("tenants/b/connections/y"), sampleTokens()); err != nil {
+		t.Fatal(err)
+	}
 	before, err := cli.Get(ctx, "/p/tokens/"+victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, err := cli.Get(ctx, "/p/tokens/tenants/b/connections/y")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,4 +190,27 @@ func TestDeletedValuesLeaveHistoryAtCompaction(t *testing.T) {
 	if _, err := cli.Get(ctx, "/p/tokens/"+victim, clientv3.WithRev(before.Header.Revision)); !errors.Is(err, rpctypes.ErrCompacted) {
 		t.Errorf("history after compaction: %v; want ErrCompacted", err)
 	}
+	if _, err := cli.Defragment(ctx, endpoint); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, "member", "snap", "db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(raw, live.Kvs[0].Value) {
+		t.Fatal("sanity: the scan does not find the live connection's token record")
+	}
+	if bytes.Contains(raw, sealedAccess(t, before.Kvs[0].Value)) {
+		t.Error("the deleted connection's sealed access token is in the backend file after defragmentation")
+	}
+}
+
+// sealedAccess is the ciphertext of a stored token record's access token.
+func sealedAccess(t *testing.T, v []byte) []byte {
+	t.Helper()
+	var r storagev1.TokenRecord
+	if err := proto.Unmarshal(v, &r); err != nil || len(r.GetAccessToken().GetCiphertext()) == 0 {
+		t.Fatalf("token record: %v", err)
+	}
+	return r.GetAccessToken().GetCiphertext()
 }
