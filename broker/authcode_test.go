@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -579,5 +580,46 @@ func TestImportIntoExistingConnection(t *testing.T) {
 	stored, err := e.store.GetTokens(ctx, acName)
 	if err != nil || stored.IntentGrant != "" || stored.RefreshToken == imported || stored.State != string(broker.StateActive) {
 		t.Fatalf("stored %+v %v", stored, err)
+	}
+}
+
+// TestAuthorizationEndpointFromDiscovery: the authorization URL uses the
+// discovery document's authorization_endpoint when it is on the
+// instance's origin, and /identity/connect/authorize otherwise.
+func TestAuthorizationEndpointFromDiscovery(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		discovery func(base string) (int, string)
+		wantPath  string
+	}{
+		{"advertised", func(base string) (int, string) {
+			return 200, `{"authorization_endpoint": "` + base + `/identity/connect/authorize2"}`
+		}, "/identity/connect/authorize2"},
+		{"no discovery", func(string) (int, string) { return 404, "" }, "/identity/connect/authorize"},
+		{"on another origin", func(string) (int, string) {
+			return 200, `{"authorization_endpoint": "https://evil.example.com/authorize"}`
+		}, "/identity/connect/authorize"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var base string
+			hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				status, body := tc.discovery(base)
+				w.WriteHeader(status)
+				w.Write([]byte(body))
+			}))
+			defer hs.Close()
+			base = hs.URL
+			e := newEnv(t)
+			c := e.acConn(acName)
+			c.InstanceURL = hs.URL
+			a, err := e.b.StartAuthorization(context.Background(), broker.Target{Conn: c}, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			u, _ := url.Parse(a.URL)
+			if got := u.Scheme + "://" + u.Host + u.Path; got != hs.URL+tc.wantPath {
+				t.Fatalf("authorization endpoint %s, want %s", got, hs.URL+tc.wantPath)
+			}
+		})
 	}
 }
