@@ -168,7 +168,9 @@ func s256(verifier string) string {
 }
 
 // StartAuthorization checks t and, unless validateOnly, holds a new state
-// and PKCE verifier for it and returns the URL to open. Nothing is stored.
+// and PKCE verifier for it (in the [AuthorizationStore]) and returns the
+// URL to open. The connection is not stored or changed until
+// [Broker.CompleteAuthorization] succeeds.
 func (b *Broker) StartAuthorization(ctx context.Context, t Target, validateOnly bool) (*Authorization, error) {
 	p, err := b.plan(t)
 	if err != nil {
