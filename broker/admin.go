@@ -25,13 +25,14 @@ var Updatable = map[string]bool{
 	"scopes":                          true,
 	"refresh_token_sliding_lifetime":  false,
 	"refresh_token_absolute_lifetime": false,
+	"redirect_uri":                    false,
 }
 
 // Normalize checks and normalizes a connection's input fields in place. With
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -39,11 +40,15 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	v = append(v, normalizeFlow(c, has)...)
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -52,10 +57,7 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 	if has("client_id") {
 		add("client_id", ValidateClientID(c.ClientID))
 	}
-	for _, f := range []struct {
-		name string
-		val  string
-	}{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}} {
+	for _, f := range requiredCredentials(c) {
 		if has(f.name) {
 			add(f.name, ValidateSecretField(f.val))
 		}
@@ -98,7 +100,7 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
@@ -124,6 +126,9 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	c.CreateTime, c.UpdateTime = now, now
 	if validateOnly {
 		return b.viewOf(newConnPublished(c, &storage.Tokens{State: string(StateActive)})), nil
+	}
+	if isAuthCode(c) {
+		return nil, invalid(FieldViolation{Field: "connection.flow", Description: "a FLOW_AUTHORIZATION_CODE connection is created by StartAuthorization and CompleteAuthorization, or by ImportRefreshToken (validate_only may check it here)"})
 	}
 	tok, err := b.prove(ctx, c, &storage.Tokens{})
 	if err != nil {
@@ -253,8 +258,7 @@ type update struct {
 	patch  *storage.Connection
 	fields []string
 	etag   string
-	want   int64 // the revision etag names; 0 for none
-	proof  bool  // a named field must be proven upstream
+	proof  bool // a named field must be proven upstream
 }
 
 // newUpdate checks the request's field mask and etag.
@@ -269,8 +273,7 @@ func newUpdate(patch *storage.Connection, fields []string, etagIn string) (*upda
 		u.proof = u.proof || needs
 	}
 	if etagIn != "" {
-		var ok bool
-		if u.want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -288,13 +291,19 @@ func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bo
 	if deleted {
 		return nil, notFound(c.name)
 	}
-	if u.want != 0 && u.want != cur.Revision {
-		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur.Revision))
+	if u.etag != "" && u.etag != etag(cur) {
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
 	}
 	next := cur.Clone()
+	if next.Flow == "" {
+		next.Flow = FlowPassword // a record written before flows existed
+	}
 	applyFields(next, u.patch, u.fields)
-	if v := Normalize(next, u.fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
+	}
+	if err := authCodeUpdateRefused(next, u); err != nil {
+		return nil, err
 	}
 	if validateOnly {
 		return b.viewOf(newConnPublished(next, tok)), nil
@@ -367,53 +376,8 @@ func applyFields(dst, src *storage.Connection, fields []string) {
 			dst.SlidingLifetime = src.SlidingLifetime
 		case "refresh_token_absolute_lifetime":
 			dst.AbsoluteLifetime = src.AbsoluteLifetime
+		case "redirect_uri":
+			dst.RedirectURI = src.RedirectURI
 		}
 	}
-}
-
-// DeleteConnection revokes the refresh token and signs the session out
-// upstream (best effort), then erases the connection and every stored
-// secret. etag, when set, must match.
-func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) error {
-	c, err := b.lookup(name)
-	if err != nil {
-		return err
-	}
-	var want int64
-	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
-			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
-		}
-	}
-	return b.withTurn(ctx, c, func() error {
-		c.mu.Lock()
-		cfg, tok, pending, deleted := c.cfg.Clone(), c.committed.Clone(), c.rt.pending, c.deleted
-		c.mu.Unlock()
-		if deleted {
-			return notFound(name)
-		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
-		}
-		if pending != nil {
-			b.signOut(ctx, cfg, pending.RefreshToken, "")
-		}
-		b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
-		if err := b.store.DeleteConnection(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
-			if errors.Is(err, storage.ErrNotFound) {
-				return notFound(name)
-			}
-			return storageError(name, err)
-		}
-		c.mu.Lock()
-		c.markDeletedLocked()
-		c.mu.Unlock()
-		if b.loading.Load() {
-			b.tombs.Store(name, struct{}{})
-		}
-		b.conns.Delete(name)
-		b.log.Info("connection deleted", "connection", name)
-		return nil
-	})
 }

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,7 +28,8 @@ type Options struct {
 	// Logger receives operational events; never secrets. Default discards.
 	Logger *slog.Logger
 	// Transport carries upstream HTTP requests. Default a clone of
-	// http.DefaultTransport.
+	// http.DefaultTransport. An *http.Transport is cloned and its
+	// connections' addresses checked against the upstream rules.
 	Transport http.RoundTripper
 	// UpstreamTimeout bounds one upstream HTTP request. Default 30 s.
 	UpstreamTimeout time.Duration
@@ -52,7 +55,9 @@ type Options struct {
 	MaxConcurrentUpstreamPerHost int
 	// TickInterval is how often the maintenance loop looks for tokens to
 	// renew. Default 1 s; negative disables the loop (tests call
-	// [Broker.Maintain] themselves).
+	// [Broker.Maintain] themselves). Tokens in use are renewed once past
+	// 75% of their lifetime, so tokens that live less than about four ticks
+	// may lapse first: callers then share one refresh on demand.
 	TickInterval time.Duration
 	// KeepAliveAfter is how long an idle refresh token may go unused before
 	// the broker refreshes it, capped at half the sliding lifetime. Default
@@ -61,8 +66,12 @@ type Options struct {
 	// DefaultSlidingLifetime applies to connections that set none. Default
 	// 15 days.
 	DefaultSlidingLifetime time.Duration
-	// AllowInsecureUpstream allows http:// instance URLs beyond loopback.
+	// AllowInsecureUpstream allows http:// instance URLs beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may reach (see [UpstreamRules]). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Sleep waits between attempts. Default a timer that ctx can cut short.
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
@@ -85,6 +94,10 @@ type Options struct {
 	// EventRing is how many recent connection events are kept for
 	// watchers that resume. Default [DefaultEventRing].
 	EventRing int
+	// Authorizations keeps Authorization Code flows started and not yet
+	// completed, so that any replica can complete them (the etcd store).
+	// Default this process's memory.
+	Authorizations AuthorizationStore
 }
 
 // Defaults of the upstream caps in [Options].
@@ -99,9 +112,6 @@ func (o *Options) setDefaults() {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
-	}
-	if o.Transport == nil {
-		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	if o.UpstreamTimeout <= 0 {
 		o.UpstreamTimeout = 30 * time.Second
@@ -178,6 +188,8 @@ type Broker struct {
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
+	auths AuthorizationStore // Authorization Code flows started and not yet completed
+
 	flights sync.WaitGroup // shared refreshes in progress
 	stop    chan struct{}
 	loop    sync.WaitGroup
@@ -193,6 +205,7 @@ type Broker struct {
 type Stats struct {
 	UpstreamRefresh  atomic.Int64 // refresh grants sent
 	UpstreamPassword atomic.Int64 // password grants sent
+	UpstreamCode     atomic.Int64 // authorization_code grants sent
 	UpstreamFailures atomic.Int64 // failed upstream token requests
 	CommitFailures   atomic.Int64 // failed durable writes
 }
@@ -234,10 +247,14 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now, opts.TracerProvider.Tracer(tracerName)),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now, opts.TracerProvider.Tracer(tracerName)),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
+		auths:    opts.Authorizations,
+	}
+	if b.auths == nil {
+		b.auths = &memAuthorizations{now: opts.Now, pending: map[string]*storage.Authorization{}}
 	}
 	b.loading.Store(true) // until Load is done
 	b.events = newFeed(b, opts.EventRing)
@@ -250,7 +267,8 @@ func (b *Broker) Stats() *Stats { return &b.stats }
 // Load reads every stored connection into memory (fn of the store's LoadAll
 // may run concurrently). Connections whose last upstream request may have
 // been interrupted by a crash are marked for recovery and refreshed by the
-// next maintenance pass.
+// next maintenance pass; deletes a crash interrupted are finished (see
+// delete.go).
 //
 // The broker may serve before and while Load runs: until Load is done, a
 // connection not yet in memory is read from the store when it is first
@@ -262,7 +280,12 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 		b.events.markLoaded()
 	}()
 	var loaded atomic.Int64
+	var deleting unfinished
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
+		if !cfg.DeleteTime.IsZero() {
+			deleting.add(cfg, tok)
+			return nil
+		}
 		b.admit(cfg, tok)
 		loaded.Add(1)
 		return nil
@@ -271,6 +294,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}
+	deleting.finish(ctx, b)
 	return n, nil
 }
 
@@ -342,13 +366,24 @@ func (b *Broker) lookup(name string) (*conn, error) {
 	return nil, notFound(name)
 }
 
-// etag formats a revision as an etag.
-func etag(rev int64) string { return strconv.FormatInt(rev, 10) }
+// etag is a connection's etag: its revision and its create time, so that
+// an etag read before a delete and re-create never matches the new one.
+func etag(cfg *storage.Connection) string {
+	return strconv.FormatInt(cfg.Revision, 10) + "-" + strconv.FormatUint(uint64(cfg.CreateTime.UnixNano()), 36)
+}
 
-// ParseETag parses an etag made by the broker; ok is false for anything else.
+// ParseETag parses an etag made by the broker, returning its revision; ok
+// is false for anything else. A bare revision, as older versions issued,
+// parses too, and matches no connection.
 func ParseETag(s string) (int64, bool) {
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil && n > 0
+	revPart, inc, hasInc := strings.Cut(s, "-")
+	n, err := strconv.ParseInt(revPart, 10, 64)
+	if hasInc {
+		if _, ierr := strconv.ParseUint(inc, 36, 64); ierr != nil || inc != strings.ToLower(inc) {
+			return 0, false
+		}
+	}
+	return n, err == nil && n > 0 && revPart == strconv.FormatInt(n, 10)
 }
 
 // withTurn runs fn while holding the connection's turn at the token

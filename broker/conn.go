@@ -349,7 +349,7 @@ func (b *Broker) viewLocked(c *conn) *View {
 		ClientSecretSet: cfg.ClientSecret != "",
 		PasswordSet:     cfg.Password != "",
 		State:           c.stateLocked(),
-		ETag:            etag(cfg.Revision),
+		ETag:            etag(cfg),
 	}
 	cfg.ClientSecret, cfg.Password = "", ""
 	st := &v.Status

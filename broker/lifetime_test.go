@@ -120,6 +120,7 @@ func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 		life, minValid time.Duration
 	}{
 		{50 * time.Second, 60 * time.Second},
+		{50 * time.Second, 50 * time.Second},
 		{60 * time.Second, 300 * time.Second},
 		{15 * time.Minute, 30 * time.Minute},
 	} {
@@ -135,7 +136,13 @@ func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 				e.clock.Advance(elapsed / steps)
 				for range callers {
 					wg.Go(func() {
-						if _, err := e.token(tc.minValid); !errors.Is(err, broker.ErrTokenTooShort) {
+						// A token is only right if it meets the request (a
+						// token the instant it is issued may, on this clock).
+						tok, err := e.token(tc.minValid)
+						if err == nil && tok.ExpireTime.Sub(e.clock.Now()) < tc.minValid {
+							err = fmt.Errorf("served a token valid for %v", tok.ExpireTime.Sub(e.clock.Now()))
+						}
+						if err != nil && !errors.Is(err, broker.ErrTokenTooShort) {
 							mu.Lock()
 							bad = append(bad, err)
 							mu.Unlock()
@@ -145,19 +152,19 @@ func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 				wg.Wait()
 			}
 			if len(bad) > 0 {
-				t.Errorf("%d answers were not ErrTokenTooShort, e.g. %v", len(bad), bad[0])
+				t.Errorf("%d answers were neither ErrTokenTooShort nor a token meeting the request, e.g. %v", len(bad), bad[0])
 			}
 			if c := e.idp.Counts(); c.RefreshGrants+c.PasswordGrants-1 > int(elapsed/tc.life) {
 				t.Errorf("%d calls over %v of %v tokens made %d refreshes, want at most one per lifetime",
 					steps*callers, elapsed, tc.life, c.RefreshGrants+c.PasswordGrants-1)
 			}
-			// A request the lifetime can meet is served.
-			if _, err := e.token(tc.life / 4); err != nil {
-				t.Errorf("min %v of %v tokens: %v", tc.life/4, tc.life, err)
-			}
 			var be *broker.Error
 			if _, err := e.token(tc.minValid); !errors.As(err, &be) || be.Reason != broker.ReasonTokenTooShort {
 				t.Errorf("err = %v, want reason %s", err, broker.ReasonTokenTooShort)
+			}
+			// A request the lifetime can meet is served.
+			if _, err := e.token(tc.life / 4); err != nil {
+				t.Errorf("min %v of %v tokens: %v", tc.life/4, tc.life, err)
 			}
 		})
 	}

@@ -16,8 +16,8 @@ import (
 // newer token is already held, one refresh runs for every caller reporting
 // it.
 //
-// A minValid longer than the lifetime of the tokens upstream issues cannot
-// be met by any refresh: while a valid token is held it is answered with
+// A minValid not shorter than the lifetime of the tokens upstream issues
+// cannot be met by any refresh: while a valid token is held it is answered with
 // [ErrTokenTooShort] (reason TOKEN_LIFETIME_TOO_SHORT) and no refresh, so
 // such requests cause at most one refresh per token lifetime.
 func (b *Broker) GetAccessToken(ctx context.Context, name string, minValid time.Duration, rejected string) (Token, error) {
@@ -188,10 +188,12 @@ func (c *conn) lifetimeLocked() time.Duration {
 }
 
 // tooShortLocked reports whether no token of the held token's lifetime can
-// be valid for minValid: a refresh would bring one just as short.
+// be valid for minValid: a refresh would bring one just as short. A
+// lifetime equal to minValid counts: such a token meets it only at the
+// instant it is issued, so every request would refresh.
 func (c *conn) tooShortLocked(minValid time.Duration) bool {
 	life := c.lifetimeLocked()
-	return life > 0 && life < minValid
+	return life > 0 && life <= minValid
 }
 
 // startFlightLocked starts the connection's shared refresh, or returns the

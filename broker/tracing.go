@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"net/http"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -60,6 +61,20 @@ func endUpstream(span trace.Span, outcome string, status int) {
 		span.SetStatus(codes.Error, outcome)
 	}
 	span.End()
+}
+
+// endToken ends the span of a token request: "ok", or the failure class
+// and the status it was answered with.
+func endToken(span trace.Span, err error) {
+	var ue *upstreamError
+	switch {
+	case err == nil:
+		endUpstream(span, "ok", http.StatusOK)
+	case errors.As(err, &ue):
+		endUpstream(span, ue.class.String(), ue.status)
+	default:
+		endUpstream(span, "error", 0)
+	}
 }
 
 // endHTTP ends the span of a request whose answer is judged by its status

@@ -35,6 +35,7 @@ const maxBody = 64 << 10
 type endpoints struct {
 	token      string
 	revocation string
+	authorize  string
 	fetched    time.Time
 }
 
@@ -82,6 +83,7 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 	fresh := endpoints{
 		token:      instance + "/identity/connect/token",
 		revocation: instance + "/identity/connect/revocation",
+		authorize:  instance + "/identity/connect/authorize",
 		fetched:    u.now(),
 	}
 	if doc, err := u.discover(ctx, instance); err == nil {
@@ -90,6 +92,9 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 		}
 		if sameOrigin(instance, doc.RevocationEndpoint) {
 			fresh.revocation = doc.RevocationEndpoint
+		}
+		if sameOrigin(instance, doc.AuthorizationEndpoint) {
+			fresh.authorize = doc.AuthorizationEndpoint
 		}
 	} else if ctx.Err() == nil {
 		// Remember the fallback briefly rather than asking on every call.
@@ -104,6 +109,8 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 type discoveryDoc struct {
 	TokenEndpoint      string `json:"token_endpoint"`
 	RevocationEndpoint string `json:"revocation_endpoint"`
+	// AuthorizationEndpoint is where StartAuthorization sends the browser.
+	AuthorizationEndpoint string `json:"authorization_endpoint"`
 }
 
 func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc, error) {
@@ -312,6 +319,9 @@ func classifyTransport(err error, sent bool) *upstreamError {
 func transportKind(err error) string {
 	var ne net.Error
 	var dns *net.DNSError
+	if msg, ok := refusedAddress(err); ok {
+		return msg
+	}
 	switch {
 	case errors.As(err, &dns):
 		return "DNS lookup failed"
@@ -472,27 +482,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		d = t.Sub(now)
 	}
 	return min(max(d, 0), time.Hour)
-}
-
-// scrub makes upstream text fit for a log or a status: printable ASCII only,
-// known secrets removed, cut to n bytes.
-func scrub(s string, n int, secrets []string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
-		}
-	}
-	var b strings.Builder
-	for _, r := range s {
-		if b.Len() >= n {
-			b.WriteString("...")
-			break
-		}
-		if r >= 0x20 && r < 0x7f {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
 }
 
 // revoke asks the revocation endpoint to revoke a refresh token, and signs

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -43,6 +44,10 @@ const (
 	password     = "SRV-user-password-77c2e9f1"
 )
 
+// loopback allows the stand-ins' addresses, and no more: http beyond
+// loopback stays refused.
+var loopback = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+
 type fixture struct {
 	t      *testing.T
 	idp    *acumaticatest.Server
@@ -72,7 +77,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.store = st
-	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
+	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, AllowUpstreamCIDRs: loopback, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
 	for _, o := range opts {
 		o(&bo)
 	}
@@ -81,7 +86,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.b = b
-	srv := server.New(server.Options{Broker: b, Logger: log})
+	srv := server.New(server.Options{Broker: b, Logger: log, AllowUpstreamCIDRs: loopback})
 	f.start(srv.Server)
 	t.Cleanup(func() {
 		srv.Stop()
@@ -117,6 +122,10 @@ func (f *fixture) record(ctx context.Context, method string, req, reply any, cc 
 		st, _ := status.FromError(err)
 		f.seen = append(f.seen, prototext.Format(st.Proto()))
 	} else if m, ok := reply.(proto.Message); ok && method != "/tokenbroker.v1.TokenBroker/GetAccessToken" {
+		if r, ok := m.(*pb.StartAuthorizationResponse); ok {
+			// The state belongs in the authorization URL, and only there.
+			m = &pb.StartAuthorizationResponse{ExpireTime: r.GetExpireTime(), Connection: r.GetConnection()}
+		}
 		f.seen = append(f.seen, prototext.Format(m))
 	}
 	return err
@@ -625,7 +634,7 @@ func TestQuietFailuresAreLoggedWithTheirRealDuration(t *testing.T) {
 	c := f.create("acme", "erp")
 	var infoLogs testkit.LockedBuffer
 	infoLog := slog.New(slog.NewJSONHandler(io.MultiWriter(&infoLogs, f.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	srv := server.New(server.Options{Broker: f.b, Logger: infoLog})
+	srv := server.New(server.Options{Broker: f.b, Logger: infoLog, AllowUpstreamCIDRs: loopback})
 	t.Cleanup(srv.Stop)
 	f.start(srv.Server) // f.client now calls the info-level server
 

@@ -56,7 +56,7 @@ func newTracedStack(tb testing.TB, serverTP, brokerTP, clientTP trace.TracerProv
 	if err != nil {
 		tb.Fatal(err)
 	}
-	b, err := broker.New(broker.Options{Store: st, TickInterval: -1, TracerProvider: brokerTP})
+	b, err := broker.New(broker.Options{Store: st, TickInterval: -1, TracerProvider: brokerTP, AllowUpstreamCIDRs: loopback})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -66,7 +66,7 @@ func newTracedStack(tb testing.TB, serverTP, brokerTP, clientTP trace.TracerProv
 	if serverTP != nil {
 		so = append(so, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(serverTP), prop)))
 	}
-	srv := server.New(server.Options{Broker: b, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), ServerOptions: so})
+	srv := server.New(server.Options{Broker: b, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), ServerOptions: so, AllowUpstreamCIDRs: loopback})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)

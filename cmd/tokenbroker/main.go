@@ -76,6 +76,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer closeAuditor()
+	go st.watchHealth(ctx, srv.Health, log)
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -101,7 +102,7 @@ func openStorage(ctx context.Context, cfg *config, getenv func(string) string, l
 	if err != nil {
 		return nil, nil, err
 	}
-	st, err := openStore(ctx, cfg, dataFile(cfg), keys)
+	st, err := openStore(ctx, cfg, dataFile(cfg), keys, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -130,8 +131,10 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, tp trace.T
 		Store:                        st.store,
 		Locker:                       st.locker,
 		Watcher:                      st.watcher,
+		Authorizations:               st.authorizations,
 		Logger:                       log.With("component", "broker"),
 		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
+		AllowUpstreamCIDRs:           cfg.allowUpstreamCIDRs.prefixes,
 		RejectCooldown:               cmp.Or(cfg.rejectCooldown, -1),
 		MaxConcurrentUpstream:        cfg.maxUpstream,
 		MaxConcurrentUpstreamPerHost: cfg.maxUpstreamPerHost,
@@ -158,6 +161,7 @@ func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *serv
 		Broker:                b,
 		Logger:                log.With("component", "grpc"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
+		AllowUpstreamCIDRs:    cfg.allowUpstreamCIDRs.prefixes,
 		Authorizer:            authz,
 		Auditor:               auditor,
 		Metrics:               metrics,

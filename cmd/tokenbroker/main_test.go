@@ -69,7 +69,8 @@ var servingLine = regexp.MustCompile(`serving on (\S+) `)
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
-	cmd.Env = append(os.Environ(), env...)
+	// The stand-ins serve on loopback; a test may say otherwise in env.
+	cmd.Env = append(append(os.Environ(), "TOKENBROKER_ALLOW_UPSTREAM_CIDR=127.0.0.0/8"), env...)
 	return startCmd(t, cmd)
 }
 
@@ -280,7 +281,7 @@ func TestKill9DuringRefresh(t *testing.T) {
 		{"before upstream processed it", func() (acumaticatest.Fault, chan struct{}) {
 			ch := make(chan struct{}, 1)
 			return acumaticatest.Fault{Arrived: ch, Delay: time.Minute}, ch
-		}, 0, -1},
+		}, 1, -1}, // the broker cannot know the token was not spent: it revokes it and signs in once
 		{"after upstream spent the refresh token", func() (acumaticatest.Fault, chan struct{}) {
 			ch := make(chan struct{}, 1)
 			return acumaticatest.Fault{Processed: ch, HoldAfterProcess: time.Minute}, ch
@@ -342,7 +343,7 @@ func TestKill9DuringRefresh(t *testing.T) {
 			if got := counts.PasswordGrants - 1; got > tc.maxPassword {
 				t.Errorf("password grants after create = %d, want at most %d (%+v)", got, tc.maxPassword, counts)
 			}
-			if counts.ReuseDetected > 1 {
+			if counts.ReuseDetected > 0 {
 				t.Errorf("refresh token reused %d times", counts.ReuseDetected)
 			}
 			if tc.wantRefreshs >= 0 && counts.RefreshGrants != tc.wantRefreshs-1 {

@@ -6,13 +6,17 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"tokenbroker/broker"
+	pb "tokenbroker/gen/tokenbroker/v1"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/etcd"
@@ -24,6 +28,8 @@ var (
 	_ broker.Store   = (*etcd.Store)(nil)
 	_ broker.Locker  = (*etcd.Store)(nil)
 	_ broker.Watcher = (*etcd.Store)(nil)
+
+	_ broker.AuthorizationStore = (*etcd.Store)(nil)
 )
 
 // openedStore is the configured store with what it offers the broker.
@@ -31,16 +37,27 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	// authorizations keeps pending authorizations for every replica; nil
+	// (this process's memory) with bbolt.
+	authorizations broker.AuthorizationStore
+	// healthy says why the store cannot keep writes, or nil; nil when the
+	// store cannot tell (etcd).
+	healthy func() error
 	close   func()
 }
 
-func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring) (*openedStore, error) {
+func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring, log *slog.Logger) (*openedStore, error) {
 	if cfg.etcdEndpoints == "" {
 		st, err := bolt.Open(dbPath, bolt.Options{Keyring: keys, Populate: true})
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{store: st, close: func() { st.Close() }}, nil
+		logUpgrade(log, st.Upgraded(), keys)
+		if err := logOldKeys(ctx, log, st, keys); err != nil {
+			st.Close()
+			return nil, err
+		}
+		return &openedStore{store: st, healthy: st.Healthy, close: func() { st.Close() }}, nil
 	}
 	ccfg := clientv3.Config{Endpoints: strings.Split(cfg.etcdEndpoints, ","), DialTimeout: 5 * time.Second}
 	if cfg.etcdCA != "" || cfg.etcdCert != "" {
@@ -75,5 +92,76 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		cli.Close()
 		return nil, err
 	}
-	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+	logUpgrade(log, st.Upgraded(), keys)
+	if err := logOldKeys(octx, log, st, keys); err != nil {
+		st.Close()
+		cli.Close()
+		return nil, err
+	}
+	return &openedStore{store: st, locker: st, watcher: st, authorizations: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// logUpgrade reports the one-time upgrade of records written before every
+// record was authenticated: they were taken as found, once.
+func logUpgrade(log *slog.Logger, n int, keys *storage.Keyring) {
+	if n > 0 {
+		log.Warn("upgraded the store's records to authenticated ones: they were trusted as found this once; from now on a record changed without the data key is refused",
+			"records", n, "key_id", keys.PrimaryID())
+	}
+}
+
+// logOldKeys reports, while the key file holds older keys, how many records
+// still need one: the README's key rotation removes the old keys once this
+// is 0.
+func logOldKeys(ctx context.Context, log *slog.Logger, st interface {
+	OldKeyRecords(context.Context) (int, error)
+}, keys *storage.Keyring) error {
+	if len(keys.IDs()) < 2 {
+		return nil
+	}
+	n, err := st.OldKeyRecords(ctx)
+	if err != nil {
+		return err
+	}
+	log.Info("data key rotation", "key_id", keys.PrimaryID(), "key_ids", strings.Join(keys.IDs(), ","), "records_on_old_keys", n)
+	return nil
+}
+
+// storeHealthInterval is how often watchHealth asks the store.
+const storeHealthInterval = time.Second
+
+// watchHealth mirrors the store's health on the server's health service
+// until ctx ends: NOT_SERVING, with an error log, while the store cannot
+// keep writes (its data file deleted or replaced, damaged, or refusing
+// writes), SERVING again once it can.
+func (o *openedStore) watchHealth(ctx context.Context, hs *health.Server, log *slog.Logger) {
+	if o.healthy == nil {
+		return
+	}
+	t := time.NewTicker(storeHealthInterval)
+	defer t.Stop()
+	var last error
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := o.healthy()
+		switch {
+		case err != nil && (last == nil || err.Error() != last.Error()):
+			log.Error("data store cannot keep writes: health is NOT_SERVING until it can", "error", err.Error())
+			setServing(hs, healthpb.HealthCheckResponse_NOT_SERVING)
+		case err == nil && last != nil:
+			log.Info("data store keeps writes again: health is SERVING")
+			setServing(hs, healthpb.HealthCheckResponse_SERVING)
+		}
+		last = err
+	}
+}
+
+// setServing sets the status of the whole server and of the API service.
+func setServing(hs *health.Server, st healthpb.HealthCheckResponse_ServingStatus) {
+	hs.SetServingStatus("", st)
+	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, st)
 }
