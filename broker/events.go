@@ -302,23 +302,17 @@ func (f *feed) unsubscribe(w *watcher) {
 // EventExisting each, by name, then EventSynced), or with req.AfterSeq
 // the events missed since (then EventSynced), then one event per change
 // until ctx ends, send fails, or the broker closes or ends watches
-// ([ErrClosed]). It waits
-// for [Broker.Load] to finish first, so the current state is complete.
+// ([ErrClosed]). It waits for [Broker.Load] to finish first, so the
+// current state is complete.
 //
 // Emitting never waits for a watcher: a watcher whose backlog is full
 // gets the current state again with Resync set, as does one whose
 // AfterSeq is no longer held.
 func (b *Broker) WatchConnections(ctx context.Context, req WatchRequest, send func(*Event) error) error {
-	f := b.events
-	select {
-	case <-f.loaded:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-b.stop:
-		return ErrClosed
-	case <-f.ending:
-		return ErrClosed
+	if err := b.waitLoaded(ctx); err != nil {
+		return err
 	}
+	f := b.events
 	w, replay, resumed := f.subscribe(req.match, req.AfterSeq, req.FeedID)
 	defer func() { f.unsubscribe(w) }()
 	var skip map[string]int64
@@ -335,24 +329,45 @@ func (b *Broker) WatchConnections(ctx context.Context, req WatchRequest, send fu
 			f.unsubscribe(w)
 			w, _, _ = f.subscribe(req.match, 0, "")
 			skip, err = b.sendCurrent(w, req, true, send)
-			continue
 		default:
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-b.stop:
-			return ErrClosed
-		case <-f.ending:
-			return ErrClosed
-		case <-w.lagged:
-		case ev := <-w.ch:
-			if ev.Seq > skip[ev.Name] {
-				err = send(&ev)
-			}
+			err = b.sendNext(ctx, w, skip, send)
 		}
 	}
 	return err
+}
+
+// waitLoaded waits until Load is done, ctx ends or watches end.
+func (b *Broker) waitLoaded(ctx context.Context) error {
+	select {
+	case <-b.events.loaded:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-b.stop:
+	case <-b.events.ending:
+	}
+	return ErrClosed
+}
+
+// sendNext waits for w's next event and sends it, unless the state the
+// watcher was sent already showed it (skip). It returns nil without
+// sending when w fell behind meanwhile.
+func (b *Broker) sendNext(ctx context.Context, w *watcher, skip map[string]int64, send func(*Event) error) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-b.stop:
+		return ErrClosed
+	case <-b.events.ending:
+		return ErrClosed
+	case <-w.lagged:
+		return nil
+	case ev := <-w.ch:
+		if ev.Seq > skip[ev.Name] {
+			return send(&ev)
+		}
+		return nil
+	}
 }
 
 // sendReplay sends the events a resuming watcher missed, then
