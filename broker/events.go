@@ -414,10 +414,6 @@ func (b *Broker) sendCurrent(w *watcher, req WatchRequest, resync bool, send fun
 	return skip, send(&Event{Type: EventSynced, Seq: w.from, FeedID: id, Time: b.now(), Resync: resync})
 }
 
-// chainMargin is how long before a chain's absolute lifetime ends the
-// broker renews it (at a quiet moment; at half of it in any case).
-func chainMargin(abs time.Duration) time.Duration { return min(abs/10, 48*time.Hour) }
-
 // warnSet is a set of warnings, one bit each.
 type warnSet uint8
 

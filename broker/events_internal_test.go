@@ -36,11 +36,12 @@ func TestWarningThresholds(t *testing.T) {
 			func(t *storage.Tokens) { t.RefreshTokenUseTime = now.Add(-5 * time.Hour) }, "", 0},
 		{"short sliding, 6 h idle", func(c *storage.Connection) { c.SlidingLifetime = 8 * time.Hour },
 			func(t *storage.Tokens) { t.RefreshTokenUseTime = now.Add(-6 * time.Hour) }, "", warnIdle},
-		// Absolute 30 days: renewal from 48 h left, forced at 24 h; warning at 12 h.
-		{"chain 13 h left", func(c *storage.Connection) { c.AbsoluteLifetime = 30 * day },
-			func(t *storage.Tokens) { t.ChainStartTime = now.Add(-30*day + 13*time.Hour) }, "", 0},
-		{"chain 12 h left", func(c *storage.Connection) { c.AbsoluteLifetime = 30 * day },
-			func(t *storage.Tokens) { t.ChainStartTime = now.Add(-30*day + 12*time.Hour) }, "", warnChain},
+		// Absolute 30 days: renewal from 5 days left, forced at 4 days;
+		// warning at a quarter of the margin, 30 h.
+		{"chain 31 h left", func(c *storage.Connection) { c.AbsoluteLifetime = 30 * day },
+			func(t *storage.Tokens) { t.ChainStartTime = now.Add(-30*day + 31*time.Hour) }, "", 0},
+		{"chain 30 h left", func(c *storage.Connection) { c.AbsoluteLifetime = 30 * day },
+			func(t *storage.Tokens) { t.ChainStartTime = now.Add(-30*day + 30*time.Hour) }, "", warnChain},
 		{"no refresh token: no lapse warning", func(c *storage.Connection) { c.AbsoluteLifetime = 30 * day },
 			func(t *storage.Tokens) { t.RefreshToken, t.ChainStartTime = "", now.Add(-30*day) }, "", 0},
 		{"login limit", nil, nil, ReasonLoginLimit, warnLoginLimit},
