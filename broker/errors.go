@@ -155,13 +155,13 @@ func (c *conn) unavailableLocked(now time.Time) *Error {
 	return e
 }
 
-// tooShortError is the error for a request whose min_valid_for no token of
-// this connection's lifetime can meet. The advice is half the lifetime: a
-// caller asking for that causes at most two refreshes per lifetime, and
-// none while maintenance renews tokens in use at 75% of their life.
+// tooShortError is the error for a request whose min_valid_for is above
+// half this connection's token lifetime. The limit is half: a caller asking
+// for that causes at most two refreshes per lifetime, and none while
+// maintenance renews tokens in use at 75% of their life.
 func tooShortError(name string, lifetime, minValid time.Duration) *Error {
 	return newError(ErrTokenTooShort, ReasonTokenTooShort, name,
-		"upstream issues tokens that live %v, not longer than the %v asked for; ask for at most %v", lifetime, minValid, lifetime/2)
+		"upstream issues tokens that live %v; %v asked for is more than half of that; ask for at most %v", lifetime, minValid, lifetime/2)
 }
 
 // alreadyExists is the error for a name already taken (or being created).
