@@ -91,9 +91,10 @@ func (c *conn) publishLocked() {
 			InstanceURL: c.cfg.InstanceURL,
 			Scopes:      t.Scopes,
 		},
-		state:    c.stateLocked(),
-		rejected: t.AccessToken != "" && c.rt.rejected == t.AccessToken,
-		suspect:  c.suspectLocked(),
+		state:      c.stateLocked(),
+		rejected:   t.AccessToken != "" && c.rt.rejected == t.AccessToken,
+		suspect:    c.suspectLocked(),
+		defaultMin: defaultMinValid(c.lifetimeLocked()),
 	}
 	if len(s.tok.Scopes) == 0 {
 		s.tok.Scopes = c.cfg.Scopes

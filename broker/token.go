@@ -7,7 +7,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// GetAccessToken returns a token valid for at least minValid. A token held
+// GetAccessToken returns a token valid for at least minValid, or for the
+// default of its lifetime when minValid is [MinValidDefault]. A token held
 // in memory is returned without I/O and without shared locks. Otherwise the
 // caller joins the connection's one shared refresh and waits for it within
 // ctx; abandoning the wait never cuts the refresh.
@@ -16,13 +17,13 @@ import (
 // newer token is already held, one refresh runs for every caller reporting
 // it.
 //
-// A minValid above half the lifetime of the tokens upstream issues is too
-// short: while a valid token is held it is answered with [ErrTokenTooShort]
-// (reason TOKEN_LIFETIME_TOO_SHORT) and no refresh; once that token has
-// expired, one refresh runs. Any other minValid is at most half the
-// lifetime, so a refresh it triggers finds the held token at least half its
-// lifetime old. Either way each token causes at most one refresh on
-// callers' behalf, and callers cause at most two refreshes per lifetime.
+// An explicit minValid above half the lifetime of the tokens upstream
+// issues is too short: while a valid token is held it is answered with
+// [ErrTokenTooShort] (reason TOKEN_LIFETIME_TOO_SHORT) and no refresh; once
+// that token has expired, one refresh runs. Any other minValid is at most
+// half the lifetime, so a refresh it triggers finds the held token at least
+// half its lifetime old. Either way each token causes at most one refresh
+// on callers' behalf, and callers cause at most two refreshes per lifetime.
 func (b *Broker) GetAccessToken(ctx context.Context, name string, minValid time.Duration, rejected string) (Token, error) {
 	var c *conn
 	if v, ok := b.conns.Load(name); ok {
