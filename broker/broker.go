@@ -187,6 +187,7 @@ type conn struct {
 	name     string
 	snap     atomic.Pointer[snapshot] // what the cached path reads
 	lastUsed atomic.Int64             // unix nanoseconds of the last token request
+	watch    watchers                 // wakes WatchToken subscribers on each publish (watch.go)
 
 	mu           sync.Mutex          // guards the fields below
 	turn         chan struct{}       // capacity 1: held while talking to the token endpoint; made when first needed
@@ -412,6 +413,7 @@ func (c *conn) publish() {
 		s.rejected = true
 	}
 	c.snap.Store(s)
+	c.watch.notify()
 }
 
 // etag formats a revision as an etag.

@@ -1326,6 +1326,144 @@ func (x *GetAccessTokenResponse) GetScopes() []string {
 	return nil
 }
 
+// WatchAccessTokenRequest is the request of WatchAccessToken.
+type WatchAccessTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `tenants/{tenant}/connections/{connection}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Every token sent is valid for at least this long when sent. Default
+	// 60 s, at most 30 min.
+	MinValidFor   *durationpb.Duration `protobuf:"bytes,2,opt,name=min_valid_for,json=minValidFor,proto3" json:"min_valid_for,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAccessTokenRequest) Reset() {
+	*x = WatchAccessTokenRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAccessTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAccessTokenRequest) ProtoMessage() {}
+
+func (x *WatchAccessTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAccessTokenRequest.ProtoReflect.Descriptor instead.
+func (*WatchAccessTokenRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchAccessTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenRequest) GetMinValidFor() *durationpb.Duration {
+	if x != nil {
+		return x.MinValidFor
+	}
+	return nil
+}
+
+// WatchAccessTokenResponse is one token sent by WatchAccessToken.
+type WatchAccessTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bearer token.
+	AccessToken string `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Token type, `Bearer`.
+	TokenType string `protobuf:"bytes,2,opt,name=token_type,json=tokenType,proto3" json:"token_type,omitempty"`
+	// When the token expires.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The normalized instance URL the token is for.
+	InstanceUrl string `protobuf:"bytes,4,opt,name=instance_url,json=instanceUrl,proto3" json:"instance_url,omitempty"`
+	// Scopes granted.
+	Scopes        []string `protobuf:"bytes,5,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAccessTokenResponse) Reset() {
+	*x = WatchAccessTokenResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAccessTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAccessTokenResponse) ProtoMessage() {}
+
+func (x *WatchAccessTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAccessTokenResponse.ProtoReflect.Descriptor instead.
+func (*WatchAccessTokenResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *WatchAccessTokenResponse) GetAccessToken() string {
+	if x != nil {
+		return x.AccessToken
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetTokenType() string {
+	if x != nil {
+		return x.TokenType
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *WatchAccessTokenResponse) GetInstanceUrl() string {
+	if x != nil {
+		return x.InstanceUrl
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
 // Result of reading one entity.
 type TestConnectionResponse_EntityResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1343,7 +1481,7 @@ type TestConnectionResponse_EntityResult struct {
 
 func (x *TestConnectionResponse_EntityResult) Reset() {
 	*x = TestConnectionResponse_EntityResult{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1493,7 @@ func (x *TestConnectionResponse_EntityResult) String() string {
 func (*TestConnectionResponse_EntityResult) ProtoMessage() {}
 
 func (x *TestConnectionResponse_EntityResult) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1656,18 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12!\n" +
 	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
-	"\x06scopes\x18\x05 \x03(\tR\x06scopes2\xc6\x05\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"l\n" +
+	"\x17WatchAccessTokenRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
+	"\rmin_valid_for\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vminValidFor\"\xd4\x01\n" +
+	"\x18WatchAccessTokenResponse\x12!\n" +
+	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12\x1d\n" +
+	"\n" +
+	"token_type\x18\x02 \x01(\tR\ttokenType\x12;\n" +
+	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12!\n" +
+	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes2\xaf\x06\n" +
 	"\vTokenBroker\x12e\n" +
 	"\x10CreateConnection\x12'.tokenbroker.v1.CreateConnectionRequest\x1a(.tokenbroker.v1.CreateConnectionResponse\x12\\\n" +
 	"\rGetConnection\x12$.tokenbroker.v1.GetConnectionRequest\x1a%.tokenbroker.v1.GetConnectionResponse\x12b\n" +
@@ -1526,7 +1675,8 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x10UpdateConnection\x12'.tokenbroker.v1.UpdateConnectionRequest\x1a(.tokenbroker.v1.UpdateConnectionResponse\x12e\n" +
 	"\x10DeleteConnection\x12'.tokenbroker.v1.DeleteConnectionRequest\x1a(.tokenbroker.v1.DeleteConnectionResponse\x12_\n" +
 	"\x0eTestConnection\x12%.tokenbroker.v1.TestConnectionRequest\x1a&.tokenbroker.v1.TestConnectionResponse\x12_\n" +
-	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponseB.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
+	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12g\n" +
+	"\x10WatchAccessToken\x12'.tokenbroker.v1.WatchAccessTokenRequest\x1a(.tokenbroker.v1.WatchAccessTokenResponse0\x01B.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
 
 var (
 	file_tokenbroker_v1_tokenbroker_proto_rawDescOnce sync.Once
@@ -1541,7 +1691,7 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(Connection_State)(0),                            // 0: tokenbroker.v1.Connection.State
 	(TestConnectionResponse_EntityResult_Outcome)(0), // 1: tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
@@ -1562,56 +1712,62 @@ var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(*TestConnectionResponse)(nil),                   // 16: tokenbroker.v1.TestConnectionResponse
 	(*GetAccessTokenRequest)(nil),                    // 17: tokenbroker.v1.GetAccessTokenRequest
 	(*GetAccessTokenResponse)(nil),                   // 18: tokenbroker.v1.GetAccessTokenResponse
-	(*TestConnectionResponse_EntityResult)(nil),      // 19: tokenbroker.v1.TestConnectionResponse.EntityResult
-	(*timestamppb.Timestamp)(nil),                    // 20: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                      // 21: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),                    // 22: google.protobuf.FieldMask
+	(*WatchAccessTokenRequest)(nil),                  // 19: tokenbroker.v1.WatchAccessTokenRequest
+	(*WatchAccessTokenResponse)(nil),                 // 20: tokenbroker.v1.WatchAccessTokenResponse
+	(*TestConnectionResponse_EntityResult)(nil),      // 21: tokenbroker.v1.TestConnectionResponse.EntityResult
+	(*timestamppb.Timestamp)(nil),                    // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                      // 23: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),                    // 24: google.protobuf.FieldMask
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	20, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	21, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
-	21, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
+	22, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	23, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
+	23, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
 	0,  // 3: tokenbroker.v1.Connection.state:type_name -> tokenbroker.v1.Connection.State
 	3,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
-	20, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
-	20, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
+	22, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
+	22, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
 	4,  // 7: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
-	20, // 8: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
-	20, // 9: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 10: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
-	20, // 12: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
+	22, // 8: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
+	22, // 9: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	22, // 10: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
+	22, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
+	22, // 12: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
 	2,  // 13: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
 	2,  // 14: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
 	2,  // 15: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
 	2,  // 16: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
 	2,  // 17: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	22, // 18: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	24, // 18: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
 	2,  // 19: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	20, // 20: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	19, // 21: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
-	21, // 22: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	20, // 23: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	1,  // 24: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	5,  // 25: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
-	7,  // 26: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
-	9,  // 27: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
-	11, // 28: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
-	13, // 29: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
-	15, // 30: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
-	17, // 31: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
-	6,  // 32: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
-	8,  // 33: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
-	10, // 34: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
-	12, // 35: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
-	14, // 36: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
-	16, // 37: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
-	18, // 38: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
-	32, // [32:39] is the sub-list for method output_type
-	25, // [25:32] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	22, // 20: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	21, // 21: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
+	23, // 22: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	22, // 23: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	23, // 24: tokenbroker.v1.WatchAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	22, // 25: tokenbroker.v1.WatchAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	1,  // 26: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	5,  // 27: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
+	7,  // 28: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
+	9,  // 29: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
+	11, // 30: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
+	13, // 31: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
+	15, // 32: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
+	17, // 33: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
+	19, // 34: tokenbroker.v1.TokenBroker.WatchAccessToken:input_type -> tokenbroker.v1.WatchAccessTokenRequest
+	6,  // 35: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
+	8,  // 36: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
+	10, // 37: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
+	12, // 38: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
+	14, // 39: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
+	16, // 40: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
+	18, // 41: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
+	20, // 42: tokenbroker.v1.TokenBroker.WatchAccessToken:output_type -> tokenbroker.v1.WatchAccessTokenResponse
+	35, // [35:43] is the sub-list for method output_type
+	27, // [27:35] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -1625,7 +1781,7 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   18,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	TokenBroker_DeleteConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/DeleteConnection"
 	TokenBroker_TestConnection_FullMethodName   = "/tokenbroker.v1.TokenBroker/TestConnection"
 	TokenBroker_GetAccessToken_FullMethodName   = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_WatchAccessToken_FullMethodName = "/tokenbroker.v1.TokenBroker/WatchAccessToken"
 )
 
 // TokenBrokerClient is the client API for TokenBroker service.
@@ -64,6 +65,16 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED or
+	// REFRESH_TOKEN_MISSING); other failures end it with UNAVAILABLE and a
+	// RetryInfo, after which the caller reconnects.
+	WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error)
 }
 
 type tokenBrokerClient struct {
@@ -144,6 +155,25 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchAccessToken_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenClient = grpc.ServerStreamingClient[WatchAccessTokenResponse]
+
 // TokenBrokerServer is the server API for TokenBroker service.
 // All implementations must embed UnimplementedTokenBrokerServer
 // for forward compatibility.
@@ -180,6 +210,16 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED or
+	// REFRESH_TOKEN_MISSING); other failures end it with UNAVAILABLE and a
+	// RetryInfo, after which the caller reconnects.
+	WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error
 	mustEmbedUnimplementedTokenBrokerServer()
 }
 
@@ -210,6 +250,9 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchAccessToken not implemented")
 }
 func (UnimplementedTokenBrokerServer) mustEmbedUnimplementedTokenBrokerServer() {}
 func (UnimplementedTokenBrokerServer) testEmbeddedByValue()                     {}
@@ -358,6 +401,17 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchAccessToken_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchAccessTokenRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchAccessToken(m, &grpc.GenericServerStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenServer = grpc.ServerStreamingServer[WatchAccessTokenResponse]
+
 // TokenBroker_ServiceDesc is the grpc.ServiceDesc for TokenBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -394,6 +448,12 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _TokenBroker_GetAccessToken_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchAccessToken",
+			Handler:       _TokenBroker_WatchAccessToken_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tokenbroker/v1/tokenbroker.proto",
 }

@@ -1,0 +1,153 @@
+package broker
+
+import (
+	"context"
+	"sync/atomic"
+	"time"
+)
+
+// watchers wakes the goroutines waiting for a connection's next snapshot.
+// A waiter takes the current channel before it reads the snapshot; the
+// next publish closes that channel. Closing never blocks, however many wait
+// and however slowly they read, and a waiter that wakes reads the newest
+// snapshot: a slow reader skips tokens, it never queues them.
+type watchers struct {
+	ch atomic.Pointer[chan struct{}] // nil until someone waits
+}
+
+// notify wakes every waiter. It is called by the one place a connection's
+// snapshot is replaced (conn.publish), after the new snapshot is stored.
+func (w *watchers) notify() {
+	if p := w.ch.Swap(nil); p != nil {
+		close(*p)
+	}
+}
+
+// changed returns a channel closed by the next notify.
+func (w *watchers) changed() <-chan struct{} {
+	for {
+		if p := w.ch.Load(); p != nil {
+			return *p
+		}
+		ch := make(chan struct{})
+		if w.ch.CompareAndSwap(nil, &ch) {
+			return ch
+		}
+	}
+}
+
+// Watch follows one connection's tokens; see [Broker.WatchToken]. A Watch
+// is used by one goroutine.
+type Watch struct {
+	b        *Broker
+	c        *conn
+	minValid time.Duration
+	last     string // the access token Next returned last; "" before the first
+}
+
+// WatchToken subscribes to the tokens of a connection: [Watch.Next] returns
+// the current token, then each newer one once it is committed (a snapshot
+// is published only after its refresh token is durable). It fails with
+// ErrNotFound for an unknown connection. A Watch holds nothing that needs
+// releasing: dropping it ends the subscription.
+func (b *Broker) WatchToken(name string, minValid time.Duration) (*Watch, error) {
+	c, err := b.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	return &Watch{b: b, c: c, minValid: minValid}, nil
+}
+
+// Next returns the first token valid for at least minValid (refreshing if
+// none is held, as GetAccessToken does), and on later calls waits for a
+// token newer than the one it returned last. While waiting it keeps the
+// connection in use, so the broker refreshes it ahead of expiry, and when
+// the token it returned comes within minValid of expiry without a newer one
+// it asks for one itself. Tokens published while the caller was busy are
+// skipped: Next returns the newest.
+//
+// Next fails with the connection's error when it is deleted (ErrNotFound) or
+// halts (ErrCredentialsRejected, ErrRefreshTokenMissing), with the refresh's
+// error when a needed token cannot be had, with ErrClosed when the broker
+// closes, and with ctx's error.
+func (w *Watch) Next(ctx context.Context) (Token, error) {
+	if w.last == "" {
+		return w.take(w.b.GetAccessToken(ctx, w.c.name, w.minValid, ""))
+	}
+	for {
+		changed := w.c.watch.changed()
+		s := w.c.snap.Load()
+		if err := w.ended(s); err != nil {
+			return Token{}, err
+		}
+		now := w.b.now()
+		if s.tok.AccessToken != w.last && s.usable(now, w.minValid) {
+			return w.take(s.tok, nil)
+		}
+		// Nothing newer yet. The token last returned must be replaced when
+		// it comes within minValid of expiry, whether or not the broker's
+		// proactive refresh has run by then.
+		due := s.tok.ExpireTime.Sub(now) - w.minValid
+		if s.tok.AccessToken != w.last || due <= 0 {
+			tok, err := w.b.GetAccessToken(ctx, w.c.name, w.minValid, "")
+			if err != nil || tok.AccessToken != w.last {
+				return w.take(tok, err)
+			}
+			due = time.Second // the clock disagrees with the token: look again shortly
+		}
+		if err := w.wait(ctx, changed, due); err != nil {
+			return Token{}, err
+		}
+	}
+}
+
+// take records tok as returned and the connection as in use: the broker's
+// proactive refresh renews only tokens asked for since they were issued.
+func (w *Watch) take(tok Token, err error) (Token, error) {
+	if err != nil {
+		return Token{}, err
+	}
+	w.last = tok.AccessToken
+	// Many watches wake together on one rotation: only a few need to write.
+	n := w.b.now().UnixNano()
+	if n-w.c.lastUsed.Load() > int64(time.Millisecond) {
+		w.c.lastUsed.Store(n)
+	}
+	return tok, nil
+}
+
+// ended returns the error that ends the watch: the connection was deleted
+// or halted. Both publish a snapshot with no usable token or a halted
+// state, so the common snapshot (a token, ACTIVE) is judged without a lock.
+func (w *Watch) ended(s *snapshot) error {
+	if s.tok.AccessToken != "" && !s.state.halted() {
+		return nil
+	}
+	c := w.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.deleted {
+		return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: c.name}
+	}
+	if st := State(c.tok.State); st.halted() {
+		return haltedError(c.name, st, c.tok.StateReason)
+	}
+	return nil
+}
+
+// wait returns when the snapshot changes, after d, or with an error when ctx
+// ends or the broker closes.
+func (w *Watch) wait(ctx context.Context, changed <-chan struct{}, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-changed:
+		return nil
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-w.b.stop:
+		return ErrClosed
+	}
+}
