@@ -12,7 +12,9 @@ import (
 	"unsafe"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 )
@@ -117,6 +119,22 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		return handler(ctx, req)
 	}
 	resp, err := handler(ctx, req)
+	var handOut *pb.GetAccessTokenResponse
+	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
+		handOut = r
+	}
+	var fields []string
+	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
+		fields = append([]string{}, r.GetUpdateMask().GetPaths()...) // [] when none, as before
+	}
+	a.record(ctx, info.FullMethod, auditTarget(req), status.Code(err), handOut.GetAccessToken(), handOut.GetExpireTime(), fields,
+		info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
+	return resp, err
+}
+
+// record writes one audit line; token, when set, is a hand-out recorded by
+// its fingerprint. With flush, the buffer is written out before it returns.
+func (a *Auditor) record(ctx context.Context, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, flush bool) {
 	// The line is built by hand rather than through slog: it is written on
 	// every token hand-out, and this costs a fraction of a JSON handler.
 	bp := linePool.Get().(*[]byte)
@@ -126,21 +144,21 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	b = append(b, `","msg":"audit","caller":`...)
 	b = appendJSONString(b, a.who(ctx))
 	b = append(b, `,"method":`...)
-	b = appendJSONString(b, info.FullMethod)
+	b = appendJSONString(b, method)
 	b = append(b, `,"connection":`...)
-	b = appendJSONString(b, auditTarget(req))
+	b = appendJSONString(b, target)
 	b = append(b, `,"outcome":`...)
-	b = appendJSONString(b, status.Code(err).String())
-	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
+	b = appendJSONString(b, code.String())
+	if token != "" {
 		b = append(b, `,"token_fingerprint":"`...)
-		b = appendFingerprint(b, r.GetAccessToken())
+		b = appendFingerprint(b, token)
 		b = append(b, `","token_expire_time":"`...)
-		b = r.GetExpireTime().AsTime().UTC().AppendFormat(b, time.RFC3339)
+		b = expire.AsTime().UTC().AppendFormat(b, time.RFC3339)
 		b = append(b, '"')
 	}
-	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
+	if fields != nil {
 		b = append(b, `,"fields":[`...)
-		for i, p := range r.GetUpdateMask().GetPaths() {
+		for i, p := range fields {
 			if i > 0 {
 				b = append(b, ',')
 			}
@@ -149,10 +167,9 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		b = append(b, ']')
 	}
 	b = append(b, "}\n"...)
-	a.write(b, info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
+	a.write(b, flush)
 	*bp = b
 	linePool.Put(bp)
-	return resp, err
 }
 
 var linePool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}

@@ -15,8 +15,9 @@ import (
 // validated by [validator].
 type service struct {
 	pb.UnimplementedTokenBrokerServer
-	b   *broker.Broker
-	log *slog.Logger
+	b     *broker.Broker
+	log   *slog.Logger
+	drain context.Context // done when the server stops: watch streams end
 }
 
 func (s *service) CreateConnection(ctx context.Context, r *pb.CreateConnectionRequest) (*pb.CreateConnectionResponse, error) {
