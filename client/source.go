@@ -1,0 +1,216 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/oauth2"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "tokenbroker/gen/tokenbroker/v1"
+)
+
+// source is the cache of one connection's token at one margin. The token
+// is read with one atomic load; the mutex is taken only when the cache
+// cannot serve.
+type source struct {
+	c        *Client
+	key      sourceKey
+	tok      atomic.Pointer[oauth2.Token] // the newest token known; nil before the first
+	watching atomic.Bool                  // the watch was started
+
+	mu      sync.Mutex       // guards the fields below
+	calls   map[string]*call // GetAccessToken calls in flight, by the token they report ("" for none)
+	fail    error            // the last call's error, while retryAt is ahead
+	retryAt time.Time        // no call before this (the broker's RetryInfo)
+}
+
+// call is one GetAccessToken call that every caller with the same miss
+// waits for; tok and err are set before done is closed.
+type call struct {
+	done chan struct{}
+	tok  *oauth2.Token
+	err  error
+}
+
+// Token returns a token valid for at least the margin: from memory while
+// the cached one is, else from one GetAccessToken call shared by every
+// goroutine that missed at the same time.
+func (s *source) Token() (*oauth2.Token, error) {
+	if t := s.tok.Load(); t != nil && s.fresh(t) {
+		return t, nil
+	}
+	return s.get(context.Background(), "")
+}
+
+// token is Token for a request that has a context.
+func (s *source) token(ctx context.Context) (*oauth2.Token, error) {
+	if t := s.tok.Load(); t != nil && s.fresh(t) {
+		return t, nil
+	}
+	return s.get(ctx, "")
+}
+
+// fresh reports whether t is valid for at least the margin.
+func (s *source) fresh(t *oauth2.Token) bool {
+	return t.Expiry.Sub(s.c.opts.now()) >= s.key.minValid
+}
+
+// get returns a token valid for the margin and, when rejected is set, other
+// than rejected: the cached one if it now is, else the answer of the one
+// call for this miss, made or joined. The call runs on the client's context,
+// so a caller that gives up through ctx does not cut it for the others.
+func (s *source) get(ctx context.Context, rejected string) (*oauth2.Token, error) {
+	if !s.watching.Load() && s.watching.CompareAndSwap(false, true) {
+		s.c.startWatch(s)
+	}
+	s.mu.Lock()
+	t := s.tok.Load()
+	if t != nil && s.fresh(t) && t.AccessToken != rejected {
+		s.mu.Unlock()
+		return t, nil
+	}
+	if t != nil && rejected != "" && t.AccessToken == rejected {
+		// Acumatica refused it: serve it no more, whatever the broker says.
+		s.tok.CompareAndSwap(t, nil)
+	}
+	if s.c.ctx.Err() != nil {
+		s.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if s.c.opts.now().Before(s.retryAt) {
+		err := s.fail
+		s.mu.Unlock()
+		return nil, err
+	}
+	cl, ok := s.calls[rejected]
+	if !ok && rejected == "" {
+		// Any call in flight brings a token valid for the margin.
+		for _, other := range s.calls {
+			cl, ok = other, true
+			break
+		}
+	}
+	if !ok {
+		cl = &call{done: make(chan struct{})}
+		s.calls[rejected] = cl
+		go s.run(cl, rejected)
+	}
+	s.mu.Unlock()
+	select {
+	case <-cl.done:
+		return cl.tok, cl.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// run makes one GetAccessToken call, caches its token and wakes its waiters.
+func (s *source) run(cl *call, rejected string) {
+	ctx, cancel := context.WithTimeout(s.c.ctx, s.c.opts.callTimeout)
+	defer cancel()
+	resp, err := s.c.api.GetAccessToken(ctx, &pb.GetAccessTokenRequest{
+		Name: s.key.name, MinValidFor: durationpb.New(s.key.minValid), RejectedAccessToken: rejected,
+	})
+	if err == nil {
+		cl.tok = toToken(resp.GetAccessToken(), resp.GetTokenType(), resp.GetExpireTime(), resp.GetInstanceUrl(), resp.GetScopes())
+		s.offer(cl.tok)
+	} else if s.c.ctx.Err() != nil {
+		err = ErrClosed
+	} else {
+		err = fromRPC(s.key.name, err)
+	}
+	cl.err = err
+	s.mu.Lock()
+	delete(s.calls, rejected)
+	var e *Error
+	if errors.As(err, &e) && e.RetryAfter > 0 {
+		s.fail, s.retryAt = err, s.c.opts.now().Add(e.RetryAfter)
+	} else if err == nil {
+		s.fail, s.retryAt = nil, time.Time{}
+	}
+	s.mu.Unlock()
+	close(cl.done)
+}
+
+// offer caches t unless the cache already holds it or a newer token (one
+// that expires later): a call's answer and a stream's push may cross.
+func (s *source) offer(t *oauth2.Token) {
+	for {
+		old := s.tok.Load()
+		if old != nil && (old.AccessToken == t.AccessToken || old.Expiry.After(t.Expiry)) {
+			return
+		}
+		if s.tok.CompareAndSwap(old, t) {
+			return
+		}
+	}
+}
+
+// watch keeps the cache fresh from WatchAccessToken until ctx ends,
+// reconnecting with backoff when the stream fails. While it is down the
+// cache serves what it holds and misses fall back to GetAccessToken.
+func (s *source) watch(ctx context.Context) {
+	failures := 0
+	for {
+		got, err := s.follow(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if got {
+			failures = 0
+		}
+		failures++
+		err = fromRPC(s.key.name, err)
+		var floor time.Duration
+		var e *Error
+		if errors.As(err, &e) {
+			floor = e.RetryAfter
+		}
+		if terminal(err) {
+			// Deleted, halted or not allowed: only an operator can change
+			// that. Look again at the slowest pace.
+			floor = max(floor, s.c.opts.backoffMax)
+			if errors.Is(err, ErrNotFound) {
+				s.tok.Store(nil) // a deleted connection's tokens were revoked
+			}
+		}
+		t := time.NewTimer(s.c.opts.backoff(failures, floor))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// follow reads one stream until it fails; got says whether it brought any
+// token.
+func (s *source) follow(ctx context.Context) (got bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := s.c.api.WatchAccessToken(ctx, &pb.WatchAccessTokenRequest{Name: s.key.name, MinValidFor: durationpb.New(s.key.minValid)})
+	if err != nil {
+		return false, err
+	}
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			return got, err
+		}
+		got = true
+		s.offer(toToken(m.GetAccessToken(), m.GetTokenType(), m.GetExpireTime(), m.GetInstanceUrl(), m.GetScopes()))
+	}
+}
+
+// toToken builds the token callers get, with the instance URL and scopes
+// as extras.
+func toToken(access, typ string, expire *timestamppb.Timestamp, instanceURL string, scopes []string) *oauth2.Token {
+	t := &oauth2.Token{AccessToken: access, TokenType: typ, Expiry: expire.AsTime()}
+	return t.WithExtra(map[string]any{"instance_url": instanceURL, "scopes": scopes})
+}
