@@ -16,6 +16,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 type economyResult struct {
@@ -52,7 +53,7 @@ func benchEconomy(dir string, n, hours int, logf func(string, ...any)) (*economy
 	hs := httptest.NewServer(idp.Handler())
 	defer hs.Close()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
-	st, err := storage.Open(filepath.Join(dir, "economy.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(dir, "economy.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		return nil, err
 	}
@@ -188,7 +189,7 @@ func benchBaseline(dir string, conns, services int, dur, lifetime time.Duration)
 	idp2, hs2 := newIdP()
 	defer hs2.Close()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
-	st, err := storage.Open(filepath.Join(dir, "baseline.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(dir, "baseline.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		return nil, err
 	}

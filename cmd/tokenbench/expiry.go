@@ -8,7 +8,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/server/servertest"
-	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // expiryResult is many connections whose tokens expire together (as after
@@ -43,10 +43,10 @@ func benchExpiry(dir string, n int, latency time.Duration) (*expiryResult, error
 	if res.noop, err = release(n, func(i int) error { return servertest.CallNoop(ctx, s.conns[i%len(s.conns)]) }); err != nil {
 		return nil, err
 	}
-	bolt := s.store.(*storage.BoltStore)
+	bst := s.store.(*bolt.Store)
 	clk.Advance(2 * time.Hour)
 	before := s.idp.Counts()
-	c0, w0 := bolt.CommitStats()
+	c0, w0 := bst.CommitStats()
 	tokens := make([]string, n)
 	res.elapsed, err = release(n, func(i int) error {
 		r, err := s.client(i).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: names[i]})
@@ -54,7 +54,7 @@ func benchExpiry(dir string, n int, latency time.Duration) (*expiryResult, error
 		return err
 	})
 	after := s.idp.Counts()
-	c1, w1 := bolt.CommitStats()
+	c1, w1 := bst.CommitStats()
 	res.upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 	res.writes, res.commits = w1-w0, c1-c0
 	for _, t := range tokens {

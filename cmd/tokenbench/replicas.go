@@ -12,6 +12,8 @@ import (
 
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
+	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -45,24 +47,24 @@ func benchEtcd(dir string, conns, samples, herdN, runs int, latency time.Duratio
 	if err != nil {
 		return nil, err
 	}
-	bolt, err := storage.Open(filepath.Join(dir, "bolt.db"), storage.Options{Keyring: keys})
+	bst, err := bolt.Open(filepath.Join(dir, "bolt.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		return nil, err
 	}
-	defer bolt.Close()
+	defer bst.Close()
 	cli, err := etcdtest.NewClient(endpoint)
 	if err != nil {
 		return nil, err
 	}
 	defer cli.Close()
 	// Its own prefix, so that the herd's replicas below do not load these.
-	ets, err := storage.OpenEtcd(ctx, storage.EtcdOptions{Client: cli, Keyring: keys, Prefix: "/bench-load/"})
+	ets, err := etcd.Open(ctx, etcd.Options{Client: cli, Keyring: keys, Prefix: "/bench-load/"})
 	if err != nil {
 		return nil, err
 	}
 	defer ets.Close()
 	t0 := time.Now()
-	if err := populateStore(bolt, conns); err != nil {
+	if err := populateStore(bst, conns); err != nil {
 		return nil, err
 	}
 	if err := populateStore(ets, conns); err != nil {
@@ -71,7 +73,7 @@ func benchEtcd(dir string, conns, samples, herdN, runs int, latency time.Duratio
 	logf("etcd: %d connections written to bbolt and etcd in %v", conns, time.Since(t0).Round(time.Millisecond))
 	res := &etcdResult{conns: conns, samples: samples, herdN: herdN, runs: runs, latency: latency}
 
-	tok, err := bolt.GetTokens(ctx, "tenants/t000000/connections/erp")
+	tok, err := bst.GetTokens(ctx, "tenants/t000000/connections/erp")
 	if err != nil {
 		return nil, err
 	}
@@ -81,10 +83,10 @@ func benchEtcd(dir string, conns, samples, herdN, runs int, latency time.Duratio
 	for i := range samples {
 		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%conns)
 		t0 := time.Now()
-		if err := bolt.PutTokens(ctx, name, intent); err != nil {
+		if err := bst.PutTokens(ctx, name, intent); err != nil {
 			return nil, err
 		}
-		if err := bolt.PutTokens(ctx, name, tok); err != nil {
+		if err := bst.PutTokens(ctx, name, tok); err != nil {
 			return nil, err
 		}
 		onBolt = append(onBolt, time.Since(t0))
@@ -115,7 +117,7 @@ func benchEtcd(dir string, conns, samples, herdN, runs int, latency time.Duratio
 		for _, st := range []struct {
 			s   stackStore
 			out *[]time.Duration
-		}{{bolt, &loadB}, {ets, &loadE}} {
+		}{{bst, &loadB}, {ets, &loadE}} {
 			var n atomic.Int64
 			t0 := time.Now()
 			if err := st.s.LoadAll(ctx, func(*storage.Connection, *storage.Tokens) error { n.Add(1); return nil }); err != nil {

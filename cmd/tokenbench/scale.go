@@ -23,6 +23,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 type scaleResult struct {
@@ -43,7 +44,7 @@ type scaleResult struct {
 // populate writes n connections with token state straight into a data
 // file, through the store (sealed, group-committed).
 func populate(path string, keys *storage.Keyring, n int) error {
-	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	st, err := bolt.Open(path, bolt.Options{Keyring: keys})
 	if err != nil {
 		return err
 	}
@@ -240,7 +241,7 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 
 	// Commit cost as the file grows: sequential commits, then concurrent
 	// writers sharing commits.
-	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	st, err := bolt.Open(path, bolt.Options{Keyring: keys})
 	if err != nil {
 		return nil, err
 	}

@@ -29,6 +29,8 @@ import (
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
+	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -189,7 +191,7 @@ func newStack(o stackOptions) (*stack, error) {
 		if err != nil {
 			return nil, err
 		}
-		st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys})
+		st, err := etcd.Open(context.Background(), etcd.Options{Client: cli, Keyring: keys})
 		if err != nil {
 			cli.Close()
 			return nil, err
@@ -197,7 +199,7 @@ func newStack(o stackOptions) (*stack, error) {
 		s.store, bopts.Locker, bopts.Watcher = st, st, st
 		closeClient = func() { cli.Close() }
 	} else {
-		st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
+		st, err := bolt.Open(filepath.Join(o.dir, "tokenbroker.db"), bolt.Options{Keyring: keys})
 		if err != nil {
 			return nil, err
 		}
