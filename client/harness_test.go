@@ -21,6 +21,7 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/server"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 const (
@@ -100,7 +101,7 @@ func newRig(opts rigOptions) *rig {
 	r.cleanup = append(r.cleanup, func() { os.RemoveAll(dir) })
 	keys, err := storage.NewKeyring(make([]byte, 32))
 	must(err)
-	st, err := storage.Open(filepath.Join(dir, "tokenbroker.db"), storage.Options{Keyring: keys, Now: r.now})
+	st, err := bolt.Open(filepath.Join(dir, "tokenbroker.db"), bolt.Options{Keyring: keys, Now: r.now})
 	must(err)
 	bo := opts.broker
 	bo.Store = st
