@@ -42,7 +42,8 @@ type Watch struct {
 	b        *Broker
 	c        *conn
 	minValid time.Duration
-	last     string // the access token Next returned last; "" before the first
+	last     string      // the access token Next returned last; "" before the first
+	timer    *time.Timer // reused by wait: thousands of watches wait at once
 }
 
 // WatchToken subscribes to the tokens of a connection: [Watch.Next] returns
@@ -138,12 +139,16 @@ func (w *Watch) ended(s *snapshot) error {
 // wait returns when the snapshot changes, after d, or with an error when ctx
 // ends or the broker closes.
 func (w *Watch) wait(ctx context.Context, changed <-chan struct{}, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
+	if w.timer == nil {
+		w.timer = time.NewTimer(d)
+	} else {
+		w.timer.Reset(d) // since Go 1.23 no stale tick survives a Stop or Reset
+	}
+	defer w.timer.Stop()
 	select {
 	case <-changed:
 		return nil
-	case <-t.C:
+	case <-w.timer.C:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()

@@ -8,6 +8,7 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -34,6 +35,10 @@ type Auditor struct {
 	done chan struct{}
 	once sync.Once
 	who  func(context.Context) string
+	last atomic.Pointer[fingerprinted] // the token last fingerprinted
+	// lastPush is the token last sent on a watch stream, with the end of
+	// its audit line (watch.go).
+	lastPush atomic.Pointer[fingerprinted]
 }
 
 // NewAuditor writes audit lines to w.
@@ -87,6 +92,23 @@ func Fingerprint(token string) string {
 	return string(appendFingerprint(nil, token))
 }
 
+// appendFingerprint appends the fingerprint of token, hashing it only if it
+// is not the token last fingerprinted: one rotation pushed to thousands of
+// watch streams, and a cached token handed out again and again, are hashed
+// once.
+func (a *Auditor) appendFingerprint(b []byte, token string) []byte {
+	if p := a.last.Load(); p != nil && p.token == token {
+		return append(b, p.fingerprint...)
+	}
+	start := len(b)
+	b = appendFingerprint(b, token)
+	a.last.Store(&fingerprinted{token: token, fingerprint: string(b[start:])})
+	return b
+}
+
+// fingerprinted is a token with its fingerprint.
+type fingerprinted struct{ token, fingerprint string }
+
 func appendFingerprint(b []byte, token string) []byte {
 	// Hashed in place: a token can be a kilobyte, copied on every call.
 	sum := sha256.Sum256(unsafe.Slice(unsafe.StringData(token), len(token)))
@@ -127,14 +149,15 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
 		fields = append([]string{}, r.GetUpdateMask().GetPaths()...) // [] when none, as before
 	}
-	a.record(ctx, info.FullMethod, auditTarget(req), status.Code(err), handOut.GetAccessToken(), handOut.GetExpireTime(), fields,
+	a.record(a.who(ctx), info.FullMethod, auditTarget(req), status.Code(err), handOut.GetAccessToken(), handOut.GetExpireTime(), fields,
 		info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
 	return resp, err
 }
 
-// record writes one audit line; token, when set, is a hand-out recorded by
-// its fingerprint. With flush, the buffer is written out before it returns.
-func (a *Auditor) record(ctx context.Context, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, flush bool) {
+// record writes one audit line for caller; token, when set, is a hand-out
+// recorded by its fingerprint. With flush, the buffer is written out before
+// it returns.
+func (a *Auditor) record(caller, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, flush bool) {
 	// The line is built by hand rather than through slog: it is written on
 	// every token hand-out, and this costs a fraction of a JSON handler.
 	bp := linePool.Get().(*[]byte)
@@ -142,7 +165,7 @@ func (a *Auditor) record(ctx context.Context, method, target string, code codes.
 	b = append(b, `{"time":"`...)
 	b = time.Now().UTC().AppendFormat(b, time.RFC3339Nano)
 	b = append(b, `","msg":"audit","caller":`...)
-	b = appendJSONString(b, a.who(ctx))
+	b = appendJSONString(b, caller)
 	b = append(b, `,"method":`...)
 	b = appendJSONString(b, method)
 	b = append(b, `,"connection":`...)
@@ -151,7 +174,7 @@ func (a *Auditor) record(ctx context.Context, method, target string, code codes.
 	b = appendJSONString(b, code.String())
 	if token != "" {
 		b = append(b, `,"token_fingerprint":"`...)
-		b = appendFingerprint(b, token)
+		b = a.appendFingerprint(b, token)
 		b = append(b, `","token_expire_time":"`...)
 		b = expire.AsTime().UTC().AppendFormat(b, time.RFC3339)
 		b = append(b, '"')

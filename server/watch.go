@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -48,16 +49,28 @@ func (s *service) WatchAccessToken(r *pb.WatchAccessTokenRequest, stream grpc.Se
 			}
 			return toStatus(s.log, err)
 		}
-		if err := stream.Send(&pb.WatchAccessTokenResponse{
-			AccessToken: tok.AccessToken,
-			TokenType:   tok.TokenType,
-			ExpireTime:  timestamppb.New(tok.ExpireTime),
-			InstanceUrl: tok.InstanceURL,
-			Scopes:      tok.Scopes,
-		}); err != nil {
+		if err := stream.Send(s.watchMessage(tok)); err != nil {
 			return err
 		}
 	}
+}
+
+// watchMessage returns the message that carries tok. Every stream of a
+// rotation sends the same token: the message is built once and shared (gRPC
+// only reads it).
+func (s *service) watchMessage(tok broker.Token) *pb.WatchAccessTokenResponse {
+	if m := s.lastWatch.Load(); m != nil && m.GetAccessToken() == tok.AccessToken && m.GetInstanceUrl() == tok.InstanceURL {
+		return m
+	}
+	m := &pb.WatchAccessTokenResponse{
+		AccessToken: tok.AccessToken,
+		TokenType:   tok.TokenType,
+		ExpireTime:  timestamppb.New(tok.ExpireTime),
+		InstanceUrl: tok.InstanceURL,
+		Scopes:      tok.Scopes,
+	}
+	s.lastWatch.Store(m)
+	return m
 }
 
 // validate is the validation interceptor's check for a request a stream
@@ -121,9 +134,9 @@ func (a *Auditor) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		return handler(srv, ss)
 	}
-	as := &auditStream{ServerStream: ss, a: a, method: info.FullMethod}
+	as := &auditStream{ServerStream: ss, a: a, method: info.FullMethod, caller: a.who(ss.Context())}
 	err := handler(srv, as)
-	a.record(ss.Context(), info.FullMethod, as.target, status.Code(err), "", nil, nil, true)
+	a.record(as.caller, info.FullMethod, as.target, status.Code(err), "", nil, nil, true)
 	return err
 }
 
@@ -131,7 +144,9 @@ type auditStream struct {
 	grpc.ServerStream
 	a      *Auditor
 	method string
+	caller string // the stream's caller identity, found once
 	target string
+	prefix []byte // what every push's audit line has after its time
 }
 
 func (s *auditStream) RecvMsg(m any) error {
@@ -145,9 +160,56 @@ func (s *auditStream) RecvMsg(m any) error {
 func (s *auditStream) SendMsg(m any) error {
 	err := s.ServerStream.SendMsg(m)
 	if r, ok := m.(*pb.WatchAccessTokenResponse); ok && err == nil {
-		s.a.record(s.Context(), s.method, s.target, codes.OK, r.GetAccessToken(), r.GetExpireTime(), nil, false)
+		s.a.recordPush(s.pushPrefix(), r)
 	}
 	return err
+}
+
+// pushPrefix is the part of a push's audit line, after its time, that every
+// push of the stream shares: one rotation sent to thousands of streams
+// writes thousands of lines, each built from this, the time, and the
+// token's part (see [Auditor.recordPush]). The line is the one record
+// writes for a GetAccessToken hand-out.
+func (s *auditStream) pushPrefix() []byte {
+	if s.prefix == nil {
+		b := append([]byte(nil), `","msg":"audit","caller":`...)
+		b = appendJSONString(b, s.caller)
+		b = append(b, `,"method":`...)
+		b = appendJSONString(b, s.method)
+		b = append(b, `,"connection":`...)
+		b = appendJSONString(b, s.target)
+		b = append(b, `,"outcome":`...)
+		b = appendJSONString(b, codes.OK.String())
+		s.prefix = append(b, `,"token_fingerprint":"`...)
+	}
+	return s.prefix
+}
+
+// recordPush writes the audit line of a token sent on a watch stream.
+func (a *Auditor) recordPush(prefix []byte, r *pb.WatchAccessTokenResponse) {
+	bp := linePool.Get().(*[]byte)
+	b := (*bp)[:0]
+	b = append(b, `{"time":"`...)
+	b = time.Now().UTC().AppendFormat(b, time.RFC3339Nano)
+	b = append(b, prefix...)
+	b = append(b, a.pushSuffix(r)...)
+	a.write(b, false)
+	*bp = b
+	linePool.Put(bp)
+}
+
+// pushSuffix is the token's part of a push's audit line: its fingerprint
+// and expiry, made once per token.
+func (a *Auditor) pushSuffix(r *pb.WatchAccessTokenResponse) string {
+	if p := a.lastPush.Load(); p != nil && p.token == r.GetAccessToken() {
+		return p.fingerprint
+	}
+	b := appendFingerprint(nil, r.GetAccessToken())
+	b = append(b, `","token_expire_time":"`...)
+	b = r.GetExpireTime().AsTime().UTC().AppendFormat(b, time.RFC3339)
+	b = append(b, "\"}\n"...)
+	a.lastPush.Store(&fingerprinted{token: r.GetAccessToken(), fingerprint: string(b)})
+	return string(b)
 }
 
 // countWatches keeps the open-streams gauge.
