@@ -30,6 +30,9 @@ import (
 type Client struct {
 	api  pb.TokenBrokerClient
 	opts options
+	// elapsed reads the client's clock: time since New, monotonic unless a
+	// test set a clock. Cached tokens carry their deadline on it.
+	elapsed func() time.Duration
 
 	ctx    context.Context // ends on Close: stops every watch
 	cancel context.CancelFunc
@@ -45,6 +48,7 @@ type options struct {
 	backoffBase time.Duration
 	backoffMax  time.Duration
 	now         func() time.Time
+	realClock   bool // now is time.Now
 }
 
 // Option configures [New].
@@ -63,18 +67,27 @@ func WithBackoff(base, max time.Duration) Option {
 }
 
 // withClock replaces time.Now, for tests.
-func withClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
+func withClock(now func() time.Time) Option {
+	return func(o *options) { o.now, o.realClock = now, false }
+}
 
 // New returns a client over cc, a connection to the broker (a
 // *grpc.ClientConn). It makes no call until a token is first asked for.
 // The connection stays the caller's: [Client.Close] does not close it.
 func New(cc grpc.ClientConnInterface, opts ...Option) *Client {
-	o := options{callTimeout: 30 * time.Second, backoffBase: 200 * time.Millisecond, backoffMax: 30 * time.Second, now: time.Now}
+	o := options{callTimeout: 30 * time.Second, backoffBase: 200 * time.Millisecond, backoffMax: 30 * time.Second, now: time.Now, realClock: true}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Client{api: pb.NewTokenBrokerClient(cc), opts: o, ctx: ctx, cancel: cancel, sources: map[sourceKey]*source{}}
+	c := &Client{api: pb.NewTokenBrokerClient(cc), opts: o, ctx: ctx, cancel: cancel, sources: map[sourceKey]*source{}}
+	epoch := o.now()
+	c.elapsed = func() time.Duration { return o.now().Sub(epoch) }
+	if o.realClock {
+		// One reading of the monotonic clock, half of what time.Now costs.
+		c.elapsed = func() time.Duration { return time.Since(epoch) }
+	}
+	return c
 }
 
 // Close stops every watch stream and waits for them to end. Tokens already

@@ -15,18 +15,26 @@ import (
 )
 
 // source is the cache of one connection's token at one margin. The token
-// is read with one atomic load; the mutex is taken only when the cache
-// cannot serve.
+// is read with one atomic load and one reading of the monotonic clock; the
+// mutex is taken only when the cache cannot serve.
 type source struct {
 	c        *Client
 	key      sourceKey
-	tok      atomic.Pointer[oauth2.Token] // the newest token known; nil before the first
-	watching atomic.Bool                  // the watch was started
+	cur      atomic.Pointer[cached] // the newest token known; nil before the first
+	watching atomic.Bool            // the watch was started
 
 	mu      sync.Mutex       // guards the fields below
 	calls   map[string]*call // GetAccessToken calls in flight, by the token they report ("" for none)
 	fail    error            // the last call's error, while retryAt is ahead
 	retryAt time.Time        // no call before this (the broker's RetryInfo)
+}
+
+// cached is a token with the time, on the client's clock, until which it
+// is valid for the margin: the cached path reads the clock once and
+// compares.
+type cached struct {
+	tok        *oauth2.Token
+	freshUntil time.Duration // since Client.epoch
 }
 
 // call is one GetAccessToken call that every caller with the same miss
@@ -41,23 +49,18 @@ type call struct {
 // the cached one is, else from one GetAccessToken call shared by every
 // goroutine that missed at the same time.
 func (s *source) Token() (*oauth2.Token, error) {
-	if t := s.tok.Load(); t != nil && s.fresh(t) {
-		return t, nil
+	if e := s.cur.Load(); e != nil && s.c.elapsed() < e.freshUntil {
+		return e.tok, nil
 	}
 	return s.get(context.Background(), "")
 }
 
 // token is Token for a request that has a context.
 func (s *source) token(ctx context.Context) (*oauth2.Token, error) {
-	if t := s.tok.Load(); t != nil && s.fresh(t) {
-		return t, nil
+	if e := s.cur.Load(); e != nil && s.c.elapsed() < e.freshUntil {
+		return e.tok, nil
 	}
 	return s.get(ctx, "")
-}
-
-// fresh reports whether t is valid for at least the margin.
-func (s *source) fresh(t *oauth2.Token) bool {
-	return t.Expiry.Sub(s.c.opts.now()) >= s.key.minValid
 }
 
 // get returns a token valid for the margin and, when rejected is set, other
@@ -69,14 +72,14 @@ func (s *source) get(ctx context.Context, rejected string) (*oauth2.Token, error
 		s.c.startWatch(s)
 	}
 	s.mu.Lock()
-	t := s.tok.Load()
-	if t != nil && s.fresh(t) && t.AccessToken != rejected {
+	e := s.cur.Load()
+	if e != nil && s.c.elapsed() < e.freshUntil && e.tok.AccessToken != rejected {
 		s.mu.Unlock()
-		return t, nil
+		return e.tok, nil
 	}
-	if t != nil && rejected != "" && t.AccessToken == rejected {
+	if e != nil && rejected != "" && e.tok.AccessToken == rejected {
 		// Acumatica refused it: serve it no more, whatever the broker says.
-		s.tok.CompareAndSwap(t, nil)
+		s.cur.CompareAndSwap(e, nil)
 	}
 	if s.c.ctx.Err() != nil {
 		s.mu.Unlock()
@@ -140,12 +143,13 @@ func (s *source) run(cl *call, rejected string) {
 // offer caches t unless the cache already holds it or a newer token (one
 // that expires later): a call's answer and a stream's push may cross.
 func (s *source) offer(t *oauth2.Token) {
+	next := &cached{tok: t, freshUntil: s.c.elapsed() + t.Expiry.Sub(s.c.opts.now()) - s.key.minValid}
 	for {
-		old := s.tok.Load()
-		if old != nil && (old.AccessToken == t.AccessToken || old.Expiry.After(t.Expiry)) {
+		old := s.cur.Load()
+		if old != nil && (old.tok.AccessToken == t.AccessToken || old.tok.Expiry.After(t.Expiry)) {
 			return
 		}
-		if s.tok.CompareAndSwap(old, t) {
+		if s.cur.CompareAndSwap(old, next) {
 			return
 		}
 	}
@@ -176,7 +180,7 @@ func (s *source) watch(ctx context.Context) {
 			// that. Look again at the slowest pace.
 			floor = max(floor, s.c.opts.backoffMax)
 			if errors.Is(err, ErrNotFound) {
-				s.tok.Store(nil) // a deleted connection's tokens were revoked
+				s.cur.Store(nil) // a deleted connection's tokens were revoked
 			}
 		}
 		t := time.NewTimer(s.c.opts.backoff(failures, floor))
