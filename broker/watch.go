@@ -12,7 +12,8 @@ import (
 // and however slowly they read, and a waiter that wakes reads the newest
 // snapshot: a slow reader skips tokens, it never queues them.
 type watchers struct {
-	ch atomic.Pointer[chan struct{}] // nil until someone waits
+	ch      atomic.Pointer[chan struct{}] // nil until someone waits
+	touched atomic.Pointer[snapshot]      // the snapshot a watch last marked the connection in use for
 }
 
 // notify wakes every waiter. It is called by the one place a connection's
@@ -103,16 +104,19 @@ func (w *Watch) Next(ctx context.Context) (Token, error) {
 }
 
 // take records tok as returned and the connection as in use: the broker's
-// proactive refresh renews only tokens asked for since they were issued.
+// proactive refresh renews only tokens asked for since they were issued, and
+// a token taken from a published snapshot was issued before now. Many
+// watches wake together on one rotation: the first to take a snapshot's
+// token writes the time, the others see it done.
 func (w *Watch) take(tok Token, err error) (Token, error) {
 	if err != nil {
 		return Token{}, err
 	}
 	w.last = tok.AccessToken
-	// Many watches wake together on one rotation: only a few need to write.
-	n := w.b.now().UnixNano()
-	if n-w.c.lastUsed.Load() > int64(time.Millisecond) {
-		w.c.lastUsed.Store(n)
+	c := w.c
+	if s := c.snap.Load(); c.watch.touched.Load() != s {
+		c.watch.touched.Store(s)
+		c.lastUsed.Store(w.b.now().UnixNano())
 	}
 	return tok, nil
 }

@@ -3,6 +3,7 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -194,5 +195,36 @@ func TestWatchTokenOnTwoReplicasDeliversTheSameRotation(t *testing.T) {
 		if r.tok.AccessToken != rotated.AccessToken {
 			t.Fatalf("replica %d pushed a different token than the rotation committed", i)
 		}
+	}
+}
+
+func TestWatchTokenAloneKeepsTheConnectionInUse(t *testing.T) {
+	// The broker's clock moves on by a microsecond at each reading, as real
+	// time does: a token is taken by a watch after it was issued.
+	e := newEnv(t, func(_ *acumaticatest.Options, o *broker.Options) {
+		inner := o.Now
+		var ticks atomic.Int64
+		o.Now = func() time.Time { return inner().Add(time.Duration(ticks.Add(1)) * time.Microsecond) }
+	})
+	e.create()
+	w, last := watch(t, e)
+	before := e.idp.Counts().RefreshGrants
+	for i := range 2 {
+		// Past 75% of the token's life, with no caller but the watch: the
+		// maintenance pass renews it, and the watch brings the new token.
+		e.clock.Advance(50 * time.Minute)
+		pending := next(w)
+		e.b.Maintain()
+		r := <-pending
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if r.tok.AccessToken == last.AccessToken {
+			t.Fatalf("rotation %d: the watch returned the old token", i+1)
+		}
+		last = r.tok
+	}
+	if got := e.idp.Counts().RefreshGrants - before; got != 2 {
+		t.Fatalf("refresh grants = %d, want 2 (proactive, for a watched connection)", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -114,6 +115,12 @@ func TestThousandGoroutinesThroughRefreshesFailNothing(t *testing.T) {
 		return true
 	}
 	ts := c.TokenSource(erp)
+	var diag atomic.Value // what the broker said while a rotation was awaited
+	defer func() {
+		if t.Failed() {
+			t.Log(diag.Load())
+		}
+	}()
 	for i := range rotations {
 		eventually(t, "every worker to finish a request on the current token", allCaughtUp)
 		old, err := ts.Token()
@@ -126,7 +133,15 @@ func TestThousandGoroutinesThroughRefreshesFailNothing(t *testing.T) {
 		r.clock.Advance(50 * time.Minute)
 		eventually(t, "the rotation to reach the client", func() bool {
 			tok, err := ts.Token()
-			return err == nil && tok.AccessToken != old.AccessToken
+			if err == nil && tok.AccessToken != old.AccessToken {
+				return true
+			}
+			if v, verr := r.b.GetConnection(context.Background(), erp); verr == nil {
+				diag.Store(fmt.Sprintf("rotation %d: token err %v; broker state %s, last error %s %q, last refresh %v; clock %v; refresh grants %d; calls %d; streams %d",
+					i+1, err, v.State, v.Status.LastErrorCode, v.Status.LastErrorMessage, v.Status.LastRefreshTime, r.now(),
+					r.idp.Counts().RefreshGrants-before.RefreshGrants, r.unary.Load(), r.streams.Load()))
+			}
+			return false
 		})
 		epoch.Add(1)
 		if got := r.idp.Counts().RefreshGrants - before.RefreshGrants; got != i+1 {

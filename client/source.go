@@ -23,10 +23,11 @@ type source struct {
 	cur      atomic.Pointer[cached] // the newest token known; nil before the first
 	watching atomic.Bool            // the watch was started
 
-	mu      sync.Mutex       // guards the fields below
+	mu      sync.Mutex       // guards the fields below, and every store to cur
 	calls   map[string]*call // GetAccessToken calls in flight, by the token they report ("" for none)
 	fail    error            // the last call's error, while retryAt is ahead
 	retryAt time.Time        // no call before this (the broker's RetryInfo)
+	bad     string           // the token last reported rejected: never cached again
 }
 
 // cached is a token with the time, on the client's clock, until which it
@@ -77,9 +78,13 @@ func (s *source) get(ctx context.Context, rejected string) (*oauth2.Token, error
 		s.mu.Unlock()
 		return e.tok, nil
 	}
-	if e != nil && rejected != "" && e.tok.AccessToken == rejected {
-		// Acumatica refused it: serve it no more, whatever the broker says.
-		s.cur.CompareAndSwap(e, nil)
+	if rejected != "" {
+		// Acumatica refused it: serve it no more, even if a stream that
+		// started earlier brings it now.
+		s.bad = rejected
+		if e != nil && e.tok.AccessToken == rejected {
+			s.cur.CompareAndSwap(e, nil)
+		}
 	}
 	if s.c.ctx.Err() != nil {
 		s.mu.Unlock()
@@ -141,18 +146,18 @@ func (s *source) run(cl *call, rejected string) {
 }
 
 // offer caches t unless the cache already holds it or a newer token (one
-// that expires later): a call's answer and a stream's push may cross.
+// that expires later: a call's answer and a stream's push may cross), or t
+// was reported rejected.
 func (s *source) offer(t *oauth2.Token) {
-	next := &cached{tok: t, freshUntil: s.c.elapsed() + t.Expiry.Sub(s.c.opts.now()) - s.key.minValid}
-	for {
-		old := s.cur.Load()
-		if old != nil && (old.tok.AccessToken == t.AccessToken || old.tok.Expiry.After(t.Expiry)) {
-			return
-		}
-		if s.cur.CompareAndSwap(old, next) {
-			return
-		}
+	// Under the mutex: a report (in get) must not slip between the check
+	// of bad and the store.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.cur.Load()
+	if s.bad == t.AccessToken || (old != nil && (old.tok.AccessToken == t.AccessToken || old.tok.Expiry.After(t.Expiry))) {
+		return
 	}
+	s.cur.Store(&cached{tok: t, freshUntil: s.c.elapsed() + t.Expiry.Sub(s.c.opts.now()) - s.key.minValid})
 }
 
 // watch keeps the cache fresh from WatchAccessToken until ctx ends,
@@ -180,7 +185,9 @@ func (s *source) watch(ctx context.Context) {
 			// that. Look again at the slowest pace.
 			floor = max(floor, s.c.opts.backoffMax)
 			if errors.Is(err, ErrNotFound) {
+				s.mu.Lock()
 				s.cur.Store(nil) // a deleted connection's tokens were revoked
+				s.mu.Unlock()
 			}
 		}
 		t := time.NewTimer(s.c.opts.backoff(failures, floor))
