@@ -17,7 +17,8 @@ type watchers struct {
 }
 
 // notify wakes every waiter. It is called by the one place a connection's
-// snapshot is replaced (conn.publish), after the new snapshot is stored.
+// snapshot is replaced (conn.publishLocked), after the new snapshot is
+// stored.
 func (w *watchers) notify() {
 	if p := w.ch.Swap(nil); p != nil {
 		close(*p)
@@ -132,10 +133,10 @@ func (w *Watch) ended(s *snapshot) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.deleted {
-		return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: c.name}
+		return notFound(c.name)
 	}
-	if st := State(c.tok.State); st.halted() {
-		return haltedError(c.name, st, c.tok.StateReason)
+	if st := c.stateLocked(); st.halted() {
+		return haltedError(c.name, st, c.stateReasonLocked())
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/etcdtest"
 )
@@ -150,7 +151,7 @@ func TestWatchTokenSkipsToTheNewestForASlowReader(t *testing.T) {
 }
 
 func TestWatchTokenOnTwoReplicasDeliversTheSameRotation(t *testing.T) {
-	clk := newClock()
+	clk := testkit.NewClock()
 	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
 	idp.AddClient(clientID, clientSecret)
 	idp.AddUser(username, password)
@@ -163,7 +164,7 @@ func TestWatchTokenOnTwoReplicasDeliversTheSameRotation(t *testing.T) {
 	}, false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "replica b to see the new connection", func() bool {
+	testkit.Eventually(t, "replica b to see the new connection", func() bool {
 		_, err := b.GetConnection(context.Background(), connName)
 		return err == nil
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -31,6 +32,8 @@ const (
 	password     = "CLI-user-password-0b9f33a4"
 	erp          = "tenants/acme/connections/erp"
 )
+
+var loopback = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 
 // clock is a settable clock shared by the broker, the stand-in and the
 // client. Every reading moves it on by a microsecond, as real time does:
@@ -105,6 +108,7 @@ func newRig(opts rigOptions) *rig {
 	must(err)
 	bo := opts.broker
 	bo.Store = st
+	bo.AllowUpstreamCIDRs = loopback // the stand-in listens on loopback
 	if bo.Now == nil {
 		bo.Now = r.now
 	}
@@ -114,7 +118,7 @@ func newRig(opts rigOptions) *rig {
 	r.b, err = broker.New(bo)
 	must(err)
 	r.b.Start()
-	r.srv = server.New(server.Options{Broker: r.b})
+	r.srv = server.New(server.Options{Broker: r.b, AllowUpstreamCIDRs: loopback})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	must(err)
 	go r.srv.Serve(lis)

@@ -98,7 +98,7 @@ func isWatch(info *grpc.StreamServerInfo) bool {
 type consumerStream struct {
 	grpc.ServerStream
 	a    *Authorizer
-	id   string
+	id   Caller
 	name string
 }
 
@@ -121,10 +121,10 @@ func (s *consumerStream) SendMsg(m any) error {
 
 func (s *consumerStream) check() error {
 	p := s.a.policy.Load()
-	if p == nil || (p.Known(s.id) && p.CanConsume(s.id, s.name)) {
+	if p == nil || (p.Known(s.id.Key()) && p.CanConsume(s.id.Key(), s.name)) {
 		return nil
 	}
-	return toStatus(nil, &authError{kind: errPermissionDenied, identity: s.id, name: s.name})
+	return toStatus(nil, &authError{kind: errPermissionDenied, identity: s.id.Value, name: s.name})
 }
 
 // stream audits TokenBroker streams: each token a WatchAccessToken stream

@@ -119,7 +119,7 @@ func benchmarkFanOut(b *testing.B, audited bool) {
 		b.Fatal(err)
 	}
 	defer st.Close()
-	br, err := broker.New(broker.Options{Store: st, TickInterval: -1, RejectCooldown: -1})
+	br, err := broker.New(broker.Options{Store: st, TickInterval: -1, RejectCooldown: -1, AllowUpstreamCIDRs: loopback})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -134,7 +134,7 @@ func benchmarkFanOut(b *testing.B, audited bool) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	opts := server.Options{Broker: br, Logger: slog.New(slog.DiscardHandler), Metrics: server.NewMetrics()}
+	opts := server.Options{Broker: br, Logger: slog.New(slog.DiscardHandler), Metrics: server.NewMetrics(), AllowUpstreamCIDRs: loopback}
 	if audited {
 		opts.Auditor = server.NewAuditor(io.Discard)
 		defer opts.Auditor.Close()
