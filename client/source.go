@@ -72,49 +72,61 @@ func (s *source) get(ctx context.Context, rejected string) (*oauth2.Token, error
 	if !s.watching.Load() && s.watching.CompareAndSwap(false, true) {
 		s.c.startWatch(s)
 	}
-	s.mu.Lock()
-	e := s.cur.Load()
-	if e != nil && s.c.elapsed() < e.freshUntil && e.tok.AccessToken != rejected {
-		s.mu.Unlock()
-		return e.tok, nil
+	tok, cl, err := s.decide(rejected)
+	if cl == nil {
+		return tok, err
 	}
-	if rejected != "" {
-		// Acumatica refused it: serve it no more, even if a stream that
-		// started earlier brings it now.
-		s.bad = rejected
-		if e != nil && e.tok.AccessToken == rejected {
-			s.cur.CompareAndSwap(e, nil)
-		}
-	}
-	if s.c.ctx.Err() != nil {
-		s.mu.Unlock()
-		return nil, ErrClosed
-	}
-	if s.c.opts.now().Before(s.retryAt) {
-		err := s.fail
-		s.mu.Unlock()
-		return nil, err
-	}
-	cl, ok := s.calls[rejected]
-	if !ok && rejected == "" {
-		// Any call in flight brings a token valid for the margin.
-		for _, other := range s.calls {
-			cl, ok = other, true
-			break
-		}
-	}
-	if !ok {
-		cl = &call{done: make(chan struct{})}
-		s.calls[rejected] = cl
-		go s.run(cl, rejected)
-	}
-	s.mu.Unlock()
 	select {
 	case <-cl.done:
 		return cl.tok, cl.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// decide says, under the mutex, what a miss gets: the cached token if it
+// now serves, the broker's last error while its RetryInfo lasts, or the
+// call to wait for.
+func (s *source) decide(rejected string) (*oauth2.Token, *call, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.cur.Load()
+	if e != nil && s.c.elapsed() < e.freshUntil && e.tok.AccessToken != rejected {
+		return e.tok, nil, nil
+	}
+	if rejected != "" {
+		// Acumatica refused it: serve it no more, even if a stream that
+		// started earlier brings it now.
+		s.bad = rejected
+		if e != nil && e.tok.AccessToken == rejected {
+			s.cur.Store(nil)
+		}
+	}
+	switch {
+	case s.c.ctx.Err() != nil:
+		return nil, nil, ErrClosed
+	case s.c.opts.now().Before(s.retryAt):
+		return nil, nil, s.fail
+	}
+	return nil, s.callLocked(rejected), nil
+}
+
+// callLocked returns the call in flight for rejected, starting it if there
+// is none. A plain miss joins any call in flight: each brings a token valid
+// for the margin.
+func (s *source) callLocked(rejected string) *call {
+	if cl, ok := s.calls[rejected]; ok {
+		return cl
+	}
+	if rejected == "" {
+		for _, cl := range s.calls {
+			return cl
+		}
+	}
+	cl := &call{done: make(chan struct{})}
+	s.calls[rejected] = cl
+	go s.run(cl, rejected)
+	return cl
 }
 
 // run makes one GetAccessToken call, caches its token and wakes its waiters.
