@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/prometheus/common/model"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -272,4 +274,53 @@ func scrape(t *testing.T, url, name string) float64 {
 		return m.GetGauge().GetValue()
 	}
 	return m.GetCounter().GetValue()
+}
+
+func TestWatchStreamsEndWhenTheServerStops(t *testing.T) {
+	f := newFixture(t)
+	name := f.create("acme", "erp").GetName()
+	srv := server.New(server.Options{Broker: f.b, AllowUpstreamCIDRs: loopback})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	s := watchStream(t, pb.NewTokenBrokerClient(cc), name)
+	if _, err := recv(t, s); err != nil {
+		t.Fatal(err)
+	}
+	// A stream never ends by itself: GracefulStop must end it, or it would
+	// wait for it forever.
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	_, err = recv(t, s)
+	if status.Code(err) != codes.Unavailable || errorInfo(err).GetReason() != "SHUTTING_DOWN" {
+		t.Fatalf("stream ended with %v, want UNAVAILABLE SHUTTING_DOWN", err)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("GracefulStop did not return with a watch stream open")
+	}
+}
+
+func TestWatchStreamsCountAgainstTheCallersRateLimit(t *testing.T) {
+	tf := newTLSFixture(t, 5)
+	orders := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"})
+	c, _ := tf.client(t, &orders)
+	exhausted := 0
+	for range 20 {
+		_, err := recv(t, watchStream(t, c, "tenants/acme/connections/erp"))
+		if status.Code(err) == codes.ResourceExhausted {
+			exhausted++
+		}
+	}
+	if exhausted < 10 {
+		t.Errorf("rate limited %d of 20 streams at 5/s burst 5, want at least 10", exhausted)
+	}
 }
