@@ -21,7 +21,8 @@ var (
 	ErrNotFound = errors.New("client: connection not found")
 	// ErrNeedsReauth: the connection is halted in NEEDS_REAUTH; Acumatica
 	// rejected its credentials (reasons CREDENTIALS_REJECTED,
-	// CLIENT_REJECTED). Nothing changes until an operator updates them.
+	// CLIENT_REJECTED), or an authorization-code connection's chain ended
+	// (AUTHORIZATION_REQUIRED). Nothing changes until an operator acts.
 	ErrNeedsReauth = errors.New("client: connection needs re-authentication")
 	// ErrRefreshTokenMissing: the connection is halted in
 	// REFRESH_TOKEN_MISSING; the Connected Application lacks the
@@ -98,6 +99,7 @@ var kinds = map[string]error{
 	"CONNECTION_NOT_FOUND":     ErrNotFound,
 	"CREDENTIALS_REJECTED":     ErrNeedsReauth,
 	"CLIENT_REJECTED":          ErrNeedsReauth,
+	"AUTHORIZATION_REQUIRED":   ErrNeedsReauth,
 	"REFRESH_TOKEN_MISSING":    ErrRefreshTokenMissing,
 	"UPSTREAM_UNAVAILABLE":     ErrUnavailable,
 	"UPSTREAM_RATE_LIMITED":    ErrUnavailable,

@@ -74,9 +74,10 @@ type TokenBrokerClient interface {
 	// caller, an operator's update, another replica's refresh. A consumer that
 	// reads slowly gets only the newest token, never a backlog. The stream ends
 	// with the connection's error status when it is deleted (NOT_FOUND) or
-	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED or
-	// REFRESH_TOKEN_MISSING); other failures end it with UNAVAILABLE and a
-	// RetryInfo, after which the caller reconnects.
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
 	WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error)
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
@@ -271,9 +272,10 @@ type TokenBrokerServer interface {
 	// caller, an operator's update, another replica's refresh. A consumer that
 	// reads slowly gets only the newest token, never a backlog. The stream ends
 	// with the connection's error status when it is deleted (NOT_FOUND) or
-	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED or
-	// REFRESH_TOKEN_MISSING); other failures end it with UNAVAILABLE and a
-	// RetryInfo, after which the caller reconnects.
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
 	WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
