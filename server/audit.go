@@ -37,8 +37,10 @@ type Auditor struct {
 	who  func(context.Context) string
 	last atomic.Pointer[fingerprinted] // the token last fingerprinted
 	// lastPush is the token last sent on a watch stream, with the end of
-	// its audit line (watch.go).
-	lastPush atomic.Pointer[fingerprinted]
+	// its audit line; pushes buffers those lines (watch.go).
+	lastPush  atomic.Pointer[fingerprinted]
+	pushes    [pushShards]pushShard
+	nextShard atomic.Uint32
 }
 
 // NewAuditor writes audit lines to w.
@@ -52,6 +54,9 @@ func NewAuditor(w io.Writer) *Auditor {
 func (a *Auditor) write(line []byte, flush bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if flush {
+		a.drainPushesLocked() // what was sent before this call is written before it
+	}
 	a.w.Write(line)
 	if flush {
 		a.w.Flush()
@@ -62,6 +67,7 @@ func (a *Auditor) write(line []byte, flush bool) {
 func (a *Auditor) Flush() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.drainPushesLocked()
 	return a.w.Flush()
 }
 

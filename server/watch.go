@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -134,7 +135,8 @@ func (a *Auditor) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		return handler(srv, ss)
 	}
-	as := &auditStream{ServerStream: ss, a: a, method: info.FullMethod, caller: a.who(ss.Context())}
+	as := &auditStream{ServerStream: ss, a: a, method: info.FullMethod, caller: a.who(ss.Context()),
+		shard: int(a.nextShard.Add(1) % pushShards)}
 	err := handler(srv, as)
 	a.record(as.caller, info.FullMethod, as.target, status.Code(err), "", nil, nil, true)
 	return err
@@ -147,6 +149,7 @@ type auditStream struct {
 	caller string // the stream's caller identity, found once
 	target string
 	prefix []byte // what every push's audit line has after its time
+	shard  int    // the Auditor's push buffer this stream writes to
 }
 
 func (s *auditStream) RecvMsg(m any) error {
@@ -160,7 +163,7 @@ func (s *auditStream) RecvMsg(m any) error {
 func (s *auditStream) SendMsg(m any) error {
 	err := s.ServerStream.SendMsg(m)
 	if r, ok := m.(*pb.WatchAccessTokenResponse); ok && err == nil {
-		s.a.recordPush(s.pushPrefix(), r)
+		s.a.recordPush(s.shard, s.pushPrefix(), r)
 	}
 	return err
 }
@@ -185,17 +188,47 @@ func (s *auditStream) pushPrefix() []byte {
 	return s.prefix
 }
 
-// recordPush writes the audit line of a token sent on a watch stream.
-func (a *Auditor) recordPush(prefix []byte, r *pb.WatchAccessTokenResponse) {
-	bp := linePool.Get().(*[]byte)
-	b := (*bp)[:0]
-	b = append(b, `{"time":"`...)
-	b = time.Now().UTC().AppendFormat(b, time.RFC3339Nano)
-	b = append(b, prefix...)
-	b = append(b, a.pushSuffix(r)...)
-	a.write(b, false)
-	*bp = b
-	linePool.Put(bp)
+// pushShards is how many buffers push lines are spread over. One rotation
+// wakes thousands of streams at once; with a single buffer they would queue
+// on its mutex, and the queue, not the line, was most of a push's cost.
+const pushShards = 16
+
+// pushShard buffers the audit lines of some watch streams' pushes until
+// the next flush (every second, and before any admin call's line).
+type pushShard struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+// recordPush buffers the audit line of a token sent on a watch stream.
+func (a *Auditor) recordPush(shard int, prefix []byte, r *pb.WatchAccessTokenResponse) {
+	sh := &a.pushes[shard]
+	sh.mu.Lock()
+	sh.buf = append(sh.buf, `{"time":"`...)
+	sh.buf = time.Now().UTC().AppendFormat(sh.buf, time.RFC3339Nano)
+	sh.buf = append(sh.buf, prefix...)
+	sh.buf = append(sh.buf, a.pushSuffix(r)...)
+	full := len(sh.buf) >= 64<<10
+	sh.mu.Unlock()
+	if full {
+		a.mu.Lock()
+		a.drainPushesLocked()
+		a.mu.Unlock()
+	}
+}
+
+// drainPushesLocked moves the buffered push lines into the audit writer.
+// a.mu must be held.
+func (a *Auditor) drainPushesLocked() {
+	for i := range a.pushes {
+		sh := &a.pushes[i]
+		sh.mu.Lock()
+		if len(sh.buf) > 0 {
+			a.w.Write(sh.buf)
+			sh.buf = sh.buf[:0]
+		}
+		sh.mu.Unlock()
+	}
 }
 
 // pushSuffix is the token's part of a push's audit line: its fingerprint
