@@ -224,6 +224,7 @@ func TestWatchTokenAloneKeepsTheConnectionInUse(t *testing.T) {
 			t.Fatalf("rotation %d: the watch returned the old token", i+1)
 		}
 		last = r.tok
+		e.b.Settle() // the refresh has published; let its flight end before the next pass
 	}
 	if got := e.idp.Counts().RefreshGrants - before; got != 2 {
 		t.Fatalf("refresh grants = %d, want 2 (proactive, for a watched connection)", got)

@@ -138,6 +138,10 @@ func auditTarget(req any) string {
 		return r.GetName()
 	case *pb.GetAccessTokenRequest:
 		return r.GetName()
+	case *pb.WatchAccessTokenRequest:
+		return r.GetName()
+	case *pb.WatchConnectionsRequest:
+		return r.GetParent()
 	}
 	name, _, _ := authCodeResource(req)
 	return name

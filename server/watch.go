@@ -130,7 +130,7 @@ func (s *consumerStream) check() error {
 
 // stream audits TokenBroker streams: each token a WatchAccessToken stream
 // sends is recorded like a GetAccessToken hand-out (buffered, fingerprint
-// only), and the stream's end with its outcome (written out at once).
+// only), and every stream's end with its outcome (written out at once).
 func (a *Auditor) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		return handler(srv, ss)
@@ -154,8 +154,8 @@ type auditStream struct {
 
 func (s *auditStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
-	if r, ok := m.(*pb.WatchAccessTokenRequest); ok && err == nil {
-		s.target = r.GetName()
+	if err == nil {
+		s.target = auditTarget(m)
 	}
 	return err
 }

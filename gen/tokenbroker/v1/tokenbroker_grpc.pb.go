@@ -27,6 +27,7 @@ const (
 	TokenBroker_TestConnection_FullMethodName        = "/tokenbroker.v1.TokenBroker/TestConnection"
 	TokenBroker_GetAccessToken_FullMethodName        = "/tokenbroker.v1.TokenBroker/GetAccessToken"
 	TokenBroker_WatchAccessToken_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchAccessToken"
+	TokenBroker_WatchConnections_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchConnections"
 	TokenBroker_StartAuthorization_FullMethodName    = "/tokenbroker.v1.TokenBroker/StartAuthorization"
 	TokenBroker_CompleteAuthorization_FullMethodName = "/tokenbroker.v1.TokenBroker/CompleteAuthorization"
 	TokenBroker_ImportRefreshToken_FullMethodName    = "/tokenbroker.v1.TokenBroker/ImportRefreshToken"
@@ -79,6 +80,19 @@ type TokenBrokerClient interface {
 	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
 	// reconnects.
 	WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
 	// one (`name`, with `update_mask` naming fields of `connection` to change
@@ -200,6 +214,25 @@ func (c *tokenBrokerClient) WatchAccessToken(ctx context.Context, in *WatchAcces
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TokenBroker_WatchAccessTokenClient = grpc.ServerStreamingClient[WatchAccessTokenResponse]
 
+func (c *tokenBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[1], TokenBroker_WatchConnections_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchConnectionsRequest, WatchConnectionsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsClient = grpc.ServerStreamingClient[WatchConnectionsResponse]
+
 func (c *tokenBrokerClient) StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(StartAuthorizationResponse)
@@ -277,6 +310,19 @@ type TokenBrokerServer interface {
 	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
 	// reconnects.
 	WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
 	// one (`name`, with `update_mask` naming fields of `connection` to change
@@ -332,6 +378,9 @@ func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccess
 }
 func (UnimplementedTokenBrokerServer) WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
 }
 func (UnimplementedTokenBrokerServer) StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method StartAuthorization not implemented")
@@ -500,6 +549,17 @@ func _TokenBroker_WatchAccessToken_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TokenBroker_WatchAccessTokenServer = grpc.ServerStreamingServer[WatchAccessTokenResponse]
 
+func _TokenBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchConnectionsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchConnections(m, &grpc.GenericServerStream[WatchConnectionsRequest, WatchConnectionsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsServer = grpc.ServerStreamingServer[WatchConnectionsResponse]
+
 func _TokenBroker_StartAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(StartAuthorizationRequest)
 	if err := dec(in); err != nil {
@@ -606,6 +666,11 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchAccessToken",
 			Handler:       _TokenBroker_WatchAccessToken_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchConnections",
+			Handler:       _TokenBroker_WatchConnections_Handler,
 			ServerStreams: true,
 		},
 	},
