@@ -61,13 +61,19 @@ type snapshot struct {
 	defaultMin time.Duration // what MinValidDefault stands for with tok's lifetime
 }
 
+// need is the validity a caller asking for minValid needs of tok: minValid,
+// or for [MinValidDefault] the default for tok's lifetime.
+func (s *snapshot) need(minValid time.Duration) time.Duration {
+	if minValid < 0 {
+		return s.defaultMin
+	}
+	return minValid
+}
+
 // usable reports whether the token may be handed out with at least minValid
 // left ([MinValidDefault]: the default for its lifetime).
 func (s *snapshot) usable(now time.Time, minValid time.Duration) bool {
-	if minValid < 0 {
-		minValid = s.defaultMin
-	}
-	return s.tok.AccessToken != "" && !s.rejected && !s.suspect && s.tok.ExpireTime.Sub(now) >= minValid
+	return s.tok.AccessToken != "" && !s.rejected && !s.suspect && s.tok.ExpireTime.Sub(now) >= s.need(minValid)
 }
 
 // servable reports whether the token may be handed out to a caller asking
