@@ -159,7 +159,7 @@ func (c *conn) suspectLocked() bool {
 	return c.rt.recovering && c.committed.IntentGrant == grantRefresh
 }
 
-// halted reports whether the connection takes no upstream call until an
+// haltedLocked reports whether the connection takes no upstream call until an
 // operator updates it. c.mu must be held.
 func (c *conn) haltedLocked() bool { return c.stateLocked().halted() }
 

@@ -484,8 +484,8 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return min(max(d, 0), time.Hour)
 }
 
-// revoke asks the revocation endpoint to revoke a refresh token, and signs
-// the session out with the access token. Both are best effort.
+// revokeAndLogout asks the revocation endpoint to revoke a refresh token,
+// and signs the session out with the access token. Both are best effort.
 func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clientSecret, refreshToken, accessToken string) {
 	ep := u.endpointsFor(ctx, instance)
 	if refreshToken != "" {
