@@ -3,7 +3,6 @@ package bolt_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
@@ -13,6 +12,7 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/storetest"
@@ -113,12 +113,12 @@ func TestOpenRefusesWrongKeyWithoutChangingFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "db")
 	s := openStore(t, path, keyring(t, key(1)))
 	s.Close()
-	before := fileSum(t, path)
+	before := testkit.FileSum(t, path)
 	_, err := bolt.Open(path, bolt.Options{Keyring: keyring(t, key(9))})
 	if !errors.Is(err, storage.ErrWrongKey) {
 		t.Fatalf("err = %v, want ErrWrongKey", err)
 	}
-	if fileSum(t, path) != before {
+	if testkit.FileSum(t, path) != before {
 		t.Error("file changed")
 	}
 }
@@ -138,12 +138,12 @@ func TestOpenRefusesCorruptAndForeignFiles(t *testing.T) {
 	db.Close()
 	for _, path := range []string{garbage, small, foreign} {
 		t.Run(filepath.Base(path), func(t *testing.T) {
-			before := fileSum(t, path)
+			before := testkit.FileSum(t, path)
 			_, err := bolt.Open(path, bolt.Options{Keyring: keyring(t, key(1))})
 			if !errors.Is(err, storage.ErrNotDataFile) {
 				t.Fatalf("err = %v, want ErrNotDataFile", err)
 			}
-			if fileSum(t, path) != before {
+			if testkit.FileSum(t, path) != before {
 				t.Error("file changed")
 			}
 		})
@@ -201,15 +201,6 @@ func TestConcurrentWritesShareCommits(t *testing.T) {
 
 func name(i int) string {
 	return "tenants/t/connections/c" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
-}
-
-func fileSum(t *testing.T, path string) [32]byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
 }
 
 // TestWriteAfterCloseFailsInsteadOfHanging: a write that races Close (a
