@@ -3,6 +3,7 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -490,5 +491,27 @@ func TestPasswordGrantRetriedOnlyWhenNotProcessed(t *testing.T) {
 				t.Error("an unknown outcome halted the connection")
 			}
 		})
+	}
+}
+
+// TestEchoedTokenTypeIsScrubbed: a 200 answer whose token_type echoes a
+// secret of the request is unusable, and the error that names it (the
+// connection's last error, the log) holds no secret.
+func TestEchoedTokenTypeIsScrubbed(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) { b.MaxAttempts = 1 })
+	e.create()
+	e.clock.Advance(2 * time.Hour)
+	e.idp.Inject(acumaticatest.Fault{Mutate: func(m map[string]any) { m["token_type"] = clientSecret }})
+	_, err := e.token(time.Minute)
+	if err == nil {
+		t.Fatal("an answer with token_type other than Bearer was taken")
+	}
+	if !strings.Contains(err.Error(), "token_type") {
+		t.Errorf("err = %q: want token_type named", err)
+	}
+	for _, text := range []string{err.Error(), e.view().Status.LastErrorMessage} {
+		if strings.Contains(text, clientSecret[:12]) {
+			t.Errorf("error %q holds the client secret", text)
+		}
 	}
 }

@@ -296,7 +296,7 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		if readErr != nil {
 			return nil, &upstreamError{class: classAmbiguous, status: 200, detail: "answer cut off"}
 		}
-		return parseTokenResponse(body)
+		return parseTokenResponse(body, secrets)
 	}
 	return nil, classifyStatus(resp, body, form.Get("grant_type"), secrets)
 }
@@ -406,8 +406,9 @@ func orDefault(s, d string) string {
 }
 
 // parseTokenResponse parses a 200 answer. A refresh token present in an
-// otherwise unusable answer is returned with the error.
-func parseTokenResponse(body []byte) (*tokenResponse, error) {
+// otherwise unusable answer is returned with the error, whose text holds
+// none of the request's secrets.
+func parseTokenResponse(body []byte, secrets []string) (*tokenResponse, error) {
 	var raw struct {
 		AccessToken  string          `json:"access_token"`
 		TokenType    string          `json:"token_type"`
@@ -432,7 +433,7 @@ func parseTokenResponse(body []byte) (*tokenResponse, error) {
 	case raw.AccessToken == "":
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has no access_token"}
 	case !strings.EqualFold(tr.TokenType, "bearer"):
-		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, nil))}
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, secrets))}
 	case !ok:
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a nonsensical expires_in"}
 	}
