@@ -515,3 +515,22 @@ func TestEchoedTokenTypeIsScrubbed(t *testing.T) {
 		}
 	}
 }
+
+// TestShortSecretWithholdsUpstreamText: a secret shorter than scrub can
+// look for (here a three-character password) could be echoed unnoticed, so
+// no upstream description reaches the error at all.
+func TestShortSecretWithholdsUpstreamText(t *testing.T) {
+	const short = "x9Q"
+	e := newEnv(t)
+	e.idp.AddUser(username, short)
+	e.idp.Inject(acumaticatest.Fault{Status: 400, Body: `{"error":"invalid_grant","error_description":"user integration with password x9Q is locked"}`})
+	cfg := e.conn()
+	cfg.Password = short
+	_, err := e.b.CreateConnection(context.Background(), cfg, false)
+	if !errors.Is(err, broker.ErrCredentialsRejected) {
+		t.Fatalf("err = %v, want ErrCredentialsRejected", err)
+	}
+	if strings.Contains(err.Error(), short) || strings.Contains(err.Error(), "is locked") {
+		t.Errorf("err = %q: upstream text shown although a secret is too short to scrub", err)
+	}
+}
