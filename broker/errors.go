@@ -48,15 +48,18 @@ const (
 	ReasonUpstreamUnavailable = "UPSTREAM_UNAVAILABLE"
 	ReasonUpstreamRateLimited = "UPSTREAM_RATE_LIMITED"
 	ReasonUpstreamProtocol    = "UPSTREAM_PROTOCOL_ERROR"
-	ReasonLoginLimit          = "LOGIN_LIMIT_REACHED"
-	ReasonStorageFailure      = "STORAGE_FAILURE"
-	ReasonConnectionNotFound  = "CONNECTION_NOT_FOUND"
-	ReasonAlreadyExists       = "CONNECTION_ALREADY_EXISTS"
-	ReasonEtagMismatch        = "ETAG_MISMATCH"
-	ReasonInvalidArgument     = "INVALID_ARGUMENT"
-	ReasonTokenTooShort       = "TOKEN_LIFETIME_TOO_SHORT"
-	ReasonCrashRecovery       = "RECOVERING_AFTER_CRASH"
-	ReasonRejectedTooOften    = "TOKEN_REJECTED_TOO_OFTEN"
+	// ReasonUpstreamAddressRefused: the instance's address is inside the
+	// network and not allowed (see [UpstreamRules]).
+	ReasonUpstreamAddressRefused = "UPSTREAM_ADDRESS_REFUSED"
+	ReasonLoginLimit             = "LOGIN_LIMIT_REACHED"
+	ReasonStorageFailure         = "STORAGE_FAILURE"
+	ReasonConnectionNotFound     = "CONNECTION_NOT_FOUND"
+	ReasonAlreadyExists          = "CONNECTION_ALREADY_EXISTS"
+	ReasonEtagMismatch           = "ETAG_MISMATCH"
+	ReasonInvalidArgument        = "INVALID_ARGUMENT"
+	ReasonTokenTooShort          = "TOKEN_LIFETIME_TOO_SHORT"
+	ReasonCrashRecovery          = "RECOVERING_AFTER_CRASH"
+	ReasonRejectedTooOften       = "TOKEN_REJECTED_TOO_OFTEN"
 	// ReasonAuthorizationRequired: an authorization-code connection's chain
 	// ended (NEEDS_REAUTH); an operator must authorize it again.
 	ReasonAuthorizationRequired = "AUTHORIZATION_REQUIRED"
@@ -143,8 +146,11 @@ func haltedError(name string, st State, reason string) *Error {
 func (c *conn) unavailableLocked(now time.Time) *Error {
 	last := c.lastErrorLocked()
 	reason, kind := last.code, ErrUpstreamUnavailable
-	if reason == ReasonLoginLimit {
+	switch reason {
+	case ReasonLoginLimit:
 		kind = ErrLoginLimit
+	case ReasonUpstreamAddressRefused:
+		kind = ErrAddressRefused
 	}
 	if reason == "" {
 		reason = ReasonUpstreamUnavailable

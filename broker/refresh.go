@@ -194,6 +194,11 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 		if err := b.forgetIntent(c, intent); err != nil {
 			return false, err
 		}
+	case classAddressRefused:
+		if err := b.forgetIntent(c, intent); err != nil {
+			return false, err
+		}
+		return false, b.giveUp(c, ue, b.backoff(c.failureCount()+1))
 	case classAmbiguous:
 		// An authorization-code chain is presented once more instead, as
 		// after a crash (see "A suspect chain" in authcode.go).

@@ -174,6 +174,10 @@ const (
 	classLoginLimit
 	// classProtocol: a 200 answer that is unusable.
 	classProtocol
+	// classAddressRefused: the address was refused when connecting (see
+	// [UpstreamRules]); nothing was sent, and retrying cannot help until an
+	// operator acts.
+	classAddressRefused
 )
 
 func (c failureClass) String() string {
@@ -190,6 +194,8 @@ func (c failureClass) String() string {
 		return "login_limit"
 	case classProtocol:
 		return "protocol"
+	case classAddressRefused:
+		return "address_refused"
 	}
 	return "unknown"
 }
@@ -237,6 +243,8 @@ func (e *upstreamError) reason() string {
 		return ReasonLoginLimit
 	case classProtocol:
 		return ReasonUpstreamProtocol
+	case classAddressRefused:
+		return ReasonUpstreamAddressRefused
 	}
 	if e.status == http.StatusTooManyRequests {
 		return ReasonUpstreamRateLimited
@@ -256,6 +264,8 @@ func (e *upstreamError) toError(name string, retryAfter time.Duration) *Error {
 	case ReasonClientRejected:
 		return newError(ErrCredentialsRejected, r, name,
 			"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", e)
+	case ReasonUpstreamAddressRefused:
+		return newError(ErrAddressRefused, r, name, "%s", e)
 	}
 	out := newError(ErrUpstreamUnavailable, r, name, "%s", e)
 	if r == ReasonLoginLimit {
@@ -303,6 +313,9 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 
 func classifyTransport(err error, sent bool) *upstreamError {
 	var ne net.Error
+	if msg, ok := refusedAddress(err); ok {
+		return &upstreamError{class: classAddressRefused, detail: msg}
+	}
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return &upstreamError{class: classSafe, detail: "connection refused"}
