@@ -185,20 +185,14 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 			return b.dropRefreshToken(c, intent, ue)
 		}
 		return false, b.halt(c, intent, ue)
-	case classLoginLimit:
+	case classSafe, classLoginLimit, classAddressRefused:
+		// Upstream certainly did not process the request.
 		if err := b.forgetIntent(c, intent); err != nil {
 			return false, err
 		}
-		return false, b.giveUp(c, ue, max(b.loginLimitBackoff(c.failureCount()+1), ue.retryAfter))
-	case classSafe:
-		if err := b.forgetIntent(c, intent); err != nil {
-			return false, err
+		if ue.class != classSafe {
+			return false, b.giveUp(c, ue, b.notRetriedWait(c, ue))
 		}
-	case classAddressRefused:
-		if err := b.forgetIntent(c, intent); err != nil {
-			return false, err
-		}
-		return false, b.giveUp(c, ue, b.backoff(c.failureCount()+1))
 	case classAmbiguous:
 		// An authorization-code chain is presented once more instead, as
 		// after a crash (see "A suspect chain" in authcode.go).
@@ -209,6 +203,16 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 		}
 	}
 	return b.retryOrGiveUp(ctx, c, g, grant, attempt, ue)
+}
+
+// notRetriedWait is the backoff after a failure that retrying within the
+// refresh cannot help: a used-up login limit, a refused address.
+func (b *Broker) notRetriedWait(c *conn, ue *upstreamError) time.Duration {
+	n := c.failureCount() + 1
+	if ue.class == classLoginLimit {
+		return max(b.loginLimitBackoff(n), ue.retryAfter)
+	}
+	return b.backoff(n)
 }
 
 // giveUpSpentRefreshToken ends the chain whose refresh token an ambiguous
