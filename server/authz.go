@@ -151,6 +151,9 @@ func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerI
 	if p == nil {
 		return handler(ctx, req)
 	}
+	if strings.HasPrefix(info.FullMethod, adminMethods) && operatorOfAll(p, id) {
+		return handler(ctx, req)
+	}
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		// A method added beside TokenBroker: no rule can grant it, whatever
 		// its request says.
@@ -225,8 +228,9 @@ func (a *Authorizer) authenticate(ctx context.Context) (*Policy, string, error) 
 	return p, id, nil
 }
 
-// stream guards streaming services: server reflection is for operators.
-func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+// stream guards streaming services: server reflection is for operators,
+// the admin service for operators of every tenant.
+func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	p, id, err := a.authenticate(ss.Context())
 	if err != nil {
 		return err
@@ -234,7 +238,7 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerI
 	if p == nil {
 		return handler(srv, ss)
 	}
-	if !p.IsOperator(id) {
+	if !p.IsOperator(id) || strings.HasPrefix(info.FullMethod, adminMethods) && !operatorOfAll(p, id) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
 	}
 	return handler(srv, ss)

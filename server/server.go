@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	adminv1 "tokenbroker/gen/tokenbroker/admin/v1"
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker"
@@ -58,6 +59,9 @@ type Options struct {
 	// any caller the policy knows may call: no policy rule names them.
 	// Under a policy, other added methods are denied to every caller.
 	AuthenticatedMethods []string
+	// Admin, when set, serves tokenbroker.admin.v1.Admin (backup, rekey,
+	// key status) over it, to operators of every tenant only.
+	Admin AdminStore
 }
 
 // tokenBrokerMethods prefixes the full names of TokenBroker's methods.
@@ -120,6 +124,9 @@ func New(opts Options) *Server {
 	}, opts.ServerOptions...)
 	gs := grpc.NewServer(so...)
 	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log})
+	if opts.Admin != nil {
+		adminv1.RegisterAdminServer(gs, &adminService{store: opts.Admin, log: log.With("service", "admin")})
+	}
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"tokenbroker/broker"
+	"tokenbroker/server"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/etcd"
@@ -31,6 +32,7 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	admin   server.AdminStore // backup, rekey, key status
 	close   func()
 }
 
@@ -40,8 +42,24 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{store: st, close: func() { st.Close() }}, nil
+		return &openedStore{store: st, admin: st, close: func() { st.Close() }}, nil
 	}
+	cli, err := newEtcdClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	st, err := etcd.Open(octx, etcd.Options{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
+	if err != nil {
+		cli.Close()
+		return nil, err
+	}
+	return &openedStore{store: st, locker: st, watcher: st, admin: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// newEtcdClient connects to --etcd-endpoints with the --etcd-* TLS files.
+func newEtcdClient(cfg *config) (*clientv3.Client, error) {
 	ccfg := clientv3.Config{Endpoints: strings.Split(cfg.etcdEndpoints, ","), DialTimeout: 5 * time.Second}
 	if cfg.etcdCA != "" || cfg.etcdCert != "" {
 		tc := &tls.Config{MinVersion: tls.VersionTLS12}
@@ -68,12 +86,5 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 	if err != nil {
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
-	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	st, err := etcd.Open(octx, etcd.Options{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
-	if err != nil {
-		cli.Close()
-		return nil, err
-	}
-	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+	return cli, nil
 }
