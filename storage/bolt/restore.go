@@ -24,7 +24,7 @@ type RestoreOptions struct {
 	// Now stamps the restore intent. Default time.Now.
 	Now func() time.Time
 	// LockTimeout bounds the wait for a data file held by a running
-	// broker. Default 1 s.
+	// broker. Default 250 ms.
 	LockTimeout time.Duration
 }
 
@@ -40,7 +40,7 @@ func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 		opts.Now = time.Now
 	}
 	if opts.LockTimeout <= 0 {
-		opts.LockTimeout = time.Second
+		opts.LockTimeout = 250 * time.Millisecond
 	}
 	codec := storage.NewCodec(opts.Keyring)
 	// A target that is in use or holds connections is refused before the
