@@ -31,7 +31,7 @@ var Updatable = map[string]bool{
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -39,11 +39,14 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -98,7 +101,7 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
@@ -251,10 +254,8 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		}
 		proof = proof || needs
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -272,12 +273,12 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 		if deleted {
 			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
 		}
-		if want != 0 && want != cur.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
+		if etagIn != "" && etagIn != etag(cur) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur))
 		}
 		next := cur.Clone()
 		applyFields(next, patch, fields)
-		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
+		if v := Normalize(next, fields, b.opts.upstreamRules()); len(v) > 0 {
 			return invalid(v...)
 		}
 		if validateOnly {
@@ -364,10 +365,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	if err != nil {
 		return err
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
@@ -378,8 +377,8 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if deleted {
 			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
 		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		if etagIn != "" && etagIn != etag(cfg) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
 		}
 		if pending != nil {
 			b.signOut(ctx, cfg, pending.RefreshToken, "")
@@ -424,7 +423,7 @@ func (b *Broker) view(c *conn) *View {
 		ClientSecretSet: cfg.ClientSecret != "",
 		PasswordSet:     cfg.Password != "",
 		State:           State(t.State),
-		ETag:            etag(cfg.Revision),
+		ETag:            etag(cfg),
 	}
 	cfg.ClientSecret, cfg.Password = "", ""
 	if v.State == "" {

@@ -29,7 +29,7 @@ func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 		}
 		// The loads run one after the other here: one writer at a time.
 		var logs bytes.Buffer
-		b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -65,7 +65,7 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 	if _, err := st.CreateConnection(context.Background(), cfg, &storage.Tokens{}); err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(Options{Store: st, TickInterval: -1})
+	b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true})
 	if err != nil {
 		t.Fatal(err)
 	}

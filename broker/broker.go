@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,7 +25,8 @@ type Options struct {
 	// Logger receives operational events; never secrets. Default discards.
 	Logger *slog.Logger
 	// Transport carries upstream HTTP requests. Default a clone of
-	// http.DefaultTransport.
+	// http.DefaultTransport. An *http.Transport is cloned and its
+	// connections' addresses checked against the upstream rules.
 	Transport http.RoundTripper
 	// UpstreamTimeout bounds one upstream HTTP request. Default 30 s.
 	UpstreamTimeout time.Duration
@@ -58,8 +61,12 @@ type Options struct {
 	// DefaultSlidingLifetime applies to connections that set none. Default
 	// 15 days.
 	DefaultSlidingLifetime time.Duration
-	// AllowInsecureUpstream allows http:// instance URLs beyond loopback.
+	// AllowInsecureUpstream allows http:// instance URLs beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may reach (see [UpstreamRules]). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Sleep waits between attempts. Default a timer that ctx can cut short.
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
@@ -89,9 +96,6 @@ func (o *Options) setDefaults() {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
-	}
-	if o.Transport == nil {
-		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	if o.UpstreamTimeout <= 0 {
 		o.UpstreamTimeout = 30 * time.Second
@@ -234,7 +238,7 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
@@ -414,13 +418,24 @@ func (c *conn) publish() {
 	c.snap.Store(s)
 }
 
-// etag formats a revision as an etag.
-func etag(rev int64) string { return strconv.FormatInt(rev, 10) }
+// etag is a connection's etag: its revision and its create time, so that
+// an etag read before a delete and re-create never matches the new one.
+func etag(cfg *storage.Connection) string {
+	return strconv.FormatInt(cfg.Revision, 10) + "-" + strconv.FormatUint(uint64(cfg.CreateTime.UnixNano()), 36)
+}
 
-// ParseETag parses an etag made by the broker; ok is false for anything else.
+// ParseETag parses an etag made by the broker, returning its revision; ok
+// is false for anything else. A bare revision, as older versions issued,
+// parses too, and matches no connection.
 func ParseETag(s string) (int64, bool) {
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil && n > 0
+	revPart, inc, hasInc := strings.Cut(s, "-")
+	n, err := strconv.ParseInt(revPart, 10, 64)
+	if hasInc {
+		if _, ierr := strconv.ParseUint(inc, 36, 64); ierr != nil || inc != strings.ToLower(inc) {
+			return 0, false
+		}
+	}
+	return n, err == nil && n > 0 && revPart == strconv.FormatInt(n, 10)
 }
 
 // turnChan returns c's turn, making it on first use: most connections loaded

@@ -24,7 +24,7 @@ func TestReportOfATokenFromAFinishingRefreshRefreshesAgain(t *testing.T) {
 	hs := idp.Start()
 	defer hs.Close()
 	st := openStore(t)
-	b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}

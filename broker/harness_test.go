@@ -143,12 +143,14 @@ func newEnv(t *testing.T, opts ...envOption) *env {
 	e := &env{t: t, clock: newClock(), dir: t.TempDir()}
 	idpOpts := acumaticatest.Options{Now: e.clock.Now}
 	bOpts := broker.Options{
-		Logger:       slog.New(slog.NewJSONHandler(runLogs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:          e.clock.Now,
-		TickInterval: -1,
-		BackoffBase:  time.Millisecond,
-		BackoffMax:   10 * time.Millisecond,
-		Sleep:        func(context.Context, time.Duration) error { return nil },
+		// The stand-in serves on loopback.
+		AllowInsecureUpstream: true,
+		Logger:                slog.New(slog.NewJSONHandler(runLogs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Now:                   e.clock.Now,
+		TickInterval:          -1,
+		BackoffBase:           time.Millisecond,
+		BackoffMax:            10 * time.Millisecond,
+		Sleep:                 func(context.Context, time.Duration) error { return nil },
 	}
 	for _, o := range opts {
 		o(&idpOpts, &bOpts)

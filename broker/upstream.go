@@ -260,6 +260,9 @@ func classifyTransport(err error, sent bool) *upstreamError {
 func transportKind(err error) string {
 	var ne net.Error
 	var dns *net.DNSError
+	if msg, ok := refusedAddress(err); ok {
+		return msg
+	}
 	switch {
 	case errors.As(err, &dns):
 		return "DNS lookup failed"
@@ -390,27 +393,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		d = t.Sub(now)
 	}
 	return min(max(d, 0), time.Hour)
-}
-
-// scrub makes upstream text fit for a log or a status: printable ASCII only,
-// known secrets removed, cut to n bytes.
-func scrub(s string, n int, secrets []string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
-		}
-	}
-	var b strings.Builder
-	for _, r := range s {
-		if b.Len() >= n {
-			b.WriteString("...")
-			break
-		}
-		if r >= 0x20 && r < 0x7f {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
 }
 
 // revoke asks the revocation endpoint to revoke a refresh token, and signs

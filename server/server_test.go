@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -60,6 +61,10 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
+// loopback allows the stand-ins' addresses, and no more: http beyond
+// loopback stays refused.
+var loopback = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+
 type fixture struct {
 	t      *testing.T
 	idp    *acumaticatest.Server
@@ -89,7 +94,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.store = st
-	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
+	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, AllowUpstreamCIDRs: loopback, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
 	for _, o := range opts {
 		o(&bo)
 	}
@@ -98,7 +103,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.b = b
-	srv := server.New(server.Options{Broker: b, Logger: log})
+	srv := server.New(server.Options{Broker: b, Logger: log, AllowUpstreamCIDRs: loopback})
 	f.start(srv.Server)
 	t.Cleanup(func() {
 		srv.Stop()
@@ -642,7 +647,7 @@ func TestQuietFailuresAreLoggedWithTheirRealDuration(t *testing.T) {
 	c := f.create("acme", "erp")
 	var infoLogs syncBuffer
 	infoLog := slog.New(slog.NewJSONHandler(io.MultiWriter(&infoLogs, f.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	srv := server.New(server.Options{Broker: f.b, Logger: infoLog})
+	srv := server.New(server.Options{Broker: f.b, Logger: infoLog, AllowUpstreamCIDRs: loopback})
 	t.Cleanup(srv.Stop)
 	f.start(srv.Server) // f.client now calls the info-level server
 

@@ -59,7 +59,7 @@ func benchEconomy(dir string, n, hours int, logf func(string, ...any)) (*economy
 	}
 	defer st.Close()
 	obs := &countObserver{}
-	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Observer: obs})
+	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Observer: obs, AllowInsecureUpstream: true})
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +194,7 @@ func benchBaseline(dir string, conns, services int, dur, lifetime time.Duration)
 		return nil, err
 	}
 	defer st.Close()
-	b, err := broker.New(broker.Options{Store: st, TickInterval: 100 * time.Millisecond})
+	b, err := broker.New(broker.Options{Store: st, TickInterval: 100 * time.Millisecond, AllowInsecureUpstream: true})
 	if err != nil {
 		return nil, err
 	}

@@ -117,7 +117,7 @@ type started struct {
 // again.
 func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (started, error) {
 	var res started
-	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
+	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text", "--allow-insecure-upstream")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
 	cmd.Env = append(cmd.Env, env...)
 	stderr, err := cmd.StderrPipe()

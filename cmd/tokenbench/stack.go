@@ -181,7 +181,7 @@ func newStack(o stackOptions) (*stack, error) {
 	// The one stand-in serves for every instance, so one host may use the
 	// whole global cap.
 	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap,
-		UpstreamTimeout: o.upstreamTimeout}
+		UpstreamTimeout: o.upstreamTimeout, AllowInsecureUpstream: true} // the stand-in is on loopback
 	if o.perHost > 0 {
 		bopts.MaxConcurrentUpstreamPerHost = o.perHost
 	}
@@ -227,10 +227,11 @@ func newStack(o stackOptions) (*stack, error) {
 	auditor := server.NewAuditor(io.Discard)
 	baselines := append(slices.Clone(servertest.QuietMethods), parkMethod)
 	sopts := server.Options{
-		Broker:  b,
-		Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
-		Auditor: auditor,
-		Metrics: metrics,
+		Broker:                b,
+		AllowInsecureUpstream: true,
+		Logger:                slog.New(slog.NewJSONHandler(io.Discard, nil)),
+		Auditor:               auditor,
+		Metrics:               metrics,
 		// The baselines are logged as GetAccessToken is.
 		QuietMethods: baselines,
 	}

@@ -130,7 +130,8 @@ func TestKubernetesManifestMatchesContainerfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	type probe struct {
-		GRPC struct{ Port int } `yaml:"grpc"`
+		GRPC      struct{ Port int } `yaml:"grpc"`
+		TCPSocket struct{ Port int } `yaml:"tcpSocket"`
 	}
 	type deployment struct {
 		Kind string
@@ -221,9 +222,12 @@ func TestKubernetesManifestMatchesContainerfile(t *testing.T) {
 	if !slices.Contains(cf.expose, fmt.Sprintf("%d/tcp", health)) {
 		t.Errorf("the image does not expose its health port %d: %v", health, cf.expose)
 	}
-	if c.ReadinessProbe.GRPC.Port != health || c.LivenessProbe.GRPC.Port != health {
-		t.Errorf("probes on ports %d and %d, the image's health-only port is %d",
-			c.ReadinessProbe.GRPC.Port, c.LivenessProbe.GRPC.Port, health)
+	// Readiness follows the gRPC health; liveness must not (a restart
+	// after the data file was deleted would start from an empty file), so
+	// it only checks that the port answers.
+	if c.ReadinessProbe.GRPC.Port != health || c.LivenessProbe.TCPSocket.Port != health || c.LivenessProbe.GRPC.Port != 0 {
+		t.Errorf("readiness gRPC probe on port %d, liveness TCP probe on %d (gRPC %d); the image's health-only port is %d",
+			c.ReadinessProbe.GRPC.Port, c.LivenessProbe.TCPSocket.Port, c.LivenessProbe.GRPC.Port, health)
 	}
 	mounts := map[string]bool{}
 	for _, m := range c.VolumeMounts {

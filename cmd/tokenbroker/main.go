@@ -76,6 +76,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	defer closeAuditor()
+	go st.watchHealth(ctx, srv.Health, log)
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -121,6 +122,7 @@ func storeName(cfg *config) string {
 	return dataFile(cfg)
 }
 
+// newBroker builds the broker on the opened store, reporting to metrics.
 func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.Logger) (*broker.Broker, error) {
 	return broker.New(broker.Options{
 		Observer:                     metrics,
@@ -129,6 +131,7 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.
 		Watcher:                      st.watcher,
 		Logger:                       log.With("component", "broker"),
 		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
+		AllowUpstreamCIDRs:           cfg.allowUpstreamCIDRs.prefixes,
 		RejectCooldown:               cmp.Or(cfg.rejectCooldown, -1),
 		MaxConcurrentUpstream:        cfg.maxUpstream,
 		MaxConcurrentUpstreamPerHost: cfg.maxUpstreamPerHost,
@@ -155,6 +158,7 @@ func newServer(ctx context.Context, cfg *config, b *broker.Broker, admin server.
 		Broker:                b,
 		Logger:                log.With("component", "grpc"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
+		AllowUpstreamCIDRs:    cfg.allowUpstreamCIDRs.prefixes,
 		Authorizer:            authz,
 		Auditor:               auditor,
 		Metrics:               metrics,

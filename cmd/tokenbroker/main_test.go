@@ -87,7 +87,8 @@ var servingLine = regexp.MustCompile(`serving on (\S+) `)
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
-	cmd.Env = append(os.Environ(), env...)
+	// The stand-ins serve on loopback; a test may say otherwise in env.
+	cmd.Env = append(append(os.Environ(), "TOKENBROKER_ALLOW_UPSTREAM_CIDR=127.0.0.0/8"), env...)
 	return startCmd(t, cmd)
 }
 
