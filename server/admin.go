@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -51,6 +52,40 @@ func operatorOfAll(p *Policy, identity string) bool {
 // defaultRekeyBatch is how many stored values one rekey write reseals.
 const defaultRekeyBatch = 500
 
+// Backups and rekeys run beside serving, on the same cores: after each
+// chunk or batch they pause this many times as long as the chunk took, so
+// that they take a bounded share of the CPU (a quarter for a backup, a
+// half for a rekey) and serving keeps the rest. A backup of 100,000
+// connections takes a few seconds more; docs/benchmarks-lifecycle.md has
+// the figures.
+const (
+	backupPause = 3
+	rekeyPause  = 1
+)
+
+// pacer spaces out steps of background work: each pause lasts factor
+// times the time since the previous pause ended.
+type pacer struct {
+	factor int
+	since  time.Time
+}
+
+func newPacer(factor int) *pacer { return &pacer{factor: factor, since: time.Now()} }
+
+// pause waits, unless ctx ends first.
+func (p *pacer) pause(ctx context.Context) error {
+	wait := time.Since(p.since) * time.Duration(p.factor)
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	}
+	p.since = time.Now()
+	return nil
+}
+
 // adminService serves tokenbroker.admin.v1.Admin.
 type adminService struct {
 	adminv1.UnimplementedAdminServer
@@ -68,6 +103,7 @@ func (a *adminService) Backup(_ *adminv1.BackupRequest, ss grpc.ServerStreamingS
 	var sent int64
 	msg := &adminv1.BackupResponse{}
 	size := 0
+	pace := newPacer(backupPause)
 	flush := func() error {
 		if msg.Header == nil && len(msg.Records) == 0 {
 			return nil
@@ -75,7 +111,10 @@ func (a *adminService) Backup(_ *adminv1.BackupRequest, ss grpc.ServerStreamingS
 		err := ss.Send(msg)
 		sent += int64(len(msg.Records))
 		msg, size = &adminv1.BackupResponse{}, 0
-		return err
+		if err != nil {
+			return err
+		}
+		return pace.pause(ctx)
 	}
 	err := a.store.Snapshot(ctx, func(info storage.SnapshotInfo) error {
 		msg.Header = &adminv1.BackupHeader{
@@ -116,7 +155,11 @@ func (a *adminService) Rekey(req *adminv1.RekeyRequest, ss grpc.ServerStreamingS
 	keyID := a.store.SealingKeyIDs()[0]
 	progress := &adminv1.RekeyResponse{SealingKeyId: keyID}
 	after := ""
+	pace := newPacer(rekeyPause)
 	for {
+		if err := pace.pause(ctx); err != nil {
+			return adminError(err)
+		}
 		next, st, err := a.store.ResealBatch(ctx, after, limit)
 		progress.Examined += st.Examined
 		progress.Resealed += st.Resealed

@@ -15,67 +15,93 @@ import (
 // backupCmd takes an online backup through the admin service and writes
 // it as a bbolt data file: records stay sealed and the key is not in it.
 func backupCmd(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("backup", "backup --server ADDR --out FILE [--verify --key-file F] [--cacert F --cert F --key F]", stderr)
-	var sf serverFlags
-	var kf keyFlag
-	sf.register(fs)
-	kf.register(fs, "to check the backup with (--verify)")
-	out := fs.String("out", "", "file to write the backup to (replaced atomically if it exists)")
-	verify := fs.Bool("verify", false, "re-open the written backup with the key and check that every record opens, before it takes the name of --out")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if *out == "" {
-		return errors.New("--out is required")
-	}
-	keys, given, err := kf.load(getenv)
+	o, err := parseBackupFlags(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
-	if *verify && !given {
-		return errors.New("--verify needs --key-file or TOKENBROKER_KEY")
-	}
-	ctx, cancel := context.WithTimeout(ctx, sf.timeout)
+	ctx, cancel := context.WithTimeout(ctx, o.server.timeout)
 	defer cancel()
-	client, closeConn, err := sf.dial()
+	client, closeConn, err := o.server.dial()
 	if err != nil {
 		return err
 	}
 	defer closeConn()
-	w, err := bolt.CreateBackup(*out)
+	w, err := bolt.CreateBackup(o.out)
 	if err != nil {
 		return err
 	}
-	published := false
-	defer func() {
-		if !published {
-			w.Abort()
-		}
-	}()
+	header, n, err := writeBackup(ctx, client, w, o.keys, stderr)
+	if err != nil {
+		w.Abort()
+		return err
+	}
+	if err := w.Publish(); err != nil {
+		w.Abort()
+		return err
+	}
+	checked := ""
+	if o.keys != nil {
+		checked = ", every record opens with key id " + o.keys.PrimaryID()
+	}
+	fmt.Fprintf(stdout, "backup: %d connections written to %s (%s%s%s)\n", n, o.out, header.GetStore(), atRevision(header), checked)
+	return nil
+}
+
+// backupOptions is the backup command's command line.
+type backupOptions struct {
+	server serverFlags
+	out    string
+	keys   *storage.Keyring // set with --verify
+}
+
+func parseBackupFlags(args []string, getenv func(string) string, stderr io.Writer) (*backupOptions, error) {
+	fs := newFlagSet("backup", "backup --server ADDR --out FILE [--verify --key-file F] [--cacert F --cert F --key F]", stderr)
+	o := &backupOptions{}
+	var kf keyFlag
+	o.server.register(fs)
+	kf.register(fs, "to check the backup with (--verify)")
+	fs.StringVar(&o.out, "out", "", "file to write the backup to (replaced atomically if it exists)")
+	verify := fs.Bool("verify", false, "re-open the written backup with the key and check that every record opens, before it takes the name of --out")
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	if o.out == "" {
+		return nil, errors.New("--out is required")
+	}
+	if !*verify {
+		return o, nil
+	}
+	keys, given, err := kf.load(getenv)
+	switch {
+	case err != nil:
+		return nil, err
+	case !given:
+		return nil, errors.New("--verify needs --key-file or TOKENBROKER_KEY")
+	}
+	o.keys = keys
+	return o, nil
+}
+
+// writeBackup receives the snapshot into w, finishes the file and, with
+// keys, verifies it. It returns the header and the connection count.
+func writeBackup(ctx context.Context, client adminv1.AdminClient, w *bolt.BackupWriter, keys *storage.Keyring, stderr io.Writer) (*adminv1.BackupHeader, int64, error) {
 	header, err := receiveBackup(ctx, client, w, newProgress(stderr))
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	n, err := w.Finish()
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	if n != header.GetConnectionCount() {
-		return fmt.Errorf("the server announced %d connections but sent %d; nothing written", header.GetConnectionCount(), n)
+		return nil, 0, fmt.Errorf("the server announced %d connections but sent %d; nothing written", header.GetConnectionCount(), n)
 	}
-	checked := ""
-	if *verify {
+	if keys != nil {
 		if err := verifyBackup(w.TempPath(), keys, n); err != nil {
-			return fmt.Errorf("verify: %w; nothing written", err)
+			return nil, 0, fmt.Errorf("verify: %w; nothing written", err)
 		}
-		checked = ", every record opens with key id " + keys.PrimaryID()
 	}
-	if err := w.Publish(); err != nil {
-		return err
-	}
-	published = true
-	fmt.Fprintf(stdout, "backup: %d connections written to %s (%s%s%s)\n", n, *out, header.GetStore(), atRevision(header), checked)
-	return nil
+	return header, n, nil
 }
 
 func atRevision(h *adminv1.BackupHeader) string {

@@ -42,30 +42,52 @@ func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 	if opts.LockTimeout <= 0 {
 		opts.LockTimeout = 250 * time.Millisecond
 	}
-	codec := storage.NewCodec(opts.Keyring)
-	// A target that is in use or holds connections is refused before the
-	// (long) check of the backup, and a new file is created only after it.
-	var db *bbolt.DB
-	if _, err := os.Stat(path); err == nil {
-		if db, err = openTarget(path, opts); err != nil {
-			return 0, err
-		}
+	// A target that is in use or exists is refused before the (long)
+	// check of the backup, and a new file is created only after it.
+	db, err := checkedTarget(path, opts)
+	if err != nil {
+		return 0, err
+	}
+	if db != nil {
 		defer db.Close()
-		if err := checkTarget(db, path, opts.Replace); err != nil {
-			return 0, err
-		}
 	}
 	if _, err := src.Verify(opts.Keyring); err != nil {
 		return 0, err
 	}
 	if db == nil {
-		var err error
 		if db, err = openTarget(path, opts); err != nil {
 			return 0, err
 		}
 		defer db.Close()
 	}
-	meta, err := codec.EncodeMeta(opts.Now())
+	n, err := writeRestore(db, src, storage.NewCodec(opts.Keyring), opts.Now())
+	if err != nil {
+		return 0, fmt.Errorf("storage: restore %s: nothing written: %w", path, err)
+	}
+	return n, nil
+}
+
+// checkedTarget opens the target file if it exists and refuses it unless
+// Replace; nil when there is none yet.
+func checkedTarget(path string, opts RestoreOptions) (*bbolt.DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, nil
+	}
+	db, err := openTarget(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkTarget(db, path, opts.Replace); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// writeRestore replaces everything in db with src's connections in one
+// transaction, token chains marked as restored.
+func writeRestore(db *bbolt.DB, src *Backup, codec *storage.Codec, now time.Time) (int64, error) {
+	meta, err := codec.EncodeMeta(now)
 	if err != nil {
 		return 0, err
 	}
@@ -77,7 +99,7 @@ func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 		}
 		conns, tokens := tx.Bucket(bucketConnections), tx.Bucket(bucketTokens)
 		return src.Each(func(r storage.Record) error {
-			tv, err := codec.RestoredTokens(r, opts.Now())
+			tv, err := codec.RestoredTokens(r, now)
 			if err != nil {
 				return err
 			}
@@ -88,10 +110,7 @@ func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 			return tokens.Put([]byte(r.Name), tv)
 		})
 	})
-	if err != nil {
-		return 0, fmt.Errorf("storage: restore %s: nothing written: %w", path, err)
-	}
-	return n, nil
+	return n, err
 }
 
 // openTarget opens (or creates) a restore's target file, holding its lock.
