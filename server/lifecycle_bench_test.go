@@ -164,35 +164,48 @@ func serveBench(b *testing.B, st *bolt.Store) *benchEnv {
 // server's heap), and returns how long it took.
 func benchBackup(b *testing.B, addr, dir string) time.Duration {
 	start := time.Now()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestBackupClientProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(), "LIFECYCLE_BACKUP_ADDR="+addr, "LIFECYCLE_BACKUP_OUT="+filepath.Join(dir, "backup.db"))
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), backupClientEnv+"="+addr, backupOutEnv+"="+filepath.Join(dir, "backup.db"))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		b.Fatalf("backup client: %v\n%s", err, out)
 	}
 	return time.Since(start)
 }
 
-// TestBackupClientProcess is BenchmarkLifecycle's backup client, run in a
-// process of its own; it does nothing in a normal test run.
-func TestBackupClientProcess(t *testing.T) {
-	addr := os.Getenv("LIFECYCLE_BACKUP_ADDR")
-	if addr == "" {
-		t.Skip("only as BenchmarkLifecycle's backup client")
+// The test binary started with these set is BenchmarkLifecycle's backup
+// client, not a test run.
+const (
+	backupClientEnv = "LIFECYCLE_BACKUP_ADDR"
+	backupOutEnv    = "LIFECYCLE_BACKUP_OUT"
+)
+
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(backupClientEnv); addr != "" {
+		if err := backupClient(addr, os.Getenv(backupOutEnv)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
+	os.Exit(m.Run())
+}
+
+// backupClient writes a backup of the server at addr to out.
+func backupClient(addr, out string) error {
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)))
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer cc.Close()
-	w, err := bolt.CreateBackup(os.Getenv("LIFECYCLE_BACKUP_OUT"))
+	w, err := bolt.CreateBackup(out)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer w.Abort()
 	stream, err := adminv1.NewAdminClient(cc).Backup(context.Background(), &adminv1.BackupRequest{})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	for {
 		msg, err := stream.Recv()
@@ -200,20 +213,21 @@ func TestBackupClientProcess(t *testing.T) {
 			break
 		}
 		if err != nil {
-			t.Fatal(err)
+			return err
 		}
 		if h := msg.GetHeader(); h != nil {
-			w.SetMeta(h.GetMeta())
+			if err := w.SetMeta(h.GetMeta()); err != nil {
+				return err
+			}
 		}
 		for _, r := range msg.GetRecords() {
 			if err := w.Add(storage.Record{Name: r.GetName(), Connection: r.GetConnection(), Tokens: r.GetTokens()}); err != nil {
-				t.Fatal(err)
+				return err
 			}
 		}
 	}
-	if _, err := w.Finish(); err != nil {
-		t.Fatal(err)
-	}
+	_, err = w.Finish()
+	return err
 }
 
 // trafficRatio returns cached GetAccessToken calls per second without and

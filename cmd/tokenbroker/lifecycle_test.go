@@ -35,9 +35,13 @@ type cliResult struct {
 	code           int
 }
 
+// cliOutput collects every lifecycle command's output, for leak scans.
+var cliOutput lockedBuffer
+
 // runCLI runs the binary with args and waits for it.
 func runCLI(t *testing.T, env []string, args ...string) cliResult {
 	t.Helper()
+	defer func() { cliOutput.Write([]byte(strings.Join(args, " ") + "\n")) }()
 	cmd := exec.Command(binary, args...)
 	cmd.Env = append(os.Environ(), env...)
 	var out, errb bytes.Buffer
@@ -47,7 +51,20 @@ func runCLI(t *testing.T, env []string, args ...string) cliResult {
 	if err != nil && !errors.As(err, &ee) {
 		t.Fatal(err)
 	}
+	cliOutput.Write(out.Bytes())
+	cliOutput.Write(errb.Bytes())
 	return cliResult{out.String(), errb.String(), cmd.ProcessState.ExitCode()}
+}
+
+// noSecretsPrinted fails if any lifecycle command printed a secret of s's.
+func noSecretsPrinted(t *testing.T, s *acumaticatest.Server) {
+	t.Helper()
+	out := cliOutput.String()
+	for _, sec := range append([]string{clientSecret, password}, s.Issued()...) {
+		if strings.Contains(out, sec) {
+			t.Errorf("a lifecycle command printed %.8s...", sec)
+		}
+	}
 }
 
 // writeKeyFile writes a key file of keys (the sealing key first).
@@ -333,6 +350,7 @@ func TestBackupUnderTrafficRestoreAndMigrate(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "d", "tokenbroker.db")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a restore with the wrong key left a data file (%v)", err)
 	}
+	noSecretsPrinted(t, s)
 }
 
 // A backup whose refresh tokens were all rotated after it was taken
@@ -452,6 +470,7 @@ func TestRekeyKilledHalfWayAndResumed(t *testing.T) {
 	if got := s.Counts().PasswordGrants - grants; got != 0 {
 		t.Fatalf("%d password grants after the rekey, want 0", got)
 	}
+	noSecretsPrinted(t, s)
 }
 
 // Every lifecycle command has --help (exit 0) and fails a wrong command
