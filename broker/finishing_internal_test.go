@@ -45,7 +45,7 @@ func TestReportOfATokenFromAFinishingRefreshRefreshesAgain(t *testing.T) {
 	// token just served: the state a flight is in between its commit and
 	// its end.
 	c.mu.Lock()
-	f := &flight{done: make(chan struct{}), why: reasonRejected, gen: c.tok.Generation - 1}
+	f := &flight{done: make(chan struct{}), why: triggerRejected, gen: c.committed.Generation - 1}
 	c.flight = f
 	c.mu.Unlock()
 

@@ -31,6 +31,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/server"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
@@ -42,24 +43,6 @@ const (
 	username     = "integration"
 	password     = "SRV-user-password-77c2e9f1"
 )
-
-// syncBuffer collects every log line of a test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // loopback allows the stand-ins' addresses, and no more: http beyond
 // loopback stays refused.
@@ -73,14 +56,14 @@ type fixture struct {
 	b      *broker.Broker
 	client pb.TokenBrokerClient
 	conn   *grpc.ClientConn
-	logs   *syncBuffer
+	logs   *testkit.LockedBuffer
 	seen   []string // every response and error text, for leak scans
 	mu     sync.Mutex
 }
 
 func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 	t.Helper()
-	f := &fixture{t: t, logs: &syncBuffer{}}
+	f := &fixture{t: t, logs: &testkit.LockedBuffer{}}
 	log := slog.New(slog.NewJSONHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	f.idp = acumaticatest.New(acumaticatest.Options{})
 	f.idp.AddClient(clientID, clientSecret)
@@ -645,7 +628,7 @@ func TestSuccessfulTokenCallsLogAtDebug(t *testing.T) {
 func TestQuietFailuresAreLoggedWithTheirRealDuration(t *testing.T) {
 	f := newFixture(t)
 	c := f.create("acme", "erp")
-	var infoLogs syncBuffer
+	var infoLogs testkit.LockedBuffer
 	infoLog := slog.New(slog.NewJSONHandler(io.MultiWriter(&infoLogs, f.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	srv := server.New(server.Options{Broker: f.b, Logger: infoLog, AllowUpstreamCIDRs: loopback})
 	t.Cleanup(srv.Stop)

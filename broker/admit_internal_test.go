@@ -45,8 +45,8 @@ func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 			lazy = b.loadOne(ctx, name)
 		}
 		v, _ := b.conns.Load(name)
-		if lazy == nil || v.(*conn) != lazy || !lazy.recovering {
-			t.Errorf("lazy first %v: the caller got %p, the broker keeps %p (recovering %v)", lazyFirst, lazy, v, lazy != nil && lazy.recovering)
+		if lazy == nil || v.(*conn) != lazy || !lazy.rt.recovering {
+			t.Errorf("lazy first %v: the caller got %p, the broker keeps %p (recovering %v)", lazyFirst, lazy, v, lazy != nil && lazy.rt.recovering)
 		}
 		if n := strings.Count(logs.String(), "token request was in flight at last stop"); n != 1 {
 			t.Errorf("lazy first %v: the leftover intent was logged %d times, want once:\n%s", lazyFirst, n, logs.String())
@@ -72,8 +72,8 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 	defer b.Close()
 	// The delete's tomb, as DeleteConnection leaves it while loading.
 	b.tombs.Store(name, struct{}{})
-	if c := b.adopt(cfg, &storage.Tokens{}); c != nil {
-		t.Errorf("a deleted connection was adopted")
+	if c := b.admit(cfg, &storage.Tokens{}); c != nil {
+		t.Errorf("a deleted connection was admitted")
 	}
 	if _, ok := b.conns.Load(name); ok {
 		t.Errorf("a deleted connection is live again")
