@@ -23,6 +23,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -36,7 +37,7 @@ type cliResult struct {
 }
 
 // cliOutput collects every lifecycle command's output, for leak scans.
-var cliOutput lockedBuffer
+var cliOutput testkit.LockedBuffer
 
 // runCLI runs the binary with args and waits for it.
 func runCLI(t *testing.T, env []string, args ...string) cliResult {
