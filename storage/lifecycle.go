@@ -150,6 +150,18 @@ func (cd *Codec) CheckRecord(r Record) error {
 	return err
 }
 
+// RestoredConnection returns r's connection record as a restore writes
+// it: as stored when the sealing key sealed it, else sealed again with it
+// (a backup taken before a key rotation), so that a restore leaves
+// nothing for a rekey to do.
+func (cd *Codec) RestoredConnection(r Record) ([]byte, error) {
+	stale, err := cd.Stale(KindConnection, r.Connection)
+	if err != nil || !stale {
+		return r.Connection, err
+	}
+	return cd.Reseal(KindConnection, r.Name, r.Connection)
+}
+
 // RestoredTokens returns r's token record as a restore writes it: marked
 // with [IntentRestored] unless it already holds an intent (a token request
 // in flight when the backup was taken is checked the same way), sealed

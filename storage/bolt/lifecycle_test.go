@@ -47,6 +47,18 @@ func TestBackupAndRestore(t *testing.T) {
 	r := openStore(t, target, a)
 	storetest.CheckLoadAll(t, r)
 	storetest.CheckRestoredIntents(t, r)
+
+	// Restored with a newer key first, the backup leaves nothing sealed
+	// with the old one.
+	rotated := filepath.Join(dir, "rotated", "tokenbroker.db")
+	os.MkdirAll(filepath.Dir(rotated), 0o700)
+	ba := keyring(t, key(2), key(1))
+	if _, err := bolt.Restore(rotated, b, bolt.RestoreOptions{Keyring: ba}); err != nil {
+		t.Fatal(err)
+	}
+	if use, err := openStore(t, rotated, ba).KeyUse(context.Background()); err != nil || use.Stale != 0 {
+		t.Errorf("restored with a new first key: %+v, %v; want nothing sealed with the old key", use, err)
+	}
 }
 
 // A restore with the wrong key, into a data file that exists, or into one

@@ -99,11 +99,15 @@ func writeRestore(db *bbolt.DB, src *Backup, codec *storage.Codec, now time.Time
 		}
 		conns, tokens := tx.Bucket(bucketConnections), tx.Bucket(bucketTokens)
 		return src.Each(func(r storage.Record) error {
+			cv, err := codec.RestoredConnection(r)
+			if err != nil {
+				return err
+			}
 			tv, err := codec.RestoredTokens(r, now)
 			if err != nil {
 				return err
 			}
-			if err := conns.Put([]byte(r.Name), r.Connection); err != nil {
+			if err := conns.Put([]byte(r.Name), cv); err != nil {
 				return err
 			}
 			n++

@@ -173,12 +173,16 @@ func (r *restorer) run(ctx context.Context, src *bolt.Backup) (int64, error) {
 	}
 	var n int64
 	err := src.Each(func(rec storage.Record) error {
+		cv, err := r.s.codec.RestoredConnection(rec)
+		if err != nil {
+			return err
+		}
 		tv, err := r.s.codec.RestoredTokens(rec, r.opts.Now())
 		if err != nil {
 			return err
 		}
 		ck, tk := r.s.connKey(rec.Name), r.s.tokenKey(rec.Name)
-		ops = append(ops, clientv3.OpPut(ck, string(rec.Connection)), clientv3.OpPut(tk, string(tv)))
+		ops = append(ops, clientv3.OpPut(ck, string(cv)), clientv3.OpPut(tk, string(tv)))
 		keys = append(keys, ck, tk)
 		n++
 		if len(ops) < 2*restoreBatch {
