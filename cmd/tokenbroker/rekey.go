@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -58,17 +59,16 @@ func rekeyCmd(ctx context.Context, args []string, _ func(string) string, stdout,
 	return nil
 }
 
-// keysCmd dispatches "keys status".
+// keysCmd dispatches "keys status", the one keys subcommand.
 func keysCmd(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] != "status" {
-		if len(args) > 0 && (args[0] == "--help" || args[0] == "-h" || args[0] == "-help") {
-			fmt.Fprintln(stderr, "usage: tokenbroker keys status --server ADDR [--cacert F --cert F --key F]")
-			return nil
-		}
-		fmt.Fprintln(stderr, "usage: tokenbroker keys status --server ADDR [--cacert F --cert F --key F]")
-		return errUsage
+	if len(args) > 0 && args[0] == "status" {
+		return keyStatusCmd(ctx, args[1:], getenv, stdout, stderr)
 	}
-	return keyStatusCmd(ctx, args[1:], getenv, stdout, stderr)
+	fmt.Fprintln(stderr, "usage: tokenbroker keys status --server ADDR [--cacert F --cert F --key F]")
+	if len(args) > 0 && (args[0] == "--help" || args[0] == "-help" || args[0] == "-h") {
+		return flag.ErrHelp
+	}
+	return errUsage
 }
 
 // keyStatusCmd answers "can I remove the old key now?": exit 0 and "yes"
