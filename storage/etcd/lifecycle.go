@@ -272,25 +272,35 @@ type revValue struct {
 }
 
 // eachRevs calls fn for every connection after the name after with both
-// values and their mod revisions, read at one revision.
+// values and their mod revisions, page by page, each page (connections
+// and their tokens) read at one revision.
 func (s *Store) eachRevs(ctx context.Context, after string, fn func(name string, c, t *revValue) error) error {
+	for {
+		last, more, err := s.revPage(ctx, after, fn)
+		if err != nil || !more {
+			return err
+		}
+		after = last
+	}
+}
+
+// revPage calls fn for one page of connections after the name after and
+// returns the last name and whether more follow.
+func (s *Store) revPage(ctx context.Context, after string, fn func(name string, c, t *revValue) error) (last string, more bool, err error) {
 	base := s.prefix + "connections/"
 	key := base
 	if after != "" {
 		key = base + after + "\x00"
 	}
 	resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
-	if err != nil {
-		return etcdErr(err)
-	}
-	if len(resp.Kvs) == 0 {
-		return nil
+	if err != nil || len(resp.Kvs) == 0 {
+		return "", false, etcdErrOrNil(err)
 	}
 	first := strings.TrimPrefix(string(resp.Kvs[0].Key), base)
-	last := strings.TrimPrefix(string(resp.Kvs[len(resp.Kvs)-1].Key), base)
+	last = strings.TrimPrefix(string(resp.Kvs[len(resp.Kvs)-1].Key), base)
 	toks, err := s.cli.Get(ctx, s.tokenKey(first), clientv3.WithRange(s.tokenKey(last)+"\x00"), clientv3.WithRev(resp.Header.Revision))
 	if err != nil {
-		return etcdErr(err)
+		return "", false, etcdErr(err)
 	}
 	tbase := s.tokenKey("")
 	tv := make(map[string]*revValue, len(toks.Kvs))
@@ -300,11 +310,15 @@ func (s *Store) eachRevs(ctx context.Context, after string, fn func(name string,
 	for _, kv := range resp.Kvs {
 		name := strings.TrimPrefix(string(kv.Key), base)
 		if err := fn(name, &revValue{kv.Value, kv.ModRevision}, tv[name]); err != nil {
-			return err
+			return "", false, err
 		}
 	}
-	if !resp.More {
+	return last, resp.More, nil
+}
+
+func etcdErrOrNil(err error) error {
+	if err == nil {
 		return nil
 	}
-	return s.eachRevs(ctx, last, fn)
+	return etcdErr(err)
 }
