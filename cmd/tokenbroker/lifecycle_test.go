@@ -3,9 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +20,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	adminv1 "tokenbroker/gen/tokenbroker/admin/v1"
@@ -24,6 +28,7 @@ import (
 
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/internal/testkit"
+	"tokenbroker/server/servertest"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -538,4 +543,79 @@ func TestRekeyOnEtcdNeedsEveryReplicaOnTheNewKey(t *testing.T) {
 		t.Fatalf("keys status: exit %d: %s", res.code, res.stdout)
 	}
 	servesAll(t, a.client(), nil, names)
+}
+
+// Over mTLS the commands take grpcurl's flags: an operator of every tenant
+// backs up and asks for key status; an operator of one tenant and a
+// consumer are refused with one line.
+func TestLifecycleCommandsOverMTLS(t *testing.T) {
+	_, url := idp(t)
+	dir := t.TempDir()
+	ca := servertest.NewCA(t, "test CA")
+	certPath, keyPath := servertest.WritePair(t, dir, "server", ca.Issue(t, servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.ParseIP("127.0.0.1")}, Server: true}))
+	caPath := filepath.Join(dir, "ca.pem")
+	os.WriteFile(caPath, ca.PEM, 0o600)
+	policy := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policy, []byte(`rules:
+  - identities: ["spiffe://corp.test/ops/root"]
+    role: operator
+    tenants: ["*"]
+  - identities: ["spiffe://corp.test/ops/acme"]
+    role: operator
+    tenants: ["t0000"]
+  - identities: ["spiffe://corp.test/svc/orders"]
+    role: consumer
+    tenants: ["*"]
+`), 0o600)
+	keyFile := filepath.Join(dir, "key")
+	writeKeyFile(t, keyFile, dataKey(1))
+	p := start(t, nil, serveArgs(keyFile, "--data-dir", filepath.Join(dir, "data"),
+		"--tls-cert", certPath, "--tls-key", keyPath, "--client-ca", caPath, "--policy", policy, "--allow-insecure-upstream")...)
+	if p.addr == "" {
+		t.Fatalf("did not start: %s", p.out.String())
+	}
+	who := map[string][2]string{}
+	for _, id := range []string{"root", "acme"} {
+		c, k := servertest.WritePair(t, dir, id, ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/" + id}))
+		who[id] = [2]string{c, k}
+	}
+	c, k := servertest.WritePair(t, dir, "orders", ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/svc/orders"}))
+	who["orders"] = [2]string{c, k}
+	tlsArgs := func(id string) []string {
+		return []string{"--server", p.addr, "--cacert", caPath, "--cert", who[id][0], "--key", who[id][1]}
+	}
+	root := adminDial(t, p.addr, ca, "spiffe://corp.test/ops/root")
+	createMany(t, root, url, 3)
+
+	backup := filepath.Join(dir, "backup.db")
+	res := runCLI(t, nil, append([]string{"backup", "--out", backup, "--verify", "--key-file", keyFile}, tlsArgs("root")...)...)
+	if res.code != 0 || !strings.Contains(res.stdout, "backup: 3 connections") {
+		t.Fatalf("backup as root: exit %d: %s%s", res.code, res.stdout, res.stderr)
+	}
+	if res := runCLI(t, nil, append([]string{"keys", "status"}, tlsArgs("root")...)...); res.code != 0 {
+		t.Errorf("keys status as root: exit %d: %s%s", res.code, res.stdout, res.stderr)
+	}
+	for _, id := range []string{"acme", "orders"} {
+		res := runCLI(t, nil, append([]string{"backup", "--out", filepath.Join(dir, id+".db")}, tlsArgs(id)...)...)
+		if res.code != 1 || strings.Count(res.stderr, "\n") != 1 || !strings.Contains(res.stderr, "PermissionDenied") {
+			t.Errorf("backup as %s: exit %d: %q", id, res.code, res.stderr)
+		}
+		if _, err := os.Stat(filepath.Join(dir, id+".db")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("a refused backup left a file (%v)", err)
+		}
+	}
+}
+
+// adminDial returns a TokenBroker client over mTLS as uri.
+func adminDial(t *testing.T, addr string, ca *servertest.CA, uri string) pb.TokenBrokerClient {
+	t.Helper()
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{ca.Issue(t, servertest.Leaf{URI: uri})}}
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return pb.NewTokenBrokerClient(cc)
 }
