@@ -36,8 +36,8 @@ import (
 //   - backup: connections per second of a whole backup (the admin
 //     service's stream written into a backup file), median of 3;
 //   - at the largest size only: cached GetAccessToken calls per second
-//     while one backup runs, against a window as long without
-//     (alternating, medians of 5);
+//     while one backup runs, against windows as long just before and
+//     after it (median of 5 rounds' ratios);
 //   - rekey: stored values resealed per second by one Rekey call, after
 //     the key file got a new first key.
 //
@@ -71,10 +71,10 @@ func benchLifecycle(b *testing.B, n int, withTraffic bool) {
 	backupRate := median(3, func() float64 { return float64(n) / benchBackup(b, env.addr, dir).Seconds() })
 	b.ReportMetric(backupRate, "backup-conns/s")
 	if withTraffic {
-		plain, during := trafficRatio(b, env, n, dir)
+		plain, during, ratio := trafficRatio(b, env, n, dir)
 		b.ReportMetric(plain, "cached-calls/s")
 		b.ReportMetric(during, "cached-calls/s-during-backup")
-		b.ReportMetric(during/plain, "during/without")
+		b.ReportMetric(ratio, "during/without")
 	}
 	env.stop()
 	st.Close()
@@ -231,17 +231,24 @@ func backupClient(addr, out string) error {
 }
 
 // trafficRatio returns cached GetAccessToken calls per second without and
-// with a backup running: medians of 5 rounds, each a window during one
-// whole backup and a window as long without.
-func trafficRatio(b *testing.B, env *benchEnv, n int, dir string) (plain, during float64) {
-	var without, with []float64
+// with a backup running, and their ratio. Each of 5 rounds measures a
+// window during one whole backup between two windows as long without, so
+// that the load of anything else on the machine, which drifts over
+// seconds, weighs on both sides alike; the figures are the rounds'
+// medians.
+func trafficRatio(b *testing.B, env *benchEnv, n int, dir string) (plain, during, ratio float64) {
+	took := benchBackup(b, env.addr, dir) // the windows' length
+	idle := func() { time.Sleep(took) }
+	var without, with, ratios []float64
 	for range 5 {
-		var took time.Duration
-		rate := callsWhile(b, env.client, n, func() { took = benchBackup(b, env.addr, dir) })
-		with = append(with, rate)
-		without = append(without, callsWhile(b, env.client, n, func() { time.Sleep(took) }))
+		before := callsWhile(b, env.client, n, idle)
+		busy := callsWhile(b, env.client, n, func() { took = benchBackup(b, env.addr, dir) })
+		after := callsWhile(b, env.client, n, idle)
+		without = append(without, (before+after)/2)
+		with = append(with, busy)
+		ratios = append(ratios, busy/((before+after)/2))
 	}
-	return medianOf(without), medianOf(with)
+	return medianOf(without), medianOf(with), medianOf(ratios)
 }
 
 // callsWhile calls GetAccessToken over the n connections from 8
