@@ -13,6 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
 	"tokenbroker/storage"
 )
 
@@ -84,6 +87,17 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// TracerProvider traces upstream requests (token, discovery,
+	// revocation, logout, TestConnection reads), each a child of the
+	// caller's span that caused it. Default none (a no-op provider).
+	TracerProvider trace.TracerProvider
+	// EventRing is how many recent connection events are kept for
+	// watchers that resume. Default [DefaultEventRing].
+	EventRing int
+	// Authorizations keeps Authorization Code flows started and not yet
+	// completed, so that any replica can complete them (the etcd store).
+	// Default this process's memory.
+	Authorizations AuthorizationStore
 }
 
 // Defaults of the upstream caps in [Options].
@@ -138,6 +152,9 @@ func (o *Options) setDefaults() {
 	if o.Observer == nil {
 		o.Observer = nopObserver{}
 	}
+	if o.TracerProvider == nil {
+		o.TracerProvider = noop.NewTracerProvider()
+	}
 	if o.RejectCooldown == 0 {
 		o.RejectCooldown = 5 * time.Second
 	}
@@ -171,6 +188,8 @@ type Broker struct {
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
+	auths AuthorizationStore // Authorization Code flows started and not yet completed
+
 	flights sync.WaitGroup // shared refreshes in progress
 	stop    chan struct{}
 	loop    sync.WaitGroup
@@ -178,12 +197,15 @@ type Broker struct {
 	once    sync.Once
 
 	stats Stats
+
+	events *feed // connection events for WatchConnections (events.go)
 }
 
 // Stats are counters for tests, benchmarks and metrics.
 type Stats struct {
 	UpstreamRefresh  atomic.Int64 // refresh grants sent
 	UpstreamPassword atomic.Int64 // password grants sent
+	UpstreamCode     atomic.Int64 // authorization_code grants sent
 	UpstreamFailures atomic.Int64 // failed upstream token requests
 	CommitFailures   atomic.Int64 // failed durable writes
 }
@@ -194,6 +216,10 @@ type flight struct {
 	why  trigger
 	gen  int64 // token generation when the flight was decided on
 	err  error
+	// parent is the span of the caller that started the flight: the
+	// flight runs on the broker's own context, but its upstream requests
+	// are traced as children of the call that caused them.
+	parent trace.SpanContext
 }
 
 // trigger says why a shared refresh runs.
@@ -221,12 +247,17 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now, opts.TracerProvider.Tracer(tracerName)),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
+		auths:    opts.Authorizations,
+	}
+	if b.auths == nil {
+		b.auths = &memAuthorizations{now: opts.Now, pending: map[string]*storage.Authorization{}}
 	}
 	b.loading.Store(true) // until Load is done
+	b.events = newFeed(b, opts.EventRing)
 	return b, nil
 }
 
@@ -236,7 +267,8 @@ func (b *Broker) Stats() *Stats { return &b.stats }
 // Load reads every stored connection into memory (fn of the store's LoadAll
 // may run concurrently). Connections whose last upstream request may have
 // been interrupted by a crash are marked for recovery and refreshed by the
-// next maintenance pass.
+// next maintenance pass; deletes a crash interrupted are finished (see
+// delete.go).
 //
 // The broker may serve before and while Load runs: until Load is done, a
 // connection not yet in memory is read from the store when it is first
@@ -245,9 +277,15 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	defer func() {
 		b.loading.Store(false)
 		b.tombs.Clear()
+		b.events.markLoaded()
 	}()
 	var loaded atomic.Int64
+	var deleting unfinished
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
+		if !cfg.DeleteTime.IsZero() {
+			deleting.add(cfg, tok)
+			return nil
+		}
 		b.admit(cfg, tok)
 		loaded.Add(1)
 		return nil
@@ -256,6 +294,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}
+	deleting.finish(ctx, b)
 	return n, nil
 }
 
@@ -414,7 +453,9 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 			if err != nil {
 				t = &storage.Tokens{}
 			}
-			b.conns.LoadOrStore(ch.Name, newConnPublished(ch.Connection, t))
+			if nc := newConnPublished(ch.Connection, t); !loaded(b.conns.LoadOrStore(ch.Name, nc)) {
+				b.events.admitted(nc, true)
+			}
 			return
 		}
 		c := v.(*conn)

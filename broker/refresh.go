@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -23,9 +24,13 @@ func (b *Broker) renew(ctx context.Context, c *conn, why trigger) error {
 		if done {
 			return err
 		}
+		g.noPassword = isAuthCode(cfg)
 		grant, ok := g.next(tok)
 		if !ok {
 			return b.passwordOutcomeUnknown(c)
+		}
+		if grant == grantNone {
+			return b.authorizationRequired(c, tok)
 		}
 		intent, err := b.recordIntent(c, tok, grant)
 		if err != nil {
@@ -59,7 +64,9 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 		return nil, nil, true, b.commit(c, pending, true)
 	case isHalted:
 		return nil, nil, true, haltedError(c.name, state, reason)
-	case suspect:
+	case suspect && !isAuthCode(cfg):
+		// An authorization-code chain is presented once more instead (see
+		// "A suspect chain" in authcode.go).
 		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)
 		return cfg, tok, err != nil, err
 	}
@@ -87,13 +94,18 @@ func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Co
 type grantPolicy struct {
 	forcePassword bool // the chain is renewed: sign in again
 	passwordTried bool // a password grant of this renewal may have opened a session
+	noPassword    bool // an authorization-code connection: refresh grants only
 }
 
 // next is the grant for an attempt from tok; ok is false when that would be
-// a second password grant whose predecessor's outcome is unknown.
+// a second password grant whose predecessor's outcome is unknown, and grant
+// is grantNone when no grant is left (a dead authorization-code chain).
 func (g *grantPolicy) next(tok *storage.Tokens) (grant string, ok bool) {
-	if tok.RefreshToken != "" && !g.forcePassword {
+	if tok.RefreshToken != "" && (!g.forcePassword || g.noPassword) {
 		return grantRefresh, true
+	}
+	if g.noPassword {
+		return grantNone, true
 	}
 	if g.passwordTried {
 		return grantPassword, false
@@ -203,7 +215,9 @@ func (b *Broker) dropRefreshToken(c *conn, intent *storage.Tokens, ue *upstreamE
 	if err := b.commit(c, withoutRefreshToken(intent, ue.Error(), b.now()), false); err != nil {
 		return false, err
 	}
-	b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	if !c.authCode() {
+		b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	}
 	return true, nil
 }
 
@@ -244,6 +258,7 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		return nil, &upstreamError{class: classSafe, grant: grant, detail: "upstream cap: " + err.Error()}
 	}
 	defer release()
+	ctx = withConnName(ctx, cfg.Name)
 	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grant},
@@ -260,7 +275,9 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		b.stats.UpstreamRefresh.Add(1)
 	}
 	began := time.Now()
+	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grant))
 	resp, err = b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
+	endToken(span, err)
 	outcome := "ok"
 	var ue *upstreamError
 	if errors.As(err, &ue) {
@@ -357,7 +374,7 @@ func (b *Broker) signOut(ctx context.Context, cfg *storage.Connection, refreshTo
 	if refreshToken == "" && accessToken == "" {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	ctx, cancel := context.WithTimeout(withConnName(context.WithoutCancel(ctx), cfg.Name), 15*time.Second)
 	defer cancel()
 	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
 	if err != nil {

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Grant types.
@@ -33,6 +35,7 @@ const maxBody = 64 << 10
 type endpoints struct {
 	token      string
 	revocation string
+	authorize  string
 	fetched    time.Time
 }
 
@@ -45,12 +48,13 @@ type upstream struct {
 	client *http.Client
 	now    func() time.Time
 	ttl    time.Duration
+	tracer trace.Tracer
 
 	mu    sync.Mutex            // guards cache
 	cache map[string]*endpoints // instance URL -> discovered endpoints
 }
 
-func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time) *upstream {
+func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time, tracer trace.Tracer) *upstream {
 	return &upstream{
 		client: &http.Client{
 			Timeout:   timeout,
@@ -59,9 +63,10 @@ func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() 
 			// not be re-sent anywhere else.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		now:   now,
-		ttl:   time.Hour,
-		cache: map[string]*endpoints{},
+		now:    now,
+		tracer: tracer,
+		ttl:    time.Hour,
+		cache:  map[string]*endpoints{},
 	}
 }
 
@@ -78,6 +83,7 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 	fresh := endpoints{
 		token:      instance + "/identity/connect/token",
 		revocation: instance + "/identity/connect/revocation",
+		authorize:  instance + "/identity/connect/authorize",
 		fetched:    u.now(),
 	}
 	if doc, err := u.discover(ctx, instance); err == nil {
@@ -86,6 +92,9 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 		}
 		if sameOrigin(instance, doc.RevocationEndpoint) {
 			fresh.revocation = doc.RevocationEndpoint
+		}
+		if sameOrigin(instance, doc.AuthorizationEndpoint) {
+			fresh.authorize = doc.AuthorizationEndpoint
 		}
 	} else if ctx.Err() == nil {
 		// Remember the fallback briefly rather than asking on every call.
@@ -100,6 +109,8 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 type discoveryDoc struct {
 	TokenEndpoint      string `json:"token_endpoint"`
 	RevocationEndpoint string `json:"revocation_endpoint"`
+	// AuthorizationEndpoint is where StartAuthorization sends the browser.
+	AuthorizationEndpoint string `json:"authorization_endpoint"`
 }
 
 func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc, error) {
@@ -110,7 +121,9 @@ func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc
 		return nil, err
 	}
 	req.Header.Set("Accept", "application/json")
+	_, span := startUpstream(ctx, u.tracer, "discovery", http.MethodGet)
 	resp, err := u.client.Do(req)
+	endHTTP(span, resp, err)
 	if err != nil {
 		return nil, err
 	}
@@ -484,7 +497,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 		}
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.revocation, strings.NewReader(form.Encode())); err == nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "revocation", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}
@@ -493,7 +509,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 	if accessToken != "" {
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, instance+"/entity/auth/logout", nil); err == nil {
 			req.Header.Set("Authorization", "Bearer "+accessToken)
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "logout", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}

@@ -222,6 +222,10 @@ func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerI
 		name, allowed = r.GetName(), manage(tenantOf(r.GetName())) || p.CanConsume(id, r.GetName())
 	case *pb.GetAccessTokenRequest:
 		name, allowed = r.GetName(), p.CanConsume(id, r.GetName())
+	default:
+		if n, t, ok := authCodeResource(req); ok {
+			name, allowed = n, manage(t)
+		}
 	}
 	if !allowed {
 		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: caller.Value, name: name})
@@ -264,8 +268,9 @@ func (a *Authorizer) authenticate(ctx context.Context) (*Policy, Caller, error) 
 	return p, id, nil
 }
 
-// stream guards streaming services: server reflection is for operators,
-// the admin service for operators of every tenant.
+// stream guards streaming services: WatchAccessToken is for consumers,
+// server reflection for operators, the admin service for operators of
+// every tenant.
 func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	p, id, err := a.authenticate(ss.Context())
 	if err != nil {
@@ -274,10 +279,13 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	if p == nil {
 		return handler(srv, ss)
 	}
+	if isWatch(info) { // the consumer role, as GetAccessToken
+		return handler(srv, &consumerStream{ServerStream: ss, a: a, id: id})
+	}
 	if !p.IsOperator(id.Key()) || strings.HasPrefix(info.FullMethod, adminMethods) && !operatorOfAll(p, id.Key()) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})
 	}
-	return handler(srv, ss)
+	return handler(srv, withOperator(ss, func(tenant string) bool { return p.CanManage(id.Key(), tenant) }))
 }
 
 // needsAuth selects every call but health checks.

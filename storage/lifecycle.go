@@ -96,39 +96,22 @@ func (cd *Codec) Stale(k Kind, v []byte) (bool, error) {
 // PrimaryID is the id of the key the codec seals with.
 func (cd *Codec) PrimaryID() string { return cd.keys.PrimaryID() }
 
-// Reseal opens a stored value of kind k stored under name (the where of
+// Reseal checks a stored value of kind k stored under name (the where of
 // [Codec.CheckMeta] for the meta record) and seals it again with the
-// sealing key, through the same decode and encode a write uses. Nothing
-// else changes: a connection keeps its revision, tokens their generation,
-// the meta record its creation time.
+// sealing key ([Codec.ResealConnection], [Codec.ResealTokens],
+// [Codec.ResealMeta]). Nothing else changes: a connection keeps its
+// revision, tokens their generation, the meta record its creation time.
 func (cd *Codec) Reseal(k Kind, name string, v []byte) ([]byte, error) {
 	switch k {
 	case KindMeta:
-		return cd.resealMeta(name, v)
-	case KindConnection:
-		c, err := cd.DecodeConnection(name, v)
-		if err != nil {
+		if err := cd.CheckMeta(name, v); err != nil {
 			return nil, err
 		}
-		_, cv, _, err := cd.EncodeRecords(c, c.Revision, nil)
-		return cv, err
+		return cd.ResealMeta(v)
+	case KindConnection:
+		return cd.ResealConnection(name, v)
 	}
-	t, err := cd.DecodeTokens(name, v)
-	if err != nil {
-		return nil, err
-	}
-	return cd.EncodeTokens(name, t)
-}
-
-func (cd *Codec) resealMeta(where string, v []byte) ([]byte, error) {
-	if err := cd.CheckMeta(where, v); err != nil {
-		return nil, err
-	}
-	var meta storagev1.Meta
-	if err := proto.Unmarshal(v, &meta); err != nil {
-		return nil, fmt.Errorf("%w: %s: meta record: %v", ErrNotDataFile, where, err)
-	}
-	return cd.EncodeMeta(meta.GetCreateTime().AsTime())
+	return cd.ResealTokens(name, v)
 }
 
 // IntentRestored is the intent a restore leaves on every token chain: the

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"tokenbroker/broker"
@@ -59,19 +60,24 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	log := newLogger(cfg, stderr)
+	tr, err := startTracing(ctx, getenv, log)
+	if err != nil {
+		return err
+	}
+	defer tr.shutdown()
 	st, keys, err := openStorage(ctx, cfg, getenv, log)
 	if err != nil {
 		return err
 	}
 	defer st.close()
 	metrics := server.NewMetrics()
-	b, err := newBroker(cfg, st, metrics, log)
+	b, err := newBroker(cfg, st, metrics, tr.provider, log)
 	if err != nil {
 		return err
 	}
 	defer b.Close()
 	metrics.Watch(b, time.Now)
-	srv, closeAuditor, err := newServer(ctx, cfg, b, st.admin, metrics, log)
+	srv, closeAuditor, err := newServer(ctx, cfg, b, st.admin, metrics, tr.serverOptions, log)
 	if err != nil {
 		return err
 	}
@@ -102,7 +108,7 @@ func openStorage(ctx context.Context, cfg *config, getenv func(string) string, l
 	if err != nil {
 		return nil, nil, err
 	}
-	st, err := openStore(ctx, cfg, dataFile(cfg), keys)
+	st, err := openStore(ctx, cfg, dataFile(cfg), keys, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -122,13 +128,16 @@ func storeName(cfg *config) string {
 	return dataFile(cfg)
 }
 
-// newBroker builds the broker on the opened store, reporting to metrics.
-func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.Logger) (*broker.Broker, error) {
+// newBroker builds the broker on the opened store, reporting to metrics and
+// tracing upstream requests to tp.
+func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, tp trace.TracerProvider, log *slog.Logger) (*broker.Broker, error) {
 	return broker.New(broker.Options{
 		Observer:                     metrics,
+		TracerProvider:               tp,
 		Store:                        st.store,
 		Locker:                       st.locker,
 		Watcher:                      st.watcher,
+		Authorizations:               st.authorizations,
 		Logger:                       log.With("component", "broker"),
 		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
 		AllowUpstreamCIDRs:           cfg.allowUpstreamCIDRs.prefixes,
@@ -138,9 +147,10 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.
 	})
 }
 
-// newServer builds the gRPC server with its transport, policy and
-// auditor; closeAuditor flushes and closes the audit log.
-func newServer(ctx context.Context, cfg *config, b *broker.Broker, admin server.AdminStore, metrics *server.Metrics, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
+// newServer builds the gRPC server with its transport, policy, auditor,
+// admin service and extra options (tracing); closeAuditor flushes and
+// closes the audit log.
+func newServer(ctx context.Context, cfg *config, b *broker.Broker, admin server.AdminStore, metrics *server.Metrics, extra []grpc.ServerOption, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
 	authz, err := loadAuthorizer(cfg)
 	if err != nil {
 		return nil, nil, err
@@ -164,7 +174,7 @@ func newServer(ctx context.Context, cfg *config, b *broker.Broker, admin server.
 		Metrics:               metrics,
 		RateLimit:             cfg.rateLimit,
 		RateBurst:             cfg.rateBurst,
-		ServerOptions:         serverOpts,
+		ServerOptions:         append(serverOpts, extra...),
 		Admin:                 admin,
 	})
 	return srv, closeAuditor, nil
@@ -341,6 +351,7 @@ func startHeapFloor(cfg *config, log *slog.Logger) *server.HeapFloor {
 func shutDown(cfg *config, srv *server.Server, b *broker.Broker, log *slog.Logger) {
 	log.Info("shutting down: no new calls; finishing in-flight calls and refreshes")
 	srv.Health.Shutdown()
+	b.EndWatches() // a watch never ends by itself: the graceful stop would wait for it
 	done := make(chan struct{})
 	go func() { srv.GracefulStop(); close(done) }()
 	select {

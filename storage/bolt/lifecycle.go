@@ -51,7 +51,7 @@ func (s *Store) KeyUse(ctx context.Context) (storage.KeyUse, error) {
 		for _, b := range []struct {
 			name []byte
 			kind storage.Kind
-		}{{bucketConnections, storage.KindConnection}, {bucketTokens, storage.KindTokens}} {
+		}{{bucketConnections, storage.KindConnection}, {bucketDeleting, storage.KindConnection}, {bucketTokens, storage.KindTokens}} {
 			err := tx.Bucket(b.name).ForEach(func(k, v []byte) error {
 				if err := ctx.Err(); err != nil {
 					return err
@@ -134,6 +134,9 @@ func (s *Store) findStale(after string, limit int) (batch []stale, next string, 
 			if ok {
 				batch = append(batch, stale{bucketMeta, keyMeta, storage.KindMeta, bytes.Clone(v), nil})
 			}
+			if err := s.staleDeleting(tx, &batch, &st); err != nil {
+				return err
+			}
 		}
 		tokens := tx.Bucket(bucketTokens)
 		cur := tx.Bucket(bucketConnections).Cursor()
@@ -169,6 +172,33 @@ func (s *Store) findStale(after string, limit int) (batch []stale, next string, 
 		return nil
 	})
 	return batch, next, st, err
+}
+
+// staleDeleting adds to batch the stale records of deletes in progress
+// (see [Store.MarkDeleting]) and of their tokens: few, and the store
+// refuses to start without a key they need.
+func (s *Store) staleDeleting(tx *bbolt.Tx, batch *[]stale, st *storage.ResealStats) error {
+	tokens := tx.Bucket(bucketTokens)
+	return tx.Bucket(bucketDeleting).ForEach(func(k, v []byte) error {
+		for _, r := range []stale{
+			{bucketDeleting, k, storage.KindConnection, v, nil},
+			{bucketTokens, k, storage.KindTokens, tokens.Get(k), nil},
+		} {
+			if r.old == nil {
+				continue
+			}
+			st.Examined++
+			ok, err := s.codec.Stale(r.kind, r.old)
+			if err != nil {
+				return fmt.Errorf("storage: %s: %w", k, err)
+			}
+			if ok {
+				r.key, r.old = bytes.Clone(r.key), bytes.Clone(r.old)
+				*batch = append(*batch, r)
+			}
+		}
+		return nil
+	})
 }
 
 // BackupWriter writes a backup: a bbolt data file in the store's own
@@ -282,7 +312,10 @@ func (w *BackupWriter) Publish() error {
 	if err := os.Rename(w.tmp, w.path); err != nil {
 		return fmt.Errorf("storage: backup: %w", err)
 	}
-	return syncDir(filepath.Dir(w.path))
+	if err := syncDir(filepath.Dir(w.path)); err != nil {
+		return fmt.Errorf("storage: backup: sync %s: %w", filepath.Dir(w.path), err)
+	}
+	return nil
 }
 
 // Abort removes the unfinished file.
@@ -291,17 +324,6 @@ func (w *BackupWriter) Abort() {
 	os.Remove(w.tmp)
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("storage: sync %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("storage: sync %s: %w", dir, err)
-	}
-	return nil
-}
 
 // Backup is a backup file opened read-only.
 type Backup struct {
@@ -380,11 +402,17 @@ func (b *Backup) Each(fn func(storage.Record) error) error {
 // in it, and returns how many connections it holds.
 func (b *Backup) Verify(keys *storage.Keyring) (int64, error) {
 	codec := storage.NewCodec(keys)
-	if err := codec.CheckMeta(b.Path(), b.meta); err != nil {
+	st, err := codec.OpenMeta(b.Path(), b.meta)
+	if err != nil {
 		return 0, err
 	}
+	if st.Upgrade {
+		// Its records carry no record seal: only a broker's open upgrades
+		// them, trusting them once.
+		return 0, fmt.Errorf("%w: %s has the record format of an older broker; start this version's broker on it once (it upgrades the file), then back that broker up", storage.ErrNotDataFile, b.Path())
+	}
 	var n int64
-	err := b.Each(func(r storage.Record) error {
+	err = b.Each(func(r storage.Record) error {
 		if err := codec.CheckRecord(r); err != nil {
 			return err
 		}

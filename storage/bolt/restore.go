@@ -152,7 +152,7 @@ func checkTarget(db *bbolt.DB, path string, replace bool) error {
 
 // resetBuckets empties the store's buckets and writes a new meta record.
 func resetBuckets(tx *bbolt.Tx, meta []byte) error {
-	for _, name := range [][]byte{bucketMeta, bucketConnections, bucketTokens} {
+	for _, name := range [][]byte{bucketMeta, bucketConnections, bucketTokens, bucketDeleting} {
 		if tx.Bucket(name) != nil {
 			if err := tx.DeleteBucket(name); err != nil {
 				return err

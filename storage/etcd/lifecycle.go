@@ -128,16 +128,45 @@ func (s *Store) KeyUse(ctx context.Context) (storage.KeyUse, error) {
 			return u, err
 		}
 	}
-	err = s.eachAt(ctx, meta.Header.Revision, "", func(_ string, cv, tv []byte) error {
-		if err := u.Add(s.codec, storage.KindConnection, cv); err != nil {
+	count := func(_ string, c, t *revValue) error {
+		if err := u.Add(s.codec, storage.KindConnection, c.value); err != nil {
 			return err
 		}
-		if tv == nil {
+		if t == nil {
 			return nil
 		}
-		return u.Add(s.codec, storage.KindTokens, tv)
-	})
-	return u, err
+		return u.Add(s.codec, storage.KindTokens, t.value)
+	}
+	if err := s.eachRevs(ctx, "", count); err != nil {
+		return u, err
+	}
+	return u, s.eachDeleting(ctx, count)
+}
+
+// eachDeleting calls fn for every delete in progress (see
+// [Store.MarkDeleting]) with its record and tokens: few, and a store
+// refuses to start without a key they need.
+func (s *Store) eachDeleting(ctx context.Context, fn func(name string, c, t *revValue) error) error {
+	base := s.prefix + "deleting/"
+	resp, err := s.cli.Get(ctx, base, clientv3.WithPrefix())
+	if err != nil {
+		return etcdErr(err)
+	}
+	for _, kv := range resp.Kvs {
+		name := strings.TrimPrefix(string(kv.Key), base)
+		var t *revValue
+		tr, err := s.cli.Get(ctx, s.tokenKey(name))
+		if err != nil {
+			return etcdErr(err)
+		}
+		if len(tr.Kvs) == 1 {
+			t = &revValue{tr.Kvs[0].Value, tr.Kvs[0].ModRevision}
+		}
+		if err := fn(name, &revValue{kv.Value, kv.ModRevision}, t); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // staleValue is one stored value to reseal, and the revision it was read at.
@@ -230,6 +259,14 @@ func (s *Store) findStale(ctx context.Context, after string, limit int) (batch [
 			}
 		}
 	}
+	if after == "" {
+		err := s.eachDeleting(ctx, func(name string, c, t *revValue) error {
+			return s.addStale(&batch, &st, name, s.prefix+"deleting/"+name, c, t)
+		})
+		if err != nil {
+			return nil, "", st, err
+		}
+	}
 	seen, last := 0, ""
 	err = s.eachRevs(ctx, after, func(name string, c, t *revValue) error {
 		if len(batch) >= limit || seen >= 8*limit {
@@ -237,29 +274,35 @@ func (s *Store) findStale(ctx context.Context, after string, limit int) (batch [
 			return errBatchFull
 		}
 		seen, last = seen+1, name
-		for _, v := range []struct {
-			key  string
-			kind storage.Kind
-			val  *revValue
-		}{{s.connKey(name), storage.KindConnection, c}, {s.tokenKey(name), storage.KindTokens, t}} {
-			if v.val == nil {
-				continue
-			}
-			st.Examined++
-			ok, err := s.codec.Stale(v.kind, v.val.value)
-			if err != nil {
-				return fmt.Errorf("storage: %s: %w", name, err)
-			}
-			if ok {
-				batch = append(batch, staleValue{key: v.key, name: name, kind: v.kind, old: v.val.value, modRev: v.val.modRev})
-			}
-		}
-		return nil
+		return s.addStale(&batch, &st, name, s.connKey(name), c, t)
 	})
 	if errors.Is(err, errBatchFull) {
 		err = nil
 	}
 	return batch, next, st, err
+}
+
+// addStale adds to batch those of a connection's record (stored at ckey)
+// and tokens that need resealing.
+func (s *Store) addStale(batch *[]staleValue, st *storage.ResealStats, name, ckey string, c, t *revValue) error {
+	for _, v := range []struct {
+		key  string
+		kind storage.Kind
+		val  *revValue
+	}{{ckey, storage.KindConnection, c}, {s.tokenKey(name), storage.KindTokens, t}} {
+		if v.val == nil {
+			continue
+		}
+		st.Examined++
+		ok, err := s.codec.Stale(v.kind, v.val.value)
+		if err != nil {
+			return fmt.Errorf("storage: %s: %w", name, err)
+		}
+		if ok {
+			*batch = append(*batch, staleValue{key: v.key, name: name, kind: v.kind, old: v.val.value, modRev: v.val.modRev})
+		}
+	}
+	return nil
 }
 
 // errBatchFull ends a scan once a batch is full.

@@ -89,7 +89,7 @@ func TestEtcdBackupRestoreAndReseal(t *testing.T) {
 	storetest.CheckLoadAll(t, dst)
 	storetest.CheckRestoredIntents(t, dst)
 
-	old := open(t, cli, "/dst/", a)
+	old := open(t, cli, "/dst/", a, b) // still sealing with the old key
 	reps, err := dst.Replicas(ctx)
 	if err != nil || len(reps) != 2 {
 		t.Fatalf("replicas: %v, %v", reps, err)

@@ -207,7 +207,7 @@ func (r *restorer) write(ctx context.Context, ops []clientv3.Op, keys []string) 
 	r.batches++
 	conds := make([]clientv3.Cmp, len(keys))
 	for i, k := range keys {
-		conds[i] = unchangedSince(k, r.current[k])
+		conds[i] = asRead(k, r.current[k])
 	}
 	resp, err := r.s.cli.Txn(ctx).If(conds...).Then(ops...).Commit()
 	if err != nil {
@@ -222,8 +222,8 @@ func (r *restorer) write(ctx context.Context, ops []clientv3.Op, keys []string) 
 	return nil
 }
 
-// unchangedSince compares key with what the restore read of it.
-func unchangedSince(key string, v *revValue) clientv3.Cmp {
+// asRead compares key with what the restore read of it.
+func asRead(key string, v *revValue) clientv3.Cmp {
 	if v == nil {
 		return clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 	}

@@ -19,13 +19,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenBroker_CreateConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/CreateConnection"
-	TokenBroker_GetConnection_FullMethodName    = "/tokenbroker.v1.TokenBroker/GetConnection"
-	TokenBroker_ListConnections_FullMethodName  = "/tokenbroker.v1.TokenBroker/ListConnections"
-	TokenBroker_UpdateConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/UpdateConnection"
-	TokenBroker_DeleteConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/DeleteConnection"
-	TokenBroker_TestConnection_FullMethodName   = "/tokenbroker.v1.TokenBroker/TestConnection"
-	TokenBroker_GetAccessToken_FullMethodName   = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_CreateConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/CreateConnection"
+	TokenBroker_GetConnection_FullMethodName         = "/tokenbroker.v1.TokenBroker/GetConnection"
+	TokenBroker_ListConnections_FullMethodName       = "/tokenbroker.v1.TokenBroker/ListConnections"
+	TokenBroker_UpdateConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/UpdateConnection"
+	TokenBroker_DeleteConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/DeleteConnection"
+	TokenBroker_TestConnection_FullMethodName        = "/tokenbroker.v1.TokenBroker/TestConnection"
+	TokenBroker_GetAccessToken_FullMethodName        = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_WatchAccessToken_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchAccessToken"
+	TokenBroker_WatchConnections_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchConnections"
+	TokenBroker_StartAuthorization_FullMethodName    = "/tokenbroker.v1.TokenBroker/StartAuthorization"
+	TokenBroker_CompleteAuthorization_FullMethodName = "/tokenbroker.v1.TokenBroker/CompleteAuthorization"
+	TokenBroker_ImportRefreshToken_FullMethodName    = "/tokenbroker.v1.TokenBroker/ImportRefreshToken"
 )
 
 // TokenBrokerClient is the client API for TokenBroker service.
@@ -64,6 +69,52 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
+	WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
+	// StartAuthorization begins the Authorization Code flow with PKCE for a
+	// new connection (`parent`, `connection_id`, `connection`) or an existing
+	// one (`name`, with `update_mask` naming fields of `connection` to change
+	// when it completes). It returns the URL to open in a browser; the
+	// identity server redirects to the connection's `redirect_uri` with `code`
+	// and `state`, which CompleteAuthorization takes. The broker holds the
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
+	StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error)
+	// CompleteAuthorization exchanges the `code` the redirect brought back,
+	// with the PKCE verifier held for `state`, and commits the new refresh
+	// token chain (creating the connection, or replacing an existing one's
+	// chain) before anything is handed out. A wrong, used or expired state,
+	// or a code upstream refuses, fails and stores nothing.
+	CompleteAuthorization(ctx context.Context, in *CompleteAuthorizationRequest, opts ...grpc.CallOption) (*CompleteAuthorizationResponse, error)
+	// ImportRefreshToken brings an existing refresh token into a new
+	// connection or an existing one, for either flow, without a sign-in: the
+	// broker proves it with one refresh grant and commits the rotated refresh
+	// token before anything is handed out. A refused token stores nothing.
+	ImportRefreshToken(ctx context.Context, in *ImportRefreshTokenRequest, opts ...grpc.CallOption) (*ImportRefreshTokenResponse, error)
 }
 
 type tokenBrokerClient struct {
@@ -144,6 +195,74 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchAccessToken_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenClient = grpc.ServerStreamingClient[WatchAccessTokenResponse]
+
+func (c *tokenBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[1], TokenBroker_WatchConnections_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchConnectionsRequest, WatchConnectionsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsClient = grpc.ServerStreamingClient[WatchConnectionsResponse]
+
+func (c *tokenBrokerClient) StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartAuthorizationResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_StartAuthorization_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *tokenBrokerClient) CompleteAuthorization(ctx context.Context, in *CompleteAuthorizationRequest, opts ...grpc.CallOption) (*CompleteAuthorizationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CompleteAuthorizationResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_CompleteAuthorization_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *tokenBrokerClient) ImportRefreshToken(ctx context.Context, in *ImportRefreshTokenRequest, opts ...grpc.CallOption) (*ImportRefreshTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ImportRefreshTokenResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_ImportRefreshToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TokenBrokerServer is the server API for TokenBroker service.
 // All implementations must embed UnimplementedTokenBrokerServer
 // for forward compatibility.
@@ -180,6 +299,52 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
+	WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
+	// StartAuthorization begins the Authorization Code flow with PKCE for a
+	// new connection (`parent`, `connection_id`, `connection`) or an existing
+	// one (`name`, with `update_mask` naming fields of `connection` to change
+	// when it completes). It returns the URL to open in a browser; the
+	// identity server redirects to the connection's `redirect_uri` with `code`
+	// and `state`, which CompleteAuthorization takes. The broker holds the
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
+	StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error)
+	// CompleteAuthorization exchanges the `code` the redirect brought back,
+	// with the PKCE verifier held for `state`, and commits the new refresh
+	// token chain (creating the connection, or replacing an existing one's
+	// chain) before anything is handed out. A wrong, used or expired state,
+	// or a code upstream refuses, fails and stores nothing.
+	CompleteAuthorization(context.Context, *CompleteAuthorizationRequest) (*CompleteAuthorizationResponse, error)
+	// ImportRefreshToken brings an existing refresh token into a new
+	// connection or an existing one, for either flow, without a sign-in: the
+	// broker proves it with one refresh grant and commits the rotated refresh
+	// token before anything is handed out. A refused token stores nothing.
+	ImportRefreshToken(context.Context, *ImportRefreshTokenRequest) (*ImportRefreshTokenResponse, error)
 	mustEmbedUnimplementedTokenBrokerServer()
 }
 
@@ -210,6 +375,21 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
+}
+func (UnimplementedTokenBrokerServer) StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartAuthorization not implemented")
+}
+func (UnimplementedTokenBrokerServer) CompleteAuthorization(context.Context, *CompleteAuthorizationRequest) (*CompleteAuthorizationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CompleteAuthorization not implemented")
+}
+func (UnimplementedTokenBrokerServer) ImportRefreshToken(context.Context, *ImportRefreshTokenRequest) (*ImportRefreshTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ImportRefreshToken not implemented")
 }
 func (UnimplementedTokenBrokerServer) mustEmbedUnimplementedTokenBrokerServer() {}
 func (UnimplementedTokenBrokerServer) testEmbeddedByValue()                     {}
@@ -358,6 +538,82 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchAccessToken_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchAccessTokenRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchAccessToken(m, &grpc.GenericServerStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenServer = grpc.ServerStreamingServer[WatchAccessTokenResponse]
+
+func _TokenBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchConnectionsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchConnections(m, &grpc.GenericServerStream[WatchConnectionsRequest, WatchConnectionsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsServer = grpc.ServerStreamingServer[WatchConnectionsResponse]
+
+func _TokenBroker_StartAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartAuthorizationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).StartAuthorization(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_StartAuthorization_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).StartAuthorization(ctx, req.(*StartAuthorizationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TokenBroker_CompleteAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompleteAuthorizationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).CompleteAuthorization(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_CompleteAuthorization_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).CompleteAuthorization(ctx, req.(*CompleteAuthorizationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TokenBroker_ImportRefreshToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImportRefreshTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).ImportRefreshToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_ImportRefreshToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).ImportRefreshToken(ctx, req.(*ImportRefreshTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TokenBroker_ServiceDesc is the grpc.ServiceDesc for TokenBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -393,7 +649,30 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetAccessToken",
 			Handler:    _TokenBroker_GetAccessToken_Handler,
 		},
+		{
+			MethodName: "StartAuthorization",
+			Handler:    _TokenBroker_StartAuthorization_Handler,
+		},
+		{
+			MethodName: "CompleteAuthorization",
+			Handler:    _TokenBroker_CompleteAuthorization_Handler,
+		},
+		{
+			MethodName: "ImportRefreshToken",
+			Handler:    _TokenBroker_ImportRefreshToken_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchAccessToken",
+			Handler:       _TokenBroker_WatchAccessToken_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchConnections",
+			Handler:       _TokenBroker_WatchConnections_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tokenbroker/v1/tokenbroker.proto",
 }
