@@ -324,7 +324,6 @@ func (w *BackupWriter) Abort() {
 	os.Remove(w.tmp)
 }
 
-
 // Backup is a backup file opened read-only.
 type Backup struct {
 	db   *bbolt.DB
