@@ -40,7 +40,7 @@ type ReplicaLister interface {
 }
 
 // adminMethods prefixes the full names of the admin service's methods.
-const adminMethods = "/" + "tokenbroker.admin.v1.Admin" + "/"
+const adminMethods = "/" + "tokenbroker.admin.v1.AdminBroker" + "/"
 
 // operatorOfAll reports whether identity may call the admin service: an
 // operator of every tenant. In dev mode (no policy) every local caller is
@@ -88,9 +88,9 @@ func (p *pacer) pause(ctx context.Context) error {
 	return nil
 }
 
-// adminService serves tokenbroker.admin.v1.Admin.
+// adminService serves tokenbroker.admin.v1.AdminBroker.
 type adminService struct {
-	adminv1.UnimplementedAdminServer
+	adminv1.UnimplementedAdminBrokerServer
 	store AdminStore
 	log   *slog.Logger
 }

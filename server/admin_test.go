@@ -16,7 +16,7 @@ import (
 )
 
 // backupAll reads a whole backup stream: its header and records.
-func backupAll(ctx context.Context, c adminv1.AdminClient) (*adminv1.BackupHeader, []*adminv1.BackupRecord, error) {
+func backupAll(ctx context.Context, c adminv1.AdminBrokerClient) (*adminv1.BackupHeader, []*adminv1.BackupRecord, error) {
 	stream, err := c.Backup(ctx, &adminv1.BackupRequest{})
 	if err != nil {
 		return nil, nil, err
@@ -56,7 +56,7 @@ func TestAdminServiceIsForOperatorsOfEveryTenant(t *testing.T) {
 		t.Run(tc.who, func(t *testing.T) {
 			cert := tf.ca.Issue(t, servertest.Leaf{URI: tc.who})
 			_, cc := tf.client(t, &cert)
-			admin := adminv1.NewAdminClient(cc)
+			admin := adminv1.NewAdminBrokerClient(cc)
 			h, recs, err := backupAll(ctx, admin)
 			if status.Code(err) != tc.want {
 				t.Fatalf("Backup: %v, want %v", err, tc.want)
@@ -99,7 +99,7 @@ func TestKeyStatusCountsEveryRecord(t *testing.T) {
 	tf := newTLSFixture(t, 0)
 	cert := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root"})
 	_, cc := tf.client(t, &cert)
-	st, err := adminv1.NewAdminClient(cc).GetKeyStatus(context.Background(), &adminv1.GetKeyStatusRequest{})
+	st, err := adminv1.NewAdminBrokerClient(cc).GetKeyStatus(context.Background(), &adminv1.GetKeyStatusRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}

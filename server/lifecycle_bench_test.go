@@ -132,7 +132,7 @@ func populate(b *testing.B, st *bolt.Store, n int) {
 type benchEnv struct {
 	addr   string
 	client pb.TokenBrokerClient
-	admin  adminv1.AdminClient
+	admin  adminv1.AdminBrokerClient
 	stop   func()
 }
 
@@ -154,7 +154,7 @@ func serveBench(b *testing.B, st *bolt.Store) *benchEnv {
 	}
 	return &benchEnv{
 		addr:   lis.Addr().String(),
-		client: pb.NewTokenBrokerClient(cc), admin: adminv1.NewAdminClient(cc),
+		client: pb.NewTokenBrokerClient(cc), admin: adminv1.NewAdminBrokerClient(cc),
 		stop: func() { cc.Close(); srv.Stop(); br.Close() },
 	}
 }
@@ -203,7 +203,7 @@ func backupClient(addr, out string) error {
 		return err
 	}
 	defer w.Abort()
-	stream, err := adminv1.NewAdminClient(cc).Backup(context.Background(), &adminv1.BackupRequest{})
+	stream, err := adminv1.NewAdminBrokerClient(cc).Backup(context.Background(), &adminv1.BackupRequest{})
 	if err != nil {
 		return err
 	}
@@ -284,7 +284,7 @@ func callsWhile(b *testing.B, c pb.TokenBrokerClient, n int, during func()) floa
 }
 
 // benchRekey runs one Rekey call and returns how many values it resealed.
-func benchRekey(b *testing.B, admin adminv1.AdminClient) int64 {
+func benchRekey(b *testing.B, admin adminv1.AdminBrokerClient) int64 {
 	stream, err := admin.Rekey(context.Background(), &adminv1.RekeyRequest{})
 	if err != nil {
 		b.Fatal(err)

@@ -64,7 +64,7 @@ type Options struct {
 	// any caller the policy knows may call: no policy rule names them.
 	// Under a policy, other added methods are denied to every caller.
 	AuthenticatedMethods []string
-	// Admin, when set, serves tokenbroker.admin.v1.Admin (backup, rekey,
+	// Admin, when set, serves tokenbroker.admin.v1.AdminBroker (backup, rekey,
 	// key status) over it, to operators of every tenant only.
 	Admin AdminStore
 }
@@ -135,7 +135,7 @@ func New(opts Options) *Server {
 	drain, stopWatches := context.WithCancel(context.Background())
 	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log, drain: drain})
 	if opts.Admin != nil {
-		adminv1.RegisterAdminServer(gs, &adminService{store: opts.Admin, log: log.With("service", "admin")})
+		adminv1.RegisterAdminBrokerServer(gs, &adminService{store: opts.Admin, log: log.With("service", "admin")})
 	}
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)

@@ -110,7 +110,7 @@ func (f *serverFlags) register(fs *flag.FlagSet) {
 
 // dial connects to the broker: TLS with --cacert (and the client
 // certificate of --cert/--key), plaintext only to a loopback address.
-func (f *serverFlags) dial() (adminv1.AdminClient, func(), error) {
+func (f *serverFlags) dial() (adminv1.AdminBrokerClient, func(), error) {
 	if (f.cert == "") != (f.key == "") {
 		return nil, nil, errors.New("--cert and --key go together")
 	}
@@ -132,7 +132,7 @@ func (f *serverFlags) dial() (adminv1.AdminClient, func(), error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("server %s: %w", f.server, err)
 	}
-	return adminv1.NewAdminClient(cc), func() { cc.Close() }, nil
+	return adminv1.NewAdminBrokerClient(cc), func() { cc.Close() }, nil
 }
 
 func (f *serverFlags) tlsConfig() (*tls.Config, error) {

@@ -84,7 +84,7 @@ func parseBackupFlags(args []string, getenv func(string) string, stderr io.Write
 
 // writeBackup receives the snapshot into w, finishes the file and, with
 // keys, verifies it. It returns the header and the connection count.
-func writeBackup(ctx context.Context, client adminv1.AdminClient, w *bolt.BackupWriter, keys *storage.Keyring, stderr io.Writer) (*adminv1.BackupHeader, int64, error) {
+func writeBackup(ctx context.Context, client adminv1.AdminBrokerClient, w *bolt.BackupWriter, keys *storage.Keyring, stderr io.Writer) (*adminv1.BackupHeader, int64, error) {
 	header, err := receiveBackup(ctx, client, w, newProgress(stderr))
 	if err != nil {
 		return nil, 0, err
@@ -112,7 +112,7 @@ func atRevision(h *adminv1.BackupHeader) string {
 }
 
 // receiveBackup writes the streamed snapshot into w and returns its header.
-func receiveBackup(ctx context.Context, client adminv1.AdminClient, w *bolt.BackupWriter, p *progress) (*adminv1.BackupHeader, error) {
+func receiveBackup(ctx context.Context, client adminv1.AdminBrokerClient, w *bolt.BackupWriter, p *progress) (*adminv1.BackupHeader, error) {
 	stream, err := client.Backup(ctx, &adminv1.BackupRequest{})
 	if err != nil {
 		return nil, err

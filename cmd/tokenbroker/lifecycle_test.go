@@ -162,14 +162,14 @@ func stopServer(t *testing.T, p *proc) {
 }
 
 // adminOf returns an admin client of p.
-func adminOf(t *testing.T, p *proc) adminv1.AdminClient {
+func adminOf(t *testing.T, p *proc) adminv1.AdminBrokerClient {
 	t.Helper()
 	cc, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return adminv1.NewAdminClient(cc)
+	return adminv1.NewAdminBrokerClient(cc)
 }
 
 // waitUntil polls cond until it holds, failing after a deadline.

@@ -673,8 +673,8 @@ const file_tokenbroker_admin_v1_admin_proto_rawDesc = "" +
 	"\arecords\x18\x02 \x01(\x03R\arecords\"2\n" +
 	"\aReplica\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
-	"\akey_ids\x18\x02 \x03(\tR\x06keyIds2\x99\x02\n" +
-	"\x05Admin\x12U\n" +
+	"\akey_ids\x18\x02 \x03(\tR\x06keyIds2\x9f\x02\n" +
+	"\vAdminBroker\x12U\n" +
 	"\x06Backup\x12#.tokenbroker.admin.v1.BackupRequest\x1a$.tokenbroker.admin.v1.BackupResponse0\x01\x12R\n" +
 	"\x05Rekey\x12\".tokenbroker.admin.v1.RekeyRequest\x1a#.tokenbroker.admin.v1.RekeyResponse0\x01\x12e\n" +
 	"\fGetKeyStatus\x12).tokenbroker.admin.v1.GetKeyStatusRequest\x1a*.tokenbroker.admin.v1.GetKeyStatusResponseB.Z,tokenbroker/gen/tokenbroker/admin/v1;adminv1b\x06proto3"
@@ -709,12 +709,12 @@ var file_tokenbroker_admin_v1_admin_proto_depIdxs = []int32{
 	3, // 1: tokenbroker.admin.v1.BackupResponse.records:type_name -> tokenbroker.admin.v1.BackupRecord
 	8, // 2: tokenbroker.admin.v1.GetKeyStatusResponse.key_uses:type_name -> tokenbroker.admin.v1.KeyUse
 	9, // 3: tokenbroker.admin.v1.GetKeyStatusResponse.replicas:type_name -> tokenbroker.admin.v1.Replica
-	0, // 4: tokenbroker.admin.v1.Admin.Backup:input_type -> tokenbroker.admin.v1.BackupRequest
-	4, // 5: tokenbroker.admin.v1.Admin.Rekey:input_type -> tokenbroker.admin.v1.RekeyRequest
-	6, // 6: tokenbroker.admin.v1.Admin.GetKeyStatus:input_type -> tokenbroker.admin.v1.GetKeyStatusRequest
-	1, // 7: tokenbroker.admin.v1.Admin.Backup:output_type -> tokenbroker.admin.v1.BackupResponse
-	5, // 8: tokenbroker.admin.v1.Admin.Rekey:output_type -> tokenbroker.admin.v1.RekeyResponse
-	7, // 9: tokenbroker.admin.v1.Admin.GetKeyStatus:output_type -> tokenbroker.admin.v1.GetKeyStatusResponse
+	0, // 4: tokenbroker.admin.v1.AdminBroker.Backup:input_type -> tokenbroker.admin.v1.BackupRequest
+	4, // 5: tokenbroker.admin.v1.AdminBroker.Rekey:input_type -> tokenbroker.admin.v1.RekeyRequest
+	6, // 6: tokenbroker.admin.v1.AdminBroker.GetKeyStatus:input_type -> tokenbroker.admin.v1.GetKeyStatusRequest
+	1, // 7: tokenbroker.admin.v1.AdminBroker.Backup:output_type -> tokenbroker.admin.v1.BackupResponse
+	5, // 8: tokenbroker.admin.v1.AdminBroker.Rekey:output_type -> tokenbroker.admin.v1.RekeyResponse
+	7, // 9: tokenbroker.admin.v1.AdminBroker.GetKeyStatus:output_type -> tokenbroker.admin.v1.GetKeyStatusResponse
 	7, // [7:10] is the sub-list for method output_type
 	4, // [4:7] is the sub-list for method input_type
 	4, // [4:4] is the sub-list for extension type_name

@@ -23,17 +23,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_Backup_FullMethodName       = "/tokenbroker.admin.v1.Admin/Backup"
-	Admin_Rekey_FullMethodName        = "/tokenbroker.admin.v1.Admin/Rekey"
-	Admin_GetKeyStatus_FullMethodName = "/tokenbroker.admin.v1.Admin/GetKeyStatus"
+	AdminBroker_Backup_FullMethodName       = "/tokenbroker.admin.v1.AdminBroker/Backup"
+	AdminBroker_Rekey_FullMethodName        = "/tokenbroker.admin.v1.AdminBroker/Rekey"
+	AdminBroker_GetKeyStatus_FullMethodName = "/tokenbroker.admin.v1.AdminBroker/GetKeyStatus"
 )
 
-// AdminClient is the client API for Admin service.
+// AdminBrokerClient is the client API for AdminBroker service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// Admin serves the stored data as a whole, for operators of all tenants.
-type AdminClient interface {
+// AdminBroker serves the stored data as a whole, for operators of all tenants.
+type AdminBrokerClient interface {
 	// Backup streams a consistent snapshot of every stored connection: the
 	// first message carries the header, every message a chunk of records in
 	// name order. Records are sent as stored, sealed; the key never leaves
@@ -47,17 +47,17 @@ type AdminClient interface {
 	GetKeyStatus(ctx context.Context, in *GetKeyStatusRequest, opts ...grpc.CallOption) (*GetKeyStatusResponse, error)
 }
 
-type adminClient struct {
+type adminBrokerClient struct {
 	cc grpc.ClientConnInterface
 }
 
-func NewAdminClient(cc grpc.ClientConnInterface) AdminClient {
-	return &adminClient{cc}
+func NewAdminBrokerClient(cc grpc.ClientConnInterface) AdminBrokerClient {
+	return &adminBrokerClient{cc}
 }
 
-func (c *adminClient) Backup(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupResponse], error) {
+func (c *adminBrokerClient) Backup(ctx context.Context, in *BackupRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_Backup_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &AdminBroker_ServiceDesc.Streams[0], AdminBroker_Backup_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -72,11 +72,11 @@ func (c *adminClient) Backup(ctx context.Context, in *BackupRequest, opts ...grp
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Admin_BackupClient = grpc.ServerStreamingClient[BackupResponse]
+type AdminBroker_BackupClient = grpc.ServerStreamingClient[BackupResponse]
 
-func (c *adminClient) Rekey(ctx context.Context, in *RekeyRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[RekeyResponse], error) {
+func (c *adminBrokerClient) Rekey(ctx context.Context, in *RekeyRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[RekeyResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Rekey_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &AdminBroker_ServiceDesc.Streams[1], AdminBroker_Rekey_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -91,24 +91,24 @@ func (c *adminClient) Rekey(ctx context.Context, in *RekeyRequest, opts ...grpc.
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Admin_RekeyClient = grpc.ServerStreamingClient[RekeyResponse]
+type AdminBroker_RekeyClient = grpc.ServerStreamingClient[RekeyResponse]
 
-func (c *adminClient) GetKeyStatus(ctx context.Context, in *GetKeyStatusRequest, opts ...grpc.CallOption) (*GetKeyStatusResponse, error) {
+func (c *adminBrokerClient) GetKeyStatus(ctx context.Context, in *GetKeyStatusRequest, opts ...grpc.CallOption) (*GetKeyStatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetKeyStatusResponse)
-	err := c.cc.Invoke(ctx, Admin_GetKeyStatus_FullMethodName, in, out, cOpts...)
+	err := c.cc.Invoke(ctx, AdminBroker_GetKeyStatus_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// AdminServer is the server API for Admin service.
-// All implementations must embed UnimplementedAdminServer
+// AdminBrokerServer is the server API for AdminBroker service.
+// All implementations must embed UnimplementedAdminBrokerServer
 // for forward compatibility.
 //
-// Admin serves the stored data as a whole, for operators of all tenants.
-type AdminServer interface {
+// AdminBroker serves the stored data as a whole, for operators of all tenants.
+type AdminBrokerServer interface {
 	// Backup streams a consistent snapshot of every stored connection: the
 	// first message carries the header, every message a chunk of records in
 	// name order. Records are sent as stored, sealed; the key never leaves
@@ -120,107 +120,107 @@ type AdminServer interface {
 	Rekey(*RekeyRequest, grpc.ServerStreamingServer[RekeyResponse]) error
 	// GetKeyStatus counts the stored records per key that sealed them.
 	GetKeyStatus(context.Context, *GetKeyStatusRequest) (*GetKeyStatusResponse, error)
-	mustEmbedUnimplementedAdminServer()
+	mustEmbedUnimplementedAdminBrokerServer()
 }
 
-// UnimplementedAdminServer must be embedded to have
+// UnimplementedAdminBrokerServer must be embedded to have
 // forward compatible implementations.
 //
 // NOTE: this should be embedded by value instead of pointer to avoid a nil
 // pointer dereference when methods are called.
-type UnimplementedAdminServer struct{}
+type UnimplementedAdminBrokerServer struct{}
 
-func (UnimplementedAdminServer) Backup(*BackupRequest, grpc.ServerStreamingServer[BackupResponse]) error {
+func (UnimplementedAdminBrokerServer) Backup(*BackupRequest, grpc.ServerStreamingServer[BackupResponse]) error {
 	return status.Error(codes.Unimplemented, "method Backup not implemented")
 }
-func (UnimplementedAdminServer) Rekey(*RekeyRequest, grpc.ServerStreamingServer[RekeyResponse]) error {
+func (UnimplementedAdminBrokerServer) Rekey(*RekeyRequest, grpc.ServerStreamingServer[RekeyResponse]) error {
 	return status.Error(codes.Unimplemented, "method Rekey not implemented")
 }
-func (UnimplementedAdminServer) GetKeyStatus(context.Context, *GetKeyStatusRequest) (*GetKeyStatusResponse, error) {
+func (UnimplementedAdminBrokerServer) GetKeyStatus(context.Context, *GetKeyStatusRequest) (*GetKeyStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetKeyStatus not implemented")
 }
-func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
-func (UnimplementedAdminServer) testEmbeddedByValue()               {}
+func (UnimplementedAdminBrokerServer) mustEmbedUnimplementedAdminBrokerServer() {}
+func (UnimplementedAdminBrokerServer) testEmbeddedByValue()                     {}
 
-// UnsafeAdminServer may be embedded to opt out of forward compatibility for this service.
-// Use of this interface is not recommended, as added methods to AdminServer will
+// UnsafeAdminBrokerServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to AdminBrokerServer will
 // result in compilation errors.
-type UnsafeAdminServer interface {
-	mustEmbedUnimplementedAdminServer()
+type UnsafeAdminBrokerServer interface {
+	mustEmbedUnimplementedAdminBrokerServer()
 }
 
-func RegisterAdminServer(s grpc.ServiceRegistrar, srv AdminServer) {
-	// If the following call panics, it indicates UnimplementedAdminServer was
+func RegisterAdminBrokerServer(s grpc.ServiceRegistrar, srv AdminBrokerServer) {
+	// If the following call panics, it indicates UnimplementedAdminBrokerServer was
 	// embedded by pointer and is nil.  This will cause panics if an
 	// unimplemented method is ever invoked, so we test this at initialization
 	// time to prevent it from happening at runtime later due to I/O.
 	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
 		t.testEmbeddedByValue()
 	}
-	s.RegisterService(&Admin_ServiceDesc, srv)
+	s.RegisterService(&AdminBroker_ServiceDesc, srv)
 }
 
-func _Admin_Backup_Handler(srv interface{}, stream grpc.ServerStream) error {
+func _AdminBroker_Backup_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(BackupRequest)
 	if err := stream.RecvMsg(m); err != nil {
 		return err
 	}
-	return srv.(AdminServer).Backup(m, &grpc.GenericServerStream[BackupRequest, BackupResponse]{ServerStream: stream})
+	return srv.(AdminBrokerServer).Backup(m, &grpc.GenericServerStream[BackupRequest, BackupResponse]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Admin_BackupServer = grpc.ServerStreamingServer[BackupResponse]
+type AdminBroker_BackupServer = grpc.ServerStreamingServer[BackupResponse]
 
-func _Admin_Rekey_Handler(srv interface{}, stream grpc.ServerStream) error {
+func _AdminBroker_Rekey_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(RekeyRequest)
 	if err := stream.RecvMsg(m); err != nil {
 		return err
 	}
-	return srv.(AdminServer).Rekey(m, &grpc.GenericServerStream[RekeyRequest, RekeyResponse]{ServerStream: stream})
+	return srv.(AdminBrokerServer).Rekey(m, &grpc.GenericServerStream[RekeyRequest, RekeyResponse]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Admin_RekeyServer = grpc.ServerStreamingServer[RekeyResponse]
+type AdminBroker_RekeyServer = grpc.ServerStreamingServer[RekeyResponse]
 
-func _Admin_GetKeyStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+func _AdminBroker_GetKeyStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetKeyStatusRequest)
 	if err := dec(in); err != nil {
 		return nil, err
 	}
 	if interceptor == nil {
-		return srv.(AdminServer).GetKeyStatus(ctx, in)
+		return srv.(AdminBrokerServer).GetKeyStatus(ctx, in)
 	}
 	info := &grpc.UnaryServerInfo{
 		Server:     srv,
-		FullMethod: Admin_GetKeyStatus_FullMethodName,
+		FullMethod: AdminBroker_GetKeyStatus_FullMethodName,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServer).GetKeyStatus(ctx, req.(*GetKeyStatusRequest))
+		return srv.(AdminBrokerServer).GetKeyStatus(ctx, req.(*GetKeyStatusRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
 
-// Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
+// AdminBroker_ServiceDesc is the grpc.ServiceDesc for AdminBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
-var Admin_ServiceDesc = grpc.ServiceDesc{
-	ServiceName: "tokenbroker.admin.v1.Admin",
-	HandlerType: (*AdminServer)(nil),
+var AdminBroker_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "tokenbroker.admin.v1.AdminBroker",
+	HandlerType: (*AdminBrokerServer)(nil),
 	Methods: []grpc.MethodDesc{
 		{
 			MethodName: "GetKeyStatus",
-			Handler:    _Admin_GetKeyStatus_Handler,
+			Handler:    _AdminBroker_GetKeyStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Backup",
-			Handler:       _Admin_Backup_Handler,
+			Handler:       _AdminBroker_Backup_Handler,
 			ServerStreams: true,
 		},
 		{
 			StreamName:    "Rekey",
-			Handler:       _Admin_Rekey_Handler,
+			Handler:       _AdminBroker_Rekey_Handler,
 			ServerStreams: true,
 		},
 	},
