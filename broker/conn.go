@@ -61,6 +61,11 @@ type runtimeState struct {
 	// lastReject when such a report last started a refresh.
 	rejected   string
 	lastReject time.Time
+	// setAside is a refresh token an ambiguous answer may have spent: it
+	// is never presented again, and is revoked only once a new chain is
+	// committed, since revoking it may end the session whose access token
+	// is still served meanwhile.
+	setAside string
 }
 
 // failureNote is one failure as status.last_error shows it.
@@ -182,6 +187,24 @@ func (c *conn) committedLocked(next *storage.Tokens) {
 	c.committed = next
 	c.rt.pending = nil
 	c.publishLocked()
+}
+
+// setAside keeps a refresh token an ambiguous answer may have spent, to
+// revoke once a new chain is committed.
+func (c *conn) setAside(spent string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rt.setAside = spent
+}
+
+// takeSetAside returns the refresh token set aside, if any, and forgets it:
+// the caller revokes it.
+func (c *conn) takeSetAside() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rt := c.rt.setAside
+	c.rt.setAside = ""
+	return rt
 }
 
 // intentLocked takes the durable intent record written before an upstream

@@ -319,6 +319,7 @@ func TestAmbiguousRefreshIsNeverReplayed(t *testing.T) {
 			if err != nil {
 				t.Fatalf("err = %v", err)
 			}
+			e.b.Settle() // the revocation and the old session's sign-out run on their own
 			c := e.idp.Counts()
 			if c.ReuseDetected != 0 || c.InvalidGrant != 0 {
 				t.Errorf("counts = %+v: the possibly spent refresh token was presented again", c)
@@ -327,7 +328,7 @@ func TestAmbiguousRefreshIsNeverReplayed(t *testing.T) {
 				t.Errorf("password grants = %d, want exactly one recovery password grant", c.PasswordGrants-1)
 			}
 			if c.Revocations != 1 || c.Logouts != 1 {
-				t.Errorf("counts = %+v, want the abandoned chain revoked and signed out once", c)
+				t.Errorf("counts = %+v, want the set-aside refresh token revoked and the old session signed out once", c)
 			}
 			if !e.idp.AccessTokenValid(tok.AccessToken) {
 				t.Error("token not live")
@@ -399,28 +400,34 @@ func TestUpstreamHangPastDeadline(t *testing.T) {
 	e.clock.Advance(50 * time.Minute)
 	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
 	// A hang after the request was sent is ambiguous: the refresh token may
-	// be spent, so the chain is revoked and signed out (its access token is
-	// then dead) and a password grant tried, which hangs too. The caller
-	// gets a clear answer within the refresh's own deadline, never the
-	// signed-out token.
-	_, err := e.token(15 * time.Minute)
-	if !errors.Is(err, broker.ErrUpstreamUnavailable) {
-		t.Fatalf("err = %v, want ErrUpstreamUnavailable", err)
+	// be spent, so it is set aside (revoked, never presented again) and a
+	// password grant tried, which hangs too. A valid token exists and its
+	// session is not signed out before a new chain exists: the caller gets
+	// it although upstream hangs.
+	tok, err := e.token(15 * time.Minute)
+	if err != nil || tok.AccessToken != first.AccessToken {
+		t.Fatalf("err = %v, want the cached token", err)
 	}
-	if e.idp.AccessTokenValid(first.AccessToken) {
-		t.Error("the abandoned chain's access token is still live upstream")
+	e.b.Settle()
+	if !e.idp.AccessTokenValid(first.AccessToken) {
+		t.Error("the cached token's session was signed out before a new chain existed")
 	}
-	if v := e.view(); v.State != broker.StateDegraded {
-		t.Errorf("state = %s, want DEGRADED", v.State)
+	if v := e.view(); v.State != broker.StateDegraded || v.Status.HasRefreshToken {
+		t.Errorf("state = %s, has refresh token %v, want DEGRADED with the refresh token set aside", v.State, v.Status.HasRefreshToken)
 	}
 	// Upstream answers again: one password grant, the hung refresh token is
-	// never presented again.
+	// never presented again, and the old session is signed out after the
+	// new chain is committed.
 	e.clock.Advance(time.Hour)
 	if _, err := e.token(time.Minute); err != nil {
 		t.Fatalf("after the hang: %v", err)
 	}
-	if c := e.idp.Counts(); c.PasswordGrants != 2 || c.InvalidGrant != 0 || c.RefreshGrants != 0 || c.ReuseDetected != 0 {
-		t.Errorf("counts = %+v, want one recovery password grant and no refresh grant", c)
+	e.b.Settle()
+	if c := e.idp.Counts(); c.PasswordGrants != 2 || c.InvalidGrant != 0 || c.RefreshGrants != 0 || c.ReuseDetected != 0 || c.Revocations != 1 || c.Logouts != 1 {
+		t.Errorf("counts = %+v, want one recovery password grant, no refresh grant, the set-aside token revoked and the old session signed out", c)
+	}
+	if e.idp.AccessTokenValid(first.AccessToken) {
+		t.Error("the old session was not signed out after the new chain was committed")
 	}
 }
 
@@ -532,5 +539,32 @@ func TestShortSecretWithholdsUpstreamText(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), short) || strings.Contains(err.Error(), "is locked") {
 		t.Errorf("err = %q: upstream text shown although a secret is too short to scrub", err)
+	}
+}
+
+// A refresh token set aside after an ambiguous answer is revoked when the
+// connection is deleted before a new chain replaced it: it must not stay
+// valid upstream, unused, until its idle window lapses.
+func TestDeleteRevokesASetAsideRefreshToken(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.UpstreamTimeout = 100 * time.Millisecond
+		b.MaxAttempts = 2
+	})
+	e.create()
+	e.mustToken()
+	e.clock.Advance(50 * time.Minute)
+	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
+	if _, err := e.token(15 * time.Minute); err != nil {
+		t.Fatalf("err = %v, want the cached token", err)
+	}
+	e.b.Settle()
+	if c := e.idp.Counts(); c.Revocations != 0 {
+		t.Fatalf("counts = %+v: revoked before a new chain existed", c)
+	}
+	if err := e.b.DeleteConnection(context.Background(), connName, ""); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.idp.Counts(); c.Revocations != 1 || c.Logouts != 1 {
+		t.Errorf("counts = %+v, want the set-aside refresh token revoked and the session signed out", c)
 	}
 }

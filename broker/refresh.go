@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -75,8 +76,7 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 }
 
 // abandonSpentChain gives up a refresh token the broker may have spent: it
-// presented it just before it stopped, or upstream's answer left the
-// outcome unknown (why says which). Presenting it again could look like
+// presented it just before it stopped (why says so). Presenting it again could look like
 // token theft to an identity server with reuse detection (RFC 9700 section
 // 4.14.2), which then revokes the whole family. So it is revoked (harmless
 // if spent) and its session signed out, freeing the session's seat, then
@@ -158,9 +158,10 @@ func (b *Broker) takeAnswer(c *conn, cfg *storage.Connection, tok, intent *stora
 	if err := b.commit(c, next, usable); err != nil {
 		return true, err
 	}
-	if grant == grantPassword && (tok.RefreshToken != "" || tok.AccessToken != "") {
-		// The old chain's session still holds a seat: sign it out.
-		b.signOutAsync(cfg, tok.RefreshToken, tok.AccessToken)
+	if grant == grantPassword {
+		// The old chain's session still holds a seat: sign it out, now that
+		// the new chain is durable, and revoke a refresh token set aside.
+		b.signOutAsync(cfg, cmp.Or(tok.RefreshToken, c.takeSetAside()), tok.AccessToken)
 	}
 	if !usable {
 		return false, nil
@@ -197,7 +198,7 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 		// An authorization-code chain is presented once more instead, as
 		// after a crash (see "A suspect chain" in authcode.go).
 		if grant == grantRefresh && !c.authCode() {
-			if err := b.giveUpSpentRefreshToken(ctx, c, intent, ue); err != nil {
+			if err := b.setAsideSpentRefreshToken(c, intent, ue); err != nil {
 				return false, err
 			}
 		}
@@ -215,16 +216,24 @@ func (b *Broker) notRetriedWait(c *conn, ue *upstreamError) time.Duration {
 	return b.backoff(n)
 }
 
-// giveUpSpentRefreshToken ends the chain whose refresh token an ambiguous
-// answer (a timeout or reset after sending, 500, 502, 504) may have spent:
-// it is never presented again, within this process or after a restart;
-// the next attempt, or the next renewal, signs in with a password grant.
-func (b *Broker) giveUpSpentRefreshToken(ctx context.Context, c *conn, intent *storage.Tokens, ue *upstreamError) error {
-	c.mu.Lock()
-	cfg := c.cfg.Clone()
-	c.mu.Unlock()
-	_, err := b.abandonSpentChain(ctx, c, cfg, intent, ReasonRefreshTokenRevoked, ue.Error()+" after the refresh token was sent, so it may have been spent")
-	return err
+// setAsideSpentRefreshToken ends the chain whose refresh token an
+// ambiguous answer (a timeout or reset after sending, 500, 502, 504) may
+// have spent: the token is dropped durably, so it is never presented again
+// within this process or after a restart. The access token stays and is
+// served while it lasts, as in any upstream outage: the next attempt, or
+// the next renewal, signs in with one password grant, and only once that
+// new chain is committed are the set-aside token revoked and the old
+// session signed out (takeAnswer). New token first, then sign-out: callers
+// are served throughout and the old seat is freed right after. After a
+// crash, recovery cannot tell whether the lost refresh revoked the access
+// token, so it gives up both (abandonSpentChain).
+func (b *Broker) setAsideSpentRefreshToken(c *conn, intent *storage.Tokens, ue *upstreamError) error {
+	why := ue.Error() + " after the refresh token was sent, so it may have been spent; it is revoked rather than presented again"
+	b.log.Warn("refresh token may have been spent; setting it aside and signing in again", "connection", c.name, "why", ue.Error())
+	c.setAside(intent.RefreshToken)
+	// A failed commit stays pending and is retried before any upstream
+	// call, so the token is not presented meanwhile either.
+	return b.commit(c, withoutRefreshToken(intent, why, b.now()), false)
 }
 
 // forgetIntent durably clears the intent of an attempt upstream certainly
