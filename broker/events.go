@@ -80,9 +80,10 @@ type WatchRequest struct {
 	// Allow, when set, selects the names it accepts (the tenants a caller
 	// operates).
 	Allow func(name string) bool
-	// AfterSeq resumes after this sequence of feed FeedID (of this feed
-	// when empty): the events missed are replayed if the feed still holds
-	// them, else the watch resyncs. 0 starts with the current state.
+	// AfterSeq resumes after this sequence of feed FeedID: the events
+	// missed are replayed if this is that feed and it still holds them,
+	// else (another replica's feed, an older process's, or no FeedID) the
+	// watch resyncs. 0 starts with the current state.
 	AfterSeq int64
 	FeedID   string
 }
@@ -281,7 +282,7 @@ func (f *feed) subscribe(match func(string) bool, after int64, id string) (w *wa
 	w = &watcher{match: match, from: f.seq, ch: make(chan Event, min(len(f.ring), maxWatchBacklog)), lagged: make(chan struct{})}
 	f.subs[w] = struct{}{}
 	oldest := f.seq - int64(f.held) + 1
-	if after <= 0 || (id != "" && id != f.id) || after > f.seq || after < oldest-1 {
+	if after <= 0 || id != f.id || after > f.seq || after < oldest-1 {
 		return w, nil, false
 	}
 	for s := after + 1; s <= f.seq; s++ {

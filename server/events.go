@@ -55,8 +55,14 @@ func watchRequest(ctx context.Context, r *pb.WatchConnectionsRequest) (broker.Wa
 	if r.GetAfterSequence() < 0 {
 		v = append(v, broker.FieldViolation{Field: "after_sequence", Description: "must not be negative"})
 	}
-	if len(r.GetFeedId()) > 64 {
+	switch {
+	case len(r.GetFeedId()) > 64:
 		v = append(v, broker.FieldViolation{Field: "feed_id", Description: "is longer than 64 characters"})
+	case r.GetFeedId() == "" && r.GetAfterSequence() > 0:
+		// A sequence is only meaningful within its feed (one per replica
+		// and process): without it, another replica's events would be
+		// replayed as if they were the ones missed.
+		v = append(v, broker.FieldViolation{Field: "feed_id", Description: "is required with after_sequence: copy feed_id from the message the sequence came from"})
 	}
 	if len(v) > 0 {
 		return broker.WatchRequest{}, nil, invalidArgument(v)

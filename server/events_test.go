@@ -305,3 +305,21 @@ func TestWatchConnectionsEndsWhenAPolicyReloadRemovesTheOperator(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchConnectionsResumeNeedsTheFeedID: a sequence means nothing
+// without the feed it came from (each replica and restart has its own),
+// so resuming without feed_id is refused with INVALID_ARGUMENT on feed_id
+// rather than replaying this server's events after another's sequence.
+func TestWatchConnectionsResumeNeedsTheFeedID(t *testing.T) {
+	f := newFixture(t)
+	f.create("acme", "erp")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := f.client.WatchConnections(ctx, &pb.WatchConnectionsRequest{Parent: "tenants/acme", AfterSequence: 1})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if status.Code(err) != codes.InvalidArgument || fmt.Sprint(violationFields(err)) != "[feed_id]" {
+		t.Fatalf("after_sequence without feed_id: %v (fields %v), want INVALID_ARGUMENT on feed_id", err, violationFields(err))
+	}
+}
