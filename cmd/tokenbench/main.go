@@ -26,7 +26,7 @@ import (
 	"strings"
 	"time"
 
-	"tokenbroker/server"
+	"tokenbroker/internal/gcfloor"
 )
 
 func main() {
@@ -49,12 +49,12 @@ func main() {
 	etcdSamples := flag.Int("etcd-samples", 300, "refreshes' storage work timed on each store in the etcd section")
 	etcdHerd := flag.Int("etcd-herd", 1000, "callers in the herd across two replicas on etcd")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
-	heapFloor := flag.Int("gc-heap-floor-mib", server.DefaultHeapFloor>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve (its --gc-heap-floor-mib); 0: GOGC alone")
+	heapFloor := flag.Int("gc-heap-floor-mib", gcfloor.Default>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve (its --gc-heap-floor-mib); 0: GOGC alone")
 	flag.Parse()
 	// The in-process servers run as the binary does, with its heap floor;
 	// it is process-wide, so the bench clients share it.
 	if *heapFloor > 0 {
-		defer server.StartHeapFloor(uint64(*heapFloor) << 20).Stop()
+		defer gcfloor.Start(uint64(*heapFloor) << 20).Stop()
 	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"tokenbroker/broker"
-	"tokenbroker/server"
+	"tokenbroker/internal/gcfloor"
 )
 
 // config is the serve command's configuration: flags, each also read from
@@ -69,7 +69,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
 	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", broker.DefaultMaxConcurrentUpstream, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
 	fs.IntVar(&c.maxUpstreamPerHost, "max-concurrent-upstream-per-host", broker.DefaultMaxConcurrentUpstreamPerHost, "upstream token requests in flight at once to one Acumatica server (scheme and host of the instance URL), within --max-concurrent-upstream: a server that stops answering holds no more slots than this")
-	fs.IntVar(&c.gcHeapFloorMiB, "gc-heap-floor-mib", server.DefaultHeapFloor>>20, "heap size (MiB) below which the Go garbage collector does not run; above it GOGC applies as usual, and GOMEMLIMIT always wins (0: off, GOGC alone); at most a quarter of the cgroup's memory limit")
+	fs.IntVar(&c.gcHeapFloorMiB, "gc-heap-floor-mib", gcfloor.Default>>20, "heap size (MiB) below which the Go garbage collector does not run; above it GOGC applies as usual, and GOMEMLIMIT always wins (0: off, GOGC alone); at most a quarter of the cgroup's memory limit")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback (tests only)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")

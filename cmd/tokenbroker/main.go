@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"tokenbroker/broker"
+	"tokenbroker/internal/gcfloor"
 	"tokenbroker/server"
 	"tokenbroker/storage"
 )
@@ -174,7 +175,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, where)
 
 	errc := make(chan error, 2)
-	floor := make(chan *server.HeapFloor, 1)
+	floor := make(chan *gcfloor.Floor, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	// Serve while loading: a connection not loaded yet is read from the
 	// store when first asked for. Maintenance starts once all are loaded.
@@ -203,7 +204,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 				log.Info("GC heap floor lowered to a quarter of the cgroup's memory limit",
 					"gc_heap_floor_mib", f>>20, "memory_limit_mib", limit>>20)
 			}
-			floor <- server.StartHeapFloor(f)
+			floor <- gcfloor.Start(f)
 		}
 		b.Start()
 		log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
