@@ -3,67 +3,177 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
-	"tokenbroker/server/servertest"
+	"tokenbroker/broker"
+	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
 )
 
-// expiryResult is many connections whose tokens expire together (as after
-// an outage), each asked for by one caller at the same moment.
-type expiryResult struct {
-	conns, upstreamCap int
-	latency            time.Duration
-	elapsed            time.Duration // release until the last caller has its token
-	noop               time.Duration // the same release of no-op RPCs
-	floor              time.Duration // the upstream alone: ceil(conns/cap) rounds of latency
-	upstream, failed   int           // token requests seen by the stand-in; callers without a token
-	writes, commits    int64         // durable writes (intent + commit per refresh) and the commits carrying them
+// ExpiryResult is many connections on one server whose tokens expire
+// together (as after an outage), one caller each released at once, with
+// the broker's default per-host share of the upstream cap: once with
+// nothing else going on, and once while a second server holds every token
+// request sent to it until the broker's upstream timeout.
+type ExpiryResult struct {
+	Conns      int     `json:"connections"`
+	Hung       int     `json:"hung_connections"`
+	PerHost    int     `json:"per_host_share"`
+	LatencyMS  float64 `json:"upstream_latency_ms"`
+	TimeoutMS  float64 `json:"upstream_timeout_ms"`
+	DeadlineMS float64 `json:"caller_deadline_ms"`
+	// FloorMS is the upstream alone: ceil(conns/share) rounds of latency.
+	FloorMS  float64   `json:"upstream_floor_ms"`
+	Calm     ExpiryRun `json:"calm"`
+	WithHung ExpiryRun `json:"with_hung"`
 }
 
-// benchExpiry expires n connections' tokens at once and releases one caller
-// per connection: every connection needs its own refresh, so the broker's
-// upstream cap and the group commit set the pace.
-func benchExpiry(dir string, n int, latency time.Duration) (*expiryResult, error) {
+// ExpiryRun is one release of the callers on a fresh server.
+type ExpiryRun struct {
+	Served   int     `json:"served"`
+	LastMS   float64 `json:"last_served_ms"` // release until the last caller was answered
+	Upstream int     `json:"upstream_requests"`
+	Writes   int64   `json:"durable_writes"` // intent and commit per refresh
+	Commits  int64   `json:"commits"`        // the commits carrying them
+	Held     int     `json:"held_at_hung_server"`
+}
+
+// hungFactor is how much longer the connections may take to refresh while
+// another server hangs.
+const hungFactor = 1.5
+
+func (e *ExpiryResult) targets() []Target {
+	return []Target{
+		{Section: "expiry", Name: fmt.Sprintf("upstream requests for %d expired connections", e.Conns), Unit: "requests",
+			Measured: float64(e.Calm.Upstream), Op: "==", Limit: float64(e.Conns),
+			Note: fmt.Sprintf("last caller %.2fx the upstream floor; %.1f writes per commit", e.Calm.LastMS/e.FloorMS, float64(e.Calm.Writes)/float64(max(e.Calm.Commits, 1)))},
+		{Section: "expiry", Name: "callers served while another server hangs", Unit: "callers",
+			Measured: float64(e.WithHung.Served), Op: "==", Limit: float64(e.Conns)},
+		{Section: "expiry", Name: "last caller while another server hangs, vs none hanging", Unit: "ms",
+			Measured: e.WithHung.LastMS, Op: "<=", Baseline: e.Calm.LastMS, Factor: hungFactor,
+			Note: fmt.Sprintf("the hung server held %d requests", e.WithHung.Held)},
+	}
+}
+
+// benchExpiry releases the callers of n expired connections on a fresh
+// server twice: calm, then with hung connections on a hung server first.
+func benchExpiry(dir string, n, hung int, latency time.Duration) (*ExpiryResult, error) {
+	share := broker.DefaultMaxConcurrentUpstreamPerHost
+	res := &ExpiryResult{Conns: n, Hung: hung, PerHost: share, LatencyMS: ms(latency), TimeoutMS: 2000, DeadlineMS: 10000,
+		FloorMS: ms(time.Duration((n+share-1)/share) * latency)}
+	var err error
+	if res.Calm, err = expireOnce(mkdir(dir, "calm"), res, false); err != nil {
+		return nil, err
+	}
+	if res.WithHung, err = expireOnce(mkdir(dir, "hung"), res, true); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+func expireOnce(dir string, res *ExpiryResult, withHung bool) (ExpiryRun, error) {
+	var run ExpiryRun
 	ctx := context.Background()
 	clk := &clock{t: time.Now()}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16})
+	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: time.Duration(res.LatencyMS * 1e6), conns: 16,
+		perHost: res.PerHost, upstreamTimeout: time.Duration(res.TimeoutMS * 1e6)})
 	if err != nil {
-		return nil, err
+		return run, err
 	}
 	defer s.close()
-	names, err := s.createConnections(ctx, n)
+	names, err := s.createConnections(ctx, res.Conns)
 	if err != nil {
-		return nil, err
+		return run, err
 	}
-	res := &expiryResult{conns: n, upstreamCap: upstreamCap, latency: latency}
-	res.floor = time.Duration((n+upstreamCap-1)/upstreamCap) * latency
-	if res.noop, err = release(n, func(i int) error { return servertest.CallNoop(ctx, s.conns[i%len(s.conns)]) }); err != nil {
-		return nil, err
+	call := func(i int, name string) bool {
+		cctx, cancel := context.WithTimeout(ctx, time.Duration(res.DeadlineMS*1e6))
+		defer cancel()
+		r, err := s.client(i).GetAccessToken(cctx, &pb.GetAccessTokenRequest{Name: name})
+		return err == nil && r.GetAccessToken() != ""
 	}
+	unblock := make(chan struct{})
+	var hungCalls sync.WaitGroup
+	if withHung {
+		h := startHungServer(unblock)
+		defer h.close()
+		hungNames, err := s.createConnectionsOn(ctx, h.url, "h", res.Hung)
+		if err != nil {
+			return run, err
+		}
+		h.hanging.Store(true)
+		clk.Advance(2 * time.Hour)
+		for i, name := range hungNames {
+			hungCalls.Go(func() { call(i, name) })
+		}
+		// The hung server now holds as many token requests as it may.
+		for range min(res.PerHost, upstreamCap, res.Hung) {
+			<-h.arrived
+		}
+		run.Held = int(h.inflight.Load())
+	} else {
+		clk.Advance(2 * time.Hour)
+	}
+	// Before the hung server closes, which waits for its requests.
+	defer func() { close(unblock); hungCalls.Wait() }()
 	bolt := s.store.(*storage.BoltStore)
-	clk.Advance(2 * time.Hour)
 	before := s.idp.Counts()
 	c0, w0 := bolt.CommitStats()
-	tokens := make([]string, n)
-	res.elapsed, err = release(n, func(i int) error {
-		r, err := s.client(i).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: names[i]})
-		tokens[i] = r.GetAccessToken()
-		return err
+	var served atomic.Int64
+	last, _ := release(len(names), func(i int) error {
+		if call(i, names[i]) {
+			served.Add(1)
+		}
+		return nil
 	})
 	after := s.idp.Counts()
 	c1, w1 := bolt.CommitStats()
-	res.upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
-	res.writes, res.commits = w1-w0, c1-c0
-	for _, t := range tokens {
-		if t == "" {
-			res.failed++
+	run.Served, run.LastMS = int(served.Load()), ms(last)
+	run.Upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
+	run.Writes, run.Commits = w1-w0, c1-c0
+	return run, nil
+}
+
+// hungServer is a stand-in that, once hanging, holds every token request
+// until unblock closes or the client gives up.
+type hungServer struct {
+	url      string
+	hanging  atomic.Bool
+	arrived  chan struct{}
+	inflight atomic.Int64 // requests held now
+	close    func()
+}
+
+func startHungServer(unblock <-chan struct{}) *hungServer {
+	idp := acumaticatest.New(acumaticatest.Options{})
+	idp.AddClient(clientID, clientSecret)
+	idp.AddUser(username, password)
+	h := &hungServer{arrived: make(chan struct{}, 4096)}
+	next := idp.Handler()
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if h.hanging.Load() && strings.HasSuffix(r.URL.Path, "/token") {
+			h.inflight.Add(1)
+			select {
+			case h.arrived <- struct{}{}:
+			default:
+			}
+			select {
+			case <-unblock:
+			case <-r.Context().Done():
+			}
+			h.inflight.Add(-1)
+			if r.Context().Err() != nil {
+				return
+			}
 		}
-	}
-	if err != nil {
-		return res, fmt.Errorf("expiry: %w", err)
-	}
-	return res, nil
+		next.ServeHTTP(w, r)
+	}))
+	h.url, h.close = hs.URL, hs.Close
+	return h
 }

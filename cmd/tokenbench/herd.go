@@ -3,41 +3,69 @@ package main
 import (
 	"context"
 	"fmt"
-	"slices"
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
+
 	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/broker/acumaticatest"
 )
 
-type herdResult struct {
-	callers       int
-	runs          int
-	upstreamCalls []int         // per herd, released and parked
-	latency       time.Duration // added upstream latency
-	fsyncP50      time.Duration // one durable commit
-	distinct      int           // most distinct tokens handed out by one herd
-	errors        int
-	target        time.Duration
-	// Released at once: from the release of every caller until the last
-	// has its token, and the same release of no-op RPCs.
-	lastCaller, noopHerd time.Duration
-	// Parked: every caller is already waiting at the server; from the
-	// moment the held token request goes on until the last caller has its
-	// token, and the same for no-op RPCs held and released at once.
-	parked, parkedNoop time.Duration
-	// answered is when, in the parked herd, the stand-in answered the one
-	// token request; afterAnswer is from then until the last caller had
-	// its token (the commit and the fan-out).
-	answered, afterAnswer time.Duration
+// HerdResult is one herd size: callers on an expired token, parked (every
+// caller already waiting when the one token request goes on) and released
+// at once (their arrival included), each against no-op RPCs handled the
+// same way on the same server. Times are medians, in milliseconds.
+type HerdResult struct {
+	Callers       int     `json:"callers"`
+	Herds         int     `json:"herds_of_each_kind"`
+	UpstreamCalls []int   `json:"upstream_calls_per_herd"` // released and parked in turn
+	Distinct      int     `json:"most_distinct_tokens_in_a_herd"`
+	LatencyMS     float64 `json:"upstream_latency_ms"` // added by the stand-in
+	CommitMS      float64 `json:"commit_ms"`           // one durable commit on the same file
+	ParkedMS      float64 `json:"parked_ms"`
+	ParkedNoopMS  float64 `json:"parked_noop_ms"`
+	// AnsweredMS is when the stand-in answered the parked herd's token
+	// request, from the start of its clock.
+	AnsweredMS     float64 `json:"parked_answered_ms"`
+	ReleasedMS     float64 `json:"released_ms"`
+	ReleasedNoopMS float64 `json:"released_noop_ms"`
+}
+
+// herdSlackMS is what the parked herd may take over its no-op baseline
+// beyond one token request and one commit.
+const herdSlackMS = 10
+
+// LimitMS is the parked herd's limit over its baseline: the upstream
+// latency, one commit and herdSlackMS.
+func (h *HerdResult) LimitMS() float64 { return h.LatencyMS + h.CommitMS + herdSlackMS }
+
+// herdTargets: every herd of every size made one upstream call, and the
+// largest herd's parked time over its baseline is within its limit.
+func herdTargets(herds []*HerdResult) []Target {
+	one, all := 0, 0
+	for _, h := range herds {
+		for _, c := range h.UpstreamCalls {
+			all++
+			if c == 1 {
+				one++
+			}
+		}
+	}
+	h := herds[len(herds)-1]
+	return []Target{
+		{Section: "herd", Name: "herds with exactly one upstream token request", Unit: "herds", Measured: float64(one), Op: "==", Limit: float64(all)},
+		{Section: "herd", Name: fmt.Sprintf("parked herd of %d over its no-op baseline", h.Callers), Unit: "ms",
+			Measured: h.ParkedMS - h.ParkedNoopMS, Op: "<=", Limit: h.LimitMS(),
+			Note: fmt.Sprintf("released at once: %.1f ms over its baseline", h.ReleasedMS-h.ReleasedNoopMS)},
+	}
 }
 
 // benchHerd measures n callers on an expired token through real gRPC,
-// against the stand-in with added latency, two ways: released at once (the
-// callers' own arrival included), and parked (every caller already waiting
-// when the token request starts). Each has a no-op baseline on the same
-// server; runs are interleaved and each figure is the median.
-func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, error) {
+// against the stand-in with added latency, parked and released. Each has a
+// no-op baseline on the same server; runs are interleaved.
+func benchHerd(dir string, n, runs int, latency time.Duration) (*HerdResult, error) {
 	clk := &clock{t: time.Now()}
 	upstream, misses, park := &parking{}, &parking{}, &parking{}
 	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
@@ -50,22 +78,11 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 	if err != nil {
 		return nil, err
 	}
-	// One durable commit, measured on the same file.
-	var commits []time.Duration
-	tok, err := s.store.GetTokens(context.Background(), names[0])
+	commit, err := commitTime(s, names[0])
 	if err != nil {
 		return nil, err
 	}
-	for range 21 {
-		t0 := time.Now()
-		if err := s.store.PutTokens(context.Background(), names[0], tok); err != nil {
-			return nil, err
-		}
-		commits = append(commits, time.Since(t0))
-	}
-	slices.Sort(commits)
-	res := &herdResult{callers: n, runs: runs, latency: latency, fsyncP50: commits[len(commits)/2]}
-	res.target = 2 * (latency + res.fsyncP50)
+	res := &HerdResult{Callers: n, Herds: runs, LatencyMS: ms(latency), CommitMS: ms(commit)}
 	req := &pb.GetAccessTokenRequest{Name: names[0]}
 	tokens := make([]string, n)
 	getToken := func(i int) error {
@@ -73,29 +90,34 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 		tokens[i] = r.GetAccessToken()
 		return err
 	}
+	callPark := func(i int) error {
+		return s.conns[i%len(s.conns)].Invoke(context.Background(), parkMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
+	}
 	// herd runs one herd on a freshly expired token and checks its outcome.
 	herd := func(run func() (time.Duration, error)) (time.Duration, error) {
 		d, calls, failed, distinct, err := herdOnce(clk, s.idp, tokens, run)
-		res.upstreamCalls = append(res.upstreamCalls, calls)
-		res.errors += failed
-		res.distinct = max(res.distinct, distinct)
+		res.UpstreamCalls = append(res.UpstreamCalls, calls)
+		res.Distinct = max(res.Distinct, distinct)
+		if err == nil && failed > 0 {
+			err = fmt.Errorf("%d callers got no token", failed)
+		}
 		return d, err
 	}
-	var released, noopReleased, parked, parkedNoop, answered, afterAnswer []time.Duration
+	var released, releasedNoop, parked, parkedNoop, answered []time.Duration
 	for range runs {
-		// The baselines use the parked RPC (same request and answer shapes);
-		// unarmed, it answers at once.
-		d, err := release(n, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) })
+		// The baselines use the parked RPC (same request and answer
+		// shapes); unarmed, it answers at once.
+		d, err := release(n, callPark)
 		if err != nil {
 			return nil, err
 		}
-		noopReleased = append(noopReleased, d)
+		releasedNoop = append(releasedNoop, d)
 		if d, err = herd(func() (time.Duration, error) { return release(n, getToken) }); err != nil {
 			return nil, fmt.Errorf("herd: %w", err)
 		}
 		released = append(released, d)
 		all := park.arm(n, true)
-		if d, err = parkThenRelease(n, func() { <-all }, park.open, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) }); err != nil {
+		if d, err = parkThenRelease(n, func() { <-all }, park.open, callPark); err != nil {
 			return nil, err
 		}
 		parkedNoop = append(parkedNoop, d)
@@ -106,21 +128,33 @@ func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, err
 			defer misses.open()
 			var opened time.Time
 			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, getToken)
-			a := time.Unix(0, upstream.answered.Load()).Sub(opened)
-			answered, afterAnswer = append(answered, a), append(afterAnswer, d-a)
+			answered = append(answered, time.Unix(0, upstream.answered.Load()).Sub(opened))
 			return d, err
 		}); err != nil {
 			return nil, fmt.Errorf("parked herd: %w", err)
 		}
 		parked = append(parked, d)
 	}
-	res.lastCaller, res.noopHerd = medianDur(released), medianDur(noopReleased)
-	res.parked, res.parkedNoop = medianDur(parked), medianDur(parkedNoop)
-	res.answered, res.afterAnswer = medianDur(answered), medianDur(afterAnswer)
-	if res.errors > 0 {
-		return res, fmt.Errorf("herd: %d callers failed", res.errors)
-	}
+	res.ReleasedMS, res.ReleasedNoopMS = ms(medianDur(released)), ms(medianDur(releasedNoop))
+	res.ParkedMS, res.ParkedNoopMS, res.AnsweredMS = ms(medianDur(parked)), ms(medianDur(parkedNoop)), ms(medianDur(answered))
 	return res, nil
+}
+
+// commitTime is the median of 21 durable commits of name's token state.
+func commitTime(s *stack, name string) (time.Duration, error) {
+	tok, err := s.store.GetTokens(context.Background(), name)
+	if err != nil {
+		return 0, err
+	}
+	var commits []time.Duration
+	for range 21 {
+		t0 := time.Now()
+		if err := s.store.PutTokens(context.Background(), name, tok); err != nil {
+			return 0, err
+		}
+		commits = append(commits, time.Since(t0))
+	}
+	return medianDur(commits), nil
 }
 
 // parkThenRelease starts n callers, waits until all have arrived (ready
@@ -130,11 +164,7 @@ func parkThenRelease(n int, ready, open func(), call func(i int) error) (time.Du
 	errs := make([]error, n)
 	var done sync.WaitGroup
 	for i := range n {
-		done.Add(1)
-		go func() {
-			defer done.Done()
-			errs[i] = call(i)
-		}()
+		done.Go(func() { errs[i] = call(i) })
 	}
 	ready()
 	t0 := time.Now()
@@ -172,4 +202,24 @@ func release(n int, call func(i int) error) (time.Duration, error) {
 	close(start)
 	done.Wait()
 	return time.Since(t0), firstErr(errs)
+}
+
+// herdOnce lets the token expire (clk), runs run, and reports the upstream
+// token requests idp saw meanwhile, how many callers got no token (tokens
+// holds each caller's) and how many distinct tokens were handed out.
+func herdOnce(clk *clock, idp *acumaticatest.Server, tokens []string, run func() (time.Duration, error)) (d time.Duration, calls, failed, distinct int, err error) {
+	clear(tokens)
+	clk.Advance(2 * time.Hour)
+	before := idp.Counts()
+	d, err = run()
+	after := idp.Counts()
+	calls = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
+	seen := map[string]bool{}
+	for _, t := range tokens {
+		if t == "" {
+			failed++
+		}
+		seen[t] = true
+	}
+	return d, calls, failed, len(seen), err
 }

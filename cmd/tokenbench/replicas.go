@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"path/filepath"
-	"slices"
-	"sync/atomic"
 	"time"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
@@ -15,155 +13,117 @@ import (
 	"tokenbroker/storage/etcdtest"
 )
 
-// etcdResult is what running as replicas on etcd costs, against one process
-// on a bbolt file, measured in the same run on the same disk.
-type etcdResult struct {
-	conns, samples     int
-	boltP50, boltP99   time.Duration // one refresh's storage work on bbolt: intent, commit
-	etcdP50, etcdP99   time.Duration // on etcd: lock, re-read, intent, commit, unlock
-	loadBolt, loadEtcd time.Duration // LoadAll of conns connections, median of 3
-	herdN, runs        int
-	latency            time.Duration
-	herdCalls          []int // upstream token requests per two-replica herd
-	herdFailed         int   // callers without a token
-	herdDistinct       int   // most distinct tokens handed out by one herd
-	herdEtcd, herdBolt time.Duration
+// EtcdResult is what running as replicas on etcd costs, against one
+// process on a bbolt file, measured in the same run on the same disk.
+type EtcdResult struct {
+	Samples int `json:"refresh_samples"`
+	// One refresh's storage work: on bbolt the intent and the commit; on
+	// etcd also the cluster lock and the re-read under it.
+	BoltP50MS  float64 `json:"refresh_storage_bolt_p50_ms"`
+	BoltP99MS  float64 `json:"refresh_storage_bolt_p99_ms"`
+	EtcdP50MS  float64 `json:"refresh_storage_etcd_p50_ms"`
+	EtcdP99MS  float64 `json:"refresh_storage_etcd_p99_ms"`
+	HerdN      int     `json:"herd_callers"`
+	Herds      int     `json:"herds"`
+	LatencyMS  float64 `json:"upstream_latency_ms"`
+	HerdCalls  []int   `json:"upstream_calls_per_herd"` // across both replicas
+	HerdEtcdMS float64 `json:"herd_etcd_ms"`
+	HerdBoltMS float64 `json:"herd_bolt_ms"`
 }
 
-// benchEtcd runs an embedded etcd (fsync on) next to a bbolt file and
-// measures one refresh's storage work on each, loading conns connections
-// from each, and a herd of herdN callers split across two replicas on etcd
-// against the same herd on one bbolt-backed server.
-func benchEtcd(dir string, conns, samples, herdN, runs int, latency time.Duration, logf func(string, ...any)) (*etcdResult, error) {
-	ctx := context.Background()
+func (e *EtcdResult) targets() []Target {
+	one := 0
+	for _, c := range e.HerdCalls {
+		if c == 1 {
+			one++
+		}
+	}
+	return []Target{{Section: "etcd", Name: "herds across two etcd replicas with exactly one upstream token request", Unit: "herds",
+		Measured: float64(one), Op: "==", Limit: float64(len(e.HerdCalls))}}
+}
+
+// benchEtcd runs an embedded etcd (fsync on) and times one refresh's
+// storage work on a replica's store against a bbolt-backed server's on the
+// same disk, then a herd of herdN callers split across two replicas on
+// etcd against the same herd on one bbolt-backed server.
+func benchEtcd(dir string, samples, herdN, runs int, latency time.Duration, logf func(string, ...any)) (*EtcdResult, error) {
 	endpoint, stop, err := etcdtest.Run(mkdir(dir, "etcd"))
 	if err != nil {
 		return nil, err
 	}
 	defer stop()
-	keys, err := storage.NewKeyring(make([]byte, 32))
+	res := &EtcdResult{Samples: samples, HerdN: herdN, Herds: runs, LatencyMS: ms(latency)}
+	clk := &clock{t: time.Now()}
+	a, err := newStack(stackOptions{dir: mkdir(dir, "replica-a"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
 	if err != nil {
 		return nil, err
 	}
-	bolt, err := storage.Open(filepath.Join(dir, "bolt.db"), storage.Options{Keyring: keys})
+	defer a.close()
+	b, err := newStack(stackOptions{dir: mkdir(dir, "replica-b"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
 	if err != nil {
 		return nil, err
 	}
-	defer bolt.Close()
-	cli, err := etcdtest.NewClient(endpoint)
+	defer b.close()
+	single, err := newStack(stackOptions{dir: mkdir(dir, "single"), now: clk.Now, latency: latency, conns: 16})
 	if err != nil {
 		return nil, err
 	}
-	defer cli.Close()
-	// Its own prefix, so that the herd's replicas below do not load these.
-	ets, err := storage.OpenEtcd(ctx, storage.EtcdOptions{Client: cli, Keyring: keys, Prefix: "/bench-load/"})
+	defer single.close()
+	names, err := a.createConnections(context.Background(), 1)
 	if err != nil {
 		return nil, err
 	}
-	defer ets.Close()
-	t0 := time.Now()
-	if err := populateStore(bolt, conns); err != nil {
+	if _, err := single.createConnections(context.Background(), 1); err != nil {
 		return nil, err
 	}
-	if err := populateStore(ets, conns); err != nil {
+	if err := res.storageWork(single.store, a.store.(*storage.EtcdStore), names[0]); err != nil {
 		return nil, err
 	}
-	logf("etcd: %d connections written to bbolt and etcd in %v", conns, time.Since(t0).Round(time.Millisecond))
-	res := &etcdResult{conns: conns, samples: samples, herdN: herdN, runs: runs, latency: latency}
+	return res, res.herds(clk, a, b, single, names[0], logf)
+}
 
-	tok, err := bolt.GetTokens(ctx, "tenants/t000000/connections/erp")
+// storageWork times samples refreshes' storage work on each store,
+// alternating: on bbolt the intent and the commit of the rotated token;
+// on etcd also the cluster lock and the re-read of the token state.
+func (res *EtcdResult) storageWork(bolt stackStore, ets *storage.EtcdStore, name string) error {
+	ctx := context.Background()
+	tok, err := bolt.GetTokens(ctx, name)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	intent := tok.Clone()
 	intent.IntentGeneration, intent.IntentGrant, intent.IntentTime = tok.Generation, "refresh_token", time.Now()
 	var onBolt, onEtcd []time.Duration
-	for i := range samples {
-		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%conns)
+	for range res.Samples {
 		t0 := time.Now()
-		if err := bolt.PutTokens(ctx, name, intent); err != nil {
-			return nil, err
-		}
-		if err := bolt.PutTokens(ctx, name, tok); err != nil {
-			return nil, err
+		if err := errors.Join(bolt.PutTokens(ctx, name, intent), bolt.PutTokens(ctx, name, tok)); err != nil {
+			return err
 		}
 		onBolt = append(onBolt, time.Since(t0))
 		t0 = time.Now()
 		unlock, err := ets.Lock(ctx, name)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if _, err := ets.GetTokens(ctx, name); err != nil {
-			return nil, err
-		}
-		if err := ets.PutTokens(ctx, name, intent); err != nil {
-			return nil, err
-		}
-		if err := ets.PutTokens(ctx, name, tok); err != nil {
-			return nil, err
+		_, err = ets.GetTokens(ctx, name)
+		if err := errors.Join(err, ets.PutTokens(ctx, name, intent), ets.PutTokens(ctx, name, tok)); err != nil {
+			return err
 		}
 		unlock()
 		onEtcd = append(onEtcd, time.Since(t0))
 	}
-	slices.Sort(onBolt)
-	slices.Sort(onEtcd)
-	res.boltP50, res.boltP99 = onBolt[len(onBolt)/2], onBolt[len(onBolt)*99/100]
-	res.etcdP50, res.etcdP99 = onEtcd[len(onEtcd)/2], onEtcd[len(onEtcd)*99/100]
-
-	var loadB, loadE []time.Duration
-	for range 3 {
-		for _, st := range []struct {
-			s   stackStore
-			out *[]time.Duration
-		}{{bolt, &loadB}, {ets, &loadE}} {
-			var n atomic.Int64
-			t0 := time.Now()
-			if err := st.s.LoadAll(ctx, func(*storage.Connection, *storage.Tokens) error { n.Add(1); return nil }); err != nil {
-				return nil, err
-			}
-			*st.out = append(*st.out, time.Since(t0))
-			if int(n.Load()) != conns {
-				return nil, fmt.Errorf("etcd: LoadAll gave %d of %d connections", n.Load(), conns)
-			}
-		}
-	}
-	res.loadBolt, res.loadEtcd = medianDur(loadB), medianDur(loadE)
-
-	if err := res.herds(dir, endpoint, logf); err != nil {
-		return nil, err
-	}
-	return res, nil
+	b50, b99 := percentiles(onBolt)
+	e50, e99 := percentiles(onEtcd)
+	res.BoltP50MS, res.BoltP99MS, res.EtcdP50MS, res.EtcdP99MS = ms(b50), ms(b99), ms(e50), ms(e99)
+	return nil
 }
 
 // herds releases herdN callers at once on an expired token: split across
 // two replicas on etcd, and on one server with a bbolt file; runs of each
 // interleaved.
-func (res *etcdResult) herds(dir, endpoint string, logf func(string, ...any)) error {
+func (res *EtcdResult) herds(clk *clock, a, b, single *stack, name string, logf func(string, ...any)) error {
 	ctx := context.Background()
-	clk := &clock{t: time.Now()}
-	a, err := newStack(stackOptions{dir: mkdir(dir, "replica-a"), now: clk.Now, latency: res.latency, conns: 8, etcd: endpoint})
-	if err != nil {
-		return err
-	}
-	defer a.close()
-	b, err := newStack(stackOptions{dir: mkdir(dir, "replica-b"), now: clk.Now, latency: res.latency, conns: 8, etcd: endpoint})
-	if err != nil {
-		return err
-	}
-	defer b.close()
-	single, err := newStack(stackOptions{dir: mkdir(dir, "single"), now: clk.Now, latency: res.latency, conns: 16})
-	if err != nil {
-		return err
-	}
-	defer single.close()
-	names, err := a.createConnections(ctx, 1)
-	if err != nil {
-		return err
-	}
-	if _, err := single.createConnections(ctx, 1); err != nil {
-		return err
-	}
-	req := &pb.GetAccessTokenRequest{Name: names[0]}
+	req := &pb.GetAccessTokenRequest{Name: name}
 	// Replica b learns of the connection through its watch.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := b.client(0).GetAccessToken(ctx, req); err == nil {
@@ -172,62 +132,33 @@ func (res *etcdResult) herds(dir, endpoint string, logf func(string, ...any)) er
 			return fmt.Errorf("etcd: replica b never served the connection: %w", err)
 		}
 	}
-	tokens := make([]string, res.herdN)
-	var onEtcd, onBolt []time.Duration
-	for range res.runs {
-		d, calls, failed, distinct, err := herdOnce(clk, a.idp, tokens, func() (time.Duration, error) {
-			return release(res.herdN, func(i int) error {
-				s := a
-				if i%2 == 1 {
-					s = b
-				}
-				r, err := s.client(i).GetAccessToken(ctx, req)
+	tokens := make([]string, res.HerdN)
+	herd := func(idp *acumaticatest.Server, stacks ...*stack) (time.Duration, int, error) {
+		d, calls, failed, distinct, err := herdOnce(clk, idp, tokens, func() (time.Duration, error) {
+			return release(res.HerdN, func(i int) error {
+				r, err := stacks[i%len(stacks)].client(i).GetAccessToken(ctx, req)
 				tokens[i] = r.GetAccessToken()
 				return err
 			})
 		})
+		if err == nil && (failed > 0 || distinct > 1) {
+			err = fmt.Errorf("%d callers got no token, %d distinct tokens", failed, distinct)
+		}
+		return d, calls, err
+	}
+	var onEtcd, onBolt []time.Duration
+	for range res.Herds {
+		d, calls, err := herd(a.idp, a, b)
 		if err != nil {
 			return fmt.Errorf("etcd herd: %w", err)
 		}
-		res.herdCalls, res.herdFailed = append(res.herdCalls, calls), res.herdFailed+failed
-		res.herdDistinct = max(res.herdDistinct, distinct)
-		onEtcd = append(onEtcd, d)
-		d, _, failed, _, err = herdOnce(clk, single.idp, tokens, func() (time.Duration, error) {
-			return release(res.herdN, func(i int) error {
-				r, err := single.client(i).GetAccessToken(ctx, req)
-				tokens[i] = r.GetAccessToken()
-				return err
-			})
-		})
-		if err != nil || failed > 0 {
-			return fmt.Errorf("bbolt herd: %d callers failed: %v", failed, err)
+		res.HerdCalls, onEtcd = append(res.HerdCalls, calls), append(onEtcd, d)
+		if d, _, err = herd(single.idp, single); err != nil {
+			return fmt.Errorf("bbolt herd: %w", err)
 		}
 		onBolt = append(onBolt, d)
 	}
-	res.herdEtcd, res.herdBolt = medianDur(onEtcd), medianDur(onBolt)
-	logf("etcd: herd of %d across two replicas: upstream calls %v, %v (one bbolt server: %v)", res.herdN, res.herdCalls, res.herdEtcd, res.herdBolt)
-	if res.herdFailed > 0 {
-		return fmt.Errorf("etcd herd: %d callers failed", res.herdFailed)
-	}
+	res.HerdEtcdMS, res.HerdBoltMS = ms(medianDur(onEtcd)), ms(medianDur(onBolt))
+	logf("etcd: herd of %d across two replicas: upstream calls %v, %.1f ms (one bbolt server: %.1f ms)", res.HerdN, res.HerdCalls, res.HerdEtcdMS, res.HerdBoltMS)
 	return nil
-}
-
-// herdOnce lets the token expire (clk), runs run, and reports the upstream
-// token requests idp saw meanwhile, how many callers got no token (tokens
-// holds each caller's) and how many distinct tokens were handed out.
-func herdOnce(clk *clock, idp *acumaticatest.Server, tokens []string, run func() (time.Duration, error)) (d time.Duration, calls, failed, distinct int, err error) {
-	clear(tokens)
-	clk.Advance(2 * time.Hour)
-	before := idp.Counts()
-	d, err = run()
-	after := idp.Counts()
-	calls = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
-	seen := map[string]bool{}
-	for _, t := range tokens {
-		if t == "" {
-			failed++
-		}
-		seen[t] = true
-	}
-	return d, calls, failed, len(seen), err
 }

@@ -25,19 +25,42 @@ import (
 	"tokenbroker/storage"
 )
 
-type scaleResult struct {
-	conns                    int
-	fileBytes                int64
-	startWarm, startCold     time.Duration // exec to serving
-	loadedWarm, loadedCold   time.Duration // exec to every connection loaded
-	rssWarmKB                int64         // total resident
-	rssAnonKB, rssFileKB     int64         // of which anonymous / file-backed
-	servedRSS                []int64       // total resident (KiB) after serving every connection: Go defaults, then each of memLimits
-	servedRate               []float64     // tokens served per second then
-	commitP50, commitP99     time.Duration // one sequential commit
-	floorP50, floorP99       time.Duration // two raw page writes with fdatasync, interleaved with the commits
-	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
-	groupThroughput          float64       // writes per second
+// ScaleResult is one connection count: the real binary's start, memory
+// and commit cost on a data file holding that many connections.
+type ScaleResult struct {
+	Conns      int     `json:"connections"`
+	FileMB     float64 `json:"file_mb"`
+	ColdMS     float64 `json:"serving_cold_ms"` // exec to serving, the file's pages evicted
+	WarmMS     float64 `json:"serving_warm_ms"`
+	LoadColdMS float64 `json:"loaded_cold_ms"` // exec to every connection loaded
+	LoadWarmMS float64 `json:"loaded_warm_ms"`
+	RSSMB      float64 `json:"rss_loaded_mb"`
+	AnonMB     float64 `json:"rss_anon_mb"`
+	FileRSSMB  float64 `json:"rss_file_mb"`
+	// ServedMB is the resident memory after a token of every connection was
+	// served over gRPC, at ServedRate tokens per second.
+	ServedMB    float64 `json:"rss_served_mb"`
+	ServedRate  float64 `json:"served_per_s"`
+	CommitP50MS float64 `json:"commit_p50_ms"`
+	CommitP99MS float64 `json:"commit_p99_ms"`
+	// FloorP50MS and FloorP99MS are two raw 4 KiB writes with fdatasync,
+	// interleaved with the commits.
+	FloorP50MS float64 `json:"raw_floor_p50_ms"`
+	FloorP99MS float64 `json:"raw_floor_p99_ms"`
+}
+
+// scaleTargets are the targets at 100k connections (none at other sizes).
+func (s *ScaleResult) targets() []Target {
+	if s.Conns != 100000 {
+		return nil
+	}
+	t := func(name, unit string, got, limit float64) Target {
+		return Target{Section: "scale", Name: "100k connections: " + name, Unit: unit, Measured: got, Op: "<=", Limit: limit}
+	}
+	commit := t("commit p99", "ms", s.CommitP99MS, 2)
+	commit.Note = fmt.Sprintf("raw two-fsync floor p99 %.2f ms", s.FloorP99MS)
+	return []Target{t("serving, warm start", "ms", s.WarmMS, 500), t("serving, cold start", "ms", s.ColdMS, 1000),
+		t("resident memory when loaded", "MB", s.RSSMB, 300), t("resident memory after serving every connection", "MB", s.ServedMB, 300), commit}
 }
 
 // populate writes n connections with token state straight into a data
@@ -183,7 +206,7 @@ func readRSS(pid int) rss {
 	return r
 }
 
-func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResult, error) {
+func benchScale(root, bin string, n int, logf func(string, ...any)) (*ScaleResult, error) {
 	dir := filepath.Join(root, fmt.Sprintf("scale-%d", n))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -196,9 +219,9 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		return nil, err
 	}
 	logf("scale: %d connections written in %v", n, time.Since(t0).Round(time.Millisecond))
-	res := &scaleResult{conns: n}
+	res := &ScaleResult{Conns: n}
 	if info, err := os.Stat(path); err == nil {
-		res.fileBytes = info.Size()
+		res.FileMB = float64(info.Size()) / 1e6
 	}
 	var warm, cold, loadW, loadC []time.Duration
 	var rsss []rss
@@ -219,43 +242,38 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		logf("scale: %d connections, start %d: cold %v (loaded %v), warm %v (loaded %v)", n, i+1,
 			c.serving.Round(time.Millisecond), c.loaded.Round(time.Millisecond), w.serving.Round(time.Millisecond), w.loaded.Round(time.Millisecond))
 	}
-	// Then warm starts that serve every connection: with the Go runtime's
-	// defaults, and under each soft memory limit.
-	for i := range 1 + len(memLimits) {
-		var env []string
-		if i > 0 {
-			env = []string{"GOMEMLIMIT=" + memLimits[i-1]}
-		}
-		w, err := startBinary(bin, dir, key, n, env...)
-		if err != nil {
-			return nil, err
-		}
-		res.servedRSS, res.servedRate = append(res.servedRSS, w.servedRSS.total), append(res.servedRate, w.serveRate)
-	}
-	res.startCold, res.startWarm = medianDur(cold), medianDur(warm)
-	res.loadedCold, res.loadedWarm = medianDur(loadC), medianDur(loadW)
-	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
-	m := rsss[len(rsss)/2]
-	res.rssWarmKB, res.rssAnonKB, res.rssFileKB = m.total, m.anon, m.file
-
-	// Commit cost as the file grows: sequential commits, then concurrent
-	// writers sharing commits.
-	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	// Then a warm start that serves every connection.
+	w, err := startBinary(bin, dir, key, n)
 	if err != nil {
 		return nil, err
+	}
+	res.ServedMB, res.ServedRate = float64(w.servedRSS.total)/1024, w.serveRate
+	res.ColdMS, res.WarmMS = ms(medianDur(cold)), ms(medianDur(warm))
+	res.LoadColdMS, res.LoadWarmMS = ms(medianDur(loadC)), ms(medianDur(loadW))
+	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
+	m := rsss[len(rsss)/2]
+	res.RSSMB, res.AnonMB, res.FileRSSMB = float64(m.total)/1024, float64(m.anon)/1024, float64(m.file)/1024
+	return res, commitCost(dir, path, keys, n, res)
+}
+
+// commitCost times sequential commits on random connections, each paired
+// with a raw baseline on the same file system: a 4 KiB page write and
+// fdatasync, then a 4 KiB meta write and fdatasync, the floor of any B+tree
+// commit that flips a meta page (bbolt's does exactly this). Interleaving
+// makes both see the same disk.
+func commitCost(dir, path string, keys *storage.Keyring, n int, res *ScaleResult) error {
+	st, err := storage.Open(path, storage.Options{Keyring: keys})
+	if err != nil {
+		return err
 	}
 	defer st.Close()
 	tok, err := st.GetTokens(context.Background(), "tenants/t000000/connections/erp")
 	if err != nil {
-		return nil, err
+		return err
 	}
-	// Each commit sample is paired with a raw one on the same file system:
-	// a 4 KiB page write and fdatasync, then a 4 KiB meta write and
-	// fdatasync, the floor of any B+tree commit that flips a meta page
-	// (bbolt's does exactly this). Interleaving makes both see the same disk.
 	raw, err := os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer raw.Close()
 	page := make([]byte, 4096)
@@ -264,44 +282,20 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResul
 		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%n)
 		t0 := time.Now()
 		if err := st.PutTokens(context.Background(), name, tok); err != nil {
-			return nil, err
+			return err
 		}
 		seq = append(seq, time.Since(t0))
 		t0 = time.Now()
 		if err := rawCommit(raw, page, int64(1+i%256)); err != nil {
-			return nil, err
+			return err
 		}
 		floor = append(floor, time.Since(t0))
 	}
-	slices.Sort(seq)
-	slices.Sort(floor)
-	res.commitP50, res.commitP99 = seq[len(seq)/2], seq[len(seq)*99/100]
-	res.floorP50, res.floorP99 = floor[len(floor)/2], floor[len(floor)*99/100]
-	c0, w0 := st.CommitStats()
-	const writers, each = 64, 32
-	var wg sync.WaitGroup
-	t1 := time.Now()
-	for w := range writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range each {
-				name := fmt.Sprintf("tenants/t%06d/connections/erp", (w*each+j)*31%n)
-				st.PutTokens(context.Background(), name, tok)
-			}
-		}()
-	}
-	wg.Wait()
-	elapsed := time.Since(t1)
-	c1, w1 := st.CommitStats()
-	res.groupWrites, res.groupCommit = w1-w0, c1-c0
-	res.groupThroughput = float64(w1-w0) / elapsed.Seconds()
-	return res, nil
+	c50, c99 := percentiles(seq)
+	f50, f99 := percentiles(floor)
+	res.CommitP50MS, res.CommitP99MS, res.FloorP50MS, res.FloorP99MS = ms(c50), ms(c99), ms(f50), ms(f99)
+	return nil
 }
-
-// memLimits are the soft memory limits (GOMEMLIMIT) of the second and
-// third warm starts; the first runs with the Go runtime's defaults.
-var memLimits = []string{"256MiB", "320MiB"}
 
 // commitSamples is how many sequential commits (and raw baselines) are
 // timed per size: enough that p99 is not one unlucky sample.
@@ -320,12 +314,6 @@ func rawCommit(f *os.File, page []byte, pg int64) error {
 		return err
 	}
 	return unix.Fdatasync(int(f.Fd()))
-}
-
-func medianDur(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 // getEveryToken asks the server at addr for a token of each of the n

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -58,19 +60,21 @@ func (c *clock) Advance(d time.Duration) {
 }
 
 // stack is a full tokenbroker server on loopback, as production runs it
-// (logging, metrics, audit, authorization in dev mode, validation,
-// recovery), with the no-op baseline RPC registered on the same server.
+// (logging, metrics, audit, authorization, validation, recovery), with the
+// baseline RPCs registered on the same server.
 type stack struct {
-	idp    *acumaticatest.Server
-	idpURL string
-	store  stackStore
-	b      *broker.Broker
-	srv    *server.Server
-	addr   string
-	conns  []*grpc.ClientConn
-	// bareConns reach a bare gRPC server (stackOptions.bare).
-	bareConns []*grpc.ClientConn
-	close     func()
+	idp       *acumaticatest.Server
+	idpURL    string
+	store     stackStore
+	conns     []*grpc.ClientConn
+	bareConns []*grpc.ClientConn // reach a bare gRPC server (stackOptions.bare)
+	closers   []func()
+}
+
+// stackStore is the store behind a stack: bbolt, or etcd for replicas.
+type stackStore interface {
+	broker.Store
+	Close() error
 }
 
 // upstreamCap is the stack's cap on concurrent upstream token requests:
@@ -85,28 +89,23 @@ type stackOptions struct {
 	wrapIDP func(http.Handler) http.Handler       // wraps the stand-in's handler
 	observe func(broker.Observer) broker.Observer // wraps the metrics observer
 	park    *parking                              // registers the parked baseline RPC
-	etcd    string                                // an etcd endpoint: run as a replica on it instead of a bbolt file
+	etcd    string                                // an etcd endpoint: a replica on it instead of a bbolt file
 	perHost int                                   // upstream calls per host (default: the whole cap)
 	// upstreamTimeout bounds one token request (default the broker's).
 	upstreamTimeout time.Duration
-	// mtls serves over mutual TLS with a policy, as production does: the
-	// clients present a certificate the policy makes operator and consumer,
-	// and the baselines are open to any caller the policy knows.
+	// mtls serves over mutual TLS with benchPolicy, as production does.
 	mtls bool
-	// bare also serves the no-op and echo baselines from a second, bare
-	// gRPC server (grpc.NewServer with no options: no interceptors, no
-	// broker) on its own loopback listener, reached through bareConns.
-	// Plaintext only: not with mtls.
+	// bare also serves the no-op and echo baselines from a bare gRPC server
+	// (no options: no interceptors, no broker), plaintext.
 	bare bool
 }
 
 // benchIdentity is the clients' certificate identity over mutual TLS.
 const benchIdentity = "spiffe://tokenbench.test/svc/caller"
 
-// benchPolicy grants benchIdentity what the benchmarks do: create
-// connections and get their tokens. The operators' glob names no bench
-// caller; it makes each lookup walk the policy's globs too, as a real
-// policy's would.
+// benchPolicy makes benchIdentity operator and consumer. The operators'
+// glob names no bench caller; it makes each lookup walk the policy's globs
+// too, as a real policy's would.
 const benchPolicy = `
 rules:
   - identities: ["spiffe://tokenbench.test/ops/*", "` + benchIdentity + `"]
@@ -117,53 +116,70 @@ rules:
     connections: ["tenants/*/connections/*"]
 `
 
-// mutualTLS returns the server options and client credentials of a stack
-// served over mutual TLS with benchPolicy, through the production code
-// paths (TLS files, policy, per-connection identity).
-func mutualTLS(dir string) ([]grpc.ServerOption, *server.Authorizer, credentials.TransportCredentials, error) {
+// mutualTLS sets o up for mutual TLS with benchPolicy through the
+// production code paths (TLS files, policy) and returns the clients'
+// credentials.
+func mutualTLS(dir string, o *server.Options) (credentials.TransportCredentials, error) {
 	ca, err := servertest.MakeCA("tokenbench CA")
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	srvCert, err := ca.Make(servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	cliCert, err := ca.Make(servertest.Leaf{URI: benchIdentity})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	certPath, keyPath, err := servertest.SavePair(dir, "server", srvCert)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	caPath := filepath.Join(dir, "ca.pem")
 	if err := os.WriteFile(caPath, ca.PEM, 0o600); err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	files, err := server.NewTLSFiles(certPath, keyPath, caPath)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	policy, err := server.ParsePolicy([]byte(benchPolicy))
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
+	o.ServerOptions, o.Authorizer = []grpc.ServerOption{grpc.Creds(files.Credentials())}, server.NewAuthorizer(policy)
 	roots := x509.NewCertPool()
 	roots.AddCert(ca.Cert)
-	creds := credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12})
-	return []grpc.ServerOption{grpc.Creds(files.Credentials())}, server.NewAuthorizer(policy), creds, nil
+	return credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12}), nil
 }
 
-// stackStore is the store behind a stack: bbolt, or etcd for replicas.
-type stackStore interface {
-	broker.Store
-	Close() error
+// openStore opens the stack's store: a bbolt file in dir, or a replica's
+// view of etcd, which also locks and watches.
+func openStore(o stackOptions, bopts *broker.Options) (stackStore, func(), error) {
+	keys, err := storage.NewKeyring(make([]byte, 32))
+	if err != nil {
+		return nil, nil, err
+	}
+	if o.etcd == "" {
+		st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
+		return st, func() {}, err
+	}
+	cli, err := etcdtest.NewClient(o.etcd)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys})
+	if err != nil {
+		cli.Close()
+		return nil, nil, err
+	}
+	bopts.Locker, bopts.Watcher = st, st
+	return st, func() { cli.Close() }, nil
 }
 
 func newStack(o stackOptions) (*stack, error) {
-	s := &stack{}
-	s.idp = acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})
+	s := &stack{idp: acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})}
 	s.idp.AddClient(clientID, clientSecret)
 	s.idp.AddUser(username, password)
 	h := s.idp.Handler()
@@ -171,40 +187,17 @@ func newStack(o stackOptions) (*stack, error) {
 		h = o.wrapIDP(h)
 	}
 	hs := httptest.NewServer(h)
-	s.idpURL = hs.URL
-	keys, err := storage.NewKeyring(make([]byte, 32))
+	s.idpURL, s.closers = hs.URL, []func(){hs.Close}
+	// The one stand-in serves for every instance, so one host may use the
+	// whole global cap.
+	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap,
+		MaxConcurrentUpstreamPerHost: cmp.Or(o.perHost, upstreamCap), UpstreamTimeout: o.upstreamTimeout}
+	st, closeClient, err := openStore(o, &bopts)
 	if err != nil {
 		return nil, err
 	}
-	// The one stand-in serves for every instance, so one host may use the
-	// whole global cap.
-	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap,
-		UpstreamTimeout: o.upstreamTimeout}
-	if o.perHost > 0 {
-		bopts.MaxConcurrentUpstreamPerHost = o.perHost
-	}
-	closeClient := func() {}
-	if o.etcd != "" {
-		cli, err := etcdtest.NewClient(o.etcd)
-		if err != nil {
-			return nil, err
-		}
-		st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys})
-		if err != nil {
-			cli.Close()
-			return nil, err
-		}
-		s.store, bopts.Locker, bopts.Watcher = st, st, st
-		closeClient = func() { cli.Close() }
-	} else {
-		st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
-		if err != nil {
-			return nil, err
-		}
-		s.store = st
-	}
-	st := s.store
-	bopts.Store = st
+	s.store, bopts.Store = st, st
+	s.closers = append(s.closers, closeClient, func() { st.Close() })
 	metrics := server.NewMetrics()
 	bopts.Observer = metrics
 	if o.observe != nil {
@@ -214,7 +207,7 @@ func newStack(o stackOptions) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.b = b
+	s.closers = append(s.closers, b.Close)
 	if o.etcd != "" {
 		if _, err := b.Load(context.Background()); err != nil {
 			return nil, err
@@ -223,118 +216,103 @@ func newStack(o stackOptions) (*stack, error) {
 	}
 	metrics.Watch(b, time.Now)
 	auditor := server.NewAuditor(io.Discard)
+	s.closers = append(s.closers, func() { auditor.Close() })
+	// The baselines are logged as GetAccessToken is, and over mutual TLS
+	// open to any caller the policy knows.
 	baselines := append(slices.Clone(servertest.QuietMethods), parkMethod)
-	sopts := server.Options{
-		Broker:  b,
-		Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
-		Auditor: auditor,
-		Metrics: metrics,
-		// The baselines are logged as GetAccessToken is.
-		QuietMethods: baselines,
-	}
+	sopts := server.Options{Broker: b, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics,
+		QuietMethods: baselines, AuthenticatedMethods: baselines}
 	clientCreds := insecure.NewCredentials()
 	if o.mtls {
-		var err error
-		if sopts.ServerOptions, sopts.Authorizer, clientCreds, err = mutualTLS(o.dir); err != nil {
+		if clientCreds, err = mutualTLS(o.dir, &sopts); err != nil {
 			return nil, err
 		}
-		sopts.AuthenticatedMethods = baselines
 	}
-	s.srv = server.New(sopts)
-	servertest.RegisterNoop(s.srv.Server)
+	srv := server.New(sopts)
+	servertest.RegisterNoop(srv.Server)
 	if o.park != nil {
-		o.park.register(s.srv.Server, s.idpURL)
+		o.park.register(srv.Server, s.idpURL)
 	}
-	// The echo baseline answers with a token response shaped like the real
-	// one (the stand-in's token length, this instance URL, the same scopes).
-	echoAnswer := &pb.GetAccessTokenResponse{
-		AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer", ExpireTime: timestamppb.Now(),
-		InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"},
-	}
-	servertest.RegisterEcho(s.srv.Server, echoAnswer)
-	if s.addr, s.conns, err = serveOn(s.srv.Server, o.conns, clientCreds); err != nil {
+	// The echo answers with a token response shaped like the real one (the
+	// stand-in's token length, this instance URL, the same scopes).
+	echo := &pb.GetAccessTokenResponse{AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer",
+		ExpireTime: timestamppb.Now(), InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"}}
+	servertest.RegisterEcho(srv.Server, echo)
+	if s.conns, err = s.serveOn(srv.Server, o.conns, clientCreds); err != nil {
 		return nil, err
 	}
-	bare := grpc.NewServer()
 	if o.bare && !o.mtls {
+		bare := grpc.NewServer()
 		servertest.RegisterNoop(bare)
-		servertest.RegisterEcho(bare, echoAnswer)
-		if _, s.bareConns, err = serveOn(bare, o.conns, clientCreds); err != nil {
+		servertest.RegisterEcho(bare, echo)
+		if s.bareConns, err = s.serveOn(bare, o.conns, clientCreds); err != nil {
 			return nil, err
 		}
-	}
-	s.close = func() {
-		for _, cc := range append(slices.Clone(s.conns), s.bareConns...) {
-			cc.Close()
-		}
-		bare.Stop()
-		s.srv.Stop()
-		b.Close()
-		auditor.Close()
-		st.Close()
-		closeClient()
-		hs.Close()
 	}
 	return s, nil
 }
 
-// serveOn serves srv on a new loopback listener and dials it n times
-// (at least once).
-func serveOn(srv *grpc.Server, n int, creds credentials.TransportCredentials) (string, []*grpc.ClientConn, error) {
+// close closes the clients, the servers, the broker and its store, in the
+// reverse of their opening.
+func (s *stack) close() {
+	for _, f := range slices.Backward(s.closers) {
+		f()
+	}
+}
+
+// serveOn serves srv on a new loopback listener and dials it n times.
+func (s *stack) serveOn(srv *grpc.Server, n int, creds credentials.TransportCredentials) ([]*grpc.ClientConn, error) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return "", nil, err
+		return nil, err
 	}
 	go srv.Serve(lis)
+	s.closers = append(s.closers, srv.Stop)
 	var conns []*grpc.ClientConn
 	for range max(n, 1) {
 		cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
 		if err != nil {
-			return "", nil, err
+			return nil, err
 		}
-		conns = append(conns, cc)
+		conns, s.closers = append(conns, cc), append(s.closers, func() { cc.Close() })
 	}
-	return lis.Addr().String(), conns, nil
+	return conns, nil
 }
 
 func (s *stack) client(i int) pb.TokenBrokerClient {
 	return pb.NewTokenBrokerClient(s.conns[i%len(s.conns)])
 }
 
-// createConnections registers n connections on the stand-in, concurrently,
-// through the API.
+// createConnections registers n connections on the stand-in.
 func (s *stack) createConnections(ctx context.Context, n int) ([]string, error) {
 	return s.createConnectionsOn(ctx, s.idpURL, "t", n)
 }
 
-// createConnectionsOn registers n connections on the instance at url, with
-// tenant ids prefix plus a number.
+// createConnectionsOn registers n connections on the instance at url
+// through the API, 32 at a time, with tenant ids prefix plus a number.
 func (s *stack) createConnectionsOn(ctx context.Context, url, prefix string, n int) ([]string, error) {
 	names := make([]string, n)
-	errs := make(chan error, n)
-	sem := make(chan struct{}, 32)
-	var wg sync.WaitGroup
-	for i := range n {
+	return names, parallel(n, 32, func(i int) error {
 		tenant := fmt.Sprintf("tenants/%s%06d", prefix, i)
 		names[i] = tenant + "/connections/erp"
-		wg.Add(1)
+		_, err := s.client(i).CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: tenant, ConnectionId: "erp",
+			Connection: &pb.Connection{InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password}})
+		return err
+	})
+}
+
+// parallel runs f(0) … f(n-1), at most limit at a time, and returns the
+// first error.
+func parallel(n, limit int, f func(i int) error) error {
+	var wg sync.WaitGroup
+	sem, errs := make(chan struct{}, limit), make([]error, n)
+	for i := range n {
 		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			defer func() { <-sem }()
-			_, err := s.client(i).CreateConnection(ctx, &pb.CreateConnectionRequest{
-				Parent: tenant, ConnectionId: "erp",
-				Connection: &pb.Connection{InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password},
-			})
-			if err != nil {
-				errs <- err
-			}
-		}()
+			errs[i] = f(i)
+		})
 	}
 	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		return nil, err
-	}
-	return names, nil
+	return errors.Join(errs...)
 }
