@@ -13,22 +13,18 @@ import (
 // CachedResult is cached GetAccessToken against the echo and no-op
 // baselines on the same server stack, plaintext and over mutual TLS.
 type CachedResult struct {
-	Runs      int           `json:"runs"`
-	Seconds   float64       `json:"seconds_per_run"`
-	Plaintext []CachedPoint `json:"plaintext"`
-	MutualTLS []CachedPoint `json:"mutual_tls"`
+	Runs                 int
+	Seconds              float64 // per run
+	Plaintext, MutualTLS []CachedPoint
 }
 
 // CachedPoint is one concurrency level: the median of each mode's runs.
 type CachedPoint struct {
-	Callers int  `json:"callers"`
-	Noop    Load `json:"noop"`
-	Echo    Load `json:"echo"`
-	Token   Load `json:"cached"`
+	Callers           int
+	Noop, Echo, Token Load
 	// BareNoop and BareEcho are the baselines on a bare gRPC server (no
 	// interceptors, no broker), plaintext only.
-	BareNoop *Load `json:"bare_noop,omitempty"`
-	BareEcho *Load `json:"bare_echo,omitempty"`
+	BareNoop, BareEcho *Load `json:",omitempty"`
 }
 
 // Cached throughput and p99 against the echo.
@@ -61,16 +57,10 @@ func (c *CachedResult) targets() []Target {
 // benchCached measures cached GetAccessToken and the baselines on one
 // server, plaintext or over mutual TLS with a policy: the modes
 // interleaved, the one going first rotated, the median of runs per figure.
-func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration, logf func(string, ...any)) ([]CachedPoint, error) {
-	s, err := newStack(stackOptions{dir: dir, now: time.Now, conns: 4, mtls: mtls, bare: !mtls})
-	if err != nil {
-		return nil, err
-	}
+func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration, logf func(string, ...any)) []CachedPoint {
+	s := newStack(stackOptions{dir: dir, now: time.Now, conns: 4, mtls: mtls, bare: !mtls})
 	defer s.close()
-	names, err := s.createConnections(context.Background(), 1)
-	if err != nil {
-		return nil, err
-	}
+	name := s.createConnections(1)[0]
 	// Each mode builds its request per call and calls as a generated
 	// client does (servertest's callers mirror it).
 	type mode struct {
@@ -79,12 +69,12 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 	}
 	modes := []mode{
 		{"cached", func(ctx context.Context, w int) error {
-			_, err := s.client(w).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: names[0]})
+			_, err := s.client(w).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: name})
 			return err
 		}},
 		{"noop", func(ctx context.Context, w int) error { return servertest.CallNoop(ctx, s.conns[w%len(s.conns)]) }},
 		{"echo", func(ctx context.Context, w int) error {
-			return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], &pb.GetAccessTokenRequest{Name: names[0]})
+			return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], &pb.GetAccessTokenRequest{Name: name})
 		}},
 	}
 	if len(s.bareConns) > 0 {
@@ -93,7 +83,7 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 				return servertest.CallNoop(ctx, s.bareConns[w%len(s.bareConns)])
 			}},
 			mode{"bare_echo", func(ctx context.Context, w int) error {
-				return servertest.CallEcho(ctx, s.bareConns[w%len(s.bareConns)], &pb.GetAccessTokenRequest{Name: names[0]})
+				return servertest.CallEcho(ctx, s.bareConns[w%len(s.bareConns)], &pb.GetAccessTokenRequest{Name: name})
 			}})
 	}
 	for _, m := range modes { // warm every path
@@ -121,7 +111,7 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 		}
 		// A failed call is fast: counted, it would flatter its mode.
 		if errs > 0 {
-			return nil, fmt.Errorf("cached (mutual TLS %v): %d calls failed at %d callers", mtls, errs, c)
+			check(fmt.Errorf("cached (mutual TLS %v): %d calls failed at %d callers", mtls, errs, c))
 		}
 		points[i] = CachedPoint{Callers: c, Noop: m["noop"], Echo: m["echo"], Token: m["cached"]}
 		if bn, ok := m["bare_noop"]; ok {
@@ -130,7 +120,7 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 		}
 	}
 	if c := s.idp.Counts(); c.RefreshGrants != 0 || c.PasswordGrants != 1 {
-		return nil, fmt.Errorf("cached bench called upstream: %+v", c)
+		check(fmt.Errorf("cached bench called upstream: %+v", c))
 	}
-	return points, nil
+	return points
 }

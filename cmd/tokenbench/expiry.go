@@ -23,26 +23,21 @@ import (
 // nothing else going on, and once while a second server holds every token
 // request sent to it until the broker's upstream timeout.
 type ExpiryResult struct {
-	Conns      int     `json:"connections"`
-	Hung       int     `json:"hung_connections"`
-	PerHost    int     `json:"per_host_share"`
-	LatencyMS  float64 `json:"upstream_latency_ms"`
-	TimeoutMS  float64 `json:"upstream_timeout_ms"`
-	DeadlineMS float64 `json:"caller_deadline_ms"`
+	Conns, Hung, PerHost             int
+	LatencyMS, TimeoutMS, DeadlineMS float64
 	// FloorMS is the upstream alone: ceil(conns/share) rounds of latency.
-	FloorMS  float64   `json:"upstream_floor_ms"`
-	Calm     ExpiryRun `json:"calm"`
-	WithHung ExpiryRun `json:"with_hung"`
+	FloorMS        float64
+	Calm, WithHung ExpiryRun
 }
 
 // ExpiryRun is one release of the callers on a fresh server.
 type ExpiryRun struct {
-	Served   int     `json:"served"`
-	LastMS   float64 `json:"last_served_ms"` // release until the last caller was answered
-	Upstream int     `json:"upstream_requests"`
-	Writes   int64   `json:"durable_writes"` // intent and commit per refresh
-	Commits  int64   `json:"commits"`        // the commits carrying them
-	Held     int     `json:"held_at_hung_server"`
+	Served, Upstream int
+	LastMS           float64 // release until the last caller was answered
+	// Writes are durable writes (intent and commit per refresh), Commits
+	// the commits that carried them.
+	Writes, Commits int64
+	Held            int // token requests held at the hung server
 }
 
 // hungFactor is how much longer the connections may take to refresh while
@@ -64,34 +59,22 @@ func (e *ExpiryResult) targets() []Target {
 
 // benchExpiry releases the callers of n expired connections on a fresh
 // server twice: calm, then with hung connections on a hung server first.
-func benchExpiry(dir string, n, hung int, latency time.Duration) (*ExpiryResult, error) {
+func benchExpiry(dir string, n, hung int, latency time.Duration) *ExpiryResult {
 	share := broker.DefaultMaxConcurrentUpstreamPerHost
 	res := &ExpiryResult{Conns: n, Hung: hung, PerHost: share, LatencyMS: ms(latency), TimeoutMS: 2000, DeadlineMS: 10000,
 		FloorMS: ms(time.Duration((n+share-1)/share) * latency)}
-	var err error
-	if res.Calm, err = expireOnce(mkdir(dir, "calm"), res, false); err != nil {
-		return nil, err
-	}
-	if res.WithHung, err = expireOnce(mkdir(dir, "hung"), res, true); err != nil {
-		return nil, err
-	}
-	return res, nil
+	res.Calm, res.WithHung = expireOnce(mkdir(dir, "calm"), res, false), expireOnce(mkdir(dir, "hung"), res, true)
+	return res
 }
 
-func expireOnce(dir string, res *ExpiryResult, withHung bool) (ExpiryRun, error) {
+func expireOnce(dir string, res *ExpiryResult, withHung bool) ExpiryRun {
 	var run ExpiryRun
 	ctx := context.Background()
 	clk := &clock{t: time.Now()}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: time.Duration(res.LatencyMS * 1e6), conns: 16,
+	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: time.Duration(res.LatencyMS * 1e6), conns: 16,
 		perHost: res.PerHost, upstreamTimeout: time.Duration(res.TimeoutMS * 1e6)})
-	if err != nil {
-		return run, err
-	}
 	defer s.close()
-	names, err := s.createConnections(ctx, res.Conns)
-	if err != nil {
-		return run, err
-	}
+	names := s.createConnections(res.Conns)
 	call := func(i int, name string) bool {
 		cctx, cancel := context.WithTimeout(ctx, time.Duration(res.DeadlineMS*1e6))
 		defer cancel()
@@ -103,10 +86,7 @@ func expireOnce(dir string, res *ExpiryResult, withHung bool) (ExpiryRun, error)
 	if withHung {
 		h := startHungServer(unblock)
 		defer h.close()
-		hungNames, err := s.createConnectionsOn(ctx, h.url, "h", res.Hung)
-		if err != nil {
-			return run, err
-		}
+		hungNames := s.createConnectionsOn(h.url, "h", res.Hung)
 		h.hanging.Store(true)
 		clk.Advance(2 * time.Hour)
 		for i, name := range hungNames {
@@ -137,7 +117,7 @@ func expireOnce(dir string, res *ExpiryResult, withHung bool) (ExpiryRun, error)
 	run.Served, run.LastMS = int(served.Load()), ms(last)
 	run.Upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 	run.Writes, run.Commits = w1-w0, c1-c0
-	return run, nil
+	return run
 }
 
 // hungServer is a stand-in that, once hanging, holds every token request

@@ -18,19 +18,16 @@ import (
 // at once (their arrival included), each against no-op RPCs handled the
 // same way on the same server. Times are medians, in milliseconds.
 type HerdResult struct {
-	Callers       int     `json:"callers"`
-	Herds         int     `json:"herds_of_each_kind"`
-	UpstreamCalls []int   `json:"upstream_calls_per_herd"` // released and parked in turn
-	Distinct      int     `json:"most_distinct_tokens_in_a_herd"`
-	LatencyMS     float64 `json:"upstream_latency_ms"` // added by the stand-in
-	CommitMS      float64 `json:"commit_ms"`           // one durable commit on the same file
-	ParkedMS      float64 `json:"parked_ms"`
-	ParkedNoopMS  float64 `json:"parked_noop_ms"`
+	Callers, Herds int   // herds of each kind
+	UpstreamCalls  []int // per herd, released and parked in turn
+	// LatencyMS is added by the stand-in; CommitMS is one durable commit
+	// on the same file.
+	LatencyMS, CommitMS    float64
+	ParkedMS, ParkedNoopMS float64
 	// AnsweredMS is when the stand-in answered the parked herd's token
 	// request, from the start of its clock.
-	AnsweredMS     float64 `json:"parked_answered_ms"`
-	ReleasedMS     float64 `json:"released_ms"`
-	ReleasedNoopMS float64 `json:"released_noop_ms"`
+	AnsweredMS                 float64
+	ReleasedMS, ReleasedNoopMS float64
 }
 
 // herdSlackMS is what the parked herd may take over its no-op baseline
@@ -65,96 +62,58 @@ func herdTargets(herds []*HerdResult) []Target {
 // benchHerd measures n callers on an expired token through real gRPC,
 // against the stand-in with added latency, parked and released. Each has a
 // no-op baseline on the same server; runs are interleaved.
-func benchHerd(dir string, n, runs int, latency time.Duration) (*HerdResult, error) {
+func benchHerd(dir string, n, runs int, latency time.Duration) *HerdResult {
 	clk := &clock{t: time.Now()}
 	upstream, misses, park := &parking{}, &parking{}, &parking{}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
+	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
 		wrapIDP: upstream.holdTokenRequests, observe: misses.countMisses, park: park})
-	if err != nil {
-		return nil, err
-	}
 	defer s.close()
-	names, err := s.createConnections(context.Background(), 1)
-	if err != nil {
-		return nil, err
-	}
-	commit, err := commitTime(s, names[0])
-	if err != nil {
-		return nil, err
-	}
-	res := &HerdResult{Callers: n, Herds: runs, LatencyMS: ms(latency), CommitMS: ms(commit)}
-	req := &pb.GetAccessTokenRequest{Name: names[0]}
-	tokens := make([]string, n)
-	getToken := func(i int) error {
+	name := s.createConnections(1)[0]
+	res := &HerdResult{Callers: n, Herds: runs, LatencyMS: ms(latency), CommitMS: ms(commitTime(s, name))}
+	req := &pb.GetAccessTokenRequest{Name: name}
+	get := func(i int) (string, error) {
 		r, err := s.client(i).GetAccessToken(context.Background(), req)
-		tokens[i] = r.GetAccessToken()
-		return err
+		return r.GetAccessToken(), err
 	}
+	// The baselines call the parked RPC (same request and answer shapes);
+	// unarmed, it answers at once.
 	callPark := func(i int) error {
 		return s.conns[i%len(s.conns)].Invoke(context.Background(), parkMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
 	}
-	// herd runs one herd on a freshly expired token and checks its outcome.
-	herd := func(run func() (time.Duration, error)) (time.Duration, error) {
-		d, calls, failed, distinct, err := herdOnce(clk, s.idp, tokens, run)
-		res.UpstreamCalls = append(res.UpstreamCalls, calls)
-		res.Distinct = max(res.Distinct, distinct)
-		if err == nil && failed > 0 {
-			err = fmt.Errorf("%d callers got no token", failed)
-		}
-		return d, err
-	}
 	var released, releasedNoop, parked, parkedNoop, answered []time.Duration
 	for range runs {
-		// The baselines use the parked RPC (same request and answer
-		// shapes); unarmed, it answers at once.
-		d, err := release(n, callPark)
-		if err != nil {
-			return nil, err
-		}
-		releasedNoop = append(releasedNoop, d)
-		if d, err = herd(func() (time.Duration, error) { return release(n, getToken) }); err != nil {
-			return nil, fmt.Errorf("herd: %w", err)
-		}
-		released = append(released, d)
+		releasedNoop = append(releasedNoop, must(release(n, callPark)))
+		d, calls := herdOnce(clk, s.idp, n, get, func(call func(int) error) (time.Duration, error) { return release(n, call) })
+		released, res.UpstreamCalls = append(released, d), append(res.UpstreamCalls, calls)
 		all := park.arm(n, true)
-		if d, err = parkThenRelease(n, func() { <-all }, park.open, callPark); err != nil {
-			return nil, err
-		}
-		parkedNoop = append(parkedNoop, d)
-		if d, err = herd(func() (time.Duration, error) {
+		parkedNoop = append(parkedNoop, must(parkThenRelease(n, func() { <-all }, park.open, callPark)))
+		d, calls = herdOnce(clk, s.idp, n, get, func(call func(int) error) (time.Duration, error) {
 			// Every caller misses the cache and joins the one refresh,
 			// whose token request is held at the stand-in; then it goes on.
 			allMissed, held := misses.arm(n, false), upstream.arm(1, true)
 			defer misses.open()
 			var opened time.Time
-			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, getToken)
+			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, call)
 			answered = append(answered, time.Unix(0, upstream.answered.Load()).Sub(opened))
 			return d, err
-		}); err != nil {
-			return nil, fmt.Errorf("parked herd: %w", err)
-		}
-		parked = append(parked, d)
+		})
+		parked, res.UpstreamCalls = append(parked, d), append(res.UpstreamCalls, calls)
 	}
 	res.ReleasedMS, res.ReleasedNoopMS = ms(medianDur(released)), ms(medianDur(releasedNoop))
 	res.ParkedMS, res.ParkedNoopMS, res.AnsweredMS = ms(medianDur(parked)), ms(medianDur(parkedNoop)), ms(medianDur(answered))
-	return res, nil
+	return res
 }
 
 // commitTime is the median of 21 durable commits of name's token state.
-func commitTime(s *stack, name string) (time.Duration, error) {
-	tok, err := s.store.GetTokens(context.Background(), name)
-	if err != nil {
-		return 0, err
-	}
+func commitTime(s *stack, name string) time.Duration {
+	tok := must(s.store.GetTokens(context.Background(), name))
 	var commits []time.Duration
 	for range 21 {
 		t0 := time.Now()
-		if err := s.store.PutTokens(context.Background(), name, tok); err != nil {
-			return 0, err
-		}
+		check(s.store.PutTokens(context.Background(), name, tok))
 		commits = append(commits, time.Since(t0))
 	}
-	return medianDur(commits), nil
+	return medianDur(commits)
 }
 
 // parkThenRelease starts n callers, waits until all have arrived (ready
@@ -204,22 +163,23 @@ func release(n int, call func(i int) error) (time.Duration, error) {
 	return time.Since(t0), firstErr(errs)
 }
 
-// herdOnce lets the token expire (clk), runs run, and reports the upstream
-// token requests idp saw meanwhile, how many callers got no token (tokens
-// holds each caller's) and how many distinct tokens were handed out.
-func herdOnce(clk *clock, idp *acumaticatest.Server, tokens []string, run func() (time.Duration, error)) (d time.Duration, calls, failed, distinct int, err error) {
-	clear(tokens)
+// herdOnce lets the token expire (clk), has run call get for each of n
+// callers, and returns run's time and the upstream token requests idp saw
+// meanwhile. A caller without a token, or a second token handed out, ends
+// the benchmark.
+func herdOnce(clk *clock, idp *acumaticatest.Server, n int, get func(i int) (string, error),
+	run func(call func(i int) error) (time.Duration, error)) (time.Duration, int) {
+	tokens := make([]string, n)
 	clk.Advance(2 * time.Hour)
 	before := idp.Counts()
-	d, err = run()
+	d := must(run(func(i int) (err error) { tokens[i], err = get(i); return err }))
 	after := idp.Counts()
-	calls = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 	seen := map[string]bool{}
 	for _, t := range tokens {
-		if t == "" {
-			failed++
-		}
 		seen[t] = true
 	}
-	return d, calls, failed, len(seen), err
+	if seen[""] || len(seen) != 1 {
+		check(fmt.Errorf("herd of %d: %d distinct tokens handed out, an empty one among them: %v", n, len(seen), seen[""]))
+	}
+	return d, (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 }

@@ -10,14 +10,12 @@ import (
 
 // Load is one closed-loop load, or the median of several runs of it.
 type Load struct {
-	Calls     int     `json:"calls"`
-	Errors    int     `json:"errors"`
-	PerSecond float64 `json:"calls_per_s"`
-	P50US     float64 `json:"p50_us"`
-	P99US     float64 `json:"p99_us"`
+	Calls, Errors int
+	PerSecond     float64
+	P50US, P99US  float64
 	// CPUUS is the process's CPU time (user and system) per call: client
 	// and server together, as both run in the bench process.
-	CPUUS float64 `json:"cpu_per_call_us"`
+	CPUUS float64
 }
 
 // processCPU is the CPU time the process has used so far.

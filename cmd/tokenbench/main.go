@@ -69,6 +69,16 @@ func parseFlags() *flags {
 }
 
 func main() {
+	defer func() {
+		if r := recover(); r != nil {
+			failure, ok := r.(benchFailure)
+			if !ok {
+				panic(r)
+			}
+			fmt.Fprintln(os.Stderr, "tokenbench:", failure.err)
+			os.Exit(1)
+		}
+	}()
 	f := parseFlags()
 	jsonPath := strings.TrimSuffix(f.out, filepath.Ext(f.out)) + ".json"
 	var res *Results
@@ -107,22 +117,18 @@ func measure(f *flags) *Results {
 	var targets []Target
 	if want["cached"] {
 		c := &CachedResult{Runs: f.runs, Seconds: f.dur.Seconds()}
-		c.Plaintext, err = benchCached(mkdir(tmp, "cached"), false, f.concs, f.runs, f.dur, logf)
-		check(err)
-		c.MutualTLS, err = benchCached(mkdir(tmp, "cached-mtls"), true, f.concs, f.runs, f.dur, logf)
-		check(err)
+		c.Plaintext = benchCached(mkdir(tmp, "cached"), false, f.concs, f.runs, f.dur, logf)
+		c.MutualTLS = benchCached(mkdir(tmp, "cached-mtls"), true, f.concs, f.runs, f.dur, logf)
 		res.Cached, targets = c, append(targets, c.targets()...)
 	}
 	if want["herd"] {
 		for _, n := range append(f.sweep, f.herdN) {
-			h, err := benchHerd(mkdir(tmp, fmt.Sprintf("herd-%d", n)), n, 2*f.runs, f.latency)
-			check(err)
+			h := benchHerd(mkdir(tmp, fmt.Sprintf("herd-%d", n)), n, 2*f.runs, f.latency)
 			logf("herd of %d: upstream calls %v, parked %.1f ms (no-op %.1f ms)", n, h.UpstreamCalls, h.ParkedMS, h.ParkedNoopMS)
 			res.Herd = append(res.Herd, h)
 		}
 		targets = append(targets, herdTargets(res.Herd)...)
-		res.Expiry, err = benchExpiry(mkdir(tmp, "expiry"), f.expiryN, 2*upstreamCap, f.latency)
-		check(err)
+		res.Expiry = benchExpiry(mkdir(tmp, "expiry"), f.expiryN, 2*upstreamCap, f.latency)
 		targets = append(targets, res.Expiry.targets()...)
 	}
 	if want["scale"] {
@@ -131,15 +137,13 @@ func measure(f *flags) *Results {
 			check(fmt.Errorf("build tokenbroker: %v\n%s", err, out))
 		}
 		for _, n := range f.scale {
-			s, err := benchScale(tmp, bin, n, logf)
-			check(err)
+			s := benchScale(tmp, bin, n, logf)
 			res.Scale, targets = append(res.Scale, s), append(targets, s.targets()...)
 			os.RemoveAll(filepath.Join(tmp, fmt.Sprintf("scale-%d", n)))
 		}
 	}
 	if want["etcd"] {
-		res.Etcd, err = benchEtcd(mkdir(tmp, "etcd"), f.etcdSamples, f.etcdHN, f.runs, f.latency, logf)
-		check(err)
+		res.Etcd = benchEtcd(mkdir(tmp, "etcd"), f.etcdSamples, f.etcdHN, f.runs, f.latency, logf)
 		targets = append(targets, res.Etcd.targets()...)
 	}
 	res.Targets = evaluate(targets)
@@ -151,12 +155,25 @@ func measure(f *flags) *Results {
 
 func logf(format string, args ...any) { fmt.Fprintf(os.Stderr, "tokenbench: "+format+"\n", args...) }
 
+// benchFailure is a measurement that failed: check panics with it, which
+// unwinds the sections (their deferred cleanups run) to main.
+type benchFailure struct{ err error }
+
+// check ends the run on err, from the goroutine that runs the sections.
 func check(err error) {
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "tokenbench:", err)
-		os.Exit(1)
+		panic(benchFailure{err})
 	}
 }
+
+// must is v, or the end of the run on err.
+func must[T any](v T, err error) T {
+	check(err)
+	return v
+}
+
+// errOf drops a value and keeps the error.
+func errOf[T any](_ T, err error) error { return err }
 
 func mkdir(root, name string) string {
 	d := filepath.Join(root, name)

@@ -16,19 +16,14 @@ import (
 // EtcdResult is what running as replicas on etcd costs, against one
 // process on a bbolt file, measured in the same run on the same disk.
 type EtcdResult struct {
-	Samples int `json:"refresh_samples"`
 	// One refresh's storage work: on bbolt the intent and the commit; on
 	// etcd also the cluster lock and the re-read under it.
-	BoltP50MS  float64 `json:"refresh_storage_bolt_p50_ms"`
-	BoltP99MS  float64 `json:"refresh_storage_bolt_p99_ms"`
-	EtcdP50MS  float64 `json:"refresh_storage_etcd_p50_ms"`
-	EtcdP99MS  float64 `json:"refresh_storage_etcd_p99_ms"`
-	HerdN      int     `json:"herd_callers"`
-	Herds      int     `json:"herds"`
-	LatencyMS  float64 `json:"upstream_latency_ms"`
-	HerdCalls  []int   `json:"upstream_calls_per_herd"` // across both replicas
-	HerdEtcdMS float64 `json:"herd_etcd_ms"`
-	HerdBoltMS float64 `json:"herd_bolt_ms"`
+	Samples                                    int
+	BoltP50MS, BoltP99MS, EtcdP50MS, EtcdP99MS float64
+	HerdN, Herds                               int
+	LatencyMS                                  float64
+	HerdCalls                                  []int // per herd, across both replicas
+	HerdEtcdMS, HerdBoltMS                     float64
 }
 
 func (e *EtcdResult) targets() []Target {
@@ -46,82 +41,54 @@ func (e *EtcdResult) targets() []Target {
 // storage work on a replica's store against a bbolt-backed server's on the
 // same disk, then a herd of herdN callers split across two replicas on
 // etcd against the same herd on one bbolt-backed server.
-func benchEtcd(dir string, samples, herdN, runs int, latency time.Duration, logf func(string, ...any)) (*EtcdResult, error) {
+func benchEtcd(dir string, samples, herdN, runs int, latency time.Duration, logf func(string, ...any)) *EtcdResult {
 	endpoint, stop, err := etcdtest.Run(mkdir(dir, "etcd"))
-	if err != nil {
-		return nil, err
-	}
+	check(err)
 	defer stop()
 	res := &EtcdResult{Samples: samples, HerdN: herdN, Herds: runs, LatencyMS: ms(latency)}
 	clk := &clock{t: time.Now()}
-	a, err := newStack(stackOptions{dir: mkdir(dir, "replica-a"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
-	if err != nil {
-		return nil, err
-	}
+	a := newStack(stackOptions{dir: mkdir(dir, "replica-a"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
 	defer a.close()
-	b, err := newStack(stackOptions{dir: mkdir(dir, "replica-b"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
-	if err != nil {
-		return nil, err
-	}
+	b := newStack(stackOptions{dir: mkdir(dir, "replica-b"), now: clk.Now, latency: latency, conns: 8, etcd: endpoint})
 	defer b.close()
-	single, err := newStack(stackOptions{dir: mkdir(dir, "single"), now: clk.Now, latency: latency, conns: 16})
-	if err != nil {
-		return nil, err
-	}
+	single := newStack(stackOptions{dir: mkdir(dir, "single"), now: clk.Now, latency: latency, conns: 16})
 	defer single.close()
-	names, err := a.createConnections(context.Background(), 1)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := single.createConnections(context.Background(), 1); err != nil {
-		return nil, err
-	}
-	if err := res.storageWork(single.store, a.store.(*storage.EtcdStore), names[0]); err != nil {
-		return nil, err
-	}
-	return res, res.herds(clk, a, b, single, names[0], logf)
+	name := a.createConnections(1)[0]
+	single.createConnections(1)
+	res.storageWork(single.store, a.store.(*storage.EtcdStore), name)
+	res.herds(clk, a, b, single, name)
+	logf("etcd: herd of %d across two replicas: upstream calls %v, %.1f ms (one bbolt server: %.1f ms)", res.HerdN, res.HerdCalls, res.HerdEtcdMS, res.HerdBoltMS)
+	return res
 }
 
 // storageWork times samples refreshes' storage work on each store,
 // alternating: on bbolt the intent and the commit of the rotated token;
 // on etcd also the cluster lock and the re-read of the token state.
-func (res *EtcdResult) storageWork(bolt stackStore, ets *storage.EtcdStore, name string) error {
+func (res *EtcdResult) storageWork(bolt stackStore, ets *storage.EtcdStore, name string) {
 	ctx := context.Background()
-	tok, err := bolt.GetTokens(ctx, name)
-	if err != nil {
-		return err
-	}
+	tok := must(bolt.GetTokens(ctx, name))
 	intent := tok.Clone()
 	intent.IntentGeneration, intent.IntentGrant, intent.IntentTime = tok.Generation, "refresh_token", time.Now()
 	var onBolt, onEtcd []time.Duration
 	for range res.Samples {
 		t0 := time.Now()
-		if err := errors.Join(bolt.PutTokens(ctx, name, intent), bolt.PutTokens(ctx, name, tok)); err != nil {
-			return err
-		}
+		check(errors.Join(bolt.PutTokens(ctx, name, intent), bolt.PutTokens(ctx, name, tok)))
 		onBolt = append(onBolt, time.Since(t0))
 		t0 = time.Now()
-		unlock, err := ets.Lock(ctx, name)
-		if err != nil {
-			return err
-		}
-		_, err = ets.GetTokens(ctx, name)
-		if err := errors.Join(err, ets.PutTokens(ctx, name, intent), ets.PutTokens(ctx, name, tok)); err != nil {
-			return err
-		}
+		unlock := must(ets.Lock(ctx, name))
+		check(errors.Join(errOf(ets.GetTokens(ctx, name)), ets.PutTokens(ctx, name, intent), ets.PutTokens(ctx, name, tok)))
 		unlock()
 		onEtcd = append(onEtcd, time.Since(t0))
 	}
 	b50, b99 := percentiles(onBolt)
 	e50, e99 := percentiles(onEtcd)
 	res.BoltP50MS, res.BoltP99MS, res.EtcdP50MS, res.EtcdP99MS = ms(b50), ms(b99), ms(e50), ms(e99)
-	return nil
 }
 
 // herds releases herdN callers at once on an expired token: split across
 // two replicas on etcd, and on one server with a bbolt file; runs of each
 // interleaved.
-func (res *EtcdResult) herds(clk *clock, a, b, single *stack, name string, logf func(string, ...any)) error {
+func (res *EtcdResult) herds(clk *clock, a, b, single *stack, name string) {
 	ctx := context.Background()
 	req := &pb.GetAccessTokenRequest{Name: name}
 	// Replica b learns of the connection through its watch.
@@ -129,36 +96,22 @@ func (res *EtcdResult) herds(clk *clock, a, b, single *stack, name string, logf 
 		if _, err := b.client(0).GetAccessToken(ctx, req); err == nil {
 			break
 		} else if time.Now().After(deadline) {
-			return fmt.Errorf("etcd: replica b never served the connection: %w", err)
+			check(fmt.Errorf("etcd: replica b never served the connection: %w", err))
 		}
 	}
-	tokens := make([]string, res.HerdN)
-	herd := func(idp *acumaticatest.Server, stacks ...*stack) (time.Duration, int, error) {
-		d, calls, failed, distinct, err := herdOnce(clk, idp, tokens, func() (time.Duration, error) {
-			return release(res.HerdN, func(i int) error {
-				r, err := stacks[i%len(stacks)].client(i).GetAccessToken(ctx, req)
-				tokens[i] = r.GetAccessToken()
-				return err
-			})
-		})
-		if err == nil && (failed > 0 || distinct > 1) {
-			err = fmt.Errorf("%d callers got no token, %d distinct tokens", failed, distinct)
+	herd := func(idp *acumaticatest.Server, stacks ...*stack) (time.Duration, int) {
+		get := func(i int) (string, error) {
+			r, err := stacks[i%len(stacks)].client(i).GetAccessToken(ctx, req)
+			return r.GetAccessToken(), err
 		}
-		return d, calls, err
+		return herdOnce(clk, idp, res.HerdN, get, func(call func(int) error) (time.Duration, error) { return release(res.HerdN, call) })
 	}
 	var onEtcd, onBolt []time.Duration
 	for range res.Herds {
-		d, calls, err := herd(a.idp, a, b)
-		if err != nil {
-			return fmt.Errorf("etcd herd: %w", err)
-		}
+		d, calls := herd(a.idp, a, b)
 		res.HerdCalls, onEtcd = append(res.HerdCalls, calls), append(onEtcd, d)
-		if d, _, err = herd(single.idp, single); err != nil {
-			return fmt.Errorf("bbolt herd: %w", err)
-		}
+		d, _ = herd(single.idp, single)
 		onBolt = append(onBolt, d)
 	}
 	res.HerdEtcdMS, res.HerdBoltMS = ms(medianDur(onEtcd)), ms(medianDur(onBolt))
-	logf("etcd: herd of %d across two replicas: upstream calls %v, %.1f ms (one bbolt server: %.1f ms)", res.HerdN, res.HerdCalls, res.HerdEtcdMS, res.HerdBoltMS)
-	return nil
 }

@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -21,32 +20,25 @@ import (
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
-	"tokenbroker/broker"
 	"tokenbroker/storage"
 )
 
 // ScaleResult is one connection count: the real binary's start, memory
 // and commit cost on a data file holding that many connections.
 type ScaleResult struct {
-	Conns      int     `json:"connections"`
-	FileMB     float64 `json:"file_mb"`
-	ColdMS     float64 `json:"serving_cold_ms"` // exec to serving, the file's pages evicted
-	WarmMS     float64 `json:"serving_warm_ms"`
-	LoadColdMS float64 `json:"loaded_cold_ms"` // exec to every connection loaded
-	LoadWarmMS float64 `json:"loaded_warm_ms"`
-	RSSMB      float64 `json:"rss_loaded_mb"`
-	AnonMB     float64 `json:"rss_anon_mb"`
-	FileRSSMB  float64 `json:"rss_file_mb"`
-	// ServedMB is the resident memory after a token of every connection was
-	// served over gRPC, at ServedRate tokens per second.
-	ServedMB    float64 `json:"rss_served_mb"`
-	ServedRate  float64 `json:"served_per_s"`
-	CommitP50MS float64 `json:"commit_p50_ms"`
-	CommitP99MS float64 `json:"commit_p99_ms"`
+	Conns  int
+	FileMB float64
+	// ColdMS and WarmMS are exec to serving (cold: the file's pages
+	// evicted), LoadColdMS and LoadWarmMS exec to every connection loaded.
+	ColdMS, WarmMS, LoadColdMS, LoadWarmMS float64
+	RSSMB, AnonMB, FileRSSMB               float64 // when loaded
+	// ServedMB is the resident memory after a token of every connection
+	// was served over gRPC, at ServedRate tokens per second.
+	ServedMB, ServedRate     float64
+	CommitP50MS, CommitP99MS float64
 	// FloorP50MS and FloorP99MS are two raw 4 KiB writes with fdatasync,
 	// interleaved with the commits.
-	FloorP50MS float64 `json:"raw_floor_p50_ms"`
-	FloorP99MS float64 `json:"raw_floor_p99_ms"`
+	FloorP50MS, FloorP99MS float64
 }
 
 // scaleTargets are the targets at 100k connections (none at other sizes).
@@ -63,65 +55,33 @@ func (s *ScaleResult) targets() []Target {
 		t("resident memory when loaded", "MB", s.RSSMB, 300), t("resident memory after serving every connection", "MB", s.ServedMB, 300), commit}
 }
 
-// populate writes n connections with token state straight into a data
-// file, through the store (sealed, group-committed).
-func populate(path string, keys *storage.Keyring, n int) error {
-	st, err := storage.Open(path, storage.Options{Keyring: keys})
-	if err != nil {
-		return err
-	}
+// populate writes n connections with token state into a data file
+// through the store (sealed, group-committed), 256 at a time.
+func populate(path string, keys *storage.Keyring, n int) {
+	st := must(storage.Open(path, storage.Options{Keyring: keys}))
 	defer st.Close()
-	return populateStore(st, n)
+	now, scopes := time.Now(), []string{"api", "offline_access"}
+	check(parallel(n, 256, func(i int) error {
+		_, err := st.CreateConnection(context.Background(), &storage.Connection{
+			Name: scaleName(i), DisplayName: "ERP", InstanceURL: "https://erp-" + strconv.Itoa(i) + ".example.com",
+			ClientID: clientID, ClientSecret: clientSecret + strconv.Itoa(i), Username: username, Password: password,
+			Scopes: scopes, CreateTime: now, UpdateTime: now,
+		}, &storage.Tokens{
+			Generation: 1, RefreshToken: "rt-" + strconv.Itoa(i) + strings.Repeat("r", 40), AccessToken: "at-" + strings.Repeat("a", 900),
+			TokenType: "Bearer", IssueTime: now, AccessTokenExpireTime: now.Add(time.Hour), ChainStartTime: now,
+			RefreshTokenUseTime: now, Scopes: scopes, State: "ACTIVE",
+		})
+		return err
+	}))
 }
 
-// populateStore writes n connections with token state through st, 256 at
-// a time.
-func populateStore(st broker.Store, n int) error {
-	now := time.Now()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 256)
-	errs := make(chan error, 1)
-	for i := range n {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
-			_, err := st.CreateConnection(context.Background(), &storage.Connection{
-				Name: name, DisplayName: "ERP", InstanceURL: "https://erp-" + strconv.Itoa(i) + ".example.com",
-				ClientID: clientID, ClientSecret: clientSecret + strconv.Itoa(i), Username: username, Password: password,
-				Scopes: []string{"api", "offline_access"}, CreateTime: now, UpdateTime: now,
-			}, &storage.Tokens{
-				Generation: 1, RefreshToken: "rt-" + strconv.Itoa(i) + strings.Repeat("r", 40), AccessToken: "at-" + strings.Repeat("a", 900),
-				TokenType: "Bearer", IssueTime: now, AccessTokenExpireTime: now.Add(time.Hour), ChainStartTime: now,
-				RefreshTokenUseTime: now, Scopes: []string{"api", "offline_access"}, State: "ACTIVE",
-			})
-			if err != nil {
-				select {
-				case errs <- err:
-				default:
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	select {
-	case err := <-errs:
-		return err
-	default:
-		return nil
-	}
-}
+func scaleName(i int) string { return fmt.Sprintf("tenants/t%06d/connections/erp", i) }
 
 // dropFromPageCache asks the kernel to evict the file's cached pages.
-func dropFromPageCache(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
+func dropFromPageCache(path string) {
+	f := must(os.Open(path))
 	defer f.Close()
-	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	check(unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED))
 }
 
 // started is what one start of the binary measured.
@@ -132,24 +92,17 @@ type started struct {
 	serveRate       float64       // tokens served per second then
 }
 
-// startBinary runs the server on dir (with env added to its environment)
-// and measures exec until it serves, exec until every connection is loaded,
-// and resident memory then. With serveAll > 0 it then asks for a token of
-// each of the serveAll connections through gRPC and reads resident memory
-// again.
-func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (started, error) {
+// startBinary runs the server on dir and measures exec until it serves,
+// exec until every connection is loaded, and resident memory then. With
+// serveAll > 0 it then asks for a token of each of the serveAll
+// connections through gRPC and reads resident memory again.
+func startBinary(bin, dir string, key []byte, serveAll int) started {
 	var res started
 	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
-	cmd.Env = append(cmd.Env, env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		return res, err
-	}
+	stderr := must(cmd.StderrPipe())
 	t0 := time.Now()
-	if err := cmd.Start(); err != nil {
-		return res, err
-	}
+	check(cmd.Start())
 	defer func() {
 		cmd.Process.Signal(os.Interrupt)
 		cmd.Wait()
@@ -172,16 +125,15 @@ func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (star
 			go io.Copy(io.Discard, stderr)
 			if serveAll > 0 {
 				t1 := time.Now()
-				if err := getEveryToken(addr, serveAll); err != nil {
-					return res, err
-				}
+				getEveryToken(addr, serveAll)
 				res.serveRate = float64(serveAll) / time.Since(t1).Seconds()
 				res.servedRSS = readRSS(cmd.Process.Pid)
 			}
-			return res, nil
+			return res
 		}
 	}
-	return res, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
+	check(fmt.Errorf("server did not start: %s", strings.Join(output, "\n")))
+	return res
 }
 
 // rss is resident memory in KiB: anonymous (heap, stacks) and file-backed
@@ -190,10 +142,7 @@ type rss struct{ total, anon, file int64 }
 
 func readRSS(pid int) rss {
 	var r rss
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return r
-	}
+	b := must(os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)))
 	for _, line := range strings.Split(string(b), "\n") {
 		for key, dst := range map[string]*int64{"VmRSS:": &r.total, "RssAnon:": &r.anon, "RssFile:": &r.file} {
 			if v, ok := strings.CutPrefix(line, key); ok {
@@ -206,18 +155,14 @@ func readRSS(pid int) rss {
 	return r
 }
 
-func benchScale(root, bin string, n int, logf func(string, ...any)) (*ScaleResult, error) {
+func benchScale(root, bin string, n int, logf func(string, ...any)) *ScaleResult {
 	dir := filepath.Join(root, fmt.Sprintf("scale-%d", n))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
+	check(os.MkdirAll(dir, 0o700))
 	key := make([]byte, 32)
 	keys, _ := storage.NewKeyring(key)
 	path := filepath.Join(dir, "tokenbroker.db")
 	t0 := time.Now()
-	if err := populate(path, keys, n); err != nil {
-		return nil, err
-	}
+	populate(path, keys, n)
 	logf("scale: %d connections written in %v", n, time.Since(t0).Round(time.Millisecond))
 	res := &ScaleResult{Conns: n}
 	if info, err := os.Stat(path); err == nil {
@@ -226,34 +171,24 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*ScaleResul
 	var warm, cold, loadW, loadC []time.Duration
 	var rsss []rss
 	for i := range 3 {
-		if err := dropFromPageCache(path); err != nil {
-			return nil, err
-		}
-		c, err := startBinary(bin, dir, key, 0)
-		if err != nil {
-			return nil, err
-		}
+		dropFromPageCache(path)
+		c := startBinary(bin, dir, key, 0)
 		cold, loadC = append(cold, c.serving), append(loadC, c.loaded)
-		w, err := startBinary(bin, dir, key, 0)
-		if err != nil {
-			return nil, err
-		}
+		w := startBinary(bin, dir, key, 0)
 		warm, loadW, rsss = append(warm, w.serving), append(loadW, w.loaded), append(rsss, w.loadedRSS)
 		logf("scale: %d connections, start %d: cold %v (loaded %v), warm %v (loaded %v)", n, i+1,
 			c.serving.Round(time.Millisecond), c.loaded.Round(time.Millisecond), w.serving.Round(time.Millisecond), w.loaded.Round(time.Millisecond))
 	}
 	// Then a warm start that serves every connection.
-	w, err := startBinary(bin, dir, key, n)
-	if err != nil {
-		return nil, err
-	}
+	w := startBinary(bin, dir, key, n)
 	res.ServedMB, res.ServedRate = float64(w.servedRSS.total)/1024, w.serveRate
 	res.ColdMS, res.WarmMS = ms(medianDur(cold)), ms(medianDur(warm))
 	res.LoadColdMS, res.LoadWarmMS = ms(medianDur(loadC)), ms(medianDur(loadW))
 	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
 	m := rsss[len(rsss)/2]
 	res.RSSMB, res.AnonMB, res.FileRSSMB = float64(m.total)/1024, float64(m.anon)/1024, float64(m.file)/1024
-	return res, commitCost(dir, path, keys, n, res)
+	commitCost(dir, path, keys, n, res)
+	return res
 }
 
 // commitCost times sequential commits on random connections, each paired
@@ -261,40 +196,26 @@ func benchScale(root, bin string, n int, logf func(string, ...any)) (*ScaleResul
 // fdatasync, then a 4 KiB meta write and fdatasync, the floor of any B+tree
 // commit that flips a meta page (bbolt's does exactly this). Interleaving
 // makes both see the same disk.
-func commitCost(dir, path string, keys *storage.Keyring, n int, res *ScaleResult) error {
-	st, err := storage.Open(path, storage.Options{Keyring: keys})
-	if err != nil {
-		return err
-	}
+func commitCost(dir, path string, keys *storage.Keyring, n int, res *ScaleResult) {
+	st := must(storage.Open(path, storage.Options{Keyring: keys}))
 	defer st.Close()
-	tok, err := st.GetTokens(context.Background(), "tenants/t000000/connections/erp")
-	if err != nil {
-		return err
-	}
-	raw, err := os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return err
-	}
+	tok := must(st.GetTokens(context.Background(), scaleName(0)))
+	raw := must(os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600))
 	defer raw.Close()
 	page := make([]byte, 4096)
 	var seq, floor []time.Duration
 	for i := range commitSamples {
-		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%n)
+		name := scaleName((i * 7919) % n)
 		t0 := time.Now()
-		if err := st.PutTokens(context.Background(), name, tok); err != nil {
-			return err
-		}
+		check(st.PutTokens(context.Background(), name, tok))
 		seq = append(seq, time.Since(t0))
 		t0 = time.Now()
-		if err := rawCommit(raw, page, int64(1+i%256)); err != nil {
-			return err
-		}
+		rawCommit(raw, page, int64(1+i%256))
 		floor = append(floor, time.Since(t0))
 	}
 	c50, c99 := percentiles(seq)
 	f50, f99 := percentiles(floor)
 	res.CommitP50MS, res.CommitP99MS, res.FloorP50MS, res.FloorP99MS = ms(c50), ms(c99), ms(f50), ms(f99)
-	return nil
 }
 
 // commitSamples is how many sequential commits (and raw baselines) are
@@ -303,59 +224,24 @@ const commitSamples = 1000
 
 // rawCommit writes a page at index pg and syncs, then writes page 0 and
 // syncs.
-func rawCommit(f *os.File, page []byte, pg int64) error {
-	if _, err := f.WriteAt(page, pg*int64(len(page))); err != nil {
-		return err
-	}
-	if err := unix.Fdatasync(int(f.Fd())); err != nil {
-		return err
-	}
-	if _, err := f.WriteAt(page, 0); err != nil {
-		return err
-	}
-	return unix.Fdatasync(int(f.Fd()))
+func rawCommit(f *os.File, page []byte, pg int64) {
+	check(errOf(f.WriteAt(page, pg*int64(len(page)))))
+	check(unix.Fdatasync(int(f.Fd())))
+	check(errOf(f.WriteAt(page, 0)))
+	check(unix.Fdatasync(int(f.Fd())))
 }
 
 // getEveryToken asks the server at addr for a token of each of the n
-// connections populate wrote, from 32 concurrent callers.
-func getEveryToken(addr string, n int) error {
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
+// connections populate wrote, 32 at a time.
+func getEveryToken(addr string, n int) {
+	cc := must(grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())))
 	defer cc.Close()
 	client := pb.NewTokenBrokerClient(cc)
-	next := make(chan int)
-	errc := make(chan error, 1)
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
-				r, err := client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: name})
-				if err == nil && r.GetAccessToken() == "" {
-					err = fmt.Errorf("%s: empty token", name)
-				}
-				if err != nil {
-					select {
-					case errc <- err:
-					default:
-					}
-				}
-			}
-		}()
-	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
-	select {
-	case err := <-errc:
+	check(parallel(n, 32, func(i int) error {
+		r, err := client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: scaleName(i)})
+		if err == nil && r.GetAccessToken() == "" {
+			err = fmt.Errorf("%s: empty token", scaleName(i))
+		}
 		return err
-	default:
-		return nil
-	}
+	}))
 }

@@ -119,66 +119,39 @@ rules:
 // mutualTLS sets o up for mutual TLS with benchPolicy through the
 // production code paths (TLS files, policy) and returns the clients'
 // credentials.
-func mutualTLS(dir string, o *server.Options) (credentials.TransportCredentials, error) {
-	ca, err := servertest.MakeCA("tokenbench CA")
-	if err != nil {
-		return nil, err
-	}
-	srvCert, err := ca.Make(servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
-	if err != nil {
-		return nil, err
-	}
-	cliCert, err := ca.Make(servertest.Leaf{URI: benchIdentity})
-	if err != nil {
-		return nil, err
-	}
+func mutualTLS(dir string, o *server.Options) credentials.TransportCredentials {
+	ca := must(servertest.MakeCA("tokenbench CA"))
+	srvCert := must(ca.Make(servertest.Leaf{CN: "tokenbroker", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true}))
+	cliCert := must(ca.Make(servertest.Leaf{URI: benchIdentity}))
 	certPath, keyPath, err := servertest.SavePair(dir, "server", srvCert)
-	if err != nil {
-		return nil, err
-	}
+	check(err)
 	caPath := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(caPath, ca.PEM, 0o600); err != nil {
-		return nil, err
-	}
-	files, err := server.NewTLSFiles(certPath, keyPath, caPath)
-	if err != nil {
-		return nil, err
-	}
-	policy, err := server.ParsePolicy([]byte(benchPolicy))
-	if err != nil {
-		return nil, err
-	}
+	check(os.WriteFile(caPath, ca.PEM, 0o600))
+	files := must(server.NewTLSFiles(certPath, keyPath, caPath))
+	policy := must(server.ParsePolicy([]byte(benchPolicy)))
 	o.ServerOptions, o.Authorizer = []grpc.ServerOption{grpc.Creds(files.Credentials())}, server.NewAuthorizer(policy)
 	roots := x509.NewCertPool()
 	roots.AddCert(ca.Cert)
-	return credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12}), nil
+	return credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12})
 }
 
 // openStore opens the stack's store: a bbolt file in dir, or a replica's
 // view of etcd, which also locks and watches.
-func openStore(o stackOptions, bopts *broker.Options) (stackStore, func(), error) {
-	keys, err := storage.NewKeyring(make([]byte, 32))
-	if err != nil {
-		return nil, nil, err
-	}
+func (s *stack) openStore(o stackOptions, bopts *broker.Options) {
+	keys := must(storage.NewKeyring(make([]byte, 32)))
 	if o.etcd == "" {
-		st, err := storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys})
-		return st, func() {}, err
+		s.store = must(storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys}))
+	} else {
+		cli := must(etcdtest.NewClient(o.etcd))
+		s.closers = append(s.closers, func() { cli.Close() })
+		st := must(storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys}))
+		s.store, bopts.Locker, bopts.Watcher = st, st, st
 	}
-	cli, err := etcdtest.NewClient(o.etcd)
-	if err != nil {
-		return nil, nil, err
-	}
-	st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys})
-	if err != nil {
-		cli.Close()
-		return nil, nil, err
-	}
-	bopts.Locker, bopts.Watcher = st, st
-	return st, func() { cli.Close() }, nil
+	bopts.Store = s.store
+	s.closers = append(s.closers, func() { s.store.Close() })
 }
 
-func newStack(o stackOptions) (*stack, error) {
+func newStack(o stackOptions) *stack {
 	s := &stack{idp: acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})}
 	s.idp.AddClient(clientID, clientSecret)
 	s.idp.AddUser(username, password)
@@ -192,26 +165,16 @@ func newStack(o stackOptions) (*stack, error) {
 	// whole global cap.
 	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap,
 		MaxConcurrentUpstreamPerHost: cmp.Or(o.perHost, upstreamCap), UpstreamTimeout: o.upstreamTimeout}
-	st, closeClient, err := openStore(o, &bopts)
-	if err != nil {
-		return nil, err
-	}
-	s.store, bopts.Store = st, st
-	s.closers = append(s.closers, closeClient, func() { st.Close() })
+	s.openStore(o, &bopts)
 	metrics := server.NewMetrics()
 	bopts.Observer = metrics
 	if o.observe != nil {
 		bopts.Observer = o.observe(metrics)
 	}
-	b, err := broker.New(bopts)
-	if err != nil {
-		return nil, err
-	}
+	b := must(broker.New(bopts))
 	s.closers = append(s.closers, b.Close)
 	if o.etcd != "" {
-		if _, err := b.Load(context.Background()); err != nil {
-			return nil, err
-		}
+		check(errOf(b.Load(context.Background())))
 		b.Start() // the watch of the other replicas' changes
 	}
 	metrics.Watch(b, time.Now)
@@ -224,9 +187,7 @@ func newStack(o stackOptions) (*stack, error) {
 		QuietMethods: baselines, AuthenticatedMethods: baselines}
 	clientCreds := insecure.NewCredentials()
 	if o.mtls {
-		if clientCreds, err = mutualTLS(o.dir, &sopts); err != nil {
-			return nil, err
-		}
+		clientCreds = mutualTLS(o.dir, &sopts)
 	}
 	srv := server.New(sopts)
 	servertest.RegisterNoop(srv.Server)
@@ -238,18 +199,14 @@ func newStack(o stackOptions) (*stack, error) {
 	echo := &pb.GetAccessTokenResponse{AccessToken: "at-" + strings.Repeat("0", 48), TokenType: "Bearer",
 		ExpireTime: timestamppb.Now(), InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"}}
 	servertest.RegisterEcho(srv.Server, echo)
-	if s.conns, err = s.serveOn(srv.Server, o.conns, clientCreds); err != nil {
-		return nil, err
-	}
+	s.conns = s.serveOn(srv.Server, o.conns, clientCreds)
 	if o.bare && !o.mtls {
 		bare := grpc.NewServer()
 		servertest.RegisterNoop(bare)
 		servertest.RegisterEcho(bare, echo)
-		if s.bareConns, err = s.serveOn(bare, o.conns, clientCreds); err != nil {
-			return nil, err
-		}
+		s.bareConns = s.serveOn(bare, o.conns, clientCreds)
 	}
-	return s, nil
+	return s
 }
 
 // close closes the clients, the servers, the broker and its store, in the
@@ -261,22 +218,16 @@ func (s *stack) close() {
 }
 
 // serveOn serves srv on a new loopback listener and dials it n times.
-func (s *stack) serveOn(srv *grpc.Server, n int, creds credentials.TransportCredentials) ([]*grpc.ClientConn, error) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
+func (s *stack) serveOn(srv *grpc.Server, n int, creds credentials.TransportCredentials) []*grpc.ClientConn {
+	lis := must(net.Listen("tcp", "127.0.0.1:0"))
 	go srv.Serve(lis)
 	s.closers = append(s.closers, srv.Stop)
 	var conns []*grpc.ClientConn
 	for range max(n, 1) {
-		cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
-		if err != nil {
-			return nil, err
-		}
+		cc := must(grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds)))
 		conns, s.closers = append(conns, cc), append(s.closers, func() { cc.Close() })
 	}
-	return conns, nil
+	return conns
 }
 
 func (s *stack) client(i int) pb.TokenBrokerClient {
@@ -284,25 +235,26 @@ func (s *stack) client(i int) pb.TokenBrokerClient {
 }
 
 // createConnections registers n connections on the stand-in.
-func (s *stack) createConnections(ctx context.Context, n int) ([]string, error) {
-	return s.createConnectionsOn(ctx, s.idpURL, "t", n)
+func (s *stack) createConnections(n int) []string {
+	return s.createConnectionsOn(s.idpURL, "t", n)
 }
 
 // createConnectionsOn registers n connections on the instance at url
 // through the API, 32 at a time, with tenant ids prefix plus a number.
-func (s *stack) createConnectionsOn(ctx context.Context, url, prefix string, n int) ([]string, error) {
+func (s *stack) createConnectionsOn(url, prefix string, n int) []string {
 	names := make([]string, n)
-	return names, parallel(n, 32, func(i int) error {
+	check(parallel(n, 32, func(i int) error {
 		tenant := fmt.Sprintf("tenants/%s%06d", prefix, i)
 		names[i] = tenant + "/connections/erp"
-		_, err := s.client(i).CreateConnection(ctx, &pb.CreateConnectionRequest{Parent: tenant, ConnectionId: "erp",
+		_, err := s.client(i).CreateConnection(context.Background(), &pb.CreateConnectionRequest{Parent: tenant, ConnectionId: "erp",
 			Connection: &pb.Connection{InstanceUrl: url, ClientId: clientID, ClientSecret: clientSecret, Username: username, Password: password}})
 		return err
-	})
+	}))
+	return names
 }
 
-// parallel runs f(0) … f(n-1), at most limit at a time, and returns the
-// first error.
+// parallel runs f(0) … f(n-1), at most limit at a time, and returns their
+// errors.
 func parallel(n, limit int, f func(i int) error) error {
 	var wg sync.WaitGroup
 	sem, errs := make(chan struct{}, limit), make([]error, n)
