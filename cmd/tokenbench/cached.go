@@ -22,9 +22,6 @@ type CachedResult struct {
 type CachedPoint struct {
 	Callers           int
 	Noop, Echo, Token Load
-	// BareNoop and BareEcho are the baselines on a bare gRPC server (no
-	// interceptors, no broker), plaintext only.
-	BareNoop, BareEcho *Load `json:",omitempty"`
 }
 
 // Cached throughput and p99 against the echo.
@@ -41,9 +38,6 @@ func (c *CachedResult) targets() []Target {
 	}{{"plaintext", c.Plaintext}, {"mutual TLS", c.MutualTLS}} {
 		for _, p := range set.points {
 			note := fmt.Sprintf("vs no-op %.3f", p.Token.PerSecond/p.Noop.PerSecond)
-			if p.BareEcho != nil {
-				note += fmt.Sprintf("; vs bare gRPC echo %.3f", p.Token.PerSecond/p.BareEcho.PerSecond)
-			}
 			ts = append(ts, Target{Section: "cached", Name: fmt.Sprintf("throughput vs echo, %d callers, %s", p.Callers, set.how),
 				Unit: "calls/s", Measured: p.Token.PerSecond, Op: ">=", Baseline: p.Echo.PerSecond, Factor: cachedThroughputFactor, Note: note},
 				Target{Section: "cached", Name: fmt.Sprintf("p99 vs echo, %d callers, %s", p.Callers, set.how),
@@ -57,8 +51,8 @@ func (c *CachedResult) targets() []Target {
 // benchCached measures cached GetAccessToken and the baselines on one
 // server, plaintext or over mutual TLS with a policy: the modes
 // interleaved, the one going first rotated, the median of runs per figure.
-func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration, logf func(string, ...any)) []CachedPoint {
-	s := newStack(stackOptions{dir: dir, now: time.Now, conns: 4, mtls: mtls, bare: !mtls})
+func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration) []CachedPoint {
+	s := newStack(stackOptions{dir: dir, now: time.Now, conns: 4, mtls: mtls})
 	defer s.close()
 	name := s.createConnections(1)[0]
 	// Each mode builds its request per call and calls as a generated
@@ -76,15 +70,6 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 		{"echo", func(ctx context.Context, w int) error {
 			return servertest.CallEcho(ctx, s.conns[w%len(s.conns)], &pb.GetAccessTokenRequest{Name: name})
 		}},
-	}
-	if len(s.bareConns) > 0 {
-		modes = append(modes,
-			mode{"bare_noop", func(ctx context.Context, w int) error {
-				return servertest.CallNoop(ctx, s.bareConns[w%len(s.bareConns)])
-			}},
-			mode{"bare_echo", func(ctx context.Context, w int) error {
-				return servertest.CallEcho(ctx, s.bareConns[w%len(s.bareConns)], &pb.GetAccessTokenRequest{Name: name})
-			}})
 	}
 	for _, m := range modes { // warm every path
 		runLoad(16, 300*time.Millisecond, m.call)
@@ -114,10 +99,6 @@ func benchCached(dir string, mtls bool, concs []int, runs int, dur time.Duration
 			check(fmt.Errorf("cached (mutual TLS %v): %d calls failed at %d callers", mtls, errs, c))
 		}
 		points[i] = CachedPoint{Callers: c, Noop: m["noop"], Echo: m["echo"], Token: m["cached"]}
-		if bn, ok := m["bare_noop"]; ok {
-			be := m["bare_echo"]
-			points[i].BareNoop, points[i].BareEcho = &bn, &be
-		}
 	}
 	if c := s.idp.Counts(); c.RefreshGrants != 0 || c.PasswordGrants != 1 {
 		check(fmt.Errorf("cached bench called upstream: %+v", c))

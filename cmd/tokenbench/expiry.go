@@ -14,7 +14,6 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
-	"tokenbroker/storage"
 )
 
 // ExpiryResult is many connections on one server whose tokens expire
@@ -70,7 +69,7 @@ func benchExpiry(dir string, n, hung int, latency time.Duration) *ExpiryResult {
 func expireOnce(dir string, res *ExpiryResult, withHung bool) ExpiryRun {
 	var run ExpiryRun
 	ctx := context.Background()
-	clk := &clock{t: time.Now()}
+	clk := &clock{}
 	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: time.Duration(res.LatencyMS * 1e6), conns: 16,
 		perHost: res.PerHost, upstreamTimeout: time.Duration(res.TimeoutMS * 1e6)})
 	defer s.close()
@@ -102,9 +101,8 @@ func expireOnce(dir string, res *ExpiryResult, withHung bool) ExpiryRun {
 	}
 	// Before the hung server closes, which waits for its requests.
 	defer func() { close(unblock); hungCalls.Wait() }()
-	bolt := s.store.(*storage.BoltStore)
 	before := s.idp.Counts()
-	c0, w0 := bolt.CommitStats()
+	c0, w0 := s.store.CommitStats()
 	var served atomic.Int64
 	last, _ := release(len(names), func(i int) error {
 		if call(i, names[i]) {
@@ -113,7 +111,7 @@ func expireOnce(dir string, res *ExpiryResult, withHung bool) ExpiryRun {
 		return nil
 	})
 	after := s.idp.Counts()
-	c1, w1 := bolt.CommitStats()
+	c1, w1 := s.store.CommitStats()
 	run.Served, run.LastMS = int(served.Load()), ms(last)
 	run.Upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 	run.Writes, run.Commits = w1-w0, c1-c0

@@ -63,7 +63,7 @@ func herdTargets(herds []*HerdResult) []Target {
 // against the stand-in with added latency, parked and released. Each has a
 // no-op baseline on the same server; runs are interleaved.
 func benchHerd(dir string, n, runs int, latency time.Duration) *HerdResult {
-	clk := &clock{t: time.Now()}
+	clk := &clock{}
 	upstream, misses, park := &parking{}, &parking{}, &parking{}
 	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
 		wrapIDP: upstream.holdTokenRequests, observe: misses.countMisses, park: park})

@@ -10,7 +10,7 @@
 // Sections: cached (cached GetAccessToken against echo and no-op RPCs),
 // herd (callers on an expired token; many connections expiring at once,
 // calm and while another upstream server hangs), scale (1k/10k/100k
-// connections, the real binary), etcd (replicas). What each measures and
+// connections, the real binary), etcd (a refresh's storage work). What each measures and
 // why its targets are what they are: docs/benchmarks.md.
 package main
 
@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -31,42 +32,22 @@ import (
 	"tokenbroker/internal/gcfloor"
 )
 
-// flags are the command's settings.
-type flags struct {
-	out, sections, render string
-	quick                 bool
-	dur, latency          time.Duration
-	runs, herdN, expiryN  int
-	concs, sweep, scale   []int
-	etcdSamples, etcdHN   int
-	heapFloorMiB          int
-}
-
-func parseFlags() *flags {
-	f := &flags{}
-	flag.StringVar(&f.out, "out", "BENCHMARKS.md", "report file; the results go beside it with the extension .json")
-	flag.StringVar(&f.render, "render", "", "render the report from this results file instead of measuring")
-	flag.BoolVar(&f.quick, "quick", false, "small sizes and short runs (smoke test, not for numbers)")
-	flag.StringVar(&f.sections, "sections", "cached,herd,scale,etcd", "sections to run")
-	flag.DurationVar(&f.dur, "duration", 2*time.Second, "length of one cached-path measurement")
-	flag.IntVar(&f.runs, "runs", 3, "runs per cached-path figure and herds of each kind (median taken)")
-	concs := flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
-	flag.IntVar(&f.herdN, "herd", 10000, "callers in the thundering herd")
-	sweep := flag.String("herd-sweep", "10,100,1000", "smaller herds measured the same way")
-	flag.IntVar(&f.expiryN, "expiry", 200, "connections whose tokens expire together, one caller each, calm and while another server hangs")
-	flag.DurationVar(&f.latency, "latency", 50*time.Millisecond, "added upstream latency in the herds")
-	scale := flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
-	flag.IntVar(&f.etcdSamples, "etcd-samples", 300, "refreshes' storage work timed on each store")
-	flag.IntVar(&f.etcdHN, "etcd-herd", 1000, "callers in the herd across two replicas on etcd")
-	flag.IntVar(&f.heapFloorMiB, "gc-heap-floor-mib", gcfloor.Default>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve; 0: GOGC alone")
-	flag.Parse()
-	f.concs, f.sweep, f.scale = ints(*concs), ints(*sweep), ints(*scale)
-	if f.quick {
-		f.dur, f.runs, f.herdN, f.sweep, f.scale = 200*time.Millisecond, 1, 500, []int{10}, []int{1000}
-		f.etcdSamples, f.etcdHN, f.expiryN = 20, 50, 20
-	}
-	return f
-}
+var (
+	out          = flag.String("out", "BENCHMARKS.md", "report file; the results go beside it with the extension .json")
+	renderFrom   = flag.String("render", "", "render the report from this results file instead of measuring")
+	quick        = flag.Bool("quick", false, "small sizes and short runs (smoke test, not for numbers)")
+	sections     = flag.String("sections", "cached,herd,scale,etcd", "sections to run")
+	dur          = flag.Duration("duration", 2*time.Second, "length of one cached-path measurement")
+	runs         = flag.Int("runs", 3, "runs per cached-path figure, and half the herds of each kind (median taken)")
+	concs        = flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
+	herdN        = flag.Int("herd", 10000, "callers in the thundering herd")
+	sweep        = flag.String("herd-sweep", "10,100,1000", "smaller herds measured the same way")
+	expiryN      = flag.Int("expiry", 200, "connections whose tokens expire together, calm and while another server hangs")
+	latency      = flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herds")
+	scale        = flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
+	etcdSamples  = flag.Int("etcd-samples", 300, "refreshes' storage work timed on etcd and bbolt")
+	heapFloorMiB = flag.Int("gc-heap-floor-mib", gcfloor.Default>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve; 0: GOGC alone")
+)
 
 func main() {
 	defer func() {
@@ -79,77 +60,67 @@ func main() {
 			os.Exit(1)
 		}
 	}()
-	f := parseFlags()
-	jsonPath := strings.TrimSuffix(f.out, filepath.Ext(f.out)) + ".json"
-	var res *Results
-	if f.render != "" {
-		data, err := os.ReadFile(f.render)
-		check(err)
-		res = &Results{}
-		check(json.Unmarshal(data, res))
+	flag.Parse()
+	if *quick {
+		*dur, *runs, *herdN, *sweep, *scale, *etcdSamples, *expiryN = 200*time.Millisecond, 1, 500, "10", "1000", 20, 20
+	}
+	jsonPath := strings.TrimSuffix(*out, filepath.Ext(*out)) + ".json"
+	res := &Results{}
+	if *renderFrom != "" {
+		check(json.Unmarshal(must(os.ReadFile(*renderFrom)), res))
 	} else {
 		// The in-process servers run as the binary does, with its heap
 		// floor; it is process-wide, so the bench clients share it.
-		if f.heapFloorMiB > 0 {
-			defer gcfloor.Start(uint64(f.heapFloorMiB) << 20).Stop()
+		if *heapFloorMiB > 0 {
+			defer gcfloor.Start(uint64(*heapFloorMiB) << 20).Stop()
 		}
-		res = measure(f)
-		data, err := json.MarshalIndent(res, "", "  ")
-		check(err)
-		check(os.WriteFile(jsonPath, append(data, '\n'), 0o644))
+		res = measure()
+		check(os.WriteFile(jsonPath, append(must(json.MarshalIndent(res, "", "  ")), '\n'), 0o644))
 	}
 	var md bytes.Buffer
 	check(render(&md, res))
-	check(os.WriteFile(f.out, md.Bytes(), 0o644))
-	logf("wrote %s and %s: %d of %d targets missed", f.out, jsonPath, missed(res.Targets), len(res.Targets))
+	check(os.WriteFile(*out, md.Bytes(), 0o644))
+	logf("wrote %s and %s: %d of %d targets missed", *out, jsonPath, missed(res.Targets), len(res.Targets))
 }
 
 // measure runs the sections asked for and evaluates their targets.
-func measure(f *flags) *Results {
-	want := map[string]bool{}
-	for _, s := range strings.Split(f.sections, ",") {
-		want[strings.TrimSpace(s)] = true
-	}
-	tmp, err := os.MkdirTemp("", "tokenbench")
-	check(err)
+func measure() *Results {
+	tmp := must(os.MkdirTemp("", "tokenbench"))
 	defer os.RemoveAll(tmp)
 	res := &Results{Command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), Date: time.Now().UTC().Format(time.RFC3339)}
 	var targets []Target
-	if want["cached"] {
-		c := &CachedResult{Runs: f.runs, Seconds: f.dur.Seconds()}
-		c.Plaintext = benchCached(mkdir(tmp, "cached"), false, f.concs, f.runs, f.dur, logf)
-		c.MutualTLS = benchCached(mkdir(tmp, "cached-mtls"), true, f.concs, f.runs, f.dur, logf)
+	want := func(section string) bool { return slices.Contains(strings.Split(*sections, ","), section) }
+	if want("cached") {
+		c := &CachedResult{Runs: *runs, Seconds: dur.Seconds()}
+		c.Plaintext = benchCached(mkdir(tmp, "cached"), false, ints(*concs), *runs, *dur)
+		c.MutualTLS = benchCached(mkdir(tmp, "cached-mtls"), true, ints(*concs), *runs, *dur)
 		res.Cached, targets = c, append(targets, c.targets()...)
 	}
-	if want["herd"] {
-		for _, n := range append(f.sweep, f.herdN) {
-			h := benchHerd(mkdir(tmp, fmt.Sprintf("herd-%d", n)), n, 2*f.runs, f.latency)
+	if want("herd") {
+		for _, n := range append(ints(*sweep), *herdN) {
+			h := benchHerd(mkdir(tmp, fmt.Sprintf("herd-%d", n)), n, 2**runs, *latency)
 			logf("herd of %d: upstream calls %v, parked %.1f ms (no-op %.1f ms)", n, h.UpstreamCalls, h.ParkedMS, h.ParkedNoopMS)
 			res.Herd = append(res.Herd, h)
 		}
-		targets = append(targets, herdTargets(res.Herd)...)
-		res.Expiry = benchExpiry(mkdir(tmp, "expiry"), f.expiryN, 2*upstreamCap, f.latency)
-		targets = append(targets, res.Expiry.targets()...)
+		res.Expiry = benchExpiry(mkdir(tmp, "expiry"), *expiryN, 2*upstreamCap, *latency)
+		targets = append(append(targets, herdTargets(res.Herd)...), res.Expiry.targets()...)
 	}
-	if want["scale"] {
+	if want("scale") {
 		bin := filepath.Join(tmp, "tokenbroker")
 		if out, err := exec.Command("go", "build", "-o", bin, "./cmd/tokenbroker").CombinedOutput(); err != nil {
 			check(fmt.Errorf("build tokenbroker: %v\n%s", err, out))
 		}
-		for _, n := range f.scale {
-			s := benchScale(tmp, bin, n, logf)
+		for _, n := range ints(*scale) {
+			s := benchScale(tmp, bin, n)
 			res.Scale, targets = append(res.Scale, s), append(targets, s.targets()...)
-			os.RemoveAll(filepath.Join(tmp, fmt.Sprintf("scale-%d", n)))
 		}
 	}
-	if want["etcd"] {
-		res.Etcd = benchEtcd(mkdir(tmp, "etcd"), f.etcdSamples, f.etcdHN, f.runs, f.latency, logf)
-		targets = append(targets, res.Etcd.targets()...)
+	if want("etcd") {
+		res.Etcd = benchEtcd(mkdir(tmp, "etcd"), *etcdSamples)
 	}
-	res.Targets = evaluate(targets)
-	res.Machine = machine()
+	res.Targets, res.Machine = evaluate(targets), machine()
 	res.Runtime = fmt.Sprintf("GC heap floor %d MiB (tokenbroker serve's default; the in-process servers and clients share it), GOGC=%s, GOMEMLIMIT=%s",
-		f.heapFloorMiB, cmp.Or(os.Getenv("GOGC"), "100"), cmp.Or(os.Getenv("GOMEMLIMIT"), "none"))
+		*heapFloorMiB, cmp.Or(os.Getenv("GOGC"), "100"), cmp.Or(os.Getenv("GOMEMLIMIT"), "none"))
 	return res
 }
 

@@ -155,9 +155,9 @@ func readRSS(pid int) rss {
 	return r
 }
 
-func benchScale(root, bin string, n int, logf func(string, ...any)) *ScaleResult {
-	dir := filepath.Join(root, fmt.Sprintf("scale-%d", n))
-	check(os.MkdirAll(dir, 0o700))
+func benchScale(root, bin string, n int) *ScaleResult {
+	dir := mkdir(root, fmt.Sprintf("scale-%d", n))
+	defer os.RemoveAll(dir)
 	key := make([]byte, 32)
 	keys, _ := storage.NewKeyring(key)
 	path := filepath.Join(dir, "tokenbroker.db")

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -31,7 +32,6 @@ import (
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
-	"tokenbroker/storage/etcdtest"
 )
 
 const (
@@ -41,40 +41,21 @@ const (
 	password     = "bench-password"
 )
 
-// clock is a settable clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
+// clock is the real time plus an offset that Advance moves on.
+type clock struct{ offset atomic.Int64 }
 
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
+func (c *clock) Now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *clock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
 
 // stack is a full tokenbroker server on loopback, as production runs it
 // (logging, metrics, audit, authorization, validation, recovery), with the
 // baseline RPCs registered on the same server.
 type stack struct {
-	idp       *acumaticatest.Server
-	idpURL    string
-	store     stackStore
-	conns     []*grpc.ClientConn
-	bareConns []*grpc.ClientConn // reach a bare gRPC server (stackOptions.bare)
-	closers   []func()
-}
-
-// stackStore is the store behind a stack: bbolt, or etcd for replicas.
-type stackStore interface {
-	broker.Store
-	Close() error
+	idp     *acumaticatest.Server
+	idpURL  string
+	store   *storage.BoltStore
+	conns   []*grpc.ClientConn
+	closers []func()
 }
 
 // upstreamCap is the stack's cap on concurrent upstream token requests:
@@ -89,15 +70,11 @@ type stackOptions struct {
 	wrapIDP func(http.Handler) http.Handler       // wraps the stand-in's handler
 	observe func(broker.Observer) broker.Observer // wraps the metrics observer
 	park    *parking                              // registers the parked baseline RPC
-	etcd    string                                // an etcd endpoint: a replica on it instead of a bbolt file
 	perHost int                                   // upstream calls per host (default: the whole cap)
 	// upstreamTimeout bounds one token request (default the broker's).
 	upstreamTimeout time.Duration
 	// mtls serves over mutual TLS with benchPolicy, as production does.
 	mtls bool
-	// bare also serves the no-op and echo baselines from a bare gRPC server
-	// (no options: no interceptors, no broker), plaintext.
-	bare bool
 }
 
 // benchIdentity is the clients' certificate identity over mutual TLS.
@@ -135,22 +112,6 @@ func mutualTLS(dir string, o *server.Options) credentials.TransportCredentials {
 	return credentials.NewTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cliCert}, MinVersion: tls.VersionTLS12})
 }
 
-// openStore opens the stack's store: a bbolt file in dir, or a replica's
-// view of etcd, which also locks and watches.
-func (s *stack) openStore(o stackOptions, bopts *broker.Options) {
-	keys := must(storage.NewKeyring(make([]byte, 32)))
-	if o.etcd == "" {
-		s.store = must(storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: keys}))
-	} else {
-		cli := must(etcdtest.NewClient(o.etcd))
-		s.closers = append(s.closers, func() { cli.Close() })
-		st := must(storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys}))
-		s.store, bopts.Locker, bopts.Watcher = st, st, st
-	}
-	bopts.Store = s.store
-	s.closers = append(s.closers, func() { s.store.Close() })
-}
-
 func newStack(o stackOptions) *stack {
 	s := &stack{idp: acumaticatest.New(acumaticatest.Options{Now: o.now, Latency: o.latency})}
 	s.idp.AddClient(clientID, clientSecret)
@@ -165,7 +126,9 @@ func newStack(o stackOptions) *stack {
 	// whole global cap.
 	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap,
 		MaxConcurrentUpstreamPerHost: cmp.Or(o.perHost, upstreamCap), UpstreamTimeout: o.upstreamTimeout}
-	s.openStore(o, &bopts)
+	s.store = must(storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: must(storage.NewKeyring(make([]byte, 32)))}))
+	bopts.Store = s.store
+	s.closers = append(s.closers, func() { s.store.Close() })
 	metrics := server.NewMetrics()
 	bopts.Observer = metrics
 	if o.observe != nil {
@@ -173,10 +136,6 @@ func newStack(o stackOptions) *stack {
 	}
 	b := must(broker.New(bopts))
 	s.closers = append(s.closers, b.Close)
-	if o.etcd != "" {
-		check(errOf(b.Load(context.Background())))
-		b.Start() // the watch of the other replicas' changes
-	}
 	metrics.Watch(b, time.Now)
 	auditor := server.NewAuditor(io.Discard)
 	s.closers = append(s.closers, func() { auditor.Close() })
@@ -200,12 +159,6 @@ func newStack(o stackOptions) *stack {
 		ExpireTime: timestamppb.Now(), InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"}}
 	servertest.RegisterEcho(srv.Server, echo)
 	s.conns = s.serveOn(srv.Server, o.conns, clientCreds)
-	if o.bare && !o.mtls {
-		bare := grpc.NewServer()
-		servertest.RegisterNoop(bare)
-		servertest.RegisterEcho(bare, echo)
-		s.bareConns = s.serveOn(bare, o.conns, clientCreds)
-	}
 	return s
 }
 
