@@ -8,8 +8,8 @@
 //	go run ./cmd/tokenbench -render BENCHMARKS.json   # the report again, from results
 //
 // Sections: cached (cached GetAccessToken against echo and no-op RPCs),
-// herd (callers on an expired token; many connections expiring at once,
-// calm and while another upstream server hangs), scale (1k/10k/100k
+// herd (callers on an expired token; many connections expiring at once),
+// scale (1k/10k/100k
 // connections, the real binary), etcd (a refresh's storage work). What each measures and
 // why its targets are what they are: docs/benchmarks.md.
 package main
@@ -42,10 +42,11 @@ var (
 	concs        = flag.String("concurrency", "1,16,64,256", "cached-path concurrency levels")
 	herdN        = flag.Int("herd", 10000, "callers in the thundering herd")
 	sweep        = flag.String("herd-sweep", "10,100,1000", "smaller herds measured the same way")
-	expiryN      = flag.Int("expiry", 200, "connections whose tokens expire together, calm and while another server hangs")
+	expiryN      = flag.Int("expiry", 1000, "connections whose tokens expire together, one caller each")
 	latency      = flag.Duration("latency", 50*time.Millisecond, "added upstream latency in the herds")
 	scale        = flag.String("scale", "1000,10000,100000", "connection counts for the scale section")
 	etcdSamples  = flag.Int("etcd-samples", 300, "refreshes' storage work timed on etcd and bbolt")
+	note         = flag.String("note", "", "a note on the run for the report, such as what else the machine was running")
 	heapFloorMiB = flag.Int("gc-heap-floor-mib", gcfloor.Default>>20, "GC heap floor of the bench process, whose in-process servers stand for tokenbroker serve; 0: GOGC alone")
 )
 
@@ -87,7 +88,7 @@ func main() {
 func measure() *Results {
 	tmp := must(os.MkdirTemp("", "tokenbench"))
 	defer os.RemoveAll(tmp)
-	res := &Results{Command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), Date: time.Now().UTC().Format(time.RFC3339)}
+	res := &Results{Command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), Date: time.Now().UTC().Format(time.RFC3339), Note: *note}
 	var targets []Target
 	want := func(section string) bool { return slices.Contains(strings.Split(*sections, ","), section) }
 	if want("cached") {
@@ -102,7 +103,7 @@ func measure() *Results {
 			logf("herd of %d: upstream calls %v, parked %.1f ms (no-op %.1f ms)", n, h.UpstreamCalls, h.ParkedMS, h.ParkedNoopMS)
 			res.Herd = append(res.Herd, h)
 		}
-		res.Expiry = benchExpiry(mkdir(tmp, "expiry"), *expiryN, 2*upstreamCap, *latency)
+		res.Expiry = benchExpiry(mkdir(tmp, "expiry"), *expiryN, *latency)
 		targets = append(append(targets, herdTargets(res.Herd)...), res.Expiry.targets()...)
 	}
 	if want("scale") {

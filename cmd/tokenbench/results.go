@@ -12,6 +12,7 @@ type Results struct {
 	Date    string         `json:"date"`
 	Machine string         `json:"machine"`
 	Runtime string         `json:"runtime"`
+	Note    string         `json:"note,omitempty"`
 	Targets []Target       `json:"targets"`
 	Cached  *CachedResult  `json:"cached,omitempty"`
 	Herd    []*HerdResult  `json:"herd,omitempty"` // the main herd last

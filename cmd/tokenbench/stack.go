@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -70,9 +69,6 @@ type stackOptions struct {
 	wrapIDP func(http.Handler) http.Handler       // wraps the stand-in's handler
 	observe func(broker.Observer) broker.Observer // wraps the metrics observer
 	park    *parking                              // registers the parked baseline RPC
-	perHost int                                   // upstream calls per host (default: the whole cap)
-	// upstreamTimeout bounds one token request (default the broker's).
-	upstreamTimeout time.Duration
 	// mtls serves over mutual TLS with benchPolicy, as production does.
 	mtls bool
 }
@@ -124,8 +120,7 @@ func newStack(o stackOptions) *stack {
 	s.idpURL, s.closers = hs.URL, []func(){hs.Close}
 	// The one stand-in serves for every instance, so one host may use the
 	// whole global cap.
-	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap,
-		MaxConcurrentUpstreamPerHost: cmp.Or(o.perHost, upstreamCap), UpstreamTimeout: o.upstreamTimeout}
+	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap}
 	s.store = must(storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: must(storage.NewKeyring(make([]byte, 32)))}))
 	bopts.Store = s.store
 	s.closers = append(s.closers, func() { s.store.Close() })
