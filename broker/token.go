@@ -289,7 +289,7 @@ func (b *Broker) renew(ctx context.Context, c *conn, why reason) error {
 				if next.State == string(StateRefreshTokenMissing) {
 					b.log.Warn("upstream issued no refresh token", "connection", c.name)
 				}
-				b.log.Info("token issued", "connection", c.name, "grant", grant, "expires_in", resp.ExpiresIn)
+				b.log.Info("token issued", "connection", c.name, "grant", grant, "expires_in", int64(resp.ExpiresIn/time.Second))
 				return nil
 			}
 		}
