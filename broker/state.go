@@ -9,7 +9,7 @@ import (
 // State is a connection's state.
 type State string
 
-// States, as DESIGN section 2 names them.
+// States of a connection, as the API (Connection.State) names them.
 const (
 	StateActive              State = "ACTIVE"
 	StateDegraded            State = "DEGRADED"
