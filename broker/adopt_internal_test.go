@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection: Load and a
@@ -81,13 +82,13 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 
 // openStore opens a bbolt store in a temporary directory, closed when the
 // test ends.
-func openStore(t *testing.T) *storage.BoltStore {
+func openStore(t *testing.T) *bolt.Store {
 	t.Helper()
 	keys, err := storage.NewKeyring(make([]byte, 32))
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

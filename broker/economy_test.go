@@ -13,6 +13,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // dayClock is the simulated day's clock, shared by the broker and the
@@ -64,7 +65,7 @@ func TestEconomyOfASimulatedDay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(filepath.Join(t.TempDir(), "economy.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "economy.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,9 +17,10 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
-var _ broker.Store = (*storage.BoltStore)(nil)
+var _ broker.Store = (*bolt.Store)(nil)
 
 // runLogs collects every log line the broker writes in this test run;
 // TestMain scans them for every secret and every token issued.
@@ -129,7 +130,7 @@ type env struct {
 	http  *httptest.Server
 	dir   string
 	keys  *storage.Keyring
-	store *storage.BoltStore
+	store *bolt.Store
 	fs    *faultStore
 	b     *broker.Broker
 	opts  broker.Options
@@ -173,7 +174,7 @@ func newEnv(t *testing.T, opts ...envOption) *env {
 // open opens the store and a broker over it, loading stored connections.
 func (e *env) open() {
 	e.t.Helper()
-	st, err := storage.Open(filepath.Join(e.dir, "tokenbroker.db"), storage.Options{Keyring: e.keys, Now: e.clock.Now})
+	st, err := bolt.Open(filepath.Join(e.dir, "tokenbroker.db"), bolt.Options{Keyring: e.keys, Now: e.clock.Now})
 	if err != nil {
 		e.t.Fatal(err)
 	}

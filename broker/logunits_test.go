@@ -14,6 +14,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // The "token issued" line gives expires_in in seconds, as the identity
@@ -29,7 +30,7 @@ func TestTokenIssuedLogsExpiresInSeconds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(filepath.Join(t.TempDir(), "db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -17,7 +18,7 @@ import (
 func replica(t *testing.T, endpoint string, clk *clock) *broker.Broker {
 	t.Helper()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
-	st, err := storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: etcdtest.Client(t, endpoint), Keyring: keys})
+	st, err := etcd.Open(context.Background(), etcd.Options{Client: etcdtest.Client(t, endpoint), Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

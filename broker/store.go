@@ -7,8 +7,9 @@ import (
 )
 
 // Store is what the broker needs of durable storage. Every write returns
-// only after it is durable. Implementations: [storage.BoltStore] (one
-// process), [storage.EtcdStore] (replicas).
+// only after it is durable. Implementations: the bolt.Store of
+// tokenbroker/storage/bolt (one process) and the etcd.Store of
+// tokenbroker/storage/etcd (replicas); the broker never imports either.
 type Store interface {
 	CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	GetConnection(ctx context.Context, name string) (*storage.Connection, error)
@@ -22,13 +23,13 @@ type Store interface {
 
 // Locker serializes a connection's upstream token requests across
 // replicas: while the lock is held no other replica talks to the
-// connection's token endpoint. Implementations: [storage.EtcdStore].
+// connection's token endpoint. Implementation: the etcd store.
 type Locker interface {
 	Lock(ctx context.Context, name string) (unlock func(), err error)
 }
 
 // Watcher reports changes made by any replica, so that each replica's
-// in-memory tokens stay coherent. Implementations: [storage.EtcdStore].
+// in-memory tokens stay coherent. Implementation: the etcd store.
 type Watcher interface {
 	Watch(ctx context.Context, fn func(storage.Change))
 }

@@ -32,7 +32,6 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
-	"tokenbroker/storage"
 )
 
 const testPolicy = `
@@ -107,7 +106,7 @@ func newTLSFixture(t *testing.T, rateLimit float64, opts ...func(*server.Options
 	// Seed connections through the broker directly.
 	for _, n := range []string{"tenants/acme/connections/erp", "tenants/acme/connections/other", "tenants/globex/connections/erp"} {
 		c := f.connection()
-		if _, err := f.b.CreateConnection(context.Background(), &storage.Connection{
+		if _, err := f.b.CreateConnection(context.Background(), &broker.Connection{
 			Name: n, InstanceURL: c.GetInstanceUrl(), ClientID: c.GetClientId(), ClientSecret: c.GetClientSecret(),
 			Username: c.GetUsername(), Password: c.GetPassword(),
 		}, false); err != nil {
@@ -396,7 +395,7 @@ func TestSecretExpiryMetric(t *testing.T) {
 	c, _ := tf.client(t, &root)
 	_ = c
 	exp := time.Now().Add(10 * 24 * time.Hour)
-	v, err := tf.b.UpdateConnection(context.Background(), "tenants/acme/connections/erp", &storage.Connection{ClientSecretExpireTime: exp}, []string{"client_secret_expire_time"}, "", false)
+	v, err := tf.b.UpdateConnection(context.Background(), "tenants/acme/connections/erp", &broker.Connection{ClientSecretExpireTime: exp}, []string{"client_secret_expire_time"}, "", false)
 	if err != nil {
 		t.Fatal(err)
 	}

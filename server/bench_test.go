@@ -19,6 +19,7 @@ import (
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // BenchmarkRPC compares cached GetAccessToken with a no-op RPC on the same
@@ -31,7 +32,7 @@ func BenchmarkRPC(b *testing.B) {
 	hs := httptest.NewServer(idp.Handler())
 	defer hs.Close()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
-	st, err := storage.Open(filepath.Join(b.TempDir(), "db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(b.TempDir(), "db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		b.Fatal(err)
 	}

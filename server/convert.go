@@ -10,7 +10,6 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker"
-	"tokenbroker/storage"
 )
 
 func ts(t time.Time) *timestamppb.Timestamp {
@@ -72,8 +71,8 @@ func toProto(v *broker.View) *pb.Connection {
 }
 
 // fromProto takes the input fields of an API connection.
-func fromProto(c *pb.Connection) *storage.Connection {
-	out := &storage.Connection{
+func fromProto(c *pb.Connection) *broker.Connection {
+	out := &broker.Connection{
 		Name:         c.GetName(),
 		DisplayName:  c.GetDisplayName(),
 		InstanceURL:  c.GetInstanceUrl(),

@@ -30,7 +30,9 @@ func TestQuietMethodsLogOnlyTheirFailuresAtInfo(t *testing.T) {
 	})
 	servertest.RegisterNoop(srv.Server)
 	ok := func(context.Context, any) (any, error) { return &emptypb.Empty{}, nil }
-	fail := func(context.Context, any) (any, error) { return nil, status.Error(codes.FailedPrecondition, "embedder refused") }
+	fail := func(context.Context, any) (any, error) {
+		return nil, status.Error(codes.FailedPrecondition, "embedder refused")
+	}
 	servertest.RegisterUnary(srv.Server, "embedder.Loud", "Call", func() any { return new(emptypb.Empty) }, ok)
 	servertest.RegisterUnary(srv.Server, "embedder.Fail", "Call", func() any { return new(emptypb.Empty) }, fail)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

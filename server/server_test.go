@@ -32,6 +32,7 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/server"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 const (
@@ -63,7 +64,7 @@ type fixture struct {
 	t      *testing.T
 	idp    *acumaticatest.Server
 	idpURL string
-	store  *storage.BoltStore
+	store  *bolt.Store
 	b      *broker.Broker
 	client pb.TokenBrokerClient
 	conn   *grpc.ClientConn
@@ -83,7 +84,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 	t.Cleanup(hs.Close)
 	f.idpURL = hs.URL
 	keys, _ := storage.NewKeyring(bytes.Repeat([]byte{7}, 32))
-	st, err := storage.Open(filepath.Join(t.TempDir(), "tokenbroker.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "tokenbroker.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,10 @@ import (
 	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
 )
 
+// FormatVersion is the record format this build reads and writes, kept in
+// every backend's meta record.
+const FormatVersion = 1
+
 // Field names used as associated data when sealing.
 const (
 	fieldClientSecret = "client_secret"
@@ -17,6 +21,18 @@ const (
 	fieldRefreshToken = "refresh_token"
 	fieldAccessToken  = "access_token"
 )
+
+// Codec turns records into the bytes a backend stores and back: protobuf
+// with storage's own messages, secrets and tokens sealed with its
+// [Keyring] and bound to the connection's name and field. Backends store
+// only what a Codec produced, so the sealing rules live here alone.
+// A Codec is safe for concurrent use.
+type Codec struct {
+	keys *Keyring
+}
+
+// NewCodec returns a codec sealing with k.
+func NewCodec(k *Keyring) *Codec { return &Codec{keys: k} }
 
 func ts(t time.Time) *timestamppb.Timestamp {
 	if t.IsZero() {
@@ -32,15 +48,19 @@ func fromTS(t *timestamppb.Timestamp) time.Time {
 	return t.AsTime()
 }
 
-func (k *Keyring) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
+func marshal(m proto.Message) ([]byte, error) {
+	return proto.MarshalOptions{Deterministic: true}.Marshal(m)
+}
+
+func (cd *Codec) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
 	return &storagev1.ConnectionRecord{
 		Name:                    c.Name,
 		DisplayName:             c.DisplayName,
 		InstanceUrl:             c.InstanceURL,
 		ClientId:                c.ClientID,
-		ClientSecret:            k.sealString(c.ClientSecret, c.Name, fieldClientSecret),
+		ClientSecret:            cd.keys.sealString(c.ClientSecret, c.Name, fieldClientSecret),
 		Username:                c.Username,
-		Password:                k.sealString(c.Password, c.Name, fieldPassword),
+		Password:                cd.keys.sealString(c.Password, c.Name, fieldPassword),
 		Scopes:                  c.Scopes,
 		ClientSecretExpireTime:  ts(c.ClientSecretExpireTime),
 		SlidingLifetimeSeconds:  int64(c.SlidingLifetime / time.Second),
@@ -51,15 +71,15 @@ func (k *Keyring) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
 	}
 }
 
-func (k *Keyring) decodeConnection(key string, r *storagev1.ConnectionRecord) (*Connection, error) {
+func (cd *Codec) decodeConnection(key string, r *storagev1.ConnectionRecord) (*Connection, error) {
 	if r.GetName() != key {
 		return nil, fmt.Errorf("%w: record for %q stored under %q", ErrWrongKey, r.GetName(), key)
 	}
-	secret, err := k.openString(r.GetClientSecret(), key, fieldClientSecret)
+	secret, err := cd.keys.openString(r.GetClientSecret(), key, fieldClientSecret)
 	if err != nil {
 		return nil, err
 	}
-	password, err := k.openString(r.GetPassword(), key, fieldPassword)
+	password, err := cd.keys.openString(r.GetPassword(), key, fieldPassword)
 	if err != nil {
 		return nil, err
 	}
@@ -81,12 +101,12 @@ func (k *Keyring) decodeConnection(key string, r *storagev1.ConnectionRecord) (*
 	}, nil
 }
 
-func (k *Keyring) encodeTokens(name string, t *Tokens) *storagev1.TokenRecord {
+func (cd *Codec) encodeTokens(name string, t *Tokens) *storagev1.TokenRecord {
 	return &storagev1.TokenRecord{
 		Name:                  name,
 		Generation:            t.Generation,
-		RefreshToken:          k.sealString(t.RefreshToken, name, fieldRefreshToken),
-		AccessToken:           k.sealString(t.AccessToken, name, fieldAccessToken),
+		RefreshToken:          cd.keys.sealString(t.RefreshToken, name, fieldRefreshToken),
+		AccessToken:           cd.keys.sealString(t.AccessToken, name, fieldAccessToken),
 		TokenType:             t.TokenType,
 		AccessTokenExpireTime: ts(t.AccessTokenExpireTime),
 		IssueTime:             ts(t.IssueTime),
@@ -104,15 +124,15 @@ func (k *Keyring) encodeTokens(name string, t *Tokens) *storagev1.TokenRecord {
 	}
 }
 
-func (k *Keyring) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, error) {
+func (cd *Codec) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, error) {
 	if r.GetName() != key {
 		return nil, fmt.Errorf("%w: record for %q stored under %q", ErrWrongKey, r.GetName(), key)
 	}
-	refresh, err := k.openString(r.GetRefreshToken(), key, fieldRefreshToken)
+	refresh, err := cd.keys.openString(r.GetRefreshToken(), key, fieldRefreshToken)
 	if err != nil {
 		return nil, err
 	}
-	access, err := k.openString(r.GetAccessToken(), key, fieldAccessToken)
+	access, err := cd.keys.openString(r.GetAccessToken(), key, fieldAccessToken)
 	if err != nil {
 		return nil, err
 	}
@@ -137,38 +157,85 @@ func (k *Keyring) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, e
 	}, nil
 }
 
-// unmarshalConnection decodes a stored connection record kept under name.
-func (k *Keyring) unmarshalConnection(name string, v []byte) (*Connection, error) {
+// DecodeConnection decodes and unseals a connection record stored under
+// name. A record moved from another name does not open ([ErrWrongKey]).
+func (cd *Codec) DecodeConnection(name string, v []byte) (*Connection, error) {
 	var r storagev1.ConnectionRecord
 	if err := proto.Unmarshal(v, &r); err != nil {
 		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
 	}
-	return k.decodeConnection(name, &r)
+	return cd.decodeConnection(name, &r)
 }
 
-// unmarshalTokens decodes a stored token record kept under name.
-func (k *Keyring) unmarshalTokens(name string, v []byte) (*Tokens, error) {
+// DecodeTokens decodes and unseals a token record stored under name.
+func (cd *Codec) DecodeTokens(name string, v []byte) (*Tokens, error) {
 	var r storagev1.TokenRecord
 	if err := proto.Unmarshal(v, &r); err != nil {
 		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
 	}
-	return k.decodeTokens(name, &r)
+	return cd.decodeTokens(name, &r)
 }
 
-// sealRecords encodes a copy of c at revision rev and, when t is not nil,
-// its token state, ready to store. It returns the copy.
-func (k *Keyring) sealRecords(c *Connection, rev int64, t *Tokens) (*Connection, []byte, []byte, error) {
+// EncodeTokens seals and encodes name's token state, ready to store.
+func (cd *Codec) EncodeTokens(name string, t *Tokens) ([]byte, error) {
+	return marshal(cd.encodeTokens(name, t))
+}
+
+// EncodeRecords encodes a copy of c at revision rev and, when t is not nil,
+// its token state (tv is nil otherwise), ready to store. It returns the
+// copy, which is what the caller hands back once the write is durable.
+func (cd *Codec) EncodeRecords(c *Connection, rev int64, t *Tokens) (stored *Connection, cv, tv []byte, err error) {
 	c = c.Clone()
 	c.Revision = rev
-	cv, err := marshal(k.encodeConnection(c))
-	if err != nil {
+	if cv, err = marshal(cd.encodeConnection(c)); err != nil {
 		return nil, nil, nil, err
 	}
-	var tv []byte
 	if t != nil {
-		if tv, err = marshal(k.encodeTokens(c.Name, t)); err != nil {
+		if tv, err = marshal(cd.encodeTokens(c.Name, t)); err != nil {
 			return nil, nil, nil, err
 		}
 	}
 	return c, cv, tv, nil
+}
+
+// Revision reads the revision of a stored connection record without
+// unsealing it, for a backend's compare-before-write.
+func Revision(v []byte) (int64, error) {
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return 0, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
+	}
+	return r.GetRevision(), nil
+}
+
+// canaryAAD binds the canary to its one place.
+const canaryAAD = "meta\x00canary"
+
+// EncodeMeta returns a new meta record: the format version and a canary
+// sealed with the current key, so that a later open with another key is
+// refused before anything is read or written.
+func (cd *Codec) EncodeMeta(now time.Time) ([]byte, error) {
+	return marshal(&storagev1.Meta{
+		Format:      FormatVersion,
+		CanaryKeyId: cd.keys.PrimaryID(),
+		Canary:      cd.keys.seal(canaryPlain, canaryAAD),
+		CreateTime:  timestamppb.New(now),
+	})
+}
+
+// CheckMeta checks the meta record stored at where (a file's path, an
+// etcd prefix): [ErrNotDataFile] when it is not one of this format,
+// [ErrWrongKey] when the keyring cannot open its canary.
+func (cd *Codec) CheckMeta(where string, v []byte) error {
+	var meta storagev1.Meta
+	if err := proto.Unmarshal(v, &meta); err != nil {
+		return fmt.Errorf("%w: %s: meta record: %v", ErrNotDataFile, where, err)
+	}
+	if meta.GetFormat() != FormatVersion {
+		return fmt.Errorf("%w: %s has record format %d, this build reads %d", ErrNotDataFile, where, meta.GetFormat(), FormatVersion)
+	}
+	if err := cd.keys.checkCanary(meta.GetCanary()); err != nil {
+		return fmt.Errorf("%w: %s was sealed with key id %s; the key file holds %v", ErrWrongKey, where, meta.GetCanaryKeyId(), cd.keys.IDs())
+	}
+	return nil
 }

@@ -1,17 +1,14 @@
-// Package storage keeps tokenbroker's connections and token chains durably.
+// Package storage is what tokenbroker keeps durably, apart from where it
+// keeps it: the records ([Connection], [Tokens]), the errors every store
+// returns ([ErrNotFound], [ErrConflict] …), the data key ([Keyring]) and
+// the record codec ([Codec]) that seals secrets and tokens with it, bound
+// to the connection's name and field, and the change feed's [Change].
 //
-// It defines the record types ([Connection], [Tokens]), an embedded
-// implementation on a single bbolt file ([Open], [BoltStore]), and one on an
-// etcd cluster for several replicas ([OpenEtcd], [EtcdStore]) that also
-// offers cluster-wide per-connection locks and change watches. Secrets and
-// tokens are sealed with an AEAD ([Keyring]) bound to the connection's
-// resource name and field before they reach the file; records are
-// protobuf-encoded with storage's own messages, apart from the API's.
+// The backends live in their own packages: storage/bolt keeps one process's
+// connections in a single bbolt file, storage/etcd keeps several replicas'
+// in an etcd cluster. Both store only what a [Codec] produced, and both
+// pass the contract in storage/storetest.
 //
-// Every write is durable before the call returns: with bbolt, concurrent
-// writes share one transaction and one fsync (a group committer); with
-// etcd, each is a transaction committed by the cluster.
-//
-// This package must never know OAuth, gRPC or the API messages, never log,
-// and never return a secret in an error.
+// This package must never import a backend, gRPC or the API messages,
+// never know OAuth, never log, and never return a secret in an error.
 package storage

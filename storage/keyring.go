@@ -211,7 +211,7 @@ func (k *Keyring) openString(s *storagev1.Sealed, name, field string) (string, e
 var canaryPlain = []byte("tokenbroker canary v1")
 
 func (k *Keyring) checkCanary(s *storagev1.Sealed) error {
-	b, err := k.open(s, "meta\x00canary")
+	b, err := k.open(s, canaryAAD)
 	if err != nil {
 		return err
 	}

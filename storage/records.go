@@ -66,3 +66,12 @@ func (t *Tokens) Clone() *Tokens {
 	cp.Scopes = append([]string(nil), t.Scopes...)
 	return &cp
 }
+
+// Change is one change in the change feed of a store shared by replicas.
+// Exactly one of Connection, Tokens or Deleted describes it.
+type Change struct {
+	Name       string
+	Connection *Connection // the connection's configuration changed
+	Tokens     *Tokens     // the token state changed
+	Deleted    bool        // the connection was deleted
+}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
+	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
@@ -28,21 +30,21 @@ func benchEtcd(dir string, samples int) *EtcdResult {
 	cli := must(etcdtest.NewClient(endpoint))
 	defer cli.Close()
 	keys := must(storage.NewKeyring(make([]byte, 32)))
-	ets := must(storage.OpenEtcd(context.Background(), storage.EtcdOptions{Client: cli, Keyring: keys}))
+	ets := must(etcd.Open(context.Background(), etcd.Options{Client: cli, Keyring: keys}))
 	defer ets.Close()
 	path := filepath.Join(dir, "bolt.db")
 	populate(path, keys, 1)
-	bolt := must(storage.Open(path, storage.Options{Keyring: keys}))
-	defer bolt.Close()
+	bst := must(bolt.Open(path, bolt.Options{Keyring: keys}))
+	defer bst.Close()
 	ctx, name := context.Background(), scaleName(0)
-	tok := must(bolt.GetTokens(ctx, name))
-	check(errOf(ets.CreateConnection(ctx, must(bolt.GetConnection(ctx, name)), tok)))
+	tok := must(bst.GetTokens(ctx, name))
+	check(errOf(ets.CreateConnection(ctx, must(bst.GetConnection(ctx, name)), tok)))
 	intent := tok.Clone()
 	intent.IntentGeneration, intent.IntentGrant, intent.IntentTime = tok.Generation, "refresh_token", time.Now()
 	var onBolt, onEtcd []time.Duration
 	for range samples {
 		t0 := time.Now()
-		check(errors.Join(bolt.PutTokens(ctx, name, intent), bolt.PutTokens(ctx, name, tok)))
+		check(errors.Join(bst.PutTokens(ctx, name, intent), bst.PutTokens(ctx, name, tok)))
 		onBolt = append(onBolt, time.Since(t0))
 		t0 = time.Now()
 		unlock := must(ets.Lock(ctx, name))

@@ -21,6 +21,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // ScaleResult is one connection count: the real binary's start, memory
@@ -58,7 +59,7 @@ func (s *ScaleResult) targets() []Target {
 // populate writes n connections with token state into a data file
 // through the store (sealed, group-committed), 256 at a time.
 func populate(path string, keys *storage.Keyring, n int) {
-	st := must(storage.Open(path, storage.Options{Keyring: keys}))
+	st := must(bolt.Open(path, bolt.Options{Keyring: keys}))
 	defer st.Close()
 	now, scopes := time.Now(), []string{"api", "offline_access"}
 	check(parallel(n, 256, func(i int) error {
@@ -197,7 +198,7 @@ func benchScale(root, bin string, n int) *ScaleResult {
 // commit that flips a meta page (bbolt's does exactly this). Interleaving
 // makes both see the same disk.
 func commitCost(dir, path string, keys *storage.Keyring, n int, res *ScaleResult) {
-	st := must(storage.Open(path, storage.Options{Keyring: keys}))
+	st := must(bolt.Open(path, bolt.Options{Keyring: keys}))
 	defer st.Close()
 	tok := must(st.GetTokens(context.Background(), scaleName(0)))
 	raw := must(os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600))

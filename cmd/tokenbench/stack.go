@@ -31,6 +31,7 @@ import (
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 const (
@@ -52,7 +53,7 @@ func (c *clock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
 type stack struct {
 	idp     *acumaticatest.Server
 	idpURL  string
-	store   *storage.BoltStore
+	store   *bolt.Store
 	conns   []*grpc.ClientConn
 	closers []func()
 }
@@ -121,7 +122,7 @@ func newStack(o stackOptions) *stack {
 	// The one stand-in serves for every instance, so one host may use the
 	// whole global cap.
 	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap}
-	s.store = must(storage.Open(filepath.Join(o.dir, "tokenbroker.db"), storage.Options{Keyring: must(storage.NewKeyring(make([]byte, 32)))}))
+	s.store = must(bolt.Open(filepath.Join(o.dir, "tokenbroker.db"), bolt.Options{Keyring: must(storage.NewKeyring(make([]byte, 32)))}))
 	bopts.Store = s.store
 	s.closers = append(s.closers, func() { s.store.Close() })
 	metrics := server.NewMetrics()

@@ -26,6 +26,7 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/server/servertest"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
 )
 
 // waitOutput waits until the process has printed want.
@@ -74,7 +75,7 @@ func TestSIGTERMDuringSlowRefreshFinishesTheCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(filepath.Join(dir, "tokenbroker.db"), storage.Options{Keyring: keys})
+	st, err := bolt.Open(filepath.Join(dir, "tokenbroker.db"), bolt.Options{Keyring: keys})
 	if err != nil {
 		t.Fatal(err)
 	}

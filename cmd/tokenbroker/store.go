@@ -14,14 +14,16 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
+	"tokenbroker/storage/etcd"
 )
 
 // Compile-time checks: both stores serve the broker.
 var (
-	_ broker.Store   = (*storage.BoltStore)(nil)
-	_ broker.Store   = (*storage.EtcdStore)(nil)
-	_ broker.Locker  = (*storage.EtcdStore)(nil)
-	_ broker.Watcher = (*storage.EtcdStore)(nil)
+	_ broker.Store   = (*bolt.Store)(nil)
+	_ broker.Store   = (*etcd.Store)(nil)
+	_ broker.Locker  = (*etcd.Store)(nil)
+	_ broker.Watcher = (*etcd.Store)(nil)
 )
 
 // openedStore is the configured store with what it offers the broker.
@@ -34,7 +36,7 @@ type openedStore struct {
 
 func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring) (*openedStore, error) {
 	if cfg.etcdEndpoints == "" {
-		st, err := storage.Open(dbPath, storage.Options{Keyring: keys, Populate: true})
+		st, err := bolt.Open(dbPath, bolt.Options{Keyring: keys, Populate: true})
 		if err != nil {
 			return nil, err
 		}
@@ -68,7 +70,7 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 	}
 	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	st, err := storage.OpenEtcd(octx, storage.EtcdOptions{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
+	st, err := etcd.Open(octx, etcd.Options{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
 	if err != nil {
 		cli.Close()
 		return nil, err

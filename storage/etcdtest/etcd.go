@@ -1,5 +1,8 @@
 // Package etcdtest runs an embedded single-member etcd on loopback for
 // tests and benchmarks. Data lives in a directory the caller owns.
+//
+// It is for tests and the benchmark tool only: the server binary must never
+// link an embedded etcd.
 package etcdtest
 
 import (

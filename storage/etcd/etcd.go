@@ -1,4 +1,4 @@
-package storage
+package etcd
 
 import (
 	"context"
@@ -13,19 +13,16 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
-	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
+	"tokenbroker/storage"
 )
 
-// EtcdOptions configure [OpenEtcd]. Zero fields mean the documented
-// defaults.
-type EtcdOptions struct {
+// Options configure [Open]. Zero fields mean the documented defaults.
+type Options struct {
 	// Client talks to the etcd cluster. Required; the caller closes it.
 	Client *clientv3.Client
 	// Keyring seals secrets and tokens. Required.
-	Keyring *Keyring
+	Keyring *storage.Keyring
 	// Prefix namespaces every key. Default "/tokenbroker/".
 	Prefix string
 	// SessionTTL is the lease behind this replica's locks: if the replica
@@ -35,14 +32,14 @@ type EtcdOptions struct {
 	Now func() time.Time
 }
 
-// EtcdStore keeps connections in etcd, for running several replicas. It
-// has the same methods and semantics as [BoltStore] (a write returns once
-// the cluster has committed it), plus [EtcdStore.Lock] to serialize a
-// connection's upstream calls across replicas and [EtcdStore.Watch] to keep
+// Store keeps connections in etcd, for running several replicas. It has
+// the same methods and semantics as the bbolt store (a write returns once
+// the cluster has committed it), plus [Store.Lock] to serialize a
+// connection's upstream calls across replicas and [Store.Watch] to keep
 // replicas' caches coherent.
-type EtcdStore struct {
+type Store struct {
 	cli    *clientv3.Client
-	keys   *Keyring
+	codec  *storage.Codec
 	prefix string
 	ttl    int // session lease TTL, seconds
 
@@ -51,18 +48,18 @@ type EtcdStore struct {
 	closed    bool
 	loadedRev atomic.Int64 // revision of the last LoadAll; Watch continues after it
 	// held maps a connection name to the lock this replica holds on it
-	// (see [EtcdStore.Lock]); token writes for that name are fenced by it.
+	// (see [Store.Lock]); token writes for that name are fenced by it.
 	held sync.Map
 }
 
 // pageSize bounds one etcd range read (etcd caps response sizes).
 const pageSize = 200
 
-// OpenEtcd checks (or initializes) the cluster's tokenbroker meta record
-// and opens a session for locks. A wrong key fails with [ErrWrongKey].
-func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
+// Open checks (or initializes) the cluster's tokenbroker meta record and
+// opens a session for locks. A wrong key fails with [storage.ErrWrongKey].
+func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Client == nil || opts.Keyring == nil {
-		return nil, errors.New("storage: EtcdOptions.Client and Keyring are required")
+		return nil, errors.New("storage: etcd: Options.Client and Keyring are required")
 	}
 	if opts.Prefix == "" {
 		opts.Prefix = "/tokenbroker/"
@@ -76,14 +73,8 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &EtcdStore{cli: opts.Client, keys: opts.Keyring, prefix: opts.Prefix}
-	meta := &storagev1.Meta{
-		Format:      formatVersion,
-		CanaryKeyId: s.keys.PrimaryID(),
-		Canary:      s.keys.seal(canaryPlain, "meta\x00canary"),
-		CreateTime:  timestamppb.New(opts.Now()),
-	}
-	mv, err := marshal(meta)
+	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix}
+	mv, err := s.codec.EncodeMeta(opts.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -98,14 +89,10 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
 	if !resp.Succeeded {
 		kvs := resp.Responses[0].GetResponseRange().GetKvs()
 		if len(kvs) == 0 {
-			return nil, fmt.Errorf("%w: etcd meta record vanished", ErrNotDataFile)
+			return nil, fmt.Errorf("%w: etcd meta record vanished", storage.ErrNotDataFile)
 		}
-		var stored storagev1.Meta
-		if err := proto.Unmarshal(kvs[0].Value, &stored); err != nil || stored.GetFormat() != formatVersion {
-			return nil, fmt.Errorf("%w: %s in etcd is not a tokenbroker meta record of format %d", ErrNotDataFile, mkey, formatVersion)
-		}
-		if err := s.keys.checkCanary(stored.GetCanary()); err != nil {
-			return nil, fmt.Errorf("%w: etcd prefix %s was sealed with key id %s; the key file holds %v", ErrWrongKey, s.prefix, stored.GetCanaryKeyId(), s.keys.IDs())
+		if err := s.codec.CheckMeta("etcd prefix "+s.prefix, kvs[0].Value); err != nil {
+			return nil, err
 		}
 	}
 	s.ttl = int(opts.SessionTTL / time.Second)
@@ -124,11 +111,11 @@ func OpenEtcd(ctx context.Context, opts EtcdOptions) (*EtcdStore, error) {
 //
 // etcd may report the lease gone before the session notices; stale, when
 // set, is a session a lock attempt found so, and is replaced too.
-func (s *EtcdStore) lockSession(ctx context.Context, stale *concurrency.Session) (*concurrency.Session, error) {
+func (s *Store) lockSession(ctx context.Context, stale *concurrency.Session) (*concurrency.Session, error) {
 	s.sessMu.Lock()
 	defer s.sessMu.Unlock()
 	if s.closed {
-		return nil, ErrClosed
+		return nil, storage.ErrClosed
 	}
 	if s.session != stale {
 		select {
@@ -152,24 +139,24 @@ func (s *EtcdStore) lockSession(ctx context.Context, stale *concurrency.Session)
 
 // Close releases this replica's session (and with it its locks). It does
 // not close the client.
-func (s *EtcdStore) Close() error {
+func (s *Store) Close() error {
 	s.sessMu.Lock()
 	defer s.sessMu.Unlock()
 	s.closed = true
 	return s.session.Close()
 }
 
-func (s *EtcdStore) connKey(name string) string  { return s.prefix + "connections/" + name }
-func (s *EtcdStore) tokenKey(name string) string { return s.prefix + "tokens/" + name }
+func (s *Store) connKey(name string) string  { return s.prefix + "connections/" + name }
+func (s *Store) tokenKey(name string) string { return s.prefix + "tokens/" + name }
 
 func etcdErr(err error) error { return fmt.Errorf("storage: etcd: %w", err) }
 
 // CreateConnection stores a new connection with its initial token state.
-func (s *EtcdStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
 	if t == nil {
-		t = &Tokens{}
+		t = &storage.Tokens{}
 	}
-	c, cv, tv, err := s.keys.sealRecords(c, 1, t)
+	c, cv, tv, err := s.codec.EncodeRecords(c, 1, t)
 	if err != nil {
 		return nil, err
 	}
@@ -181,35 +168,35 @@ func (s *EtcdStore) CreateConnection(ctx context.Context, c *Connection, t *Toke
 		return nil, etcdErr(err)
 	}
 	if !resp.Succeeded {
-		return nil, fmt.Errorf("%w: %s", ErrAlreadyExists, c.Name)
+		return nil, fmt.Errorf("%w: %s", storage.ErrAlreadyExists, c.Name)
 	}
 	return c, nil
 }
 
-func (s *EtcdStore) get(ctx context.Context, key string) ([]byte, int64, error) {
+func (s *Store) get(ctx context.Context, key string) ([]byte, int64, error) {
 	resp, err := s.cli.Get(ctx, key)
 	if err != nil {
 		return nil, 0, etcdErr(err)
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, 0, ErrNotFound
+		return nil, 0, storage.ErrNotFound
 	}
 	return resp.Kvs[0].Value, resp.Kvs[0].ModRevision, nil
 }
 
-func (s *EtcdStore) decodeConnection(name string, v []byte) (*Connection, error) {
-	return s.keys.unmarshalConnection(name, v)
+func (s *Store) decodeConnection(name string, v []byte) (*storage.Connection, error) {
+	return s.codec.DecodeConnection(name, v)
 }
 
-func (s *EtcdStore) decodeTokens(name string, v []byte) (*Tokens, error) {
-	return s.keys.unmarshalTokens(name, v)
+func (s *Store) decodeTokens(name string, v []byte) (*storage.Tokens, error) {
+	return s.codec.DecodeTokens(name, v)
 }
 
 // GetConnection reads one connection.
-func (s *EtcdStore) GetConnection(ctx context.Context, name string) (*Connection, error) {
+func (s *Store) GetConnection(ctx context.Context, name string) (*storage.Connection, error) {
 	v, _, err := s.get(ctx, s.connKey(name))
-	if errors.Is(err, ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
 	if err != nil {
 		return nil, err
@@ -218,10 +205,10 @@ func (s *EtcdStore) GetConnection(ctx context.Context, name string) (*Connection
 }
 
 // GetTokens reads a connection's token state.
-func (s *EtcdStore) GetTokens(ctx context.Context, name string) (*Tokens, error) {
+func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, error) {
 	v, _, err := s.get(ctx, s.tokenKey(name))
-	if errors.Is(err, ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
 	if err != nil {
 		return nil, err
@@ -231,7 +218,7 @@ func (s *EtcdStore) GetTokens(ctx context.Context, name string) (*Tokens, error)
 
 // ListConnections returns up to limit connections whose names start with
 // prefix and sort after the name after, in name order.
-func (s *EtcdStore) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*Connection, error) {
+func (s *Store) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error) {
 	base := s.prefix + "connections/"
 	start := base + prefix
 	if after >= prefix && after != "" {
@@ -241,7 +228,7 @@ func (s *EtcdStore) ListConnections(ctx context.Context, prefix, after string, l
 	if err != nil {
 		return nil, etcdErr(err)
 	}
-	var out []*Connection
+	var out []*storage.Connection
 	for _, kv := range resp.Kvs {
 		c, err := s.decodeConnection(strings.TrimPrefix(string(kv.Key), base), kv.Value)
 		if err != nil {
@@ -254,23 +241,23 @@ func (s *EtcdStore) ListConnections(ctx context.Context, prefix, after string, l
 
 // UpdateConnection replaces a connection whose stored Revision equals
 // c.Revision, and its token state when t is not nil.
-func (s *EtcdStore) UpdateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
 	ck := s.connKey(c.Name)
 	v, modRev, err := s.get(ctx, ck)
-	if errors.Is(err, ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, c.Name)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, c.Name)
 	}
 	if err != nil {
 		return nil, err
 	}
-	var r storagev1.ConnectionRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNotDataFile, err)
+	rev, err := storage.Revision(v)
+	if err != nil {
+		return nil, err
 	}
-	if r.GetRevision() != c.Revision {
-		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, c.Name, r.GetRevision(), c.Revision)
+	if rev != c.Revision {
+		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, c.Name, rev, c.Revision)
 	}
-	next, cv, tv, err := s.keys.sealRecords(c, c.Revision+1, t)
+	next, cv, tv, err := s.codec.EncodeRecords(c, c.Revision+1, t)
 	if err != nil {
 		return nil, err
 	}
@@ -289,31 +276,31 @@ func (s *EtcdStore) UpdateConnection(ctx context.Context, c *Connection, t *Toke
 	}
 	if !resp.Succeeded {
 		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); tv != nil && fenced && len(kvs) == 1 && kvs[0].ModRevision == modRev {
-			return nil, fmt.Errorf("%w: %s", ErrLockLost, c.Name)
+			return nil, fmt.Errorf("%w: %s", storage.ErrLockLost, c.Name)
 		}
-		return nil, fmt.Errorf("%w: %s changed concurrently", ErrConflict, c.Name)
+		return nil, fmt.Errorf("%w: %s changed concurrently", storage.ErrConflict, c.Name)
 	}
 	return next, nil
 }
 
 // DeleteConnection erases a connection and its tokens. A revision other than
 // 0 must match the stored one.
-func (s *EtcdStore) DeleteConnection(ctx context.Context, name string, revision int64) error {
+func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
 	ck := s.connKey(name)
 	v, modRev, err := s.get(ctx, ck)
-	if errors.Is(err, ErrNotFound) {
-		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	if errors.Is(err, storage.ErrNotFound) {
+		return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
 	if err != nil {
 		return err
 	}
 	if revision != 0 {
-		var r storagev1.ConnectionRecord
-		if err := proto.Unmarshal(v, &r); err != nil {
-			return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+		rev, err := storage.Revision(v)
+		if err != nil {
+			return err
 		}
-		if r.GetRevision() != revision {
-			return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, name, r.GetRevision(), revision)
+		if rev != revision {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, revision)
 		}
 	}
 	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).
@@ -322,15 +309,15 @@ func (s *EtcdStore) DeleteConnection(ctx context.Context, name string, revision 
 		return etcdErr(err)
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("%w: %s changed concurrently", ErrConflict, name)
+		return fmt.Errorf("%w: %s changed concurrently", storage.ErrConflict, name)
 	}
 	return nil
 }
 
-// PutTokens durably replaces a connection's token state; [ErrNotFound] if
+// PutTokens durably replaces a connection's token state; [storage.ErrNotFound] if
 // the connection was deleted.
-func (s *EtcdStore) PutTokens(ctx context.Context, name string, t *Tokens) error {
-	tv, err := marshal(s.keys.encodeTokens(name, t))
+func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) error {
+	tv, err := s.codec.EncodeTokens(name, t)
 	if err != nil {
 		return err
 	}
@@ -348,9 +335,9 @@ func (s *EtcdStore) PutTokens(ctx context.Context, name string, t *Tokens) error
 	}
 	if !resp.Succeeded {
 		if fenced && resp.Responses[0].GetResponseRange().GetCount() > 0 {
-			return fmt.Errorf("%w: %s", ErrLockLost, name)
+			return fmt.Errorf("%w: %s", storage.ErrLockLost, name)
 		}
-		return fmt.Errorf("%w: %s", ErrNotFound, name)
+		return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
 	return nil
 }
@@ -359,8 +346,8 @@ func (s *EtcdStore) PutTokens(ctx context.Context, name string, t *Tokens) error
 // holds only as long as the lock is still this replica's. Token writes made
 // under the lock carry it: if the lock's lease lapsed (a long pause, a
 // partition from etcd) and another replica took the lock, the write fails
-// with [ErrLockLost] instead of overwriting what the other replica did.
-func (s *EtcdStore) fence(name string) (clientv3.Cmp, bool) {
+// with [storage.ErrLockLost] instead of overwriting what the other replica did.
+func (s *Store) fence(name string) (clientv3.Cmp, bool) {
 	v, ok := s.held.Load(name)
 	if !ok {
 		return clientv3.Cmp{}, false
@@ -369,9 +356,9 @@ func (s *EtcdStore) fence(name string) (clientv3.Cmp, bool) {
 }
 
 // LoadAll calls fn for every connection with its token state, in name
-// order, reading in pages at one etcd revision; [EtcdStore.Watch]
+// order, reading in pages at one etcd revision; [Store.Watch]
 // continues from that revision.
-func (s *EtcdStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) error) error {
+func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
 	rev, err := s.loadAll(ctx, fn)
 	if err == nil {
 		s.loadedRev.Store(rev)
@@ -379,7 +366,7 @@ func (s *EtcdStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 	return err
 }
 
-func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) error) (int64, error) {
+func (s *Store) loadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) (int64, error) {
 	base := s.prefix + "connections/"
 	key := base
 	var rev int64
@@ -405,7 +392,7 @@ func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 			if err != nil {
 				return 0, err
 			}
-			t := &Tokens{}
+			t := &storage.Tokens{}
 			if v, ok := toks[name]; ok {
 				if t, err = s.decodeTokens(name, v); err != nil {
 					return 0, err
@@ -425,7 +412,7 @@ func (s *EtcdStore) loadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 // tokensFor reads, at rev, the token records of one page of connection
 // keys (sorted, under base) with range reads over the same span of the
 // tokens prefix: a page costs a few round trips, not one per connection.
-func (s *EtcdStore) tokensFor(ctx context.Context, conns []*mvccpb.KeyValue, base string, rev int64) (map[string][]byte, error) {
+func (s *Store) tokensFor(ctx context.Context, conns []*mvccpb.KeyValue, base string, rev int64) (map[string][]byte, error) {
 	out := make(map[string][]byte, len(conns))
 	if len(conns) == 0 {
 		return out, nil
@@ -449,18 +436,9 @@ func (s *EtcdStore) tokensFor(ctx context.Context, conns []*mvccpb.KeyValue, bas
 	}
 }
 
-// Change is one change seen by [EtcdStore.Watch]. Exactly one of
-// Connection, Tokens or Deleted describes it.
-type Change struct {
-	Name       string
-	Connection *Connection // the connection's configuration changed
-	Tokens     *Tokens     // the token state changed
-	Deleted    bool        // the connection was deleted
-}
-
 // Watch calls fn for every change made by any replica (this one's own
 // writes included) after the last LoadAll, until ctx ends.
-func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
+func (s *Store) Watch(ctx context.Context, fn func(storage.Change)) {
 	base := s.prefix
 	opts := []clientv3.OpOption{clientv3.WithPrefix()}
 	if rev := s.loadedRev.Load(); rev > 0 {
@@ -479,11 +457,11 @@ func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
 			for _, ev := range resp.Events {
 				name := strings.TrimPrefix(string(ev.Kv.Key), base+"connections/")
 				if ev.Type == clientv3.EventTypeDelete {
-					fn(Change{Name: name, Deleted: true})
+					fn(storage.Change{Name: name, Deleted: true})
 					continue
 				}
 				if c, err := s.decodeConnection(name, ev.Kv.Value); err == nil {
-					fn(Change{Name: name, Connection: c})
+					fn(storage.Change{Name: name, Connection: c})
 				}
 			}
 		case resp, ok := <-wt:
@@ -496,7 +474,7 @@ func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
 				}
 				name := strings.TrimPrefix(string(ev.Kv.Key), base+"tokens/")
 				if t, err := s.decodeTokens(name, ev.Kv.Value); err == nil {
-					fn(Change{Name: name, Tokens: t})
+					fn(storage.Change{Name: name, Tokens: t})
 				}
 			}
 		}
@@ -506,7 +484,7 @@ func (s *EtcdStore) Watch(ctx context.Context, fn func(Change)) {
 // Lock takes the cluster-wide lock of a connection: while it is held, no
 // other replica talks to the connection's token endpoint. It is released by
 // unlock, or by etcd when this replica's session lapses.
-func (s *EtcdStore) Lock(ctx context.Context, name string) (unlock func(), err error) {
+func (s *Store) Lock(ctx context.Context, name string) (unlock func(), err error) {
 	sess, err := s.lockSession(ctx, nil)
 	if err != nil {
 		return nil, err

@@ -1,4 +1,4 @@
-package storage
+package bolt
 
 import (
 	"bytes"
@@ -11,12 +11,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	bbolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
-	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
+	"tokenbroker/storage"
 )
 
 var (
@@ -26,12 +24,10 @@ var (
 	keyMeta           = []byte("meta")
 )
 
-const formatVersion = 1
-
 // Options configure [Open]. Zero fields mean the documented defaults.
 type Options struct {
 	// Keyring seals secrets and tokens. Required.
-	Keyring *Keyring
+	Keyring *storage.Keyring
 	// LockTimeout bounds the wait for the file lock held by another process.
 	// Default 2 s.
 	LockTimeout time.Duration
@@ -45,12 +41,12 @@ type Options struct {
 	Populate bool
 }
 
-// BoltStore is the embedded store on one bbolt file.
-type BoltStore struct {
-	db   *bolt.DB
-	keys *Keyring
-	now  func() time.Time
-	max  int
+// Store is the embedded store on one bbolt file.
+type Store struct {
+	db    *bbolt.DB
+	codec *storage.Codec
+	now   func() time.Time
+	max   int
 
 	writes  chan *writeReq
 	quit    chan struct{}
@@ -65,18 +61,18 @@ type BoltStore struct {
 // precondition before it changes anything, so that a failing fn leaves the
 // shared transaction untouched.
 type writeReq struct {
-	fn   func(tx *bolt.Tx) error
+	fn   func(tx *bbolt.Tx) error
 	err  error
 	done chan struct{}
 }
 
 // Open opens or creates the data file at path. A file held by another
-// process fails within LockTimeout with [ErrInUse]; a corrupt or foreign file
-// fails with [ErrNotDataFile] and a wrong key with [ErrWrongKey], in both
-// cases without modifying the file.
-func Open(path string, opts Options) (*BoltStore, error) {
+// process fails within LockTimeout with [storage.ErrInUse]; a corrupt or
+// foreign file fails with [storage.ErrNotDataFile] and a wrong key with
+// [storage.ErrWrongKey], in both cases without modifying the file.
+func Open(path string, opts Options) (*Store, error) {
 	if opts.Keyring == nil {
-		return nil, errors.New("storage: Options.Keyring is required")
+		return nil, errors.New("storage: bolt: Options.Keyring is required")
 	}
 	if opts.LockTimeout <= 0 {
 		opts.LockTimeout = 2 * time.Second
@@ -90,23 +86,23 @@ func Open(path string, opts Options) (*BoltStore, error) {
 	if info, err := os.Stat(path); err == nil && info.Size() > 0 && info.Size() < 4096 {
 		// bbolt would try to read meta pages past the end; a file this small
 		// was not written by bbolt.
-		return nil, fmt.Errorf("%w: %s is %d bytes", ErrNotDataFile, path, info.Size())
+		return nil, fmt.Errorf("%w: %s is %d bytes", storage.ErrNotDataFile, path, info.Size())
 	}
-	bopts := &bolt.Options{Timeout: opts.LockTimeout}
+	bopts := &bbolt.Options{Timeout: opts.LockTimeout}
 	if opts.Populate {
 		bopts.MmapFlags = mapPopulate
 	}
-	db, err := bolt.Open(path, 0o600, bopts)
+	db, err := bbolt.Open(path, 0o600, bopts)
 	switch {
 	case errors.Is(err, bolterrors.ErrTimeout):
-		return nil, fmt.Errorf("%w: %s (lock not released within %v; is another tokenbroker running on this data dir?)", ErrInUse, path, opts.LockTimeout)
+		return nil, fmt.Errorf("%w: %s (lock not released within %v; is another tokenbroker running on this data dir?)", storage.ErrInUse, path, opts.LockTimeout)
 	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrChecksum):
-		return nil, fmt.Errorf("%w: %s: %v", ErrNotDataFile, path, err)
+		return nil, fmt.Errorf("%w: %s: %v", storage.ErrNotDataFile, path, err)
 	case err != nil:
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
-	s := &BoltStore{
-		db: db, keys: opts.Keyring, now: opts.Now, max: opts.MaxBatch,
+	s := &Store{
+		db: db, codec: storage.NewCodec(opts.Keyring), now: opts.Now, max: opts.MaxBatch,
 		writes: make(chan *writeReq, opts.MaxBatch),
 		quit:   make(chan struct{}),
 		done:   make(chan struct{}),
@@ -120,62 +116,47 @@ func Open(path string, opts Options) (*BoltStore, error) {
 }
 
 // checkOrInit verifies the meta record, or initializes an empty file.
-func (s *BoltStore) checkOrInit(path string) error {
-	var meta *storagev1.Meta
+func (s *Store) checkOrInit(path string) error {
+	var meta []byte
 	empty := true
-	err := s.db.View(func(tx *bolt.Tx) error {
-		return tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+	err := s.db.View(func(tx *bbolt.Tx) error {
+		return tx.ForEach(func(name []byte, b *bbolt.Bucket) error {
 			empty = false
 			if bytes.Equal(name, bucketMeta) {
-				if v := b.Get(keyMeta); v != nil {
-					meta = &storagev1.Meta{}
-					return proto.Unmarshal(v, meta)
-				}
+				meta = bytes.Clone(b.Get(keyMeta))
 			}
 			return nil
 		})
 	})
 	if err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrNotDataFile, path, err)
+		return fmt.Errorf("%w: %s: %v", storage.ErrNotDataFile, path, err)
 	}
-	if meta == nil {
-		if !empty {
-			return fmt.Errorf("%w: %s holds bbolt buckets of another program", ErrNotDataFile, path)
+	if meta != nil {
+		return s.codec.CheckMeta(path, meta)
+	}
+	if !empty {
+		return fmt.Errorf("%w: %s holds bbolt buckets of another program", storage.ErrNotDataFile, path)
+	}
+	v, err := s.codec.EncodeMeta(s.now())
+	if err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bbolt.Tx) error {
+		for _, name := range [][]byte{bucketConnections, bucketTokens} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
 		}
-		meta = &storagev1.Meta{
-			Format:      formatVersion,
-			CanaryKeyId: s.keys.PrimaryID(),
-			Canary:      s.keys.seal(canaryPlain, "meta\x00canary"),
-			CreateTime:  timestamppb.New(s.now()),
-		}
-		v, err := proto.Marshal(meta)
+		b, err := tx.CreateBucketIfNotExists(bucketMeta)
 		if err != nil {
 			return err
 		}
-		return s.db.Update(func(tx *bolt.Tx) error {
-			for _, name := range [][]byte{bucketConnections, bucketTokens} {
-				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-					return err
-				}
-			}
-			b, err := tx.CreateBucketIfNotExists(bucketMeta)
-			if err != nil {
-				return err
-			}
-			return b.Put(keyMeta, v)
-		})
-	}
-	if meta.GetFormat() != formatVersion {
-		return fmt.Errorf("%w: %s has record format %d, this build reads %d", ErrNotDataFile, path, meta.GetFormat(), formatVersion)
-	}
-	if err := s.keys.checkCanary(meta.GetCanary()); err != nil {
-		return fmt.Errorf("%w: %s was sealed with key id %s; the key file holds %v", ErrWrongKey, path, meta.GetCanaryKeyId(), s.keys.IDs())
-	}
-	return nil
+		return b.Put(keyMeta, v)
+	})
 }
 
 // Close waits for queued writes and closes the file.
-func (s *BoltStore) Close() error {
+func (s *Store) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
 		close(s.quit)
@@ -187,17 +168,17 @@ func (s *BoltStore) Close() error {
 
 // CommitStats returns how many transactions (each one fsync) carried how
 // many writes since Open.
-func (s *BoltStore) CommitStats() (commits, writes int64) {
+func (s *Store) CommitStats() (commits, writes int64) {
 	return s.commits.Load(), s.written.Load()
 }
 
 // Path is the data file's path.
-func (s *BoltStore) Path() string { return s.db.Path() }
+func (s *Store) Path() string { return s.db.Path() }
 
 // commitLoop is the group committer: it takes every write queued while the
 // previous transaction was syncing and commits them in one transaction, so
 // concurrent writers share one fsync instead of queueing one each.
-func (s *BoltStore) commitLoop() {
+func (s *Store) commitLoop() {
 	defer close(s.done)
 	for {
 		var first *writeReq
@@ -228,10 +209,10 @@ func (s *BoltStore) commitLoop() {
 	}
 }
 
-func (s *BoltStore) commit(batch []*writeReq) {
+func (s *Store) commit(batch []*writeReq) {
 	s.commits.Add(1)
 	s.written.Add(int64(len(batch)))
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *bbolt.Tx) error {
 		for _, r := range batch {
 			r.err = r.fn(tx)
 		}
@@ -248,7 +229,7 @@ func (s *BoltStore) commit(batch []*writeReq) {
 // write queues fn for the group committer and waits for its durable commit.
 // The wait ignores ctx once the write is queued: a caller cannot learn
 // whether a write it abandoned landed, so it never abandons one.
-func (s *BoltStore) write(ctx context.Context, fn func(tx *bolt.Tx) error) error {
+func (s *Store) write(ctx context.Context, fn func(tx *bbolt.Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -256,7 +237,7 @@ func (s *BoltStore) write(ctx context.Context, fn func(tx *bolt.Tx) error) error
 	select {
 	case s.writes <- r:
 	case <-s.quit:
-		return ErrClosed
+		return storage.ErrClosed
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -264,24 +245,20 @@ func (s *BoltStore) write(ctx context.Context, fn func(tx *bolt.Tx) error) error
 	return r.err
 }
 
-func marshal(m proto.Message) ([]byte, error) {
-	return proto.MarshalOptions{Deterministic: true}.Marshal(m)
-}
-
 // CreateConnection stores a new connection with its initial token state.
 // It sets Revision to 1 and returns the stored connection.
-func (s *BoltStore) CreateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
 	if t == nil {
-		t = &Tokens{}
+		t = &storage.Tokens{}
 	}
-	c, cv, tv, err := s.keys.sealRecords(c, 1, t)
+	c, cv, tv, err := s.codec.EncodeRecords(c, 1, t)
 	if err != nil {
 		return nil, err
 	}
 	key := []byte(c.Name)
-	err = s.write(ctx, func(tx *bolt.Tx) error {
+	err = s.write(ctx, func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketConnections).Get(key) != nil {
-			return fmt.Errorf("%w: %s", ErrAlreadyExists, c.Name)
+			return fmt.Errorf("%w: %s", storage.ErrAlreadyExists, c.Name)
 		}
 		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
 			return err
@@ -295,12 +272,12 @@ func (s *BoltStore) CreateConnection(ctx context.Context, c *Connection, t *Toke
 }
 
 // GetConnection reads one connection.
-func (s *BoltStore) GetConnection(ctx context.Context, name string) (*Connection, error) {
-	var c *Connection
-	err := s.db.View(func(tx *bolt.Tx) error {
+func (s *Store) GetConnection(ctx context.Context, name string) (*storage.Connection, error) {
+	var c *storage.Connection
+	err := s.db.View(func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get([]byte(name))
 		if v == nil {
-			return fmt.Errorf("%w: %s", ErrNotFound, name)
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		var err error
 		c, err = s.decodeConnection([]byte(name), v)
@@ -309,19 +286,19 @@ func (s *BoltStore) GetConnection(ctx context.Context, name string) (*Connection
 	return c, err
 }
 
-func (s *BoltStore) decodeConnection(key, v []byte) (*Connection, error) {
-	return s.keys.unmarshalConnection(string(key), v)
+func (s *Store) decodeConnection(key, v []byte) (*storage.Connection, error) {
+	return s.codec.DecodeConnection(string(key), v)
 }
 
-func (s *BoltStore) decodeTokens(key, v []byte) (*Tokens, error) {
-	return s.keys.unmarshalTokens(string(key), v)
+func (s *Store) decodeTokens(key, v []byte) (*storage.Tokens, error) {
+	return s.codec.DecodeTokens(string(key), v)
 }
 
 // ListConnections returns up to limit connections whose names start with
 // prefix and sort after the name after, in name order.
-func (s *BoltStore) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*Connection, error) {
-	var out []*Connection
-	err := s.db.View(func(tx *bolt.Tx) error {
+func (s *Store) ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error) {
+	var out []*storage.Connection
+	err := s.db.View(func(tx *bbolt.Tx) error {
 		cur := tx.Bucket(bucketConnections).Cursor()
 		start := []byte(prefix)
 		if after > prefix {
@@ -345,24 +322,24 @@ func (s *BoltStore) ListConnections(ctx context.Context, prefix, after string, l
 // UpdateConnection replaces a connection whose stored Revision equals
 // c.Revision, and its token state when t is not nil. It returns the stored
 // connection with the new revision.
-func (s *BoltStore) UpdateConnection(ctx context.Context, c *Connection, t *Tokens) (*Connection, error) {
+func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
 	want := c.Revision
-	c, cv, tv, err := s.keys.sealRecords(c, want+1, t)
+	c, cv, tv, err := s.codec.EncodeRecords(c, want+1, t)
 	if err != nil {
 		return nil, err
 	}
 	key := []byte(c.Name)
-	err = s.write(ctx, func(tx *bolt.Tx) error {
+	err = s.write(ctx, func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get(key)
 		if v == nil {
-			return fmt.Errorf("%w: %s", ErrNotFound, c.Name)
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, c.Name)
 		}
-		var r storagev1.ConnectionRecord
-		if err := proto.Unmarshal(v, &r); err != nil {
-			return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+		rev, err := storage.Revision(v)
+		if err != nil {
+			return err
 		}
-		if r.GetRevision() != want {
-			return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, c.Name, r.GetRevision(), want)
+		if rev != want {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, c.Name, rev, want)
 		}
 		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
 			return err
@@ -380,20 +357,20 @@ func (s *BoltStore) UpdateConnection(ctx context.Context, c *Connection, t *Toke
 
 // DeleteConnection erases a connection and its tokens. A revision other than
 // 0 must match the stored one.
-func (s *BoltStore) DeleteConnection(ctx context.Context, name string, revision int64) error {
+func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
 	key := []byte(name)
-	return s.write(ctx, func(tx *bolt.Tx) error {
+	return s.write(ctx, func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get(key)
 		if v == nil {
-			return fmt.Errorf("%w: %s", ErrNotFound, name)
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		if revision != 0 {
-			var r storagev1.ConnectionRecord
-			if err := proto.Unmarshal(v, &r); err != nil {
-				return fmt.Errorf("%w: %v", ErrNotDataFile, err)
+			rev, err := storage.Revision(v)
+			if err != nil {
+				return err
 			}
-			if r.GetRevision() != revision {
-				return fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, name, r.GetRevision(), revision)
+			if rev != revision {
+				return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, revision)
 			}
 		}
 		if err := tx.Bucket(bucketConnections).Delete(key); err != nil {
@@ -404,12 +381,12 @@ func (s *BoltStore) DeleteConnection(ctx context.Context, name string, revision 
 }
 
 // GetTokens reads a connection's token state.
-func (s *BoltStore) GetTokens(ctx context.Context, name string) (*Tokens, error) {
-	var t *Tokens
-	err := s.db.View(func(tx *bolt.Tx) error {
+func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, error) {
+	var t *storage.Tokens
+	err := s.db.View(func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketTokens).Get([]byte(name))
 		if v == nil {
-			return fmt.Errorf("%w: %s", ErrNotFound, name)
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		var err error
 		t, err = s.decodeTokens([]byte(name), v)
@@ -419,17 +396,17 @@ func (s *BoltStore) GetTokens(ctx context.Context, name string) (*Tokens, error)
 }
 
 // PutTokens durably replaces a connection's token state. It fails with
-// [ErrNotFound] if the connection was deleted, so a late refresh never
+// [storage.ErrNotFound] if the connection was deleted, so a late refresh never
 // resurrects one.
-func (s *BoltStore) PutTokens(ctx context.Context, name string, t *Tokens) error {
-	tv, err := marshal(s.keys.encodeTokens(name, t))
+func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) error {
+	tv, err := s.codec.EncodeTokens(name, t)
 	if err != nil {
 		return err
 	}
 	key := []byte(name)
-	return s.write(ctx, func(tx *bolt.Tx) error {
+	return s.write(ctx, func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketConnections).Get(key) == nil {
-			return fmt.Errorf("%w: %s", ErrNotFound, name)
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		return tx.Bucket(bucketTokens).Put(key, tv)
 	})
@@ -440,10 +417,10 @@ func (s *BoltStore) PutTokens(ctx context.Context, name string, t *Tokens) error
 // them concurrently, in no particular order. When it is done, the pages of
 // the file it read are dropped from the process's resident memory (they stay
 // in the page cache): everything it returned lives on the heap.
-func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) error) error {
+func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
 	type item struct{ k, cv, tv []byte }
 	workers := max(runtime.GOMAXPROCS(0), 1)
-	return s.db.View(func(tx *bolt.Tx) error {
+	return s.db.View(func(tx *bbolt.Tx) error {
 		// Values stay valid while the transaction is open, so the workers
 		// decode straight from the memory map.
 		items := make(chan item, 256)
@@ -459,7 +436,7 @@ func (s *BoltStore) LoadAll(ctx context.Context, fn func(*Connection, *Tokens) e
 						errc <- err
 						return
 					}
-					t := &Tokens{}
+					t := &storage.Tokens{}
 					if it.tv != nil {
 						if t, err = s.decodeTokens(it.k, it.tv); err != nil {
 							errc <- err

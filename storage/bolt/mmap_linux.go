@@ -1,9 +1,9 @@
-package storage
+package bolt
 
 import (
 	"syscall"
 
-	bolt "go.etcd.io/bbolt"
+	bbolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
 )
 
@@ -13,7 +13,7 @@ const mapPopulate = syscall.MAP_POPULATE
 // data file's memory map it has touched (madvise MADV_DONTNEED). The pages
 // stay in the page cache; a later read faults them back in. tx must be open:
 // bbolt never remaps while a transaction is, so the range stays the map.
-func dropMapped(db *bolt.DB, tx *bolt.Tx) {
+func dropMapped(db *bbolt.DB, tx *bbolt.Tx) {
 	info := db.Info()
 	size := uintptr(tx.Size())
 	if page := uintptr(unix.Getpagesize()); size%page != 0 {

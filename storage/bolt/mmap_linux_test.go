@@ -1,4 +1,4 @@
-package storage_test
+package bolt_test
 
 import (
 	"bufio"
@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"tokenbroker/storage"
+	"tokenbroker/storage/bolt"
+	"tokenbroker/storage/storetest"
 )
 
 // mappedKB returns how much of path's memory map is resident in this
@@ -43,14 +45,14 @@ func mappedKB(t *testing.T, path string) int {
 func TestLoadAllDropsMappedPages(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "db")
 	k := keyring(t, key(1))
-	s, err := storage.Open(path, storage.Options{Keyring: k, Populate: true})
+	s, err := bolt.Open(path, bolt.Options{Keyring: k, Populate: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
 	ctx := context.Background()
 	const n = 3000
-	big := sampleTokens()
+	big := sampleToken()
 	big.AccessToken = strings.Repeat("a", 1000)
 	for i := range n {
 		c := sampleConn(fmt.Sprintf("tenants/t/connections/c%05d", i))
@@ -64,7 +66,7 @@ func TestLoadAllDropsMappedPages(t *testing.T) {
 		if loaded.Add(1) == n/2 {
 			before = mappedKB(t, path) // mid-load: the pages being read are resident
 		}
-		if tok.AccessToken != big.AccessToken || c.Password != password {
+		if tok.AccessToken != big.AccessToken || c.Password != storetest.Password {
 			return fmt.Errorf("%s decoded wrong", c.Name)
 		}
 		return nil

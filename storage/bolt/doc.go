@@ -1,0 +1,11 @@
+// Package bolt is tokenbroker's embedded store: one process's connections
+// and token chains in a single bbolt file ([Open], [Store]).
+//
+// Every write is durable before the call returns; concurrent writes share
+// one transaction and one fsync (a group committer). A file that is held by
+// another process, foreign, corrupt or sealed with another key is refused
+// at [Open] without being modified.
+//
+// This package must never import the broker, gRPC or the API messages,
+// never log, and never return a secret in an error.
+package bolt

@@ -1,0 +1,34 @@
+package storage_test
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"tokenbroker/storage"
+)
+
+func TestKeyFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "k")
+	k, generated, err := storage.LoadOrGenerateKeyFile(path)
+	if err != nil || !generated {
+		t.Fatalf("generate: %v %v", generated, err)
+	}
+	info, _ := os.Stat(path)
+	if info.Mode().Perm() != 0o600 {
+		t.Errorf("mode = %v, want 0600", info.Mode().Perm())
+	}
+	k2, generated, err := storage.LoadOrGenerateKeyFile(path)
+	if err != nil || generated || k2.PrimaryID() != k.PrimaryID() {
+		t.Errorf("reload: %v %v", generated, err)
+	}
+	os.Chmod(path, 0o644)
+	if _, err := storage.LoadKeyFile(path); err == nil {
+		t.Error("world-readable key file accepted")
+	}
+	if _, err := storage.ParseKeys([]byte("!!!notbase64")); err == nil || bytes.Contains([]byte(err.Error()), []byte("notbase64")) {
+		t.Errorf("bad key: %v (must fail without echoing the line)", err)
+	}
+}
