@@ -118,14 +118,17 @@ func GenerateKeyFile(path string) error {
 	return f.Close()
 }
 
-// LoadKeyFile reads a key file. It refuses a file readable by group or others.
+// LoadKeyFile reads a key file. It refuses a file that others may read or
+// its group may write. Group read is allowed: Kubernetes mounts a Secret
+// owned by root with the pod's fsGroup and mode 0440, the only way a
+// non-root container can read it.
 func LoadKeyFile(path string) (*Keyring, error) {
 	info, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("storage: key file: %w", err)
 	}
-	if info.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("storage: key file %s has mode %v; want 0600 (chmod 600 it)", path, info.Mode().Perm())
+	if info.Mode().Perm()&0o037 != 0 {
+		return nil, fmt.Errorf("storage: key file %s has mode %v; want 0600, or 0440 for a group of readers (chmod 600 it)", path, info.Mode().Perm())
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {

@@ -24,9 +24,18 @@ func TestKeyFile(t *testing.T) {
 	if err != nil || generated || k2.PrimaryID() != k.PrimaryID() {
 		t.Errorf("reload: %v %v", generated, err)
 	}
-	os.Chmod(path, 0o644)
-	if _, err := storage.LoadKeyFile(path); err == nil {
-		t.Error("world-readable key file accepted")
+	for _, mode := range []os.FileMode{0o644, 0o604, 0o660, 0o620} {
+		os.Chmod(path, mode)
+		if _, err := storage.LoadKeyFile(path); err == nil {
+			t.Errorf("key file of mode %v accepted", mode)
+		}
+	}
+	// A Kubernetes Secret mounted with the pod's fsGroup.
+	for _, mode := range []os.FileMode{0o440, 0o640, 0o400} {
+		os.Chmod(path, mode)
+		if _, err := storage.LoadKeyFile(path); err != nil {
+			t.Errorf("key file of mode %v: %v", mode, err)
+		}
 	}
 	if _, err := storage.ParseKeys([]byte("!!!notbase64")); err == nil || bytes.Contains([]byte(err.Error()), []byte("notbase64")) {
 		t.Errorf("bad key: %v (must fail without echoing the line)", err)

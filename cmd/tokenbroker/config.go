@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -46,6 +47,31 @@ type config struct {
 
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
 	c := &config{}
+	fs := c.flagSet(stderr)
+	// Environment first, so that flags given on the command line win.
+	if err := applyEnv(fs, getenv); err != nil {
+		return nil, err
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if err := c.checkTransport(); err != nil {
+		return nil, err
+	}
+	if err := c.checkRanges(); err != nil {
+		return nil, err
+	}
+	if c.rateBurst == 0 {
+		c.rateBurst = int(2 * c.rateLimit)
+	}
+	return c, nil
+}
+
+// flagSet defines the serve command's flags on c's fields.
+func (c *config) flagSet(stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("tokenbroker serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:50051", "gRPC listen address; beyond loopback only with --tls-cert/--tls-key")
@@ -74,7 +100,11 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a graceful stop may take")
-	// Environment first, so that flags given on the command line win.
+	return fs
+}
+
+// applyEnv sets each flag from TOKENBROKER_<FLAG> where that is set.
+func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
 		name := "TOKENBROKER_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
@@ -84,43 +114,92 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			}
 		}
 	})
-	if envErr != nil {
-		return nil, envErr
-	}
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
+	return envErr
+}
+
+// checkTransport refuses TLS settings that do not go together, and
+// plaintext beyond loopback.
+func (c *config) checkTransport() error {
 	if (c.tlsCert == "") != (c.tlsKey == "") {
-		return nil, errors.New("--tls-cert and --tls-key go together")
+		return errors.New("--tls-cert and --tls-key go together")
 	}
 	if c.clientCA != "" && c.tlsCert == "" {
-		return nil, errors.New("--client-ca needs --tls-cert and --tls-key")
+		return errors.New("--client-ca needs --tls-cert and --tls-key")
 	}
 	if c.policy != "" && c.clientCA == "" {
-		return nil, errors.New("--policy needs --client-ca: caller identities come from client certificates")
+		return errors.New("--policy needs --client-ca: caller identities come from client certificates")
 	}
 	if c.tlsCert != "" && c.policy == "" {
-		return nil, errors.New("--tls-cert needs --policy: without one every caller would be an operator (dev mode is for plaintext loopback only)")
-	}
-	if c.maxUpstream < 1 {
-		return nil, fmt.Errorf("--max-concurrent-upstream must be at least 1, not %d", c.maxUpstream)
-	}
-	if c.maxUpstreamPerHost < 1 {
-		return nil, fmt.Errorf("--max-concurrent-upstream-per-host must be at least 1, not %d", c.maxUpstreamPerHost)
-	}
-	if c.gcHeapFloorMiB < 0 {
-		return nil, fmt.Errorf("--gc-heap-floor-mib must not be negative, not %d", c.gcHeapFloorMiB)
-	}
-	if c.rateBurst == 0 {
-		c.rateBurst = int(2 * c.rateLimit)
+		return errors.New("--tls-cert needs --policy: without one every caller would be an operator (dev mode is for plaintext loopback only)")
 	}
 	if c.tlsCert == "" && !loopback(c.listen) {
-		return nil, fmt.Errorf("refusing to listen on %s without TLS: callers' tokens would cross the network in plain text; give --tls-cert/--tls-key (and --client-ca), or listen on 127.0.0.1", c.listen)
+		return fmt.Errorf("refusing to listen on %s without TLS: callers' tokens would cross the network in plain text; give --tls-cert/--tls-key (and --client-ca), or listen on 127.0.0.1", c.listen)
 	}
-	return c, nil
+	return nil
+}
+
+// Upper bounds of the numeric flags: far above any sane setting, low
+// enough that a slip of the finger (an extra few zeros, a unit mix-up) is
+// caught at start rather than found in production.
+const (
+	maxRate     = 1_000_000 // calls per second per caller
+	maxInFlight = 100_000   // upstream requests at once
+	maxFloorMiB = 1 << 20   // 1 TiB
+	maxWait     = time.Hour // reload interval, cooldown, shutdown
+)
+
+// checkRanges refuses a numeric flag outside its range, naming the flag
+// and the range: a negative --rate-limit would otherwise serve with no
+// limit at all.
+func (c *config) checkRanges() error {
+	for _, err := range []error{
+		inRange("--rate-limit", c.rateLimit, 0, maxRate, "0: no limit"),
+		inRange("--rate-burst", c.rateBurst, 0, 2*maxRate, "0: twice --rate-limit"),
+		inRange("--reload-interval", c.reloadInterval, 10*time.Millisecond, maxWait, ""),
+		inRange("--reject-cooldown", c.rejectCooldown, 0, maxWait, "0: no limit"),
+		inRange("--max-concurrent-upstream", c.maxUpstream, 1, maxInFlight, ""),
+		inRange("--max-concurrent-upstream-per-host", c.maxUpstreamPerHost, 1, maxInFlight, ""),
+		inRange("--gc-heap-floor-mib", c.gcHeapFloorMiB, 0, maxFloorMiB, "0: off"),
+		inRange("--shutdown-timeout", c.shutdownTimeout, 0, maxWait, "0: stop at once"),
+	} {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// inRange returns an error naming flag and the range [lo, hi] unless v is
+// in it (NaN is not). note says what a special value means.
+func inRange[T int | float64 | time.Duration](flag string, v, lo, hi T, note string) error {
+	if v >= lo && v <= hi {
+		return nil
+	}
+	allowed := "allowed: " + show(lo) + " to " + show(hi)
+	if note != "" {
+		allowed += "; " + note
+	}
+	switch {
+	case v < lo && lo == 0:
+		return fmt.Errorf("%s must not be negative, not %s (%s)", flag, show(v), allowed)
+	case v < lo:
+		return fmt.Errorf("%s must be at least %s, not %s (%s)", flag, show(lo), show(v), allowed)
+	case v > hi:
+		return fmt.Errorf("%s must be at most %s, not %s (%s)", flag, show(hi), show(v), allowed)
+	}
+	return fmt.Errorf("%s must be a number, not %s (%s)", flag, show(v), allowed)
+}
+
+// show writes a flag's value as it would be given on the command line.
+func show[T int | float64 | time.Duration](v T) string {
+	switch v := any(v).(type) {
+	case float64:
+		return strconv.FormatFloat(v, 'f', -1, 64)
+	case time.Duration:
+		return v.String()
+	default:
+		return fmt.Sprint(v)
+	}
 }
 
 // loopback reports whether addr's host is a loopback address or localhost.

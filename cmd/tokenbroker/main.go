@@ -3,6 +3,7 @@
 // internal callers.
 //
 //	tokenbroker [serve] [--listen 127.0.0.1:50051] [--data-dir ./data] ...
+//	tokenbroker version (or --version)
 package main
 
 import (
@@ -30,6 +31,10 @@ import (
 
 func main() {
 	args := os.Args[1:]
+	if wantsVersion(args) {
+		fmt.Println(versionLine())
+		return
+	}
 	if len(args) > 0 && args[0] == "serve" {
 		args = args[1:]
 	}
@@ -41,36 +46,80 @@ func main() {
 	}
 }
 
+// run serves until ctx ends or serving fails. Each step opens one piece;
+// the deferred closes undo them in reverse order.
 func run(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	cfg, err := parseConfig(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
 	log := newLogger(cfg, stderr)
-
-	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
-		return fmt.Errorf("data dir: %w", err)
-	}
-	dbPath := filepath.Join(cfg.dataDir, "tokenbroker.db")
-	if cfg.etcdEndpoints != "" && cfg.keyFile == "" && getenv("TOKENBROKER_KEY") == "" {
-		return errors.New("--etcd-endpoints needs --key-file or TOKENBROKER_KEY: every replica must seal with the same key")
-	}
-	keys, err := loadKeys(cfg, getenv, dbPath, log)
-	if err != nil {
-		return err
-	}
-	st, err := openStore(ctx, cfg, dbPath, keys)
+	st, keys, err := openStorage(ctx, cfg, getenv, log)
 	if err != nil {
 		return err
 	}
 	defer st.close()
-	where := dbPath
-	if cfg.etcdEndpoints != "" {
-		where = "etcd " + cfg.etcdEndpoints + " " + cfg.etcdPrefix
-	}
-
 	metrics := server.NewMetrics()
-	b, err := broker.New(broker.Options{
+	b, err := newBroker(cfg, st, metrics, log)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	metrics.Watch(b, time.Now)
+	srv, closeAuditor, err := newServer(ctx, cfg, b, metrics, log)
+	if err != nil {
+		return err
+	}
+	defer closeAuditor()
+	go st.watchHealth(ctx, srv.Health, log)
+	lis, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	stopSidePorts, err := serveSidePorts(cfg, metrics, srv, log)
+	if err != nil {
+		return err
+	}
+	defer stopSidePorts()
+	announce(cfg, lis, keys, log, stderr)
+	return serveUntilDone(ctx, cfg, srv, lis, b, log, stderr)
+}
+
+// openStorage opens the configured store with its data key.
+func openStorage(ctx context.Context, cfg *config, getenv func(string) string, log *slog.Logger) (*openedStore, *storage.Keyring, error) {
+	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("data dir: %w", err)
+	}
+	if cfg.etcdEndpoints != "" && cfg.keyFile == "" && getenv("TOKENBROKER_KEY") == "" {
+		return nil, nil, errors.New("--etcd-endpoints needs --key-file or TOKENBROKER_KEY: every replica must seal with the same key")
+	}
+	keys, err := loadKeys(cfg, getenv, dataFile(cfg), log)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := openStore(ctx, cfg, dataFile(cfg), keys)
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, keys, nil
+}
+
+// dataFile is the bbolt data file's path.
+func dataFile(cfg *config) string {
+	return filepath.Join(cfg.dataDir, "tokenbroker.db")
+}
+
+// storeName says where connections are stored, for the start-up lines.
+func storeName(cfg *config) string {
+	if cfg.etcdEndpoints != "" {
+		return "etcd " + cfg.etcdEndpoints + " " + cfg.etcdPrefix
+	}
+	return dataFile(cfg)
+}
+
+// newBroker builds the broker on the opened store, reporting to metrics.
+func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.Logger) (*broker.Broker, error) {
+	return broker.New(broker.Options{
 		Observer:                     metrics,
 		Store:                        st.store,
 		Locker:                       st.locker,
@@ -81,59 +130,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		MaxConcurrentUpstream:        cfg.maxUpstream,
 		MaxConcurrentUpstreamPerHost: cfg.maxUpstreamPerHost,
 	})
-	if err != nil {
-		return err
-	}
-	defer b.Close()
-	metrics.Watch(b, time.Now)
+}
 
+// newServer builds the gRPC server with its transport, policy and
+// auditor; closeAuditor flushes and closes the audit log.
+func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *server.Metrics, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
 	authz, err := loadAuthorizer(cfg)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	var serverOpts []grpc.ServerOption
-	if cfg.tlsCert != "" {
-		tf, err := server.NewTLSFiles(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
-		if err != nil {
-			return err
-		}
-		serverOpts = append(serverOpts, grpc.Creds(tf.Credentials()))
-		go watchFiles(ctx, cfg.reloadInterval, []string{cfg.tlsCert, cfg.tlsKey, cfg.clientCA}, func() {
-			if err := tf.Reload(); err != nil {
-				log.Error("certificate files changed but cannot be loaded; keeping the old ones", "error", err.Error())
-				return
-			}
-			log.Info("reloaded certificate files")
-		})
+	serverOpts, err := transportOptions(ctx, cfg, log)
+	if err != nil {
+		return nil, nil, err
 	}
-	if cfg.policy != "" {
-		go watchFiles(ctx, cfg.reloadInterval, []string{cfg.policy}, func() {
-			p, err := loadPolicy(cfg.policy)
-			if err != nil {
-				log.Error("policy file changed but is invalid; keeping the old policy", "error", err.Error())
-				return
-			}
-			authz.SetPolicy(p)
-			log.Info("reloaded policy", "file", cfg.policy)
-		})
+	watchPolicy(ctx, cfg, authz, log)
+	auditor, closeAuditor, err := openAuditor(cfg)
+	if err != nil {
+		return nil, nil, err
 	}
-	var auditor *server.Auditor
-	switch cfg.auditLog {
-	case "":
-	case "-":
-		auditor = server.NewAuditor(os.Stdout)
-	default:
-		f, err := os.OpenFile(cfg.auditLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-		if err != nil {
-			return fmt.Errorf("audit log: %w", err)
-		}
-		defer f.Close()
-		auditor = server.NewAuditor(f)
-	}
-	if auditor != nil {
-		defer auditor.Close()
-	}
-	srv := server.New(server.Options{
+	srv = server.New(server.Options{
 		Broker:                b,
 		Logger:                log.With("component", "grpc"),
 		AllowInsecureUpstream: cfg.allowInsecureUpstream,
@@ -144,24 +159,93 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		RateBurst:             cfg.rateBurst,
 		ServerOptions:         serverOpts,
 	})
-	lis, err := net.Listen("tcp", cfg.listen)
+	return srv, closeAuditor, nil
+}
+
+// transportOptions gives the server its TLS credentials, re-read when the
+// files change; none in plaintext dev mode.
+func transportOptions(ctx context.Context, cfg *config, log *slog.Logger) ([]grpc.ServerOption, error) {
+	if cfg.tlsCert == "" {
+		return nil, nil
+	}
+	tf, err := server.NewTLSFiles(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return nil, err
+	}
+	go watchFiles(ctx, cfg.reloadInterval, []string{cfg.tlsCert, cfg.tlsKey, cfg.clientCA}, func() {
+		if err := tf.Reload(); err != nil {
+			log.Error("certificate files changed but cannot be loaded; keeping the old ones", "error", err.Error())
+			return
+		}
+		log.Info("reloaded certificate files")
+	})
+	return []grpc.ServerOption{grpc.Creds(tf.Credentials())}, nil
+}
+
+// watchPolicy reloads the policy file into authz when it changes; a broken
+// new file keeps the old policy.
+func watchPolicy(ctx context.Context, cfg *config, authz *server.Authorizer, log *slog.Logger) {
+	if cfg.policy == "" {
+		return
+	}
+	go watchFiles(ctx, cfg.reloadInterval, []string{cfg.policy}, func() {
+		p, err := loadPolicy(cfg.policy)
+		if err != nil {
+			log.Error("policy file changed but is invalid; keeping the old policy", "error", err.Error())
+			return
+		}
+		authz.SetPolicy(p)
+		log.Info("reloaded policy", "file", cfg.policy)
+	})
+}
+
+// openAuditor opens --audit-log: none, stdout ("-") or a file appended to.
+func openAuditor(cfg *config) (auditor *server.Auditor, closeAuditor func(), err error) {
+	switch cfg.auditLog {
+	case "":
+		return nil, func() {}, nil
+	case "-":
+		a := server.NewAuditor(os.Stdout)
+		return a, func() { a.Close() }, nil
+	}
+	f, err := os.OpenFile(cfg.auditLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("audit log: %w", err)
+	}
+	a := server.NewAuditor(f)
+	return a, func() { a.Close(); f.Close() }, nil
+}
+
+// serveSidePorts starts the optional metrics and health-only listeners;
+// stop closes whichever started.
+func serveSidePorts(cfg *config, metrics *server.Metrics, srv *server.Server, log *slog.Logger) (stop func(), err error) {
+	var stops []func()
+	stop = func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
 	}
 	if cfg.metricsListen != "" {
-		stopMetrics, err := serveMetrics(cfg.metricsListen, metrics, srv, log)
+		s, err := serveMetrics(cfg.metricsListen, metrics, srv, log)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		defer stopMetrics()
+		stops = append(stops, s)
 	}
 	if cfg.healthListen != "" {
-		stopHealth, err := serveHealth(cfg.healthListen, srv)
+		s, err := serveHealth(cfg.healthListen, srv)
 		if err != nil {
-			return err
+			stop()
+			return nil, err
 		}
-		defer stopHealth()
+		stops = append(stops, s)
 	}
+	return stop, nil
+}
+
+// announce says where the server listens, how callers are authenticated
+// and which key seals.
+func announce(cfg *config, lis net.Listener, keys *storage.Keyring, log *slog.Logger, stderr io.Writer) {
 	mode := "TLS"
 	switch {
 	case cfg.tlsCert == "":
@@ -170,51 +254,83 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	case cfg.clientCA != "":
 		mode = "mTLS"
 	}
-	start := time.Now()
-	log.Info("tokenbroker serving", "listen", lis.Addr().String(), "store", where, "transport", mode, "key_id", keys.PrimaryID())
-	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, where)
+	log.Info("tokenbroker serving", "version", versionLine(), "listen", lis.Addr().String(), "store", storeName(cfg), "transport", mode, "key_id", keys.PrimaryID())
+	fmt.Fprintf(stderr, "tokenbroker: serving on %s (%s), loading connections from %s\n", lis.Addr(), mode, storeName(cfg))
+}
 
+// serveUntilDone serves while connections load in the background, until
+// ctx ends (then it shuts down) or serving or loading fails.
+func serveUntilDone(ctx context.Context, cfg *config, srv *server.Server, lis net.Listener, b *broker.Broker, log *slog.Logger, stderr io.Writer) error {
 	errc := make(chan error, 2)
 	floor := make(chan *gcfloor.Floor, 1)
 	go func() { errc <- srv.Serve(lis) }()
-	// Serve while loading: a connection not loaded yet is read from the
-	// store when first asked for. Maintenance starts once all are loaded.
 	go func() {
-		// Loading keeps most of what it allocates, interleaved with the
-		// decoder's garbage. Collecting often while it runs lets the kept
-		// records fill the freed slots, so fewer half-empty spans are left
-		// (at 100k connections: 248 MB of heap in use instead of 289 MB at
-		// GOGC=400); then the free pages go back to the OS.
-		gcPercent := debug.SetGCPercent(50)
-		n, err := b.Load(ctx)
-		debug.SetGCPercent(gcPercent)
-		debug.FreeOSMemory()
-		if err != nil {
+		if err := loadThenMaintain(ctx, cfg, b, floor, log, stderr); err != nil {
 			errc <- err
-			return
 		}
-		// From here on the heap holds every connection; below the floor
-		// the collector lets garbage build up instead of running scores
-		// of times a second under load.
-		if cfg.gcHeapFloorMiB > 0 {
-			want := uint64(cfg.gcHeapFloorMiB) << 20
-			limit, limited := cgroupMemoryLimit(os.DirFS("/"))
-			f := heapFloorFor(want, limit, limited)
-			if f < want {
-				log.Info("GC heap floor lowered to a quarter of the cgroup's memory limit",
-					"gc_heap_floor_mib", f>>20, "memory_limit_mib", limit>>20)
-			}
-			floor <- gcfloor.Start(f)
-		}
-		b.Start()
-		log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
-		fmt.Fprintf(stderr, "tokenbroker: loaded %d connections in %v\n", n, time.Since(start).Round(time.Millisecond))
 	}()
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
+	shutDown(cfg, srv, b, log)
+	select {
+	case f := <-floor:
+		f.Stop()
+	default:
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// loadThenMaintain loads every connection, then starts the heap floor and
+// the broker's maintenance. Until a connection is loaded, it is read from
+// the store when first asked for.
+func loadThenMaintain(ctx context.Context, cfg *config, b *broker.Broker, floor chan<- *gcfloor.Floor, log *slog.Logger, stderr io.Writer) error {
+	start := time.Now()
+	// Loading keeps most of what it allocates, interleaved with the
+	// decoder's garbage. Collecting often while it runs lets the kept
+	// records fill the freed slots, so fewer half-empty spans are left
+	// (at 100k connections: 248 MB of heap in use instead of 289 MB at
+	// GOGC=400); then the free pages go back to the OS.
+	gcPercent := debug.SetGCPercent(50)
+	n, err := b.Load(ctx)
+	debug.SetGCPercent(gcPercent)
+	debug.FreeOSMemory()
+	if err != nil {
+		return err
+	}
+	if f := startHeapFloor(cfg, log); f != nil {
+		floor <- f
+	}
+	b.Start()
+	log.Info("connections loaded", "connections", n, "load", time.Since(start).String())
+	fmt.Fprintf(stderr, "tokenbroker: loaded %d connections in %v\n", n, time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// startHeapFloor starts the GC heap floor (--gc-heap-floor-mib), at most a
+// quarter of the cgroup's memory limit; nil when it is off. From here on
+// the heap holds every connection; below the floor the collector lets
+// garbage build up instead of running scores of times a second under load.
+func startHeapFloor(cfg *config, log *slog.Logger) *gcfloor.Floor {
+	if cfg.gcHeapFloorMiB <= 0 {
+		return nil
+	}
+	want := uint64(cfg.gcHeapFloorMiB) << 20
+	limit, limited := cgroupMemoryLimit(os.DirFS("/"))
+	f := heapFloorFor(want, limit, limited)
+	if f < want {
+		log.Info("GC heap floor lowered to a quarter of the cgroup's memory limit",
+			"gc_heap_floor_mib", f>>20, "memory_limit_mib", limit>>20)
+	}
+	return gcfloor.Start(f)
+}
+
+// shutDown stops taking calls, lets in-flight calls finish within
+// --shutdown-timeout, then waits for shared refreshes and their commits.
+func shutDown(cfg *config, srv *server.Server, b *broker.Broker, log *slog.Logger) {
 	log.Info("shutting down: no new calls; finishing in-flight calls and refreshes")
 	srv.Health.Shutdown()
 	done := make(chan struct{})
@@ -225,13 +341,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		srv.Stop()
 	}
 	b.Close() // waits for shared refreshes and their commits
-	select {
-	case f := <-floor:
-		f.Stop()
-	default:
-	}
-	log.Info("stopped")
-	return nil
 }
 
 func newLogger(cfg *config, w io.Writer) *slog.Logger {

@@ -86,9 +86,16 @@ var servingLine = regexp.MustCompile(`serving on (\S+) `)
 // start runs the binary and waits until it serves or exits.
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
-	p := &proc{t: t, out: &lockedBuffer{}, exited: make(chan struct{})}
-	p.cmd = exec.Command(binary, args...)
-	p.cmd.Env = append(os.Environ(), env...)
+	cmd := exec.Command(binary, args...)
+	cmd.Env = append(os.Environ(), env...)
+	return startCmd(t, cmd)
+}
+
+// startCmd runs cmd, a command that runs the binary, and waits until the
+// binary serves or cmd exits.
+func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{t: t, cmd: cmd, out: &lockedBuffer{}, exited: make(chan struct{})}
 	pr, pw := io.Pipe()
 	p.cmd.Stderr = io.MultiWriter(p.out, pw)
 	p.cmd.Stdout = p.out
@@ -382,5 +389,23 @@ func TestKill9DuringRefresh(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A numeric flag out of range stops the binary before it opens anything,
+// with one line naming the flag and the allowed range.
+func TestNegativeRateLimitRefusesToStart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	p := start(t, nil, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0", "--rate-limit", "-5")
+	<-p.exited
+	if p.addr != "" || p.err == nil {
+		t.Fatalf("started or exited 0 (%v): %s", p.err, p.out.String())
+	}
+	want := "tokenbroker: --rate-limit must not be negative, not -5 (allowed: 0 to 1000000; 0: no limit)\n"
+	if got := p.out.String(); got != want {
+		t.Errorf("output %q, want exactly %q", got, want)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Error("data dir created before the configuration was checked")
 	}
 }

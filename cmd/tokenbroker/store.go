@@ -6,13 +6,17 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"tokenbroker/broker"
+	pb "tokenbroker/gen/tokenbroker/v1"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/etcd"
@@ -31,6 +35,9 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	// healthy says why the store cannot keep writes, or nil; nil when the
+	// store cannot tell (etcd).
+	healthy func() error
 	close   func()
 }
 
@@ -40,7 +47,7 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{store: st, close: func() { st.Close() }}, nil
+		return &openedStore{store: st, healthy: st.Healthy, close: func() { st.Close() }}, nil
 	}
 	ccfg := clientv3.Config{Endpoints: strings.Split(cfg.etcdEndpoints, ","), DialTimeout: 5 * time.Second}
 	if cfg.etcdCA != "" || cfg.etcdCert != "" {
@@ -76,4 +83,43 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		return nil, err
 	}
 	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// storeHealthInterval is how often watchHealth asks the store.
+const storeHealthInterval = time.Second
+
+// watchHealth mirrors the store's health on the server's health service
+// until ctx ends: NOT_SERVING, with an error log, while the store cannot
+// keep writes (its data file deleted or replaced, damaged, or refusing
+// writes), SERVING again once it can.
+func (o *openedStore) watchHealth(ctx context.Context, hs *health.Server, log *slog.Logger) {
+	if o.healthy == nil {
+		return
+	}
+	t := time.NewTicker(storeHealthInterval)
+	defer t.Stop()
+	var last error
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := o.healthy()
+		switch {
+		case err != nil && (last == nil || err.Error() != last.Error()):
+			log.Error("data store cannot keep writes: health is NOT_SERVING until it can", "error", err.Error())
+			setServing(hs, healthpb.HealthCheckResponse_NOT_SERVING)
+		case err == nil && last != nil:
+			log.Info("data store keeps writes again: health is SERVING")
+			setServing(hs, healthpb.HealthCheckResponse_SERVING)
+		}
+		last = err
+	}
+}
+
+// setServing sets the status of the whole server and of the API service.
+func setServing(hs *health.Server, st healthpb.HealthCheckResponse_ServingStatus) {
+	hs.SetServingStatus("", st)
+	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, st)
 }

@@ -1,6 +1,7 @@
 package bolt
 
 import (
+	"os"
 	"syscall"
 
 	bbolt "go.etcd.io/bbolt"
@@ -21,4 +22,13 @@ func dropMapped(db *bbolt.DB, tx *bbolt.Tx) {
 	}
 	// Advice only: on failure the pages stay resident, as before.
 	_, _, _ = unix.Syscall(unix.SYS_MADVISE, info.Data, size, unix.MADV_DONTNEED)
+}
+
+// releaseAbandoned unlocks and closes the file of a bbolt.Open that
+// panicked. Closing alone would keep the lock: the memory map bbolt made,
+// which cannot be unmapped from here, holds the open file, and the lock
+// lives as long as it does.
+func releaseAbandoned(f *os.File) {
+	_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	_ = f.Close()
 }

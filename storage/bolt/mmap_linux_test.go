@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -54,12 +55,16 @@ func TestLoadAllDropsMappedPages(t *testing.T) {
 	const n = 3000
 	big := sampleToken()
 	big.AccessToken = strings.Repeat("a", 1000)
+	var wg sync.WaitGroup
 	for i := range n {
-		c := sampleConn(fmt.Sprintf("tenants/t/connections/c%05d", i))
-		if _, err := s.CreateConnection(ctx, c, big); err != nil {
-			t.Fatal(err)
-		}
+		wg.Go(func() { // concurrent: the group committer shares the fsyncs
+			c := sampleConn(fmt.Sprintf("tenants/t/connections/c%05d", i))
+			if _, err := s.CreateConnection(ctx, c, big); err != nil {
+				t.Error(err)
+			}
+		})
 	}
+	wg.Wait()
 	var loaded atomic.Int64
 	before := 0
 	if err := s.LoadAll(ctx, func(c *storage.Connection, tok *storage.Tokens) error {
