@@ -31,7 +31,7 @@ type ExpiryResult struct {
 
 func (e *ExpiryResult) targets() []Target {
 	return []Target{{Section: "expiry", Name: fmt.Sprintf("upstream requests for %d expired connections", e.Conns), Unit: "requests",
-		Measured: float64(e.Upstream), Op: "==", Limit: float64(e.Conns),
+		Measured: float64(e.Upstream), Op: "exactly", Limit: float64(e.Conns),
 		Note: fmt.Sprintf("last caller %.2fx the upstream floor; %.1f writes per commit", e.LastMS/e.FloorMS, float64(e.Writes)/float64(max(e.Commits, 1)))}}
 }
 

@@ -52,9 +52,9 @@ func herdTargets(herds []*HerdResult) []Target {
 	}
 	h := herds[len(herds)-1]
 	return []Target{
-		{Section: "herd", Name: "herds with exactly one upstream token request", Unit: "herds", Measured: float64(one), Op: "==", Limit: float64(all)},
+		{Section: "herd", Name: "herds with exactly one upstream token request", Unit: "herds", Measured: float64(one), Op: "exactly", Limit: float64(all)},
 		{Section: "herd", Name: fmt.Sprintf("parked herd of %d over its no-op baseline", h.Callers), Unit: "ms",
-			Measured: h.ParkedMS - h.ParkedNoopMS, Op: "<=", Limit: h.LimitMS(),
+			Measured: h.ParkedMS - h.ParkedNoopMS, Op: "at most", Limit: h.LimitMS(),
 			Note: fmt.Sprintf("released at once: %.1f ms over its baseline", h.ReleasedMS-h.ReleasedNoopMS)},
 	}
 }

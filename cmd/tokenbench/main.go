@@ -81,7 +81,7 @@ func main() {
 	var md bytes.Buffer
 	check(render(&md, res))
 	check(os.WriteFile(*out, md.Bytes(), 0o644))
-	logf("wrote %s and %s: %d of %d targets missed", *out, jsonPath, missed(res.Targets), len(res.Targets))
+	logf("wrote %s from %s: %d of %d targets missed", *out, cmp.Or(*renderFrom, jsonPath), missed(res.Targets), len(res.Targets))
 }
 
 // measure runs the sections asked for and evaluates their targets.

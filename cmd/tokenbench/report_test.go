@@ -23,28 +23,28 @@ func TestEvaluateBothSidesOfEachEdge(t *testing.T) {
 		t    Target
 		met  bool
 	}{
-		{"at least, at the factor", Target{Measured: 970, Op: ">=", Baseline: 1000, Factor: 0.97}, true},
-		{"at least, just under", Target{Measured: 969.9, Op: ">=", Baseline: 1000, Factor: 0.97}, false},
-		{"at most, at the factor", Target{Measured: 105, Op: "<=", Baseline: 100, Factor: 1.05}, true},
-		{"at most, just over", Target{Measured: 105.01, Op: "<=", Baseline: 100, Factor: 1.05}, false},
-		{"at most a limit, at it", Target{Measured: 2, Op: "<=", Limit: 2}, true},
-		{"at most a limit, over", Target{Measured: 2.001, Op: "<=", Limit: 2}, false},
-		{"exactly, equal", Target{Measured: 6, Op: "==", Limit: 6}, true},
-		{"exactly, one short", Target{Measured: 5, Op: "==", Limit: 6}, false},
-		{"exactly, one over", Target{Measured: 7, Op: "==", Limit: 6}, false},
-		{"relative without a baseline", Target{Measured: 1, Op: ">=", Baseline: 0, Factor: 0.97}, false},
-		{"unknown comparison", Target{Measured: 1, Op: "<", Limit: 2}, false},
+		{"at least, at the factor", Target{Measured: 970, Op: "at least", Baseline: 1000, Factor: 0.97}, true},
+		{"at least, just under", Target{Measured: 969.9, Op: "at least", Baseline: 1000, Factor: 0.97}, false},
+		{"at most, at the factor", Target{Measured: 105, Op: "at most", Baseline: 100, Factor: 1.05}, true},
+		{"at most, just over", Target{Measured: 105.01, Op: "at most", Baseline: 100, Factor: 1.05}, false},
+		{"at most a limit, at it", Target{Measured: 2, Op: "at most", Limit: 2}, true},
+		{"at most a limit, over", Target{Measured: 2.001, Op: "at most", Limit: 2}, false},
+		{"exactly, equal", Target{Measured: 6, Op: "exactly", Limit: 6}, true},
+		{"exactly, one short", Target{Measured: 5, Op: "exactly", Limit: 6}, false},
+		{"exactly, one over", Target{Measured: 7, Op: "exactly", Limit: 6}, false},
+		{"relative without a baseline", Target{Measured: 1, Op: "at least", Baseline: 0, Factor: 0.97}, false},
+		{"unknown comparison", Target{Measured: 1, Op: "below", Limit: 2}, false},
 	} {
 		got := evaluate([]Target{c.t})[0]
 		if got.Met != c.met {
 			t.Errorf("%s: met %v, want %v (%+v)", c.name, got.Met, c.met, got)
 		}
 	}
-	got := evaluate([]Target{{Measured: 970, Op: ">=", Baseline: 1000, Factor: 0.97}, {Measured: 1, Op: "<=", Limit: 4}})
+	got := evaluate([]Target{{Measured: 970, Op: "at least", Baseline: 1000, Factor: 0.97}, {Measured: 1, Op: "at most", Limit: 4}})
 	if got[0].Limit != 1000*0.97 || got[0].Ratio != 0.97 || got[1].Ratio != 0.25 {
 		t.Errorf("limits and ratios: %+v", got)
 	}
-	if missed(got) != 0 || missed(evaluate([]Target{{Measured: 5, Op: "<=", Limit: 4}})) != 1 {
+	if missed(got) != 0 || missed(evaluate([]Target{{Measured: 5, Op: "at most", Limit: 4}})) != 1 {
 		t.Error("missed does not count the targets not met")
 	}
 }

@@ -29,7 +29,7 @@ type Target struct {
 	Name     string  `json:"name"`
 	Unit     string  `json:"unit"`
 	Measured float64 `json:"measured"`
-	Op       string  `json:"op"` // ">=", "<=" or "=="
+	Op       string  `json:"op"` // "at least", "at most" or "exactly"
 	Baseline float64 `json:"baseline,omitempty"`
 	Factor   float64 `json:"factor,omitempty"`
 	Limit    float64 `json:"limit"`
@@ -59,11 +59,11 @@ func evaluate(targets []Target) []Target {
 			t.Ratio = t.Measured / t.Limit
 		}
 		switch t.Op {
-		case ">=":
+		case "at least":
 			t.Met = got >= want
-		case "<=":
+		case "at most":
 			t.Met = got <= want
-		case "==":
+		case "exactly":
 			t.Met = got == want
 		default:
 			t.Met = false

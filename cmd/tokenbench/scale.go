@@ -48,7 +48,7 @@ func (s *ScaleResult) targets() []Target {
 		return nil
 	}
 	t := func(name, unit string, got, limit float64) Target {
-		return Target{Section: "scale", Name: "100k connections: " + name, Unit: unit, Measured: got, Op: "<=", Limit: limit}
+		return Target{Section: "scale", Name: "100k connections: " + name, Unit: unit, Measured: got, Op: "at most", Limit: limit}
 	}
 	commit := t("commit p99", "ms", s.CommitP99MS, 2)
 	commit.Note = fmt.Sprintf("raw two-fsync floor p99 %.2f ms", s.FloorP99MS)
