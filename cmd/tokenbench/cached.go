@@ -38,9 +38,9 @@ func (c *CachedResult) targets() []Target {
 	}{{"plaintext", c.Plaintext}, {"mutual TLS", c.MutualTLS}} {
 		for _, p := range set.points {
 			note := fmt.Sprintf("vs no-op %.3f", p.Token.PerSecond/p.Noop.PerSecond)
-			ts = append(ts, Target{Section: "cached", Name: fmt.Sprintf("throughput vs echo, %d callers, %s", p.Callers, set.how),
+			ts = append(ts, Target{Section: "cached", Name: fmt.Sprintf("throughput vs echo, concurrency %d, %s", p.Callers, set.how),
 				Unit: "calls/s", Measured: p.Token.PerSecond, Op: "at least", Baseline: p.Echo.PerSecond, Factor: cachedThroughputFactor, Note: note},
-				Target{Section: "cached", Name: fmt.Sprintf("p99 vs echo, %d callers, %s", p.Callers, set.how),
+				Target{Section: "cached", Name: fmt.Sprintf("p99 vs echo, concurrency %d, %s", p.Callers, set.how),
 					Unit: "µs", Measured: p.Token.P99US, Op: "at most", Baseline: p.Echo.P99US, Factor: cachedP99Factor,
 					Note: fmt.Sprintf("vs no-op %.3f", p.Token.P99US/p.Noop.P99US)})
 		}

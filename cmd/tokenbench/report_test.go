@@ -59,9 +59,9 @@ func TestCachedTargetsAgainstTheEcho(t *testing.T) {
 	}
 	c := &CachedResult{Plaintext: []CachedPoint{point(1, 0.97, 1.05), point(16, 0.969, 1.051)}, MutualTLS: []CachedPoint{point(1, 1, 1)}}
 	want := map[string]bool{
-		"throughput vs echo, 1 callers, plaintext": true, "p99 vs echo, 1 callers, plaintext": true,
-		"throughput vs echo, 16 callers, plaintext": false, "p99 vs echo, 16 callers, plaintext": false,
-		"throughput vs echo, 1 callers, mutual TLS": true, "p99 vs echo, 1 callers, mutual TLS": true,
+		"throughput vs echo, concurrency 1, plaintext": true, "p99 vs echo, concurrency 1, plaintext": true,
+		"throughput vs echo, concurrency 16, plaintext": false, "p99 vs echo, concurrency 16, plaintext": false,
+		"throughput vs echo, concurrency 1, mutual TLS": true, "p99 vs echo, concurrency 1, mutual TLS": true,
 	}
 	got := verdicts(t, c.targets())
 	for name, met := range want {
