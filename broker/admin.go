@@ -31,7 +31,7 @@ var Updatable = map[string]bool{
 // fields nil every field is checked as on create (credentials required);
 // otherwise only the named ones. It returns one violation per bad field,
 // named as in the API.
-func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []FieldViolation {
+func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
 	var v []FieldViolation
 	add := func(field string, err error) {
@@ -39,11 +39,14 @@ func Normalize(c *storage.Connection, fields []string, allowInsecure bool) []Fie
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
-	if has("display_name") && len(c.DisplayName) > 256 {
-		add("display_name", errors.New("is longer than 256 characters"))
+	if has("display_name") {
+		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
 	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, allowInsecure)
+		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+		if err == nil {
+			err = CheckInstanceAddress(u, rules)
+		}
 		add("instance_url", err)
 		if err == nil {
 			c.InstanceURL = u
@@ -98,19 +101,19 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
 	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.AllowInsecureUpstream); len(v) > 0 {
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
 	if _, _, err := ParseConnectionName(c.Name); err != nil {
 		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
 	}
 	if _, err := b.lookup(c.Name); err == nil {
-		return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name}
+		return nil, alreadyExists(c.Name, "")
 	}
 	b.creatingMu.Lock()
 	if _, busy := b.creating[c.Name]; busy {
 		b.creatingMu.Unlock()
-		return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name, Message: "a create is in progress"}
+		return nil, alreadyExists(c.Name, "a create is in progress")
 	}
 	b.creating[c.Name] = struct{}{}
 	b.creatingMu.Unlock()
@@ -133,7 +136,7 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	if err != nil {
 		b.signOutAsync(c, tok.RefreshToken, tok.AccessToken)
 		if errors.Is(err, storage.ErrAlreadyExists) {
-			return nil, &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: c.Name}
+			return nil, alreadyExists(c.Name, "")
 		}
 		return nil, storageError(c.Name, err)
 	}
@@ -142,12 +145,6 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	b.tombs.Delete(c.Name)
 	b.log.Info("connection created", "connection", c.Name, "instance_url", c.InstanceURL)
 	return b.viewOf(nc), nil
-}
-
-func newConnPublished(cfg *storage.Connection, tok *storage.Tokens) *conn {
-	c := newConn(cfg, tok)
-	c.publish()
-	return c
 }
 
 // prove runs one password grant with cfg's credentials and returns the
@@ -159,36 +156,32 @@ func (b *Broker) prove(ctx context.Context, cfg *storage.Connection, prev *stora
 		if resp != nil && resp.RefreshToken != "" {
 			b.signOutAsync(cfg, resp.RefreshToken, resp.AccessToken)
 		}
-		var ue *upstreamError
-		if !errors.As(err, &ue) {
-			return nil, err
-		}
-		switch ue.class {
-		case classInvalidGrant:
-			return nil, newError(ErrCredentialsRejected, ReasonCredentialsRejected, cfg.Name,
-				"upstream rejected the username or password (%s); check the integration user's login, password and tenant", ue.Error())
-		case classInvalidClient:
-			return nil, newError(ErrCredentialsRejected, ReasonClientRejected, cfg.Name,
-				"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", ue.Error())
-		case classLoginLimit:
-			e := newError(ErrLoginLimit, ReasonLoginLimit, cfg.Name, "the integration user's concurrent sign-ins are used up")
-			e.RetryAfter = max(ue.retryAfter, b.opts.LoginLimitBackoff)
-			return nil, e
-		}
-		code := ReasonUpstreamUnavailable
-		if ue.class == classProtocol {
-			code = ReasonUpstreamProtocol
-		}
-		e := newError(ErrUpstreamUnavailable, code, cfg.Name, "could not verify the credentials: %s", ue.Error())
-		e.RetryAfter = max(ue.retryAfter, b.opts.BackoffBase)
-		return nil, e
+		return nil, b.proofFailed(cfg.Name, err)
 	}
 	if resp.RefreshToken == "" {
 		b.signOutAsync(cfg, "", resp.AccessToken)
 		return nil, newError(ErrRefreshTokenMissing, ReasonRefreshTokenMissing, cfg.Name,
 			"upstream issued no refresh token: add the offline_access scope on the Connected Application's Scopes tab and request it")
 	}
-	return b.rotate(&storage.Tokens{Generation: prev.Generation}, cfg, grantPassword, resp, true), nil
+	return rotate(&storage.Tokens{Generation: prev.Generation}, cfg, grantPassword, resp, true, b.now()), nil
+}
+
+// proofFailed is the error for a failed proof of credentials: how long to
+// wait is the proof's own (it is never retried), the rest is the failure's.
+func (b *Broker) proofFailed(name string, err error) error {
+	var ue *upstreamError
+	if !errors.As(err, &ue) {
+		return err
+	}
+	wait := max(ue.retryAfter, b.opts.BackoffBase)
+	if ue.class == classLoginLimit {
+		wait = max(ue.retryAfter, b.opts.LoginLimitBackoff)
+	}
+	e := ue.toError(name, wait)
+	if errors.Is(e, ErrUpstreamUnavailable) {
+		e.Message = "could not verify the credentials: " + e.Message
+	}
+	return e
 }
 
 // GetConnection returns a connection's view.
@@ -242,91 +235,113 @@ func (b *Broker) UpdateConnection(ctx context.Context, name string, patch *stora
 	if err != nil {
 		return nil, err
 	}
+	u, err := newUpdate(patch, fields, etagIn)
+	if err != nil {
+		return nil, err
+	}
+	var out *View
+	err = b.withTurn(ctx, c, func() (err error) {
+		out, err = b.update(ctx, c, u, validateOnly)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// update is an UpdateConnection request, checked.
+type update struct {
+	patch  *storage.Connection
+	fields []string
+	etag   string
+	proof  bool // a named field must be proven upstream
+}
+
+// newUpdate checks the request's field mask and etag.
+func newUpdate(patch *storage.Connection, fields []string, etagIn string) (*update, error) {
+	u := &update{patch: patch, fields: fields, etag: etagIn}
 	var v []FieldViolation
-	proof := false
 	for _, f := range fields {
 		needs, ok := Updatable[f]
 		if !ok {
 			v = append(v, FieldViolation{Field: "update_mask", Description: fmt.Sprintf("field %q cannot be updated", f)})
 		}
-		proof = proof || needs
+		u.proof = u.proof || needs
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			v = append(v, FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
 	if len(v) > 0 {
 		return nil, invalid(v...)
 	}
-	var out *View
-	err = b.withTurn(ctx, c, func() error {
-		c.mu.Lock()
-		deleted := c.deleted
-		cur := c.cfg.Clone()
-		tok := c.tok.Clone()
-		pending := c.pending
-		c.mu.Unlock()
-		if deleted {
-			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
-		}
-		if want != 0 && want != cur.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s; read the connection again", etagIn, etag(cur.Revision))
-		}
-		next := cur.Clone()
-		applyFields(next, patch, fields)
-		if v := Normalize(next, fields, b.opts.AllowInsecureUpstream); len(v) > 0 {
-			return invalid(v...)
-		}
-		if validateOnly {
-			out = b.viewOf(newConnPublished(next, tok))
-			return nil
-		}
-		var newTok *storage.Tokens
-		if proof {
-			if newTok, err = b.prove(ctx, next, tok); err != nil {
-				return err
-			}
-		}
-		next.UpdateTime = b.now()
-		stored, err := b.store.UpdateConnection(ctx, next, newTok)
-		if err != nil {
-			if newTok != nil {
-				b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
-			}
-			if errors.Is(err, storage.ErrConflict) {
-				return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
-			}
-			if errors.Is(err, storage.ErrNotFound) {
-				return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
-			}
-			return storageError(name, err)
-		}
-		c.mu.Lock()
-		c.cfg = stored
-		if newTok != nil {
-			c.tok, c.pending, c.failures, c.backoffUntil, c.recovering = newTok, nil, 0, time.Time{}, false
-		}
-		c.publish()
-		out = b.view(c)
-		c.mu.Unlock()
-		if newTok != nil {
-			// Sign the old chain out before returning, so that when the
-			// update is answered the old session's seat is free.
-			b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
-			if pending != nil && pending.RefreshToken != tok.RefreshToken {
-				b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
-			}
-		}
-		b.log.Info("connection updated", "connection", name, "fields", fields, "proven_upstream", newTok != nil)
-		return nil
-	})
-	if err != nil {
-		return nil, err
+	return u, nil
+}
+
+// update applies u to c. The caller holds c's turn.
+func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bool) (*View, error) {
+	c.mu.Lock()
+	deleted, cur, tok, pending := c.deleted, c.cfg.Clone(), c.committed.Clone(), c.rt.pending
+	c.mu.Unlock()
+	if deleted {
+		return nil, notFound(c.name)
 	}
+	if u.etag != "" && u.etag != etag(cur) {
+		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
+	}
+	next := cur.Clone()
+	applyFields(next, u.patch, u.fields)
+	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	if validateOnly {
+		return b.viewOf(newConnPublished(next, tok)), nil
+	}
+	var newTok *storage.Tokens
+	if u.proof {
+		var err error
+		if newTok, err = b.prove(ctx, next, tok); err != nil {
+			return nil, err
+		}
+	}
+	next.UpdateTime = b.now()
+	stored, err := b.store.UpdateConnection(ctx, next, newTok)
+	if err != nil {
+		if newTok != nil {
+			b.signOutAsync(next, newTok.RefreshToken, newTok.AccessToken)
+		}
+		return nil, updateError(c.name, err)
+	}
+	c.mu.Lock()
+	c.configLocked(stored)
+	if newTok != nil {
+		c.succeededLocked(newTok)
+	}
+	out := b.viewLocked(c)
+	c.mu.Unlock()
+	if newTok != nil {
+		// Sign the old chain out before returning, so that when the update
+		// is answered the old session's seat is free.
+		b.signOut(ctx, cur, tok.RefreshToken, tok.AccessToken)
+		if pending != nil && pending.RefreshToken != tok.RefreshToken {
+			b.signOut(ctx, cur, pending.RefreshToken, pending.AccessToken)
+		}
+	}
+	b.log.Info("connection updated", "connection", c.name, "fields", u.fields, "proven_upstream", newTok != nil)
 	return out, nil
+}
+
+// updateError is the error for a failed write of an update.
+func updateError(name string, err error) error {
+	switch {
+	case errors.Is(err, storage.ErrConflict):
+		return newError(ErrConflict, ReasonEtagMismatch, name, "connection changed concurrently; read it again")
+	case errors.Is(err, storage.ErrNotFound):
+		return notFound(name)
+	}
+	return storageError(name, err)
 }
 
 func applyFields(dst, src *storage.Connection, fields []string) {
@@ -364,22 +379,20 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	if err != nil {
 		return err
 	}
-	var want int64
 	if etagIn != "" {
-		var ok bool
-		if want, ok = ParseETag(etagIn); !ok {
+		if _, ok := ParseETag(etagIn); !ok {
 			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
 		}
 	}
 	return b.withTurn(ctx, c, func() error {
 		c.mu.Lock()
-		cfg, tok, pending, deleted := c.cfg.Clone(), c.tok.Clone(), c.pending, c.deleted
+		cfg, tok, pending, deleted := c.cfg.Clone(), c.committed.Clone(), c.rt.pending, c.deleted
 		c.mu.Unlock()
 		if deleted {
-			return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+			return notFound(name)
 		}
-		if want != 0 && want != cfg.Revision {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg.Revision))
+		if etagIn != "" && etagIn != etag(cfg) {
+			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
 		}
 		if pending != nil {
 			b.signOut(ctx, cfg, pending.RefreshToken, "")
@@ -387,16 +400,12 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
 		if err := b.store.DeleteConnection(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
 			if errors.Is(err, storage.ErrNotFound) {
-				return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+				return notFound(name)
 			}
 			return storageError(name, err)
 		}
 		c.mu.Lock()
-		c.deleted = true
-		c.pending = nil
-		c.cfg = &storage.Connection{Name: name}
-		c.tok = &storage.Tokens{}
-		c.publish()
+		c.markDeletedLocked()
 		c.mu.Unlock()
 		if b.loading.Load() {
 			b.tombs.Store(name, struct{}{})
@@ -405,68 +414,4 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		b.log.Info("connection deleted", "connection", name)
 		return nil
 	})
-}
-
-// viewOf builds the read view of c, secrets cleared.
-// view does the same with c.mu held.
-func (b *Broker) viewOf(c *conn) *View {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return b.view(c)
-}
-
-func (b *Broker) view(c *conn) *View {
-	now := b.now()
-	cfg := c.cfg.Clone()
-	t := c.tok
-	v := &View{
-		Conn:            cfg,
-		ClientSecretSet: cfg.ClientSecret != "",
-		PasswordSet:     cfg.Password != "",
-		State:           State(t.State),
-		ETag:            etag(cfg.Revision),
-	}
-	cfg.ClientSecret, cfg.Password = "", ""
-	if v.State == "" {
-		v.State = StateActive
-	}
-	st := &v.Status
-	st.LastErrorCode, st.LastErrorMessage, st.LastErrorTime = t.LastErrorCode, t.LastErrorMessage, t.LastErrorTime
-	st.LastRefreshTime = t.IssueTime
-	st.AccessTokenExpireTime = t.AccessTokenExpireTime
-	st.HasRefreshToken = t.RefreshToken != ""
-	st.ChainStartTime = t.ChainStartTime
-	st.StateReason = t.StateReason
-	if st.HasRefreshToken && !t.RefreshTokenUseTime.IsZero() {
-		idle := t.RefreshTokenUseTime.Add(b.sliding(cfg))
-		if cfg.AbsoluteLifetime > 0 && !t.ChainStartTime.IsZero() {
-			idle = minTime(idle, t.ChainStartTime.Add(cfg.AbsoluteLifetime))
-		}
-		st.RefreshTokenIdleExpireTime = idle
-	}
-	if exp := cfg.ClientSecretExpireTime; !exp.IsZero() {
-		switch left := exp.Sub(now); {
-		case left <= 0:
-			st.Warnings = append(st.Warnings, "client secret expired on "+exp.UTC().Format(time.DateOnly)+": add a new shared secret in the Connected Application and update client_secret")
-		case left <= 30*24*time.Hour:
-			st.Warnings = append(st.Warnings, fmt.Sprintf("client secret expires on %s (in %d days): add a new shared secret and update client_secret", exp.UTC().Format(time.DateOnly), int(left.Hours()/24)))
-		}
-	}
-	if c.recovering {
-		st.Warnings = append(st.Warnings, "a token request was in flight when the broker last stopped; the refresh token may have been spent and is being checked")
-		if st.StateReason == "" {
-			st.StateReason = ReasonCrashRecovery
-		}
-	}
-	if c.pending != nil {
-		st.Warnings = append(st.Warnings, "a rotated refresh token is held in memory only: the durable store is failing; commit is being retried")
-	}
-	return v
-}
-
-func minTime(a, b time.Time) time.Time {
-	if a.Before(b) {
-		return a
-	}
-	return b
 }

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,7 +25,8 @@ type Options struct {
 	// Logger receives operational events; never secrets. Default discards.
 	Logger *slog.Logger
 	// Transport carries upstream HTTP requests. Default a clone of
-	// http.DefaultTransport.
+	// http.DefaultTransport. An *http.Transport is cloned and its
+	// connections' addresses checked against the upstream rules.
 	Transport http.RoundTripper
 	// UpstreamTimeout bounds one upstream HTTP request. Default 30 s.
 	UpstreamTimeout time.Duration
@@ -49,7 +52,9 @@ type Options struct {
 	MaxConcurrentUpstreamPerHost int
 	// TickInterval is how often the maintenance loop looks for tokens to
 	// renew. Default 1 s; negative disables the loop (tests call
-	// [Broker.Maintain] themselves).
+	// [Broker.Maintain] themselves). Tokens in use are renewed once past
+	// 75% of their lifetime, so tokens that live less than about four ticks
+	// may lapse first: callers then share one refresh on demand.
 	TickInterval time.Duration
 	// KeepAliveAfter is how long an idle refresh token may go unused before
 	// the broker refreshes it, capped at half the sliding lifetime. Default
@@ -58,8 +63,12 @@ type Options struct {
 	// DefaultSlidingLifetime applies to connections that set none. Default
 	// 15 days.
 	DefaultSlidingLifetime time.Duration
-	// AllowInsecureUpstream allows http:// instance URLs beyond loopback.
+	// AllowInsecureUpstream allows http:// instance URLs beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may reach (see [UpstreamRules]). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Sleep waits between attempts. Default a timer that ctx can cut short.
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer receives measurements. Default none.
@@ -89,9 +98,6 @@ func (o *Options) setDefaults() {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
-	}
-	if o.Transport == nil {
-		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	if o.UpstreamTimeout <= 0 {
 		o.UpstreamTimeout = 30 * time.Second
@@ -182,44 +188,25 @@ type Stats struct {
 	CommitFailures   atomic.Int64 // failed durable writes
 }
 
-// conn is one connection's live state.
-type conn struct {
-	name     string
-	snap     atomic.Pointer[snapshot] // what the cached path reads
-	lastUsed atomic.Int64             // unix nanoseconds of the last token request
-
-	mu           sync.Mutex          // guards the fields below
-	turn         chan struct{}       // capacity 1: held while talking to the token endpoint; made when first needed
-	cfg          *storage.Connection // configuration with secrets
-	tok          *storage.Tokens     // token state as last committed, with in-memory state/error
-	pending      *storage.Tokens     // rotated tokens whose commit failed; retried before any upstream call
-	flight       *flight             // the shared refresh in progress, if any
-	backoffUntil time.Time           // no upstream call before this
-	failures     int                 // consecutive failed shared refreshes
-	recovering   bool                // an intent was found at start: the refresh token may be spent
-	lastReject   time.Time           // when a rejected-token report last started a refresh
-	deleted      bool
-}
-
 // flight is one shared refresh; waiters read err after done is closed.
 type flight struct {
 	done chan struct{}
-	why  reason
+	why  trigger
 	gen  int64 // token generation when the flight was decided on
 	err  error
 }
 
-// reason says why a shared refresh runs.
-type reason int
+// trigger says why a shared refresh runs.
+type trigger int
 
 const (
-	reasonCaller     reason = iota + 1 // a caller found no usable token
-	reasonRejected                     // a caller reported the token rejected
-	reasonProactive                    // an in-use token passed 75% of its life
-	reasonKeepAlive                    // an idle refresh token nears its sliding window
-	reasonRenewChain                   // the chain nears its absolute lifetime: password grant
-	reasonRecover                      // an intent was found at start
-	reasonCommit                       // a failed commit is retried
+	triggerCaller     trigger = iota + 1 // a caller found no usable token
+	triggerRejected                      // a caller reported the token rejected
+	triggerProactive                     // an in-use token passed 75% of its life
+	triggerKeepAlive                     // an idle refresh token nears its sliding window
+	triggerRenewChain                    // the chain nears its absolute lifetime: password grant
+	triggerRecover                       // an intent was found at start
+	triggerCommit                        // a failed commit is retried
 )
 
 // New returns a broker over opts.Store. Call [Broker.Load] to read stored
@@ -234,7 +221,7 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, opts.Transport, opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
@@ -261,7 +248,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	}()
 	var loaded atomic.Int64
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
-		b.adopt(cfg, tok)
+		b.admit(cfg, tok)
 		loaded.Add(1)
 		return nil
 	})
@@ -270,57 +257,6 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}
 	return n, nil
-}
-
-// adopt makes the live state of a connection read from the store while
-// loading and keeps it, unless the connection is already live (Load and a
-// caller's loadOne can both read it; the first to store wins, and only it
-// reports a token request left in flight) or was deleted meanwhile. It
-// returns the live connection, nil when deleted.
-func (b *Broker) adopt(cfg *storage.Connection, tok *storage.Tokens) *conn {
-	if _, dead := b.tombs.Load(cfg.Name); dead {
-		return nil
-	}
-	c := newConn(cfg, tok)
-	c.recovering = tok.IntentGrant != ""
-	if tok.State == "" || tok.State == string(StateDegraded) {
-		c.tok.State = string(StateActive)
-	}
-	c.publish()
-	if v, existed := b.conns.LoadOrStore(cfg.Name, c); existed {
-		return v.(*conn)
-	}
-	// A delete may have landed between the check and the store.
-	if _, dead := b.tombs.Load(cfg.Name); dead {
-		b.conns.CompareAndDelete(cfg.Name, c)
-		return nil
-	}
-	if c.recovering {
-		b.log.Warn("token request was in flight at last stop; refresh token may be spent",
-			"connection", cfg.Name, "grant", tok.IntentGrant, "generation", tok.IntentGeneration)
-	}
-	return c
-}
-
-// loadOne reads one connection from the store while [Broker.Load] runs.
-func (b *Broker) loadOne(ctx context.Context, name string) *conn {
-	if _, dead := b.tombs.Load(name); dead {
-		return nil
-	}
-	cfg, err := b.store.GetConnection(ctx, name)
-	if err != nil {
-		return nil
-	}
-	tok, err := b.store.GetTokens(ctx, name)
-	if err != nil {
-		return nil
-	}
-	return b.adopt(cfg, tok)
-}
-
-func newConn(cfg *storage.Connection, tok *storage.Tokens) *conn {
-	c := &conn{name: cfg.Name, cfg: cfg, tok: tok}
-	return c
 }
 
 // Start runs the maintenance loop (unless TickInterval is negative) and the
@@ -388,50 +324,27 @@ func (b *Broker) lookup(name string) (*conn, error) {
 			return c, nil
 		}
 	}
-	return nil, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+	return nil, notFound(name)
 }
 
-// publish rebuilds the snapshot from the committed state. c.mu must be held
-// (or c not yet shared).
-func (c *conn) publish() {
-	old := c.snap.Load()
-	s := &snapshot{
-		tok: Token{
-			AccessToken: c.tok.AccessToken,
-			TokenType:   c.tok.TokenType,
-			ExpireTime:  c.tok.AccessTokenExpireTime,
-			InstanceURL: c.cfg.InstanceURL,
-			Scopes:      c.tok.Scopes,
-		},
-		state: State(c.tok.State),
-	}
-	if len(s.tok.Scopes) == 0 {
-		s.tok.Scopes = c.cfg.Scopes
-	}
-	if old != nil && old.rejected && old.tok.AccessToken == s.tok.AccessToken {
-		s.rejected = true
-	}
-	c.snap.Store(s)
+// etag is a connection's etag: its revision and its create time, so that
+// an etag read before a delete and re-create never matches the new one.
+func etag(cfg *storage.Connection) string {
+	return strconv.FormatInt(cfg.Revision, 10) + "-" + strconv.FormatUint(uint64(cfg.CreateTime.UnixNano()), 36)
 }
 
-// etag formats a revision as an etag.
-func etag(rev int64) string { return strconv.FormatInt(rev, 10) }
-
-// ParseETag parses an etag made by the broker; ok is false for anything else.
+// ParseETag parses an etag made by the broker, returning its revision; ok
+// is false for anything else. A bare revision, as older versions issued,
+// parses too, and matches no connection.
 func ParseETag(s string) (int64, bool) {
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil && n > 0
-}
-
-// turnChan returns c's turn, making it on first use: most connections loaded
-// at start do not talk to the token endpoint for a while.
-func (c *conn) turnChan() chan struct{} {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.turn == nil {
-		c.turn = make(chan struct{}, 1)
+	revPart, inc, hasInc := strings.Cut(s, "-")
+	n, err := strconv.ParseInt(revPart, 10, 64)
+	if hasInc {
+		if _, ierr := strconv.ParseUint(inc, 36, 64); ierr != nil || inc != strings.ToLower(inc) {
+			return 0, false
+		}
 	}
-	return c.turn
+	return n, err == nil && n > 0 && revPart == strconv.FormatInt(n, 10)
 }
 
 // withTurn runs fn while holding the connection's turn at the token
@@ -462,38 +375,20 @@ func (b *Broker) withTurn(ctx context.Context, c *conn, fn func() error) error {
 	return fn()
 }
 
-// syncTokens adopts the stored token state if another replica committed a
+// syncTokens takes the stored token state if another replica committed a
 // newer generation, and reports whether it did.
 func (b *Broker) syncTokens(ctx context.Context, c *conn) (bool, error) {
 	t, err := b.store.GetTokens(ctx, c.name)
 	if errors.Is(err, storage.ErrNotFound) {
 		c.mu.Lock()
-		c.deleted = true
+		c.markDeletedLocked()
 		c.mu.Unlock()
-		return false, &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: c.name}
+		return false, notFound(c.name)
 	}
 	if err != nil {
 		return false, storageError(c.name, err)
 	}
-	return c.adopt(t), nil
-}
-
-// adopt takes a token state committed elsewhere if it is newer: a later
-// generation, or the same one halted (NEEDS_REAUTH, REFRESH_TOKEN_MISSING).
-func (c *conn) adopt(t *storage.Tokens) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	newer := t.Generation > c.tok.Generation ||
-		(t.Generation == c.tok.Generation && State(t.State).halted() && !State(c.tok.State).halted())
-	if !newer || c.deleted {
-		return false
-	}
-	c.tok = t
-	c.pending = nil
-	c.recovering = false
-	c.failures, c.backoffUntil = 0, time.Time{}
-	c.publish()
-	return true
+	return c.takeNewer(t), nil
 }
 
 // apply feeds one change made by any replica into memory.
@@ -504,11 +399,7 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 		if ok {
 			c := v.(*conn)
 			c.mu.Lock()
-			c.deleted = true
-			c.cfg = &storage.Connection{Name: ch.Name}
-			c.tok = &storage.Tokens{}
-			c.pending = nil
-			c.publish()
+			c.markDeletedLocked()
 			c.mu.Unlock()
 			b.conns.Delete(ch.Name)
 		}
@@ -529,13 +420,12 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 		c := v.(*conn)
 		c.mu.Lock()
 		if ch.Connection.Revision > c.cfg.Revision {
-			c.cfg = ch.Connection
-			c.publish()
+			c.configLocked(ch.Connection)
 		}
 		c.mu.Unlock()
 	case ch.Tokens != nil:
 		if ok {
-			v.(*conn).adopt(ch.Tokens)
+			v.(*conn).takeNewer(ch.Tokens)
 		}
 	}
 }

@@ -5,35 +5,16 @@ import (
 	"fmt"
 	"net/http/httptest"
 	"path/filepath"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
-
-// dayClock is the simulated day's clock, shared by the broker and the
-// stand-in.
-type dayClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *dayClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *dayClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // missCounter counts GetAccessToken calls not served from memory.
 type missCounter struct{ misses atomic.Int64 }
@@ -55,7 +36,7 @@ func (m *missCounter) CacheLookup(hit bool) {
 // the maintenance pass settles before the next minute.
 func TestEconomyOfASimulatedDay(t *testing.T) {
 	const conns, hours = 40, 24
-	clk := &dayClock{t: time.Date(2026, 11, 24, 0, 0, 0, 0, time.UTC)}
+	clk := testkit.NewClock()
 	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now, AccessTokenLifetime: time.Hour})
 	idp.AddClient(clientID, clientSecret)
 	idp.AddUser(username, password)
@@ -71,7 +52,7 @@ func TestEconomyOfASimulatedDay(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	obs := &missCounter{}
-	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Observer: obs})
+	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Observer: obs, AllowInsecureUpstream: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +71,7 @@ func TestEconomyOfASimulatedDay(t *testing.T) {
 	obs.misses.Store(0)
 	var calls, failed int
 	for range hours * 60 {
-		clk.advance(time.Minute)
+		clk.Advance(time.Minute)
 		for _, name := range names {
 			calls++
 			if _, err := b.GetAccessToken(ctx, name, time.Minute, ""); err != nil {

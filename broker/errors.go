@@ -3,6 +3,7 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -72,10 +73,11 @@ type Error struct {
 	Violations []FieldViolation
 }
 
+// Error reads `broker: <what> "<name>": <why>`.
 func (e *Error) Error() string {
 	msg := e.Kind.Error()
 	if e.Name != "" {
-		msg += " " + e.Name
+		msg += " " + strconv.Quote(e.Name)
 	}
 	if e.Message != "" {
 		msg += ": " + e.Message
@@ -97,4 +99,55 @@ func invalid(violations ...FieldViolation) *Error {
 		e.Message = violations[0].Field + ": " + violations[0].Description
 	}
 	return e
+}
+
+// notFound is the error for a connection that does not exist (or no
+// longer).
+func notFound(name string) *Error {
+	return &Error{Kind: ErrNotFound, Reason: ReasonConnectionNotFound, Name: name}
+}
+
+// haltedError is the error for a connection in a halted state: no upstream
+// call is made until an operator updates it.
+func haltedError(name string, st State, reason string) *Error {
+	if st == StateRefreshTokenMissing {
+		return newError(ErrRefreshTokenMissing, ReasonRefreshTokenMissing, name,
+			"upstream issued no refresh token; add the offline_access scope to the Connected Application, then update the connection's credentials")
+	}
+	if reason == "" {
+		reason = ReasonCredentialsRejected
+	}
+	return newError(ErrCredentialsRejected, reason, name,
+		"connection needs re-authentication: upstream rejected the credentials; no upstream call is made until an operator updates them")
+}
+
+// unavailableLocked is the error for a connection in backoff after failed
+// refreshes. c.mu must be held.
+func (c *conn) unavailableLocked(now time.Time) *Error {
+	last := c.lastErrorLocked()
+	reason, kind := last.code, ErrUpstreamUnavailable
+	if reason == ReasonLoginLimit {
+		kind = ErrLoginLimit
+	}
+	if reason == "" {
+		reason = ReasonUpstreamUnavailable
+	}
+	wait := c.rt.backoffUntil.Sub(now)
+	e := newError(kind, reason, c.name, "upstream failing (%s); next attempt in %v", last.message, wait.Round(time.Second))
+	e.RetryAfter = wait
+	return e
+}
+
+// tooShortError is the error for a request whose min_valid_for no token of
+// this connection's lifetime can meet. The advice is half the lifetime: a
+// caller asking for that causes at most two refreshes per lifetime, and
+// none while maintenance renews tokens in use at 75% of their life.
+func tooShortError(name string, lifetime, minValid time.Duration) *Error {
+	return newError(ErrTokenTooShort, ReasonTokenTooShort, name,
+		"upstream issues tokens that live %v, not longer than the %v asked for; ask for at most %v", lifetime, minValid, lifetime/2)
+}
+
+// alreadyExists is the error for a name already taken (or being created).
+func alreadyExists(name, why string) *Error {
+	return &Error{Kind: ErrAlreadyExists, Reason: ReasonAlreadyExists, Name: name, Message: why}
 }

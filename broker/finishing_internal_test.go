@@ -24,7 +24,7 @@ func TestReportOfATokenFromAFinishingRefreshRefreshesAgain(t *testing.T) {
 	hs := idp.Start()
 	defer hs.Close()
 	st := openStore(t)
-	b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +45,7 @@ func TestReportOfATokenFromAFinishingRefreshRefreshesAgain(t *testing.T) {
 	// token just served: the state a flight is in between its commit and
 	// its end.
 	c.mu.Lock()
-	f := &flight{done: make(chan struct{}), why: reasonRejected, gen: c.tok.Generation - 1}
+	f := &flight{done: make(chan struct{}), why: triggerRejected, gen: c.committed.Generation - 1}
 	c.flight = f
 	c.mu.Unlock()
 

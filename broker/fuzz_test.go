@@ -29,7 +29,8 @@ func FuzzParseConnectionName(f *testing.F) {
 
 func FuzzNormalizeInstanceURL(f *testing.F) {
 	for _, s := range []string{"mycompany.acumatica.com", "https://mycompany.acumatica.com/", "https://erp.example.com/AcumaticaERP",
-		"http://127.0.0.1:8081", "https://u:p@x.com", "https://x.com/?q", "https://x.com/#f", "ftp://x", "://", "https://[::1]:8443/a"} {
+		"http://127.0.0.1:8081", "https://u:p@x.com", "https://x.com/?q", "https://x.com/#f", "ftp://x", "://", "https://[::1]:8443/a",
+		"https://x.com:", "https://x.com/a/%2e%2e/b", "https://x.com/%2E.", "https://x.com/a%2Fb", "https://x.com/a%00", "x.com/\x1b"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, raw string) {
@@ -44,8 +45,16 @@ func FuzzNormalizeInstanceURL(f *testing.F) {
 		if u.Scheme != "https" && !(u.Scheme == "http" && (u.Hostname() == "localhost" || strings.HasPrefix(u.Hostname(), "127.") || u.Hostname() == "::1")) {
 			t.Errorf("%q -> %q: insecure scheme accepted", raw, got)
 		}
-		if u.User != nil || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(got, "/") {
+		if u.User != nil || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(got, "/") || strings.HasSuffix(u.Host, ":") {
 			t.Errorf("%q -> %q: not normalized", raw, got)
+		}
+		if broker.CheckText(got) != nil || broker.CheckText(u.Path) != nil {
+			t.Errorf("%q -> %q: control characters or bad UTF-8 accepted", raw, got)
+		}
+		for _, seg := range strings.Split(u.EscapedPath(), "/")[1:] {
+			if dec, err := url.PathUnescape(seg); err != nil || dec == "" || dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") {
+				t.Errorf("%q -> %q: path segment %q accepted", raw, got, seg)
+			}
 		}
 		again, err := broker.NormalizeInstanceURL(got, false)
 		if err != nil || again != got {
@@ -55,13 +64,14 @@ func FuzzNormalizeInstanceURL(f *testing.F) {
 }
 
 func FuzzValidateClientID(f *testing.F) {
-	for _, s := range []string{"88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant", "88358B02-A48D-A50E-F710-39C1636C30F6", "@", "x@y@z", ""} {
+	for _, s := range []string{"88358B02-A48D-A50E-F710-39C1636C30F6@MyTenant", "88358B02-A48D-A50E-F710-39C1636C30F6", "@", "x@y@z", "",
+		"88358B02-A48D-A50E-F710-39C1636C30F6@T\x00", "88358B02-A48D-A50E-F710-39C1636C30F6@T\x1b[0m", "88358B02-A48D-A50E-F710-39C1636C30F6@T\u0085", "88358B02-A48D-A50E-F710-39C1636C30F6@\xff"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, id string) {
 		if err := broker.ValidateClientID(id); err == nil {
 			guid, tenant, ok := strings.Cut(id, "@")
-			if !ok || guid == "" || tenant == "" || strings.Contains(tenant, "@") {
+			if !ok || guid == "" || tenant == "" || strings.Contains(tenant, "@") || broker.CheckText(id) != nil {
 				t.Errorf("accepted %q", id)
 			}
 		}

@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +15,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
@@ -25,64 +25,31 @@ var _ broker.Store = (*bolt.Store)(nil)
 // runLogs collects every log line the broker writes in this test run;
 // TestMain scans them for every secret and every token issued.
 var (
-	runLogs   = &lockedBuffer{}
-	runIdPsMu sync.Mutex
-	runIdPs   []*acumaticatest.Server
+	runLogs   = &testkit.LockedBuffer{}
+	runIDPsMu sync.Mutex
+	runIDPs   []*acumaticatest.Server
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	runLogs.mu.Lock()
-	logs := runLogs.b.String()
-	runLogs.mu.Unlock()
+	logs := runLogs.String()
 	secrets := []string{clientSecret, password, "changed-by-someone", "second-secret-value", "not-the-new-one"}
-	runIdPsMu.Lock()
-	for _, s := range runIdPs {
+	runIDPsMu.Lock()
+	for _, s := range runIDPs {
 		secrets = append(secrets, s.Issued()...)
 	}
-	runIdPsMu.Unlock()
+	runIDPsMu.Unlock()
 	for _, sec := range secrets {
 		if strings.Contains(logs, sec) {
 			fmt.Fprintf(os.Stderr, "FAIL: secret %.8s... found in the broker's logs of this test run\n", sec)
 			code = 1
 		}
 	}
-	if len(runIdPs) > 0 && !strings.Contains(logs, `"connection"`) {
+	if len(runIDPs) > 0 && !strings.Contains(logs, `"connection"`) {
 		fmt.Fprintln(os.Stderr, "FAIL: log scan saw no broker logs; the scan would prove nothing")
 		code = 1
 	}
 	os.Exit(code)
-}
-
-// clock is a settable clock shared by the broker and the stand-in.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *clock { return &clock{t: time.Date(2026, 11, 24, 9, 0, 0, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
 }
 
 const (
@@ -125,7 +92,7 @@ func (f *faultStore) setFail(n int) {
 
 type env struct {
 	t     *testing.T
-	clock *clock
+	clock *testkit.Clock // shared by the broker and the stand-in
 	idp   *acumaticatest.Server
 	http  *httptest.Server
 	dir   string
@@ -140,23 +107,25 @@ type envOption func(*acumaticatest.Options, *broker.Options)
 
 func newEnv(t *testing.T, opts ...envOption) *env {
 	t.Helper()
-	e := &env{t: t, clock: newClock(), dir: t.TempDir()}
+	e := &env{t: t, clock: testkit.NewClock(), dir: t.TempDir()}
 	idpOpts := acumaticatest.Options{Now: e.clock.Now}
 	bOpts := broker.Options{
-		Logger:       slog.New(slog.NewJSONHandler(runLogs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:          e.clock.Now,
-		TickInterval: -1,
-		BackoffBase:  time.Millisecond,
-		BackoffMax:   10 * time.Millisecond,
-		Sleep:        func(context.Context, time.Duration) error { return nil },
+		// The stand-in serves on loopback.
+		AllowInsecureUpstream: true,
+		Logger:                slog.New(slog.NewJSONHandler(runLogs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Now:                   e.clock.Now,
+		TickInterval:          -1,
+		BackoffBase:           time.Millisecond,
+		BackoffMax:            10 * time.Millisecond,
+		Sleep:                 func(context.Context, time.Duration) error { return nil },
 	}
 	for _, o := range opts {
 		o(&idpOpts, &bOpts)
 	}
 	e.idp = acumaticatest.New(idpOpts)
-	runIdPsMu.Lock()
-	runIdPs = append(runIdPs, e.idp)
-	runIdPsMu.Unlock()
+	runIDPsMu.Lock()
+	runIDPs = append(runIDPs, e.idp)
+	runIDPsMu.Unlock()
 	e.idp.AddClient(clientID, clientSecret)
 	e.idp.AddUser(username, password)
 	e.http = e.idp.Start()

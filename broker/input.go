@@ -6,7 +6,9 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // MaxSecretLen bounds client secrets, usernames and passwords.
@@ -18,50 +20,18 @@ const MaxSecretLen = 1024
 // http is allowed only for loopback hosts unless allowInsecure is set. Query,
 // fragment and user-info are rejected.
 func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
-	s := strings.TrimSpace(raw)
-	if s == "" {
-		return "", errors.New("is required")
-	}
-	if len(s) > 2048 {
-		return "", errors.New("is longer than 2048 characters")
-	}
-	if strings.ContainsAny(s, " \t\r\n\\") {
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
-	}
-	if !strings.Contains(s, "://") {
-		s = "https://" + s
-	}
-	u, err := url.Parse(s)
+	u, err := parseInstanceURL(raw)
 	if err != nil {
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
+		return "", err
 	}
-	switch {
-	case u.Scheme != "https" && u.Scheme != "http":
-		return "", fmt.Errorf("scheme %q is not allowed; use https", u.Scheme)
-	case u.User != nil:
-		return "", errors.New("must not carry user info; put credentials in their own fields")
-	case u.RawQuery != "" || u.ForceQuery:
-		return "", errors.New("must not have a query")
-	case u.Fragment != "" || strings.Contains(s, "#"):
-		return "", errors.New("must not have a fragment")
-	case u.Opaque != "":
-		return "", errors.New("must be a URL such as https://mycompany.acumatica.com")
+	if err := checkHostPort(u); err != nil {
+		return "", err
 	}
-	host := u.Hostname()
-	if host == "" || !validHost(host) {
-		return "", errors.New("must name a host, e.g. mycompany.acumatica.com")
-	}
-	if p := u.Port(); p != "" {
-		var n int
-		if _, err := fmt.Sscanf(p, "%d", &n); err != nil || n < 1 || n > 65535 || fmt.Sprint(n) != p {
-			return "", fmt.Errorf("port %q is not valid", p)
-		}
-	}
-	if u.Scheme == "http" && !allowInsecure && !isLoopback(host) {
+	if u.Scheme == "http" && !allowInsecure && !isLoopback(u.Hostname()) {
 		return "", errors.New("http is allowed only for loopback hosts; use https")
 	}
 	path := strings.TrimRight(u.EscapedPath(), "/")
-	if strings.Contains(path, "//") || strings.Contains(path, "/../") || strings.HasSuffix(path, "/..") || strings.Contains(path, "/./") {
+	if !plainPath(path) {
 		return "", errors.New("path must be a plain virtual directory such as /AcumaticaERP")
 	}
 	out := u.Scheme + "://" + strings.ToLower(u.Host) + path
@@ -71,6 +41,109 @@ func NormalizeInstanceURL(raw string, allowInsecure bool) (string, error) {
 		return "", errors.New("is longer than 2048 characters")
 	}
 	return out, nil
+}
+
+// errNotAURL is the answer to input that is no URL at all.
+var errNotAURL = errors.New("must be a URL such as https://mycompany.acumatica.com")
+
+// parseInstanceURL parses raw as an http(s) URL (https when it names no
+// scheme) without user info, query or fragment.
+func parseInstanceURL(raw string) (*url.URL, error) {
+	s := strings.TrimSpace(raw)
+	switch {
+	case s == "":
+		return nil, errors.New("is required")
+	case len(s) > 2048:
+		return nil, errors.New("is longer than 2048 characters")
+	}
+	if err := CheckText(s); err != nil {
+		return nil, err
+	}
+	if strings.ContainsAny(s, " \\") {
+		return nil, errNotAURL
+	}
+	if !strings.Contains(s, "://") {
+		s = "https://" + s
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil || u.Opaque != "":
+		return nil, errNotAURL
+	case u.Scheme != "https" && u.Scheme != "http":
+		return nil, fmt.Errorf("scheme %q is not allowed; use https", u.Scheme)
+	case u.User != nil:
+		return nil, errors.New("must not carry user info; put credentials in their own fields")
+	case u.RawQuery != "" || u.ForceQuery:
+		return nil, errors.New("must not have a query")
+	case u.Fragment != "" || strings.Contains(s, "#"):
+		return nil, errors.New("must not have a fragment")
+	}
+	return u, nil
+}
+
+// checkHostPort checks that u names a host, and a valid port if any.
+func checkHostPort(u *url.URL) error {
+	if strings.HasSuffix(u.Host, ":") {
+		// An empty port is refused rather than dropped: it is most often a
+		// port left out by mistake, and the default would reach another
+		// service.
+		return errors.New("has an empty port: remove the colon, or give the port")
+	}
+	if host := u.Hostname(); host == "" || !validHost(host) {
+		return errors.New("must name a host, e.g. mycompany.acumatica.com")
+	}
+	if p := u.Port(); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != p {
+			return fmt.Errorf("port %q is not valid", p)
+		}
+	}
+	return nil
+}
+
+// plainPath reports whether an escaped path is empty or /-separated
+// segments that are neither empty nor dot segments, once decoded (%2e%2e
+// is ..), and hold no encoded / or \.
+func plainPath(escaped string) bool {
+	if escaped == "" {
+		return true
+	}
+	segs := strings.Split(escaped, "/")
+	if segs[0] != "" {
+		return false
+	}
+	for _, seg := range segs[1:] {
+		dec, err := url.PathUnescape(seg)
+		if err != nil || dec == "" || dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") || CheckText(dec) != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// CheckText refuses what no string field may hold: invalid UTF-8 (and
+// U+FFFD, which the API's edge puts in its place) and control characters:
+// C0 (NUL, ESC, tab, newlines …), DEL and C1. The message never echoes the
+// value, so it fits secrets too.
+func CheckText(s string) error {
+	if !utf8.ValidString(s) || strings.ContainsRune(s, utf8.RuneError) {
+		return errors.New("is not valid UTF-8")
+	}
+	for _, r := range s {
+		if r < 0x20 || r >= 0x7f && r <= 0x9f {
+			return fmt.Errorf("must not contain control characters (found U+%04X)", r)
+		}
+	}
+	return nil
+}
+
+// ValidateDisplayName checks a connection's display name: at most 256
+// bytes of text.
+func ValidateDisplayName(s string) error {
+	if len(s) > 256 {
+		return errors.New("is longer than 256 characters")
+	}
+	return CheckText(s)
 }
 
 func validHost(h string) bool {
@@ -113,7 +186,10 @@ func ValidateClientID(id string) error {
 	if len(id) > 256 {
 		return errors.New("is longer than 256 characters")
 	}
-	if strings.ContainsAny(id, " \t\r\n") {
+	if err := CheckText(id); err != nil {
+		return err
+	}
+	if strings.Contains(id, " ") {
 		return errors.New("must not contain white space")
 	}
 	guid, tenant, found := strings.Cut(id, "@")
@@ -132,8 +208,10 @@ func ValidateClientID(id string) error {
 	return nil
 }
 
-// ValidateSecretField checks a required credential: non-empty, at most
-// [MaxSecretLen] bytes. The message never echoes the value.
+// ValidateSecretField checks a required credential (client secret,
+// username, password): non-empty, at most [MaxSecretLen] bytes of text
+// without control characters ([CheckText]). The message never echoes the
+// value.
 func ValidateSecretField(v string) error {
 	if v == "" {
 		return errors.New("is required")
@@ -141,7 +219,7 @@ func ValidateSecretField(v string) error {
 	if len(v) > MaxSecretLen {
 		return fmt.Errorf("is longer than %d bytes", MaxSecretLen)
 	}
-	return nil
+	return CheckText(v)
 }
 
 var scopePattern = regexp.MustCompile(`^[\x21\x23-\x5B\x5D-\x7E]{1,128}$`)

@@ -13,6 +13,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
@@ -20,7 +21,7 @@ import (
 // The "token issued" line gives expires_in in seconds, as the identity
 // server's answer does, not as a Go duration in nanoseconds.
 func TestTokenIssuedLogsExpiresInSeconds(t *testing.T) {
-	clk := &dayClock{t: time.Date(2026, 11, 24, 0, 0, 0, 0, time.UTC)}
+	clk := testkit.NewClock()
 	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now, AccessTokenLifetime: time.Hour})
 	idp.AddClient(clientID, clientSecret)
 	idp.AddUser(username, password)
@@ -36,7 +37,7 @@ func TestTokenIssuedLogsExpiresInSeconds(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	var logs bytes.Buffer
-	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	b, err := broker.New(broker.Options{Store: st, Now: clk.Now, TickInterval: -1, Logger: slog.New(slog.NewJSONHandler(&logs, nil)), AllowInsecureUpstream: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +47,7 @@ func TestTokenIssuedLogsExpiresInSeconds(t *testing.T) {
 	}, false); err != nil {
 		t.Fatal(err)
 	}
-	clk.advance(2 * time.Hour)
+	clk.Advance(2 * time.Hour)
 	if _, err := b.GetAccessToken(ctx, name, time.Minute, ""); err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,7 @@ func (b *Broker) Maintain() {
 	b.conns.Range(func(_, v any) bool {
 		c := v.(*conn)
 		c.mu.Lock()
-		if why := b.due(c, now); why != 0 {
+		if why := b.dueLocked(c, now); why != 0 {
 			b.startFlightLocked(c, why)
 		}
 		c.mu.Unlock()
@@ -30,44 +30,52 @@ func (b *Broker) Maintain() {
 	})
 }
 
-// due says why c needs a refresh now, or 0. c.mu must be held.
-func (b *Broker) due(c *conn, now time.Time) reason {
-	if c.flight != nil || c.deleted || State(c.tok.State).halted() {
+// dueLocked says why c needs a refresh now, or 0. c.mu must be held.
+func (b *Broker) dueLocked(c *conn, now time.Time) trigger {
+	switch {
+	case c.flight != nil || c.deleted || c.inBackoffLocked(now):
 		return 0
-	}
-	if c.pending != nil {
-		if now.Before(c.backoffUntil) {
-			return 0
-		}
-		return reasonCommit
-	}
-	if now.Before(c.backoffUntil) {
+	case c.rt.pending != nil:
+		return triggerCommit
+	case c.haltedLocked():
 		return 0
+	case c.rt.recovering:
+		return triggerRecover
 	}
-	if c.recovering {
-		return reasonRecover
-	}
-	t := c.tok
 	lastUsed := time.Unix(0, c.lastUsed.Load())
-	if t.AccessToken != "" && !t.IssueTime.IsZero() {
-		life := t.AccessTokenExpireTime.Sub(t.IssueTime)
-		// In use: asked for since the token was issued.
-		if lastUsed.After(t.IssueTime) && !now.Before(t.IssueTime.Add(life*3/4)) {
-			return reasonProactive
-		}
-	}
-	if abs := c.cfg.AbsoluteLifetime; abs > 0 && !t.ChainStartTime.IsZero() {
-		deadline := t.ChainStartTime.Add(abs)
-		margin := min(abs/10, 48*time.Hour)
-		quiet := now.Sub(lastUsed) >= quietFor
-		if (!now.Before(deadline.Add(-margin)) && quiet) || !now.Before(deadline.Add(-margin/2)) {
-			return reasonRenewChain
-		}
-	}
-	if t.RefreshToken != "" && !t.RefreshTokenUseTime.IsZero() && !now.Before(t.RefreshTokenUseTime.Add(b.keepAlive(c.cfg))) {
-		return reasonKeepAlive
+	switch t := c.committed; {
+	case inUsePastThreeQuarters(t, lastUsed, now):
+		return triggerProactive
+	case chainNearsItsEnd(t, c.cfg.AbsoluteLifetime, lastUsed, now):
+		return triggerRenewChain
+	case t.RefreshToken != "" && !t.RefreshTokenUseTime.IsZero() && !now.Before(t.RefreshTokenUseTime.Add(b.keepAlive(c.cfg))):
+		return triggerKeepAlive
 	}
 	return 0
+}
+
+// inUsePastThreeQuarters reports whether a token asked for since it was
+// issued has passed 75% of its lifetime: it is renewed ahead, in
+// proportion to its lifetime, so callers almost never wait.
+func inUsePastThreeQuarters(t *storage.Tokens, lastUsed, now time.Time) bool {
+	if t.AccessToken == "" || t.IssueTime.IsZero() {
+		return false
+	}
+	life := t.AccessTokenExpireTime.Sub(t.IssueTime)
+	return lastUsed.After(t.IssueTime) && !now.Before(t.IssueTime.Add(life*3/4))
+}
+
+// chainNearsItsEnd reports whether a chain with an absolute lifetime is
+// within its last tenth (at most 48 h) at a quiet moment, or within half
+// of that at any moment.
+func chainNearsItsEnd(t *storage.Tokens, abs time.Duration, lastUsed, now time.Time) bool {
+	if abs <= 0 || t.ChainStartTime.IsZero() {
+		return false
+	}
+	deadline := t.ChainStartTime.Add(abs)
+	margin := min(abs/10, 48*time.Hour)
+	quiet := now.Sub(lastUsed) >= quietFor
+	return (!now.Before(deadline.Add(-margin)) && quiet) || !now.Before(deadline.Add(-margin/2))
 }
 
 // keepAlive is how long a refresh token may sit unused before the broker

@@ -25,11 +25,7 @@ func (b *Broker) Census() (states map[State]int, secretExpiry map[string]time.Ti
 	b.conns.Range(func(_, v any) bool {
 		c := v.(*conn)
 		c.mu.Lock()
-		st := State(c.tok.State)
-		if st == "" {
-			st = StateActive
-		}
-		states[st]++
+		states[c.stateLocked()]++
 		if exp := c.cfg.ClientSecretExpireTime; !exp.IsZero() {
 			secretExpiry[c.name] = exp
 		}

@@ -9,13 +9,14 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/etcd"
 	"tokenbroker/storage/etcdtest"
 )
 
 // replica is one broker process on the shared etcd.
-func replica(t *testing.T, endpoint string, clk *clock) *broker.Broker {
+func replica(t *testing.T, endpoint string, clk *testkit.Clock) *broker.Broker {
 	t.Helper()
 	keys, _ := storage.NewKeyring(make([]byte, 32))
 	st, err := etcd.Open(context.Background(), etcd.Options{Client: etcdtest.Client(t, endpoint), Keyring: keys})
@@ -23,7 +24,7 @@ func replica(t *testing.T, endpoint string, clk *clock) *broker.Broker {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	b, err := broker.New(broker.Options{Store: st, Locker: st, Watcher: st, Now: clk.Now, TickInterval: -1,
+	b, err := broker.New(broker.Options{Store: st, Locker: st, Watcher: st, Now: clk.Now, TickInterval: -1, AllowInsecureUpstream: true,
 		BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, Sleep: func(context.Context, time.Duration) error { return nil }})
 	if err != nil {
 		t.Fatal(err)
@@ -36,20 +37,8 @@ func replica(t *testing.T, endpoint string, clk *clock) *broker.Broker {
 	return b
 }
 
-// eventually waits for cond, which another replica's watch makes true.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
-	clk := newClock()
+	clk := testkit.NewClock()
 	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now, Latency: 20 * time.Millisecond})
 	idp.AddClient(clientID, clientSecret)
 	idp.AddUser(username, password)
@@ -63,7 +52,7 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 	}, false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "replica b to see the new connection", func() bool {
+	testkit.Eventually(t, "replica b to see the new connection", func() bool {
 		_, err := b.GetConnection(context.Background(), connName)
 		return err == nil
 	})
@@ -112,7 +101,7 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "replica b to serve a's new token", func() bool {
+	testkit.Eventually(t, "replica b to serve a's new token", func() bool {
 		tok, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
 		return err == nil && tok.AccessToken == fresh.AccessToken
 	})
@@ -126,7 +115,7 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 	if _, err := a.GetAccessToken(context.Background(), connName, time.Minute, ""); !errors.Is(err, broker.ErrCredentialsRejected) {
 		t.Fatalf("err = %v", err)
 	}
-	eventually(t, "replica b to see NEEDS_REAUTH", func() bool {
+	testkit.Eventually(t, "replica b to see NEEDS_REAUTH", func() bool {
 		v, err := b.GetConnection(context.Background(), connName)
 		return err == nil && v.State == broker.StateNeedsReauth
 	})
@@ -142,7 +131,7 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 	if err := b.DeleteConnection(context.Background(), connName, ""); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "replica a to forget the connection", func() bool {
+	testkit.Eventually(t, "replica a to forget the connection", func() bool {
 		_, err := a.GetConnection(context.Background(), connName)
 		return errors.Is(err, broker.ErrNotFound)
 	})

@@ -9,7 +9,7 @@ import (
 // State is a connection's state.
 type State string
 
-// States of a connection, as the API (Connection.State) names them.
+// States of a connection. DEGRADED is runtime state, never stored.
 const (
 	StateActive              State = "ACTIVE"
 	StateDegraded            State = "DEGRADED"
@@ -35,12 +35,19 @@ type snapshot struct {
 	tok      Token
 	state    State
 	rejected bool // a caller reported tok rejected by Acumatica
+	suspect  bool // a refresh lost in a crash may have revoked tok
 }
 
 // usable reports whether the token may be handed out with at least minValid
 // left.
 func (s *snapshot) usable(now time.Time, minValid time.Duration) bool {
-	return s.tok.AccessToken != "" && !s.rejected && s.tok.ExpireTime.Sub(now) >= minValid
+	return s.tok.AccessToken != "" && !s.rejected && !s.suspect && s.tok.ExpireTime.Sub(now) >= minValid
+}
+
+// servable reports whether the token may be handed out to a caller asking
+// for minValid that reported rejected (if set) answered 401.
+func (s *snapshot) servable(now time.Time, minValid time.Duration, rejected string) bool {
+	return s.usable(now, minValid) && (rejected == "" || rejected != s.tok.AccessToken)
 }
 
 // Status is what the broker knows of a connection's token chain.

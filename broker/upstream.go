@@ -185,6 +185,7 @@ func (c failureClass) String() string {
 // scrubbed: it never holds a secret, a token or a raw body.
 type upstreamError struct {
 	class      failureClass
+	grant      string // the grant that failed
 	status     int
 	code       string
 	detail     string
@@ -208,6 +209,49 @@ func (e *upstreamError) Error() string {
 	return b.String()
 }
 
+// reason is the reason code of the failure: the one place that names it,
+// for renewals and proofs alike.
+func (e *upstreamError) reason() string {
+	switch e.class {
+	case classInvalidGrant:
+		if e.grant == grantRefresh {
+			return ReasonRefreshTokenRevoked
+		}
+		return ReasonCredentialsRejected
+	case classInvalidClient:
+		return ReasonClientRejected
+	case classLoginLimit:
+		return ReasonLoginLimit
+	case classProtocol:
+		return ReasonUpstreamProtocol
+	}
+	if e.status == http.StatusTooManyRequests {
+		return ReasonUpstreamRateLimited
+	}
+	return ReasonUpstreamUnavailable
+}
+
+// toError is the broker's error for a failure that ends a request for
+// name: the one mapping from class to kind, reason and message. retryAfter
+// applies to the failures a caller may retry.
+func (e *upstreamError) toError(name string, retryAfter time.Duration) *Error {
+	r := e.reason()
+	switch r {
+	case ReasonCredentialsRejected:
+		return newError(ErrCredentialsRejected, r, name,
+			"upstream rejected the username or password (%s); check the integration user's login, password and tenant", e)
+	case ReasonClientRejected:
+		return newError(ErrCredentialsRejected, r, name,
+			"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", e)
+	}
+	out := newError(ErrUpstreamUnavailable, r, name, "%s", e)
+	if r == ReasonLoginLimit {
+		out = newError(ErrLoginLimit, r, name, "the integration user's concurrent sign-ins are used up; sign other sessions out or raise the limit")
+	}
+	out.RetryAfter = retryAfter
+	return out
+}
+
 // tokenRequest posts a form to the token endpoint (client credentials in the
 // body, as Acumatica expects) and classifies the outcome. A 200 answer that
 // carries a refresh token is returned even when it is otherwise unusable, so
@@ -229,7 +273,9 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		sentMu.Lock()
 		wasSent := sent
 		sentMu.Unlock()
-		return nil, classifyTransport(err, wasSent)
+		ue := classifyTransport(err, wasSent)
+		ue.grant = form.Get("grant_type")
+		return nil, ue
 	}
 	defer resp.Body.Close()
 	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxBody))
@@ -239,7 +285,7 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		}
 		return parseTokenResponse(body)
 	}
-	return nil, classifyStatus(resp, body, secrets)
+	return nil, classifyStatus(resp, body, form.Get("grant_type"), secrets)
 }
 
 func classifyTransport(err error, sent bool) *upstreamError {
@@ -260,6 +306,9 @@ func classifyTransport(err error, sent bool) *upstreamError {
 func transportKind(err error) string {
 	var ne net.Error
 	var dns *net.DNSError
+	if msg, ok := refusedAddress(err); ok {
+		return msg
+	}
 	switch {
 	case errors.As(err, &dns):
 		return "DNS lookup failed"
@@ -275,8 +324,11 @@ func transportKind(err error) string {
 	return "network error"
 }
 
-func classifyStatus(resp *http.Response, body []byte, secrets []string) *upstreamError {
-	e := &upstreamError{status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
+// classifyStatus classes a non-200 answer of the token endpoint to a grant:
+// the one place that decides what an upstream failure means (see
+// statusClass).
+func classifyStatus(resp *http.Response, body []byte, grant string, secrets []string) *upstreamError {
+	e := &upstreamError{grant: grant, status: resp.StatusCode, retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())}
 	var oe struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
@@ -292,33 +344,45 @@ func classifyStatus(resp *http.Response, body []byte, secrets []string) *upstrea
 		e.detail = fmt.Sprintf("%s answer of %d bytes", orDefault(mt, "untyped"), len(body))
 	}
 	loginLimit := bytes.Contains(bytes.ToLower(body), []byte("api login limit"))
+	e.class = statusClass(resp.StatusCode, oe.Error, loginLimit, grant)
 	switch {
 	case loginLimit:
-		e.class = classLoginLimit
 		e.detail = "API Login Limit reached for the integration user"
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
-		// A redirect is not followed; nothing reached the token endpoint.
-		e.class = classSafe
 		e.detail = "token endpoint answered with a redirect, which is not followed"
-	case oe.Error == "invalid_client" || resp.StatusCode == http.StatusUnauthorized:
-		e.class = classInvalidClient
-	case oe.Error == "invalid_grant":
-		e.class = classInvalidGrant
-	case resp.StatusCode == http.StatusTooManyRequests:
-		e.class = classSafe
-	case resp.StatusCode == http.StatusServiceUnavailable:
-		e.class = classSafe
-	case resp.StatusCode >= 500:
-		// 500, 502, 504 and the rest may have been processed upstream.
-		e.class = classAmbiguous
-	case oe.Error == "unauthorized_client" || oe.Error == "unsupported_grant_type" || oe.Error == "invalid_scope":
-		// The Connected Application is set up for another flow or scope:
-		// an operator must act, retrying cannot help.
-		e.class = classInvalidClient
-	default:
-		e.class = classAmbiguous
 	}
 	return e
+}
+
+// statusClass decides what a token endpoint's answer with status, OAuth
+// error code oauthErr, and a body that does or does not name Acumatica's
+// API login limit, means for a grant. The order of the cases matters.
+func statusClass(status int, oauthErr string, loginLimit bool, grant string) failureClass {
+	switch {
+	case loginLimit:
+		return classLoginLimit
+	case status == http.StatusTooManyRequests && grant == grantPassword:
+		// A password grant opens a session: 429 on it means the user's
+		// concurrent sign-ins (a licence limit) are used up.
+		return classLoginLimit
+	case status >= 300 && status < 400:
+		// A redirect is not followed; nothing reached the token endpoint.
+		return classSafe
+	case oauthErr == "invalid_client" || status == http.StatusUnauthorized:
+		return classInvalidClient
+	case oauthErr == "invalid_grant":
+		return classInvalidGrant
+	case status == http.StatusTooManyRequests, status == http.StatusServiceUnavailable:
+		return classSafe
+	case status >= 500:
+		// 500, 502, 504 and the rest may have been processed upstream.
+		return classAmbiguous
+	case oauthErr == "unauthorized_client" || oauthErr == "unsupported_grant_type" || oauthErr == "invalid_scope":
+		// The Connected Application is set up for another flow or scope:
+		// an operator must act, retrying cannot help.
+		return classInvalidClient
+	}
+	return classAmbiguous
 }
 
 func orDefault(s, d string) string {
@@ -357,21 +421,36 @@ func parseTokenResponse(body []byte) (*tokenResponse, error) {
 	case !strings.EqualFold(tr.TokenType, "bearer"):
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, nil))}
 	case !ok:
-		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a missing or nonsensical expires_in"}
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a nonsensical expires_in"}
 	}
 	tr.ExpiresIn = time.Duration(secs) * time.Second
 	return tr, nil
 }
 
-// parseExpiresIn accepts a number or numeric string of seconds between 10 s
-// and 7 days.
+// Bounds of expires_in. RFC 6749 section 5.1 allows any positive lifetime,
+// and some identity servers (and most test setups) issue tokens that live a
+// few seconds. A week is far beyond any access token's life: a larger value
+// is a broken server, and a token held that long would outlive revocation.
+const (
+	minExpiresIn = 1
+	maxExpiresIn = 7 * 24 * 3600
+	// defaultExpiresIn applies when a 200 answer has no expires_in. RFC
+	// 6749 section 5.1 makes it RECOMMENDED and leaves the default to the
+	// server's documentation; Acumatica's access tokens live one hour.
+	// Refusing the answer would lose the rotated refresh token it carries.
+	defaultExpiresIn = 3600
+)
+
+// parseExpiresIn accepts a whole number of seconds, as a JSON number or
+// numeric string, from minExpiresIn to maxExpiresIn; a missing (or null)
+// expires_in means defaultExpiresIn.
 func parseExpiresIn(raw json.RawMessage) (int64, bool) {
-	if len(raw) == 0 {
-		return 0, false
+	if len(raw) == 0 || string(raw) == "null" {
+		return defaultExpiresIn, true
 	}
 	s := strings.Trim(string(raw), `"`)
 	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || math.IsNaN(f) || f != math.Trunc(f) || f < 10 || f > 7*24*3600 {
+	if err != nil || math.IsNaN(f) || f != math.Trunc(f) || f < minExpiresIn || f > maxExpiresIn {
 		return 0, false
 	}
 	return int64(f), true
@@ -390,27 +469,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		d = t.Sub(now)
 	}
 	return min(max(d, 0), time.Hour)
-}
-
-// scrub makes upstream text fit for a log or a status: printable ASCII only,
-// known secrets removed, cut to n bytes.
-func scrub(s string, n int, secrets []string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
-		}
-	}
-	var b strings.Builder
-	for _, r := range s {
-		if b.Len() >= n {
-			b.WriteString("...")
-			break
-		}
-		if r >= 0x20 && r < 0x7f {
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
 }
 
 // revoke asks the revocation endpoint to revoke a refresh token, and signs

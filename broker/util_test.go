@@ -29,16 +29,16 @@ func spendRefreshToken(t *testing.T, e *env, rt string) {
 	}
 }
 
-// onceAfter fails every PutTokens after the first (the intent) until healed.
+// onceAfter fails every PutTokens after the first (the intent) until
+// healed; every other method is the wrapped store's.
 type onceAfter struct {
-	fs     *faultStore
+	broker.Store
 	mu     sync.Mutex
 	n      int
 	healed bool
-	inner  broker.Store
 }
 
-func (o *onceAfter) wrap(s broker.Store) broker.Store { o.inner = s; return o }
+func (o *onceAfter) wrap(s broker.Store) broker.Store { o.Store = s; return o }
 
 func (o *onceAfter) heal() { o.mu.Lock(); o.healed = true; o.mu.Unlock() }
 
@@ -50,33 +50,5 @@ func (o *onceAfter) PutTokens(ctx context.Context, name string, t *storage.Token
 	if fail {
 		return errDiskFull
 	}
-	return o.inner.PutTokens(ctx, name, t)
-}
-
-func (o *onceAfter) CreateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
-	return o.inner.CreateConnection(ctx, c, t)
-}
-
-func (o *onceAfter) ListConnections(ctx context.Context, p, a string, l int) ([]*storage.Connection, error) {
-	return o.inner.ListConnections(ctx, p, a, l)
-}
-
-func (o *onceAfter) UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
-	return o.inner.UpdateConnection(ctx, c, t)
-}
-
-func (o *onceAfter) DeleteConnection(ctx context.Context, n string, r int64) error {
-	return o.inner.DeleteConnection(ctx, n, r)
-}
-
-func (o *onceAfter) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
-	return o.inner.LoadAll(ctx, fn)
-}
-
-func (o *onceAfter) GetTokens(ctx context.Context, n string) (*storage.Tokens, error) {
-	return o.inner.GetTokens(ctx, n)
-}
-
-func (o *onceAfter) GetConnection(ctx context.Context, n string) (*storage.Connection, error) {
-	return o.inner.GetConnection(ctx, n)
+	return o.Store.PutTokens(ctx, name, t)
 }

@@ -37,39 +37,59 @@ type authError struct {
 func (e *authError) Error() string { return e.kind.Error() }
 func (e *authError) Unwrap() error { return e.kind }
 
+// Kinds of caller identity. A policy pattern matches identities of its
+// own kind only: a subject CN never stands for a URI or DNS identity.
+const (
+	KindURI = "uri" // a URI SAN, such as a SPIFFE ID
+	KindDNS = "dns" // a DNS SAN
+	KindCN  = "cn"  // the subject common name of a certificate without URI or DNS SANs
+)
+
+// Caller is a caller identity: what a client certificate names, and as
+// what.
+type Caller struct {
+	Kind  string // KindURI, KindDNS or KindCN
+	Value string
+}
+
+// Key is the identity as policies index it: kind, a colon, the value.
+func (c Caller) Key() string { return c.Kind + ":" + c.Value }
+
 // Identity returns the caller identity of a client certificate: its first
 // URI SAN (SPIFFE-style), else its first DNS SAN, else its subject CN.
-func Identity(cert *x509.Certificate) string {
+func Identity(cert *x509.Certificate) Caller {
 	switch {
 	case len(cert.URIs) > 0:
-		return cert.URIs[0].String()
+		return Caller{Kind: KindURI, Value: cert.URIs[0].String()}
 	case len(cert.DNSNames) > 0:
-		return cert.DNSNames[0]
+		return Caller{Kind: KindDNS, Value: cert.DNSNames[0]}
+	case cert.Subject.CommonName != "":
+		return Caller{Kind: KindCN, Value: cert.Subject.CommonName}
 	}
-	return cert.Subject.CommonName
+	return Caller{}
 }
 
 // peerIdentity is the verified client certificate identity of the call.
 // Over [TLSFiles.Credentials] it was found once, at the handshake.
-func peerIdentity(ctx context.Context) (string, bool) {
+func peerIdentity(ctx context.Context) (Caller, bool) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return "", false
+		return Caller{}, false
 	}
 	switch ai := p.AuthInfo.(type) {
 	case callerInfo:
-		return ai.identity, ai.identity != ""
+		return ai.identity, ai.identity.Value != ""
 	case credentials.TLSInfo:
 		id := tlsIdentity(ai)
-		return id, id != ""
+		return id, id.Value != ""
 	}
-	return "", false
+	return Caller{}, false
 }
 
-// tlsIdentity is the identity of a verified client certificate, or "".
-func tlsIdentity(ti credentials.TLSInfo) string {
+// tlsIdentity is the identity of a verified client certificate, or none.
+func tlsIdentity(ti credentials.TLSInfo) Caller {
 	if len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return ""
+		return Caller{}
 	}
 	return Identity(ti.State.VerifiedChains[0][0])
 }
@@ -79,7 +99,7 @@ func tlsIdentity(ti credentials.TLSInfo) string {
 // formatted from the certificate on every call.
 type callerInfo struct {
 	credentials.TLSInfo
-	identity string
+	identity Caller
 }
 
 // identityCreds wraps TLS server credentials so that each connection's
@@ -123,12 +143,27 @@ func (a *Authorizer) DevMode() bool { return a.policy.Load() == nil }
 // authorized.
 func (a *Authorizer) callerIdentity(ctx context.Context) string {
 	if id, ok := peerIdentity(ctx); ok {
-		return id
+		return id.Value
 	}
 	if a.DevMode() {
 		return DevIdentity
 	}
 	return ""
+}
+
+// callerKind is the kind of the caller's identity for logs, "" in dev mode.
+func (a *Authorizer) callerKind(ctx context.Context) string {
+	id, _ := peerIdentity(ctx)
+	return id.Kind
+}
+
+// callerKey tells callers apart for rate limits: two identities of
+// different kinds are different callers.
+func (a *Authorizer) callerKey(ctx context.Context) string {
+	if id, ok := peerIdentity(ctx); ok {
+		return id.Key()
+	}
+	return a.callerIdentity(ctx)
 }
 
 type listFilterKey struct{}
@@ -144,17 +179,18 @@ func listFilter(ctx context.Context) func(string) bool {
 // PERMISSION_DENIED, before anything reads the store (so existence is not
 // revealed).
 func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	p, id, err := a.authenticate(ctx)
+	p, caller, err := a.authenticate(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if p == nil {
 		return handler(ctx, req)
 	}
+	id := caller.Key()
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		// A method added beside TokenBroker: no rule can grant it, whatever
 		// its request says.
-		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
+		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: caller.Value})
 	}
 	manage := func(tenant string) bool { return p.CanManage(id, tenant) }
 	tenantOf := func(name string) string { t, _, _ := broker.ParseConnectionName(name); return t }
@@ -185,7 +221,7 @@ func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerI
 		name, allowed = r.GetName(), p.CanConsume(id, r.GetName())
 	}
 	if !allowed {
-		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: id, name: name})
+		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: caller.Value, name: name})
 	}
 	return handler(ctx, req)
 }
@@ -213,14 +249,14 @@ func (a *Authorizer) withAuthenticated(open []string) grpc.UnaryServerIntercepto
 
 // authenticate returns the policy and the caller's identity, which the
 // policy knows; a nil policy in dev mode, where every caller is known.
-func (a *Authorizer) authenticate(ctx context.Context) (*Policy, string, error) {
+func (a *Authorizer) authenticate(ctx context.Context) (*Policy, Caller, error) {
 	p := a.policy.Load()
 	if p == nil {
-		return nil, "", nil
+		return nil, Caller{}, nil
 	}
 	id, ok := peerIdentity(ctx)
-	if !ok || !p.Known(id) {
-		return nil, "", toStatus(nil, &authError{kind: errUnauthenticated, identity: id})
+	if !ok || !p.Known(id.Key()) {
+		return nil, Caller{}, toStatus(nil, &authError{kind: errUnauthenticated, identity: id.Value})
 	}
 	return p, id, nil
 }
@@ -234,8 +270,8 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerI
 	if p == nil {
 		return handler(srv, ss)
 	}
-	if !p.IsOperator(id) {
-		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id})
+	if !p.IsOperator(id.Key()) {
+		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})
 	}
 	return handler(srv, ss)
 }

@@ -48,7 +48,7 @@ rules:
   - identities: ["billing.svc.corp.test"]
     role: consumer
     tenants: ["globex"]
-  - identities: ["legacy-cn-client"]
+  - identities: ["cn:legacy-cn-client"]
     role: consumer
     tenants: ["acme"]
 `
@@ -85,7 +85,7 @@ func newTLSFixture(t *testing.T, rateLimit float64, opts ...func(*server.Options
 	tf.auditor = server.NewAuditor(tf.audit)
 	tf.metrics.Watch(f.b, time.Now)
 	o := server.Options{
-		Broker: f.b, Logger: slog.New(slog.NewJSONHandler(f.logs, nil)),
+		Broker: f.b, Logger: slog.New(slog.NewJSONHandler(f.logs, nil)), AllowUpstreamCIDRs: loopback,
 		Authorizer: server.NewAuthorizer(p), Auditor: tf.auditor, Metrics: tf.metrics,
 		RateLimit: rateLimit, RateBurst: int(rateLimit),
 		ServerOptions: []grpc.ServerOption{grpc.Creds(files.Credentials())},

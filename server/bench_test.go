@@ -38,11 +38,11 @@ func BenchmarkRPC(b *testing.B) {
 	}
 	defer st.Close()
 	metrics := server.NewMetrics()
-	br, _ := broker.New(broker.Options{Store: st, TickInterval: -1, Observer: metrics})
+	br, _ := broker.New(broker.Options{Store: st, TickInterval: -1, Observer: metrics, AllowUpstreamCIDRs: loopback})
 	defer br.Close()
 	auditor := server.NewAuditor(io.Discard)
 	defer auditor.Close()
-	srv := server.New(server.Options{Broker: br, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics, QuietMethods: servertest.QuietMethods})
+	srv := server.New(server.Options{Broker: br, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), AllowUpstreamCIDRs: loopback, Auditor: auditor, Metrics: metrics, QuietMethods: servertest.QuietMethods})
 	servertest.RegisterNoop(srv.Server)
 	lis, _ := net.Listen("tcp", "127.0.0.1:0")
 	go srv.Serve(lis)

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"tokenbroker/internal/testkit"
 	"tokenbroker/server"
 	"tokenbroker/server/servertest"
 )
@@ -23,7 +24,7 @@ import (
 // failure still at its usual level.
 func TestQuietMethodsLogOnlyTheirFailuresAtInfo(t *testing.T) {
 	const loudMethod, failMethod = "/embedder.Loud/Call", "/embedder.Fail/Call"
-	logs := &syncBuffer{}
+	logs := &testkit.LockedBuffer{}
 	srv := server.New(server.Options{
 		Logger:       slog.New(slog.NewJSONHandler(logs, nil)),
 		QuietMethods: []string{servertest.NoopMethod, failMethod},

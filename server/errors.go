@@ -31,47 +31,51 @@ func toStatus(log *slog.Logger, err error) error {
 	}
 	var ae *authError
 	if errors.As(err, &ae) {
-		if errors.Is(ae, errUnauthenticated) {
-			return withDetails(codes.Unauthenticated, "caller not authenticated: present a client certificate the policy names", "UNAUTHENTICATED", "", 0, nil)
-		}
-		msg := "caller " + ae.identity + " may not do this"
-		if ae.name != "" {
-			msg += " on " + ae.name
-		}
-		return withDetails(codes.PermissionDenied, msg, "PERMISSION_DENIED", ae.name, 0, nil)
+		return authStatus(ae)
 	}
 	var be *broker.Error
-	if !errors.As(err, &be) {
-		switch {
-		case errors.Is(err, context.DeadlineExceeded):
-			return withDetails(codes.DeadlineExceeded, "deadline exceeded while waiting for the token", "DEADLINE_EXCEEDED", "", 0, nil)
-		case errors.Is(err, context.Canceled):
-			return withDetails(codes.Canceled, "canceled", "CANCELED", "", 0, nil)
-		case errors.Is(err, errRateLimited):
-			return withDetails(codes.ResourceExhausted, "caller rate limit exceeded; slow down", "RATE_LIMITED", "", time.Second, nil)
-		case errors.Is(err, broker.ErrClosed):
-			return withDetails(codes.Unavailable, "server is shutting down", "SHUTTING_DOWN", "", 0, nil)
-		}
-		if log != nil {
-			log.Error("unexpected error", "error", err.Error())
-		}
-		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
+	if errors.As(err, &be) {
+		return brokerStatus(be)
 	}
-	code := codes.Internal
+	return plainStatus(log, err)
+}
+
+// authStatus is the status of a caller the authorizer turned away.
+func authStatus(ae *authError) error {
+	if errors.Is(ae, errUnauthenticated) {
+		return withDetails(codes.Unauthenticated, "caller not authenticated: present a client certificate the policy names", "UNAUTHENTICATED", "", 0, nil)
+	}
+	msg := "caller " + ae.identity + " may not do this"
+	if ae.name != "" {
+		msg += " on " + ae.name
+	}
+	return withDetails(codes.PermissionDenied, msg, "PERMISSION_DENIED", ae.name, 0, nil)
+}
+
+// plainStatus is the status of an error that is not the broker's: the
+// caller's own deadline or cancellation, the rate limit, shutdown, or
+// something unexpected, which is logged and answered as a generic INTERNAL.
+func plainStatus(log *slog.Logger, err error) error {
 	switch {
-	case errors.Is(be, broker.ErrInvalidArgument):
-		code = codes.InvalidArgument
-	case errors.Is(be, broker.ErrNotFound):
-		code = codes.NotFound
-	case errors.Is(be, broker.ErrAlreadyExists):
-		code = codes.AlreadyExists
-	case errors.Is(be, broker.ErrConflict):
-		code = codes.Aborted
-	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort):
-		code = codes.FailedPrecondition
-	case errors.Is(be, broker.ErrUpstreamUnavailable), errors.Is(be, broker.ErrLoginLimit), errors.Is(be, broker.ErrStorage), errors.Is(be, broker.ErrClosed):
-		code = codes.Unavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		return withDetails(codes.DeadlineExceeded, "deadline exceeded while waiting for the token", "DEADLINE_EXCEEDED", "", 0, nil)
+	case errors.Is(err, context.Canceled):
+		return withDetails(codes.Canceled, "canceled", "CANCELED", "", 0, nil)
+	case errors.Is(err, errRateLimited):
+		return withDetails(codes.ResourceExhausted, "caller rate limit exceeded; slow down", "RATE_LIMITED", "", time.Second, nil)
+	case errors.Is(err, broker.ErrClosed):
+		return withDetails(codes.Unavailable, "server is shutting down", "SHUTTING_DOWN", "", 0, nil)
 	}
+	if log != nil {
+		log.Error("unexpected error", "error", err.Error())
+	}
+	return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
+}
+
+// brokerStatus carries a broker error's kind, reason, connection and
+// violations; an UNAVAILABLE answer always says when to retry.
+func brokerStatus(be *broker.Error) error {
+	code := brokerCode(be)
 	msg := be.Error()
 	if code == codes.NotFound {
 		msg = "connection " + be.Name + " not found"
@@ -81,6 +85,25 @@ func toStatus(log *slog.Logger, err error) error {
 		retry = time.Second
 	}
 	return withDetails(code, msg, be.Reason, be.Name, retry, be.Violations)
+}
+
+// brokerCode maps a broker error's kind to its gRPC code.
+func brokerCode(be *broker.Error) codes.Code {
+	switch {
+	case errors.Is(be, broker.ErrInvalidArgument):
+		return codes.InvalidArgument
+	case errors.Is(be, broker.ErrNotFound):
+		return codes.NotFound
+	case errors.Is(be, broker.ErrAlreadyExists):
+		return codes.AlreadyExists
+	case errors.Is(be, broker.ErrConflict):
+		return codes.Aborted
+	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort):
+		return codes.FailedPrecondition
+	case errors.Is(be, broker.ErrUpstreamUnavailable), errors.Is(be, broker.ErrLoginLimit), errors.Is(be, broker.ErrStorage), errors.Is(be, broker.ErrClosed):
+		return codes.Unavailable
+	}
+	return codes.Internal
 }
 
 func withDetails(code codes.Code, msg, reason, name string, retry time.Duration, violations []broker.FieldViolation) error {

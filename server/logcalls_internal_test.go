@@ -19,7 +19,7 @@ import (
 // Read the two as a ratio: go test -run '^$' -bench RequestLog ./server/
 func BenchmarkRequestLog(b *testing.B) {
 	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	r := newRequestLog(log, func(context.Context) string { return DevIdentity }, nil)
+	r := newRequestLog(log, func(context.Context) string { return DevIdentity }, func(context.Context) string { return "" }, nil)
 	ctx := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 50000}})
 	info := &grpc.UnaryServerInfo{FullMethod: pb.TokenBroker_GetAccessToken_FullMethodName}
 	req := &pb.GetAccessTokenRequest{Name: "tenants/acme/connections/erp"}

@@ -36,7 +36,14 @@ const (
 //	    tenants: ["globex"]          # every connection of these tenants
 //
 // Identity and connection patterns use path.Match globs: `*` does not cross
-// a `/`.
+// a `/`. In identity patterns `*` matches at least one character, so
+// `spiffe://corp.example/ops/*` does not match `spiffe://corp.example/ops/`.
+//
+// Each identity pattern matches one kind of identity ([Caller]) only: a
+// pattern with `://` (or the prefix `uri:`) matches URI SANs, a pattern
+// without `:` (or with the prefix `dns:`) DNS SANs, and a pattern with the
+// prefix `cn:` the subject CN of a certificate that has no URI or DNS SAN.
+// Any other pattern with a colon (`urn:…`) must name its kind with a prefix.
 type Policy struct {
 	rules []rule
 	// The identity patterns, indexed so that a call does not match every
@@ -59,12 +66,7 @@ type rule struct {
 }
 
 type policyFile struct {
-	Rules []struct {
-		Identities  []string `yaml:"identities"`
-		Role        string   `yaml:"role"`
-		Tenants     []string `yaml:"tenants"`
-		Connections []string `yaml:"connections"`
-	} `yaml:"rules"`
+	Rules []fileRule `yaml:"rules"`
 }
 
 // ParsePolicy parses and validates a policy; errors name the line.
@@ -90,47 +92,126 @@ func ParsePolicy(data []byte) (*Policy, error) {
 	}
 	p := &Policy{}
 	for i, r := range pf.Rules {
-		line := rulesNode.Content[i].Line
-		bad := func(format string, args ...any) error {
-			return fmt.Errorf("policy line %d (rule %d): %s", line, i+1, fmt.Sprintf(format, args...))
+		parsed, err := parseRule(r)
+		if err != nil {
+			return nil, fmt.Errorf("policy line %d (rule %d): %w", rulesNode.Content[i].Line, i+1, err)
 		}
-		if len(r.Identities) == 0 {
-			return nil, bad("identities is required")
-		}
-		for _, id := range r.Identities {
-			if _, err := path.Match(id, ""); err != nil || id == "" {
-				return nil, bad("identity pattern %q is not a valid glob", id)
-			}
-		}
-		switch r.Role {
-		case RoleOperator:
-			if len(r.Connections) > 0 {
-				return nil, bad("operators are granted tenants, not connections")
-			}
-			if len(r.Tenants) == 0 {
-				return nil, bad(`operator rule needs tenants (["*"] for all)`)
-			}
-		case RoleConsumer:
-			if len(r.Tenants) == 0 && len(r.Connections) == 0 {
-				return nil, bad("consumer rule needs tenants or connections")
-			}
-		default:
-			return nil, bad("role %q is not operator or consumer", r.Role)
-		}
-		for _, t := range r.Tenants {
-			if t != "*" && !broker.ValidID(t) {
-				return nil, bad("tenant %q is not a tenant id or *", t)
-			}
-		}
-		for _, c := range r.Connections {
-			if _, err := path.Match(c, ""); err != nil || !strings.HasPrefix(c, "tenants/") {
-				return nil, bad("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
-			}
-		}
-		p.rules = append(p.rules, rule{identities: r.Identities, role: r.Role, tenants: r.Tenants, connections: r.Connections})
+		p.rules = append(p.rules, parsed)
 	}
 	p.index()
 	return p, nil
+}
+
+// fileRule is a rule as the policy file spells it.
+type fileRule struct {
+	Identities  []string `yaml:"identities"`
+	Role        string   `yaml:"role"`
+	Tenants     []string `yaml:"tenants"`
+	Connections []string `yaml:"connections"`
+}
+
+// parseRule checks one rule of the file and compiles its identity patterns.
+func parseRule(r fileRule) (rule, error) {
+	if len(r.Identities) == 0 {
+		return rule{}, errors.New("identities is required")
+	}
+	ids := make([]string, 0, len(r.Identities))
+	for _, id := range r.Identities {
+		pat, err := identityPattern(id)
+		if err != nil {
+			return rule{}, fmt.Errorf("identity pattern %q %s", id, err.Error())
+		}
+		ids = append(ids, pat)
+	}
+	if err := checkGrants(r); err != nil {
+		return rule{}, err
+	}
+	return rule{identities: ids, role: r.Role, tenants: r.Tenants, connections: r.Connections}, nil
+}
+
+// checkGrants checks a rule's role and what it grants the role on.
+func checkGrants(r fileRule) error {
+	switch r.Role {
+	case RoleOperator:
+		if len(r.Connections) > 0 {
+			return errors.New("operators are granted tenants, not connections")
+		}
+		if len(r.Tenants) == 0 {
+			return errors.New(`operator rule needs tenants (["*"] for all)`)
+		}
+	case RoleConsumer:
+		if len(r.Tenants) == 0 && len(r.Connections) == 0 {
+			return errors.New("consumer rule needs tenants or connections")
+		}
+	default:
+		return fmt.Errorf("role %q is not operator or consumer", r.Role)
+	}
+	for _, t := range r.Tenants {
+		if t != "*" && !broker.ValidID(t) {
+			return fmt.Errorf("tenant %q is not a tenant id or *", t)
+		}
+	}
+	for _, c := range r.Connections {
+		if _, err := path.Match(c, ""); err != nil || !strings.HasPrefix(c, "tenants/") {
+			return fmt.Errorf("connection pattern %q must be a glob on tenants/{tenant}/connections/{connection}", c)
+		}
+	}
+	return nil
+}
+
+// identityPattern turns an identity pattern of a policy file into the form
+// matched against [Caller.Key]: prefixed with its kind, and each `*`
+// standing for at least one character.
+func identityPattern(p string) (string, error) {
+	kind, glob := patternKind(p)
+	if kind == "" {
+		return "", errors.New("has a scheme but no //: name its kind, e.g. uri:" + p)
+	}
+	if _, err := path.Match(glob, ""); err != nil || glob == "" {
+		return "", errors.New("is not a valid glob")
+	}
+	return kind + ":" + nonEmptyStars(glob), nil
+}
+
+// patternKind splits a pattern into the kind of identity it matches and
+// its glob; kind is "" when the pattern does not say.
+func patternKind(p string) (kind, glob string) {
+	if k, rest, ok := strings.Cut(p, ":"); ok && !strings.HasPrefix(rest, "//") {
+		switch k {
+		case KindURI, KindDNS, KindCN:
+			return k, rest
+		}
+		return "", p
+	}
+	if strings.Contains(p, "://") {
+		return KindURI, p
+	}
+	return KindDNS, p
+}
+
+// nonEmptyStars rewrites each `*` of a glob (outside brackets, unescaped)
+// as `?*`, so that it matches one or more characters: a URI with an empty
+// last segment must not pass for a name under the prefix.
+func nonEmptyStars(glob string) string {
+	var b strings.Builder
+	inClass := false
+	for i := 0; i < len(glob); i++ {
+		c := glob[i]
+		switch {
+		case c == '\\' && i+1 < len(glob):
+			b.WriteByte(c)
+			i++
+			c = glob[i]
+		case inClass && c == ']':
+			inClass = false
+		case !inClass && c == '[':
+			inClass = true
+		case !inClass && c == '*':
+			b.WriteByte('?')
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
 }
 
 // index builds exact and globs from the rules.
@@ -224,7 +305,8 @@ func (r *rule) consumes(tenant, name string) bool {
 	return r.role == RoleConsumer && (slices.Contains(r.tenants, "*") || slices.Contains(r.tenants, tenant) || globAny(r.connections, name))
 }
 
-// Known reports whether any rule names the identity.
+// Known reports whether any rule names the identity, given as
+// [Caller.Key] (so are the identities of the methods below).
 func (p *Policy) Known(identity string) bool {
 	return p.anyRule(identity, func(*rule) bool { return true })
 }

@@ -77,7 +77,8 @@ func BenchmarkAuthorizeToken(b *testing.B) {
 
 // The index answers as a scan of every rule's patterns would, for exact
 // identities, globs, escaped and bracketed patterns, an identity named by
-// both kinds and one named twice in a rule.
+// both kinds of rule and one named twice in a rule, and identities whose
+// value a pattern of another kind spells.
 func TestPolicyIndexAgreesWithAScanOfEveryRule(t *testing.T) {
 	p, err := ParsePolicy([]byte(`rules:
   - identities: ["spiffe://c/ops/*", "spiffe://c/svc/a"]
@@ -107,8 +108,9 @@ func TestPolicyIndexAgreesWithAScanOfEveryRule(t *testing.T) {
 		}
 		return false
 	}
-	identities := []string{"spiffe://c/ops/root", "spiffe://c/ops/x", "spiffe://c/ops/x/y", "spiffe://c/svc/a", "spiffe://c/svc/b",
-		"spiffe://c/svc/c", "spiffe://c/svc/e", "spiffe://c/svc/d*", "spiffe://c/svc/dx", "cn-only", "cn", "", "spiffe://c/svc/[bc]"}
+	identities := []string{"uri:spiffe://c/ops/root", "uri:spiffe://c/ops/x", "uri:spiffe://c/ops/x/y", "uri:spiffe://c/svc/a", "uri:spiffe://c/svc/b",
+		"uri:spiffe://c/svc/c", "uri:spiffe://c/svc/e", "uri:spiffe://c/svc/d*", "uri:spiffe://c/svc/dx", "dns:cn-only", "dns:cn", "", "uri:spiffe://c/svc/[bc]",
+		"uri:spiffe://c/ops/", "cn:cn-only", "cn:spiffe://c/ops/root", "dns:spiffe://c/ops/x", "spiffe://c/ops/root"}
 	tenants := []string{"acme", "globex", "initech", "other"}
 	var known int
 	for _, id := range identities {
@@ -130,6 +132,13 @@ func TestPolicyIndexAgreesWithAScanOfEveryRule(t *testing.T) {
 			if got, want := p.CanConsume(id, name), scan(id, consume); got != want {
 				t.Errorf("CanConsume(%q, %q) = %v, scan says %v", id, name, got, want)
 			}
+		}
+	}
+	// Kinds stay apart: a CN or DNS SAN that spells a URI the policy names
+	// is a stranger, and so is a URI whose last segment is empty.
+	for _, id := range []string{"cn:spiffe://c/ops/root", "dns:spiffe://c/ops/x", "uri:spiffe://c/ops/", "spiffe://c/ops/root"} {
+		if p.Known(id) {
+			t.Errorf("Known(%q) = true", id)
 		}
 	}
 	// Not a vacuous comparison: most identities are known, some are not.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -31,8 +32,12 @@ type Options struct {
 	// Logger receives request logs (method, code, duration; never payloads).
 	// Default discards.
 	Logger *slog.Logger
-	// AllowInsecureUpstream lets instance URLs use http beyond loopback.
+	// AllowInsecureUpstream lets instance URLs use http beyond loopback,
+	// and loopback addresses.
 	AllowInsecureUpstream bool
+	// AllowUpstreamCIDRs are address ranges inside the network that
+	// instance URLs may name (see broker.UpstreamRules). Default none.
+	AllowUpstreamCIDRs []netip.Prefix
 	// Authorizer decides who may call what. Default dev mode (everyone).
 	Authorizer *Authorizer
 	// Auditor records every TokenBroker call. Default none.
@@ -86,13 +91,13 @@ func New(opts Options) *Server {
 	if opts.MaxRecvMsgSize <= 0 {
 		opts.MaxRecvMsgSize = 64 << 10
 	}
-	val := validator{allowInsecure: opts.AllowInsecureUpstream}
+	val := validator{upstream: broker.UpstreamRules{AllowInsecure: opts.AllowInsecureUpstream, AllowCIDRs: opts.AllowUpstreamCIDRs}}
 	recoverPanic := func(ctx context.Context, p any) error {
 		// The panic value is not logged: it could hold request data.
 		log.ErrorContext(ctx, "panic recovered in handler", "panic_type", fmt.Sprintf("%T", p), "stack", string(debug.Stack()))
 		return withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 	}
-	reqLog := newRequestLog(log, authz.callerIdentity, opts.QuietMethods)
+	reqLog := newRequestLog(log, authz.callerIdentity, authz.callerKind, opts.QuietMethods)
 	unary := []grpc.UnaryServerInterceptor{reqLog.unary}
 	stream := []grpc.StreamServerInterceptor{reqLog.stream}
 	if opts.Metrics != nil {
@@ -106,7 +111,7 @@ func New(opts Options) *Server {
 	unary = append(unary, selector.UnaryServerInterceptor(authz.withAuthenticated(opts.AuthenticatedMethods), selector.MatchFunc(needsAuth)))
 	stream = append(stream, selector.StreamServerInterceptor(authz.stream, selector.MatchFunc(needsAuth)))
 	if opts.RateLimit > 0 {
-		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerIdentity}
+		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerKey}
 		unary = append(unary, selector.UnaryServerInterceptor(rl.unary, selector.MatchFunc(needsAuth)))
 	}
 	unary = append(unary, val.unary, recovery.UnaryServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
@@ -116,6 +121,7 @@ func New(opts Options) *Server {
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 		grpc.MaxRecvMsgSize(opts.MaxRecvMsgSize),
+		grpc.ForceServerCodecV2(newUTF8Codec()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute, Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 	}, opts.ServerOptions...)
@@ -143,13 +149,18 @@ type requestLog struct {
 	stream   grpc.StreamServerInterceptor
 }
 
-func newRequestLog(log *slog.Logger, who func(context.Context) string, quietMethods []string) *requestLog {
+func newRequestLog(log *slog.Logger, who, kind func(context.Context) string, quietMethods []string) *requestLog {
 	opts := []logging.Option{
 		logging.WithLogOnEvents(logging.FinishCall),
 		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
 			var f logging.Fields
 			if id := who(ctx); id != "" {
 				f = logging.Fields{"caller", id}
+			}
+			// Which kind of certificate identity the policy matched: a URI
+			// or DNS SAN, or a subject CN.
+			if k := kind(ctx); k != "" {
+				f = append(f, "caller_kind", k)
 			}
 			// A quiet call that failed is logged after the fact; these
 			// fields take precedence over the interceptor's own.

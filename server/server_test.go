@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 	"tokenbroker/server"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
@@ -42,23 +44,9 @@ const (
 	password     = "SRV-user-password-77c2e9f1"
 )
 
-// syncBuffer collects every log line of a test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// loopback allows the stand-ins' addresses, and no more: http beyond
+// loopback stays refused.
+var loopback = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 
 type fixture struct {
 	t      *testing.T
@@ -68,14 +56,14 @@ type fixture struct {
 	b      *broker.Broker
 	client pb.TokenBrokerClient
 	conn   *grpc.ClientConn
-	logs   *syncBuffer
+	logs   *testkit.LockedBuffer
 	seen   []string // every response and error text, for leak scans
 	mu     sync.Mutex
 }
 
 func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 	t.Helper()
-	f := &fixture{t: t, logs: &syncBuffer{}}
+	f := &fixture{t: t, logs: &testkit.LockedBuffer{}}
 	log := slog.New(slog.NewJSONHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	f.idp = acumaticatest.New(acumaticatest.Options{})
 	f.idp.AddClient(clientID, clientSecret)
@@ -89,7 +77,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.store = st
-	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
+	bo := broker.Options{Store: st, Logger: log, TickInterval: -1, AllowUpstreamCIDRs: loopback, BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, MaxAttempts: 1}
 	for _, o := range opts {
 		o(&bo)
 	}
@@ -98,7 +86,7 @@ func newFixture(t *testing.T, opts ...func(*broker.Options)) *fixture {
 		t.Fatal(err)
 	}
 	f.b = b
-	srv := server.New(server.Options{Broker: b, Logger: log})
+	srv := server.New(server.Options{Broker: b, Logger: log, AllowUpstreamCIDRs: loopback})
 	f.start(srv.Server)
 	t.Cleanup(func() {
 		srv.Stop()
@@ -640,9 +628,9 @@ func TestSuccessfulTokenCallsLogAtDebug(t *testing.T) {
 func TestQuietFailuresAreLoggedWithTheirRealDuration(t *testing.T) {
 	f := newFixture(t)
 	c := f.create("acme", "erp")
-	var infoLogs syncBuffer
+	var infoLogs testkit.LockedBuffer
 	infoLog := slog.New(slog.NewJSONHandler(io.MultiWriter(&infoLogs, f.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	srv := server.New(server.Options{Broker: f.b, Logger: infoLog})
+	srv := server.New(server.Options{Broker: f.b, Logger: infoLog, AllowUpstreamCIDRs: loopback})
 	t.Cleanup(srv.Stop)
 	f.start(srv.Server) // f.client now calls the info-level server
 

@@ -43,7 +43,7 @@ func (v *violations) name(field, name string) {
 
 // validator checks requests before any handler work.
 type validator struct {
-	allowInsecure bool
+	upstream broker.UpstreamRules
 }
 
 // unary is the validation interceptor: an invalid request never reaches a
@@ -66,70 +66,102 @@ func (val validator) check(req any) (v violations, err error) {
 			err = withDetails(codes.Internal, "internal error", "INTERNAL", "", 0, nil)
 		}
 	}()
+	if paths := badUTF8Paths(req); len(paths) > 0 {
+		// The other checks would judge the U+FFFD put in place of the bad
+		// bytes: name the cause instead.
+		for _, p := range paths {
+			v.add(p, "is not valid UTF-8")
+		}
+		return v, nil
+	}
 	switch r := req.(type) {
 	case *pb.CreateConnectionRequest:
-		if _, err := broker.ParseParent(r.GetParent(), false); err != nil {
-			v.add("parent", "%s", err.Error())
-		}
-		if !broker.ValidID(r.GetConnectionId()) {
-			v.add("connection_id", "must match [a-z][a-z0-9-]{0,62}")
-		}
-		if r.GetConnection() == nil {
-			v.add("connection", "is required")
-			break
-		}
-		c := fromProto(r.GetConnection())
-		for _, fv := range broker.Normalize(c, nil, val.allowInsecure) {
-			v.add("connection."+fv.Field, "%s", fv.Description)
-		}
+		val.checkCreate(r, &v)
 	case *pb.GetConnectionRequest:
 		v.name("name", r.GetName())
 	case *pb.DeleteConnectionRequest:
 		v.name("name", r.GetName())
-		if e := r.GetEtag(); e != "" {
-			if _, ok := broker.ParseETag(e); !ok {
-				v.add("etag", "is not an etag this service issued")
-			}
-		}
+		v.etag("etag", r.GetEtag())
 	case *pb.ListConnectionsRequest:
-		if _, err := broker.ParseParent(r.GetParent(), true); err != nil {
-			v.add("parent", "%s (use tenants/- for all tenants)", err.Error())
-		}
-		if r.GetPageSize() < 0 {
-			v.add("page_size", "must not be negative")
-		}
-		if _, err := decodePageToken(r.GetPageToken(), r.GetParent()); err != nil {
-			v.add("page_token", "%s", err.Error())
-		}
+		checkList(r, &v)
 	case *pb.UpdateConnectionRequest:
 		val.checkUpdate(r, &v)
 	case *pb.TestConnectionRequest:
-		v.name("name", r.GetName())
-		if len(r.GetEntities()) > maxEntities {
-			v.add("entities", "at most %d entities", maxEntities)
-		}
-		for i, e := range r.GetEntities() {
-			if !broker.ValidEntity(e) {
-				v.add(fmt.Sprintf("entities[%d]", i), "must be an entity name such as SalesOrder")
-			}
-		}
-		if e := r.GetEndpoint(); e != "" && !broker.ValidEndpoint(e) {
-			v.add("endpoint", "must have the form Name/Version, e.g. %s", broker.DefaultEndpoint)
-		}
+		checkTest(r, &v)
 	case *pb.GetAccessTokenRequest:
-		v.name("name", r.GetName())
-		if d := r.GetMinValidFor(); d != nil {
-			if err := d.CheckValid(); err != nil {
-				v.add("min_valid_for", "is not a valid duration")
-			} else if dd := d.AsDuration(); dd < 0 || dd > maxMinValidFor {
-				v.add("min_valid_for", "must be between 0 and %v", maxMinValidFor)
-			}
-		}
-		if len(r.GetRejectedAccessToken()) > maxTokenLen {
-			v.add("rejected_access_token", "is longer than %d bytes", maxTokenLen)
-		}
+		checkToken(r, &v)
 	}
 	return v, nil
+}
+
+// etag checks an optional etag.
+func (v *violations) etag(field, e string) {
+	if e == "" {
+		return
+	}
+	if _, ok := broker.ParseETag(e); !ok {
+		v.add(field, "is not an etag this service issued")
+	}
+}
+
+func (val validator) checkCreate(r *pb.CreateConnectionRequest, v *violations) {
+	if _, err := broker.ParseParent(r.GetParent(), false); err != nil {
+		v.add("parent", "%s", err.Error())
+	}
+	if !broker.ValidID(r.GetConnectionId()) {
+		v.add("connection_id", "must match [a-z][a-z0-9-]{0,62}")
+	}
+	if r.GetConnection() == nil {
+		v.add("connection", "is required")
+		return
+	}
+	c := fromProto(r.GetConnection())
+	for _, fv := range broker.Normalize(c, nil, val.upstream) {
+		v.add("connection."+fv.Field, "%s", fv.Description)
+	}
+}
+
+func checkList(r *pb.ListConnectionsRequest, v *violations) {
+	if _, err := broker.ParseParent(r.GetParent(), true); err != nil {
+		v.add("parent", "%s (use tenants/- for all tenants)", err.Error())
+	}
+	if r.GetPageSize() < 0 {
+		v.add("page_size", "must not be negative")
+	}
+	if _, err := decodePageToken(r.GetPageToken(), r.GetParent()); err != nil {
+		v.add("page_token", "%s", err.Error())
+	}
+}
+
+func checkTest(r *pb.TestConnectionRequest, v *violations) {
+	v.name("name", r.GetName())
+	if len(r.GetEntities()) > maxEntities {
+		v.add("entities", "at most %d entities", maxEntities)
+	}
+	for i, e := range r.GetEntities() {
+		if !broker.ValidEntity(e) {
+			v.add(fmt.Sprintf("entities[%d]", i), "must be an entity name such as SalesOrder")
+		}
+	}
+	if e := r.GetEndpoint(); e != "" && !broker.ValidEndpoint(e) {
+		v.add("endpoint", "must have the form Name/Version, e.g. %s", broker.DefaultEndpoint)
+	}
+}
+
+func checkToken(r *pb.GetAccessTokenRequest, v *violations) {
+	v.name("name", r.GetName())
+	if d := r.GetMinValidFor(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			v.add("min_valid_for", "is not a valid duration")
+		} else if dd := d.AsDuration(); dd < 0 || dd > maxMinValidFor {
+			v.add("min_valid_for", "must be between 0 and %v", maxMinValidFor)
+		}
+	}
+	if len(r.GetRejectedAccessToken()) > maxTokenLen {
+		v.add("rejected_access_token", "is longer than %d bytes", maxTokenLen)
+	} else if err := broker.CheckText(r.GetRejectedAccessToken()); err != nil {
+		v.add("rejected_access_token", "%s", err.Error())
+	}
 }
 
 func (val validator) checkUpdate(r *pb.UpdateConnectionRequest, v *violations) {
@@ -162,16 +194,12 @@ func (val validator) checkUpdate(r *pb.UpdateConnectionRequest, v *violations) {
 			}
 		}
 	}
-	if e := r.GetConnection().GetEtag(); e != "" {
-		if _, ok := broker.ParseETag(e); !ok {
-			v.add("connection.etag", "is not an etag this service issued")
-		}
-	}
+	v.etag("connection.etag", r.GetConnection().GetEtag())
 	if len(fields) == 0 {
 		return
 	}
 	c := fromProto(r.GetConnection())
-	for _, fv := range broker.Normalize(c, fields, val.allowInsecure) {
+	for _, fv := range broker.Normalize(c, fields, val.upstream) {
 		v.add("connection."+fv.Field, "%s", fv.Description)
 	}
 }

@@ -50,6 +50,7 @@ func (f FaultSpec) fault() Fault {
 //	POST /_control/revoke-refresh-tokens   end every session
 //	POST /_control/users                   {"username","password"}: add or change a password
 //	POST /_control/clients                 {"client_id","client_secret"}: add or replace a client
+//	POST /_control/access-token-lifetime   {"seconds": n}: expires_in of tokens issued from now on
 //
 // It is unauthenticated: run it on loopback only.
 func (s *Server) ControlHandler() http.Handler {
@@ -97,6 +98,17 @@ func (s *Server) ControlHandler() http.Handler {
 			return
 		}
 		s.AddClient(c.ClientID, c.ClientSecret)
+		w.WriteHeader(204)
+	})
+	mux.HandleFunc("POST /_control/access-token-lifetime", func(w http.ResponseWriter, r *http.Request) {
+		var l struct {
+			Seconds int `json:"seconds"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&l); err != nil || l.Seconds <= 0 {
+			http.Error(w, `want {"seconds": n} with n > 0`, 400)
+			return
+		}
+		s.SetAccessTokenLifetime(time.Duration(l.Seconds) * time.Second)
 		w.WriteHeader(204)
 	})
 	return mux

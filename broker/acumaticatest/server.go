@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,17 +118,16 @@ type session struct {
 type Server struct {
 	opts Options
 
-	mu        sync.Mutex // guards everything below
-	clients   map[string]client
-	users     map[string]user
-	sessions  map[string]*session
-	refresh   map[string]*session // any refresh token of a chain, spent or current
-	access    map[string]*session
-	faults    []Fault
-	counts    Counts
-	inflight  map[string]int
-	protected []string
-	seen      []string // every token issued, for leak scans
+	mu       sync.Mutex // guards everything below
+	clients  map[string]client
+	users    map[string]user
+	sessions map[string]*session
+	refresh  map[string]*session // any refresh token of a chain, spent or current
+	access   map[string]*session
+	faults   []Fault
+	counts   Counts
+	inflight map[string]int
+	seen     []string // every token issued, for leak scans
 }
 
 // New returns a stand-in with no clients or users.
@@ -180,6 +180,14 @@ func (s *Server) SetNoRefreshTokens(none bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.opts.NoRefreshTokens = none
+}
+
+// SetAccessTokenLifetime changes expires_in of the tokens issued from now
+// on (e.g. to a few seconds, as some identity servers issue).
+func (s *Server) SetAccessTokenLifetime(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.opts.AccessTokenLifetime = d
 }
 
 // RevokeRefreshTokens ends every session: every refresh and access token
@@ -295,7 +303,29 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 		oauthError(w, 400, "invalid_request", "bad form")
 		return
 	}
+	fault := s.arrive(r.PostForm.Get("client_id"))
+	defer s.leave(r.PostForm.Get("client_id"))
+	if fault != nil && !s.beforeGrant(w, r, fault) {
+		return
+	}
+	if !wait(r, s.opts.Latency) {
+		return
+	}
+	status, body := s.grant(r)
+	if !wait(r, s.opts.LatencyAfter) {
+		return
+	}
+	if fault != nil && !s.afterGrant(w, r, fault, status, body) {
+		return
+	}
+	writeJSON(w, status, body)
+}
+
+// arrive takes the next queued fault, if any, and counts the request as in
+// flight for its client.
+func (s *Server) arrive(clientID string) *Fault {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	var fault *Fault
 	if len(s.faults) > 0 {
 		f := s.faults[0]
@@ -303,84 +333,79 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 		fault = &f
 		s.counts.Faults++
 	}
-	key := r.PostForm.Get("client_id")
-	s.inflight[key]++
-	if s.inflight[key] > s.counts.MaxConcurrentUser {
-		s.counts.MaxConcurrentUser = s.inflight[key]
-	}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		s.inflight[key]--
-		s.mu.Unlock()
-	}()
+	s.inflight[clientID]++
+	s.counts.MaxConcurrentUser = max(s.counts.MaxConcurrentUser, s.inflight[clientID])
+	return fault
+}
 
-	if fault != nil {
-		if fault.Arrived != nil {
-			fault.Arrived <- struct{}{}
-		}
-		if fault.Delay > 0 {
-			select {
-			case <-time.After(fault.Delay):
-			case <-r.Context().Done():
-				return
-			}
-		}
-		if fault.Hang {
-			<-r.Context().Done()
-			return
-		}
-		if fault.Release != nil {
-			select {
-			case <-fault.Release:
-			case <-r.Context().Done():
-				return
-			}
-		}
-		if fault.Redirect != "" {
-			http.Redirect(w, r, fault.Redirect, http.StatusTemporaryRedirect)
-			return
-		}
-		heldOnly := fault.Release != nil && fault.Status == 0 && !fault.Reset
-		if !heldOnly && !fault.Process && fault.Mutate == nil && fault.HoldAfterProcess == 0 {
-			s.writeFault(w, fault)
-			return
-		}
+func (s *Server) leave(clientID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inflight[clientID]--
+}
+
+// wait sleeps for d unless the client goes away first; it reports whether
+// the request goes on.
+func wait(r *http.Request, d time.Duration) bool {
+	if d <= 0 {
+		return true
 	}
-	if s.opts.Latency > 0 {
+	select {
+	case <-time.After(d):
+		return true
+	case <-r.Context().Done():
+		return false
+	}
+}
+
+// beforeGrant plays the part of a fault that comes before the grant is
+// processed; it reports whether the grant is processed.
+func (s *Server) beforeGrant(w http.ResponseWriter, r *http.Request, fault *Fault) bool {
+	if fault.Arrived != nil {
+		fault.Arrived <- struct{}{}
+	}
+	if !wait(r, fault.Delay) {
+		return false
+	}
+	if fault.Hang {
+		<-r.Context().Done()
+		return false
+	}
+	if fault.Release != nil {
 		select {
-		case <-time.After(s.opts.Latency):
+		case <-fault.Release:
 		case <-r.Context().Done():
-			return
+			return false
 		}
 	}
-	status, body := s.grant(r)
-	if s.opts.LatencyAfter > 0 {
-		select {
-		case <-time.After(s.opts.LatencyAfter):
-		case <-r.Context().Done():
-			return
-		}
+	if fault.Redirect != "" {
+		http.Redirect(w, r, fault.Redirect, http.StatusTemporaryRedirect)
+		return false
 	}
-	if fault != nil && fault.Processed != nil {
+	heldOnly := fault.Release != nil && fault.Status == 0 && !fault.Reset
+	if !heldOnly && !fault.Process && fault.Mutate == nil && fault.HoldAfterProcess == 0 {
+		s.writeFault(w, fault)
+		return false
+	}
+	return true
+}
+
+// afterGrant plays the part of a fault that comes after the grant was
+// processed; it reports whether the normal answer is written.
+func (s *Server) afterGrant(w http.ResponseWriter, r *http.Request, fault *Fault, status int, body map[string]any) bool {
+	if fault.Processed != nil {
 		fault.Processed <- struct{}{}
 	}
-	if fault != nil && fault.HoldAfterProcess > 0 {
-		select {
-		case <-time.After(fault.HoldAfterProcess):
-		case <-r.Context().Done():
-			return
-		}
+	if !wait(r, fault.HoldAfterProcess) {
+		return false
 	}
-	if fault != nil {
-		if fault.Mutate != nil && status == 200 {
-			fault.Mutate(body)
-		} else if fault.Process {
-			s.writeFault(w, fault)
-			return
-		}
+	if fault.Mutate != nil && status == 200 {
+		fault.Mutate(body)
+	} else if fault.Process {
+		s.writeFault(w, fault)
+		return false
 	}
-	writeJSON(w, status, body)
+	return true
 }
 
 func (s *Server) writeFault(w http.ResponseWriter, f *Fault) {
@@ -422,56 +447,70 @@ func (s *Server) grant(r *http.Request) (int, map[string]any) {
 	switch f.Get("grant_type") {
 	case "password":
 		s.counts.PasswordGrants++
-		u, ok := s.users[f.Get("username")]
-		if !ok || u.password != f.Get("password") {
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant", "error_description": "invalid_username_or_password"}
-		}
-		if s.opts.MaxSessions > 0 {
-			open := 0
-			for _, ss := range s.sessions {
-				if ss.user == f.Get("username") && !ss.ended {
-					open++
-				}
-			}
-			if open >= s.opts.MaxSessions {
-				s.counts.LoginLimit++
-				return 429, map[string]any{"error": "invalid_grant", "error_description": "API Login Limit"}
-			}
-		}
-		ss := &session{id: newToken("s"), user: f.Get("username"), client: f.Get("client_id"), start: now,
-			access: map[string]time.Time{}, chainUsed: map[string]bool{}}
-		s.sessions[ss.id] = ss
-		return 200, s.issue(ss, strings.Fields(f.Get("scope")), now)
+		return s.passwordGrantLocked(f, now)
 	case "refresh_token":
 		s.counts.RefreshGrants++
-		rt := f.Get("refresh_token")
-		ss, ok := s.refresh[rt]
-		switch {
-		case !ok || ss.client != f.Get("client_id"):
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant"}
-		case ss.chainUsed[rt]:
-			// Reuse of a spent refresh token: revoke the whole chain.
-			s.counts.ReuseDetected++
-			s.counts.InvalidGrant++
-			ss.ended = true
-			return 400, map[string]any{"error": "invalid_grant"}
-		case ss.ended,
-			now.Sub(ss.lastUse) > s.opts.SlidingLifetime,
-			s.opts.AbsoluteLifetime > 0 && now.Sub(ss.start) > s.opts.AbsoluteLifetime:
-			s.counts.InvalidGrant++
-			return 400, map[string]any{"error": "invalid_grant"}
-		}
-		ss.chainUsed[rt] = true
-		if s.opts.RevokeAccessOnRefresh {
-			for a := range ss.access {
-				delete(ss.access, a)
-			}
-		}
-		return 200, s.issue(ss, []string{"api", "offline_access"}, now)
+		return s.refreshGrantLocked(f, now)
 	}
 	return 400, map[string]any{"error": "unsupported_grant_type"}
+}
+
+// passwordGrantLocked signs the user in: a new session and chain, unless
+// the user's concurrent sessions are used up (Acumatica's API Login Limit).
+func (s *Server) passwordGrantLocked(f url.Values, now time.Time) (int, map[string]any) {
+	u, ok := s.users[f.Get("username")]
+	if !ok || u.password != f.Get("password") {
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant", "error_description": "invalid_username_or_password"}
+	}
+	if s.opts.MaxSessions > 0 && s.openSessionsLocked(f.Get("username")) >= s.opts.MaxSessions {
+		s.counts.LoginLimit++
+		return 429, map[string]any{"error": "invalid_grant", "error_description": "API Login Limit"}
+	}
+	ss := &session{id: newToken("s"), user: f.Get("username"), client: f.Get("client_id"), start: now,
+		access: map[string]time.Time{}, chainUsed: map[string]bool{}}
+	s.sessions[ss.id] = ss
+	return 200, s.issue(ss, strings.Fields(f.Get("scope")), now)
+}
+
+func (s *Server) openSessionsLocked(user string) int {
+	open := 0
+	for _, ss := range s.sessions {
+		if ss.user == user && !ss.ended {
+			open++
+		}
+	}
+	return open
+}
+
+// refreshGrantLocked rotates a chain's refresh token. Presenting a spent
+// one is taken for theft (RFC 9700 section 4.14.2): the whole chain is
+// revoked and the reuse counted.
+func (s *Server) refreshGrantLocked(f url.Values, now time.Time) (int, map[string]any) {
+	rt := f.Get("refresh_token")
+	ss, ok := s.refresh[rt]
+	switch {
+	case !ok || ss.client != f.Get("client_id"):
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant"}
+	case ss.chainUsed[rt]:
+		s.counts.ReuseDetected++
+		s.counts.InvalidGrant++
+		ss.ended = true
+		return 400, map[string]any{"error": "invalid_grant"}
+	case ss.ended,
+		now.Sub(ss.lastUse) > s.opts.SlidingLifetime,
+		s.opts.AbsoluteLifetime > 0 && now.Sub(ss.start) > s.opts.AbsoluteLifetime:
+		s.counts.InvalidGrant++
+		return 400, map[string]any{"error": "invalid_grant"}
+	}
+	ss.chainUsed[rt] = true
+	if s.opts.RevokeAccessOnRefresh {
+		for a := range ss.access {
+			delete(ss.access, a)
+		}
+	}
+	return 200, s.issue(ss, []string{"api", "offline_access"}, now)
 }
 
 func (s *Server) issue(ss *session, scopes []string, now time.Time) map[string]any {

@@ -121,7 +121,8 @@ func newStack(o stackOptions) *stack {
 	s.idpURL, s.closers = hs.URL, []func(){hs.Close}
 	// The one stand-in serves for every instance, so one host may use the
 	// whole global cap.
-	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap}
+	bopts := broker.Options{Now: o.now, TickInterval: -1, MaxConcurrentUpstream: upstreamCap, MaxConcurrentUpstreamPerHost: upstreamCap,
+		AllowInsecureUpstream: true} // the stand-in is on loopback
 	s.store = must(bolt.Open(filepath.Join(o.dir, "tokenbroker.db"), bolt.Options{Keyring: must(storage.NewKeyring(make([]byte, 32)))}))
 	bopts.Store = s.store
 	s.closers = append(s.closers, func() { s.store.Close() })
@@ -138,7 +139,7 @@ func newStack(o stackOptions) *stack {
 	// The baselines are logged as GetAccessToken is, and over mutual TLS
 	// open to any caller the policy knows.
 	baselines := append(slices.Clone(servertest.QuietMethods), parkMethod)
-	sopts := server.Options{Broker: b, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics,
+	sopts := server.Options{Broker: b, AllowInsecureUpstream: true, Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Auditor: auditor, Metrics: metrics,
 		QuietMethods: baselines, AuthenticatedMethods: baselines}
 	clientCreds := insecure.NewCredentials()
 	if o.mtls {

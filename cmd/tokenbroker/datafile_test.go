@@ -20,6 +20,7 @@ import (
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
@@ -58,7 +59,7 @@ func TestDamagedDataFileRefusedAtStart(t *testing.T) {
 	wg.Wait()
 	st.Close()
 	damageConnectionsRoot(t, db)
-	before := fileSum(t, db)
+	before := testkit.FileSum(t, db)
 
 	p := start(t, []string{zeroKey}, "--data-dir", dir, "--listen", "127.0.0.1:0")
 	<-p.exited
@@ -76,7 +77,7 @@ func TestDamagedDataFileRefusedAtStart(t *testing.T) {
 	if !said {
 		t.Errorf("no line says the data file is corrupt and to restore it:\n%s", out)
 	}
-	if fileSum(t, db) != before {
+	if testkit.FileSum(t, db) != before {
 		t.Error("the binary changed the damaged data file")
 	}
 }

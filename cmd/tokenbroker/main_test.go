@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"io"
 	"net/http/httptest"
@@ -13,7 +12,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,6 +23,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker/acumaticatest"
+	"tokenbroker/internal/testkit"
 )
 
 // These tests run the real binary.
@@ -58,27 +57,10 @@ const (
 type proc struct {
 	t      *testing.T
 	cmd    *exec.Cmd
-	out    *lockedBuffer
+	out    *testkit.LockedBuffer
 	addr   string
 	exited chan struct{}
 	err    error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 var servingLine = regexp.MustCompile(`serving on (\S+) `)
@@ -87,7 +69,8 @@ var servingLine = regexp.MustCompile(`serving on (\S+) `)
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
-	cmd.Env = append(os.Environ(), env...)
+	// The stand-ins serve on loopback; a test may say otherwise in env.
+	cmd.Env = append(append(os.Environ(), "TOKENBROKER_ALLOW_UPSTREAM_CIDR=127.0.0.0/8"), env...)
 	return startCmd(t, cmd)
 }
 
@@ -95,7 +78,7 @@ func start(t *testing.T, env []string, args ...string) *proc {
 // binary serves or cmd exits.
 func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
 	t.Helper()
-	p := &proc{t: t, cmd: cmd, out: &lockedBuffer{}, exited: make(chan struct{})}
+	p := &proc{t: t, cmd: cmd, out: &testkit.LockedBuffer{}, exited: make(chan struct{})}
 	pr, pw := io.Pipe()
 	p.cmd.Stderr = io.MultiWriter(p.out, pw)
 	p.cmd.Stdout = p.out
@@ -143,15 +126,6 @@ func (p *proc) client() pb.TokenBrokerClient {
 	}
 	p.t.Cleanup(func() { cc.Close() })
 	return pb.NewTokenBrokerClient(cc)
-}
-
-func fileSum(t *testing.T, path string) [32]byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
 }
 
 func TestServesWithReflectionOnFreshDataDir(t *testing.T) {
@@ -228,7 +202,7 @@ func TestStartRefusals(t *testing.T) {
 			var before [32]byte
 			db := filepath.Join(dir, "tokenbroker.db")
 			if _, err := os.Stat(db); err == nil {
-				before = fileSum(t, db)
+				before = testkit.FileSum(t, db)
 			}
 			args := append([]string{"--data-dir", dir}, tc.args...)
 			p := start(t, tc.env, args...)
@@ -236,7 +210,7 @@ func TestStartRefusals(t *testing.T) {
 			if p.err == nil || !strings.Contains(p.out.String(), tc.want) {
 				t.Errorf("exit %v, output %q, want failure saying %q", p.err, p.out.String(), tc.want)
 			}
-			if before != [32]byte{} && fileSum(t, db) != before {
+			if before != [32]byte{} && testkit.FileSum(t, db) != before {
 				t.Error("data file modified")
 			}
 		})
@@ -263,13 +237,13 @@ func TestSecondProcessAndWrongKey(t *testing.T) {
 	first.cmd.Process.Signal(syscall.SIGTERM)
 	<-first.exited
 	db := filepath.Join(dir, "tokenbroker.db")
-	before := fileSum(t, db)
+	before := testkit.FileSum(t, db)
 	wrong := start(t, []string{keyB}, "--data-dir", dir, "--listen", "127.0.0.1:0")
 	<-wrong.exited
 	if wrong.err == nil || !strings.Contains(wrong.out.String(), "wrong key") {
 		t.Errorf("wrong key: %v %q", wrong.err, wrong.out.String())
 	}
-	if fileSum(t, db) != before {
+	if testkit.FileSum(t, db) != before {
 		t.Error("wrong key modified the data file")
 	}
 }
@@ -307,7 +281,7 @@ func TestKill9DuringRefresh(t *testing.T) {
 		{"before upstream processed it", func() (acumaticatest.Fault, chan struct{}) {
 			ch := make(chan struct{}, 1)
 			return acumaticatest.Fault{Arrived: ch, Delay: time.Minute}, ch
-		}, 0, -1},
+		}, 1, -1}, // the broker cannot know the token was not spent: it revokes it and signs in once
 		{"after upstream spent the refresh token", func() (acumaticatest.Fault, chan struct{}) {
 			ch := make(chan struct{}, 1)
 			return acumaticatest.Fault{Processed: ch, HoldAfterProcess: time.Minute}, ch
@@ -369,7 +343,7 @@ func TestKill9DuringRefresh(t *testing.T) {
 			if got := counts.PasswordGrants - 1; got > tc.maxPassword {
 				t.Errorf("password grants after create = %d, want at most %d (%+v)", got, tc.maxPassword, counts)
 			}
-			if counts.ReuseDetected > 1 {
+			if counts.ReuseDetected > 0 {
 				t.Errorf("refresh token reused %d times", counts.ReuseDetected)
 			}
 			if tc.wantRefreshs >= 0 && counts.RefreshGrants != tc.wantRefreshs-1 {

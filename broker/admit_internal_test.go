@@ -29,7 +29,7 @@ func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 		}
 		// The loads run one after the other here: one writer at a time.
 		var logs bytes.Buffer
-		b, err := New(Options{Store: st, TickInterval: -1, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -45,8 +45,8 @@ func TestALeftoverIntentIsReportedOnceWhoeverLoadsTheConnection(t *testing.T) {
 			lazy = b.loadOne(ctx, name)
 		}
 		v, _ := b.conns.Load(name)
-		if lazy == nil || v.(*conn) != lazy || !lazy.recovering {
-			t.Errorf("lazy first %v: the caller got %p, the broker keeps %p (recovering %v)", lazyFirst, lazy, v, lazy != nil && lazy.recovering)
+		if lazy == nil || v.(*conn) != lazy || !lazy.rt.recovering {
+			t.Errorf("lazy first %v: the caller got %p, the broker keeps %p (recovering %v)", lazyFirst, lazy, v, lazy != nil && lazy.rt.recovering)
 		}
 		if n := strings.Count(logs.String(), "token request was in flight at last stop"); n != 1 {
 			t.Errorf("lazy first %v: the leftover intent was logged %d times, want once:\n%s", lazyFirst, n, logs.String())
@@ -65,15 +65,15 @@ func TestALazyLoadDoesNotBringBackADeletedConnection(t *testing.T) {
 	if _, err := st.CreateConnection(context.Background(), cfg, &storage.Tokens{}); err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(Options{Store: st, TickInterval: -1})
+	b, err := New(Options{Store: st, TickInterval: -1, AllowInsecureUpstream: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
 	// The delete's tomb, as DeleteConnection leaves it while loading.
 	b.tombs.Store(name, struct{}{})
-	if c := b.adopt(cfg, &storage.Tokens{}); c != nil {
-		t.Errorf("a deleted connection was adopted")
+	if c := b.admit(cfg, &storage.Tokens{}); c != nil {
+		t.Errorf("a deleted connection was admitted")
 	}
 	if _, ok := b.conns.Load(name); ok {
 		t.Errorf("a deleted connection is live again")
