@@ -25,6 +25,7 @@ var Updatable = map[string]bool{
 	"scopes":                          true,
 	"refresh_token_sliding_lifetime":  false,
 	"refresh_token_absolute_lifetime": false,
+	"redirect_uri":                    false,
 }
 
 // Normalize checks and normalizes a connection's input fields in place. With
@@ -39,6 +40,7 @@ func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []Fi
 			v = append(v, FieldViolation{Field: field, Description: err.Error()})
 		}
 	}
+	v = append(v, normalizeFlow(c, has)...)
 	if has("display_name") {
 		add("display_name", ValidateDisplayName(c.DisplayName))
 	}
@@ -55,10 +57,7 @@ func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []Fi
 	if has("client_id") {
 		add("client_id", ValidateClientID(c.ClientID))
 	}
-	for _, f := range []struct {
-		name string
-		val  string
-	}{{"client_secret", c.ClientSecret}, {"username", c.Username}, {"password", c.Password}} {
+	for _, f := range requiredCredentials(c) {
 		if has(f.name) {
 			add(f.name, ValidateSecretField(f.val))
 		}
@@ -127,6 +126,9 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	c.CreateTime, c.UpdateTime = now, now
 	if validateOnly {
 		return b.viewOf(newConnPublished(c, &storage.Tokens{State: string(StateActive)})), nil
+	}
+	if isAuthCode(c) {
+		return nil, invalid(FieldViolation{Field: "connection.flow", Description: "a FLOW_AUTHORIZATION_CODE connection is created by StartAuthorization and CompleteAuthorization, or by ImportRefreshToken (validate_only may check it here)"})
 	}
 	tok, err := b.prove(ctx, c, &storage.Tokens{})
 	if err != nil {
@@ -292,9 +294,15 @@ func (b *Broker) update(ctx context.Context, c *conn, u *update, validateOnly bo
 		return nil, newError(ErrConflict, ReasonEtagMismatch, c.name, "etag %s does not match the current %s; read the connection again", u.etag, etag(cur))
 	}
 	next := cur.Clone()
+	if next.Flow == "" {
+		next.Flow = FlowPassword // a record written before flows existed
+	}
 	applyFields(next, u.patch, u.fields)
 	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
+	}
+	if err := authCodeUpdateRefused(next, u); err != nil {
+		return nil, err
 	}
 	if validateOnly {
 		return b.viewOf(newConnPublished(next, tok)), nil
@@ -367,51 +375,8 @@ func applyFields(dst, src *storage.Connection, fields []string) {
 			dst.SlidingLifetime = src.SlidingLifetime
 		case "refresh_token_absolute_lifetime":
 			dst.AbsoluteLifetime = src.AbsoluteLifetime
+		case "redirect_uri":
+			dst.RedirectURI = src.RedirectURI
 		}
 	}
-}
-
-// DeleteConnection revokes the refresh token and signs the session out
-// upstream (best effort), then erases the connection and every stored
-// secret. etag, when set, must match.
-func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) error {
-	c, err := b.lookup(name)
-	if err != nil {
-		return err
-	}
-	if etagIn != "" {
-		if _, ok := ParseETag(etagIn); !ok {
-			return invalid(FieldViolation{Field: "etag", Description: "is not an etag this service issued"})
-		}
-	}
-	return b.withTurn(ctx, c, func() error {
-		c.mu.Lock()
-		cfg, tok, pending, deleted := c.cfg.Clone(), c.committed.Clone(), c.rt.pending, c.deleted
-		c.mu.Unlock()
-		if deleted {
-			return notFound(name)
-		}
-		if etagIn != "" && etagIn != etag(cfg) {
-			return newError(ErrConflict, ReasonEtagMismatch, name, "etag %s does not match the current %s", etagIn, etag(cfg))
-		}
-		if pending != nil {
-			b.signOut(ctx, cfg, pending.RefreshToken, "")
-		}
-		b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
-		if err := b.store.DeleteConnection(context.WithoutCancel(ctx), name, cfg.Revision); err != nil {
-			if errors.Is(err, storage.ErrNotFound) {
-				return notFound(name)
-			}
-			return storageError(name, err)
-		}
-		c.mu.Lock()
-		c.markDeletedLocked()
-		c.mu.Unlock()
-		if b.loading.Load() {
-			b.tombs.Store(name, struct{}{})
-		}
-		b.conns.Delete(name)
-		b.log.Info("connection deleted", "connection", name)
-		return nil
-	})
 }

@@ -84,6 +84,10 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// Authorizations keeps Authorization Code flows started and not yet
+	// completed, so that any replica can complete them (the etcd store).
+	// Default this process's memory.
+	Authorizations AuthorizationStore
 }
 
 // Defaults of the upstream caps in [Options].
@@ -171,6 +175,8 @@ type Broker struct {
 	creatingMu sync.Mutex          // guards creating
 	creating   map[string]struct{} // names with a CreateConnection in progress
 
+	auths AuthorizationStore // Authorization Code flows started and not yet completed
+
 	flights sync.WaitGroup // shared refreshes in progress
 	stop    chan struct{}
 	loop    sync.WaitGroup
@@ -184,6 +190,7 @@ type Broker struct {
 type Stats struct {
 	UpstreamRefresh  atomic.Int64 // refresh grants sent
 	UpstreamPassword atomic.Int64 // password grants sent
+	UpstreamCode     atomic.Int64 // authorization_code grants sent
 	UpstreamFailures atomic.Int64 // failed upstream token requests
 	CommitFailures   atomic.Int64 // failed durable writes
 }
@@ -225,6 +232,10 @@ func New(opts Options) (*Broker, error) {
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
+		auths:    opts.Authorizations,
+	}
+	if b.auths == nil {
+		b.auths = &memAuthorizations{now: opts.Now, pending: map[string]*storage.Authorization{}}
 	}
 	b.loading.Store(true) // until Load is done
 	return b, nil
@@ -236,7 +247,8 @@ func (b *Broker) Stats() *Stats { return &b.stats }
 // Load reads every stored connection into memory (fn of the store's LoadAll
 // may run concurrently). Connections whose last upstream request may have
 // been interrupted by a crash are marked for recovery and refreshed by the
-// next maintenance pass.
+// next maintenance pass; deletes a crash interrupted are finished (see
+// delete.go).
 //
 // The broker may serve before and while Load runs: until Load is done, a
 // connection not yet in memory is read from the store when it is first
@@ -247,7 +259,12 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 		b.tombs.Clear()
 	}()
 	var loaded atomic.Int64
+	var deleting unfinished
 	err := b.store.LoadAll(ctx, func(cfg *storage.Connection, tok *storage.Tokens) error {
+		if !cfg.DeleteTime.IsZero() {
+			deleting.add(cfg, tok)
+			return nil
+		}
 		b.admit(cfg, tok)
 		loaded.Add(1)
 		return nil
@@ -256,6 +273,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, fmt.Errorf("broker: load: %w", err)
 	}
+	deleting.finish(ctx, b)
 	return n, nil
 }
 

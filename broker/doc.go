@@ -7,7 +7,11 @@
 // access token it came with, records its intent before every irreversible
 // upstream call, refreshes in-use tokens before they expire and idle chains
 // before their sliding window lapses, and stops calling upstream for a
-// connection whose credentials were rejected. With a [Locker] and a
+// connection whose credentials were rejected. A connection signs in with
+// the password flow, or with the Authorization Code flow with PKCE
+// ([Broker.StartAuthorization], [Broker.CompleteAuthorization]) or an
+// imported refresh token ([Broker.ImportRefreshToken]); the latter uses
+// refresh grants only and halts when its chain dies. With a [Locker] and a
 // [Watcher] (the etcd store) several replicas share connections: upstream
 // calls are serialized across them and each keeps the others' tokens.
 //

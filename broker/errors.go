@@ -31,6 +31,9 @@ var (
 	ErrStorage = errors.New("broker: storage failure")
 	// ErrTokenTooShort: the freshest token cannot satisfy min_valid_for.
 	ErrTokenTooShort = errors.New("broker: token lifetime shorter than requested")
+	// ErrAuthorization: an authorization cannot be completed (unknown,
+	// used or expired state; a code or imported token upstream refused).
+	ErrAuthorization = errors.New("broker: authorization failed")
 	// ErrClosed: the broker is shutting down.
 	ErrClosed = errors.New("broker: closed")
 )
@@ -54,6 +57,16 @@ const (
 	ReasonTokenTooShort       = "TOKEN_LIFETIME_TOO_SHORT"
 	ReasonCrashRecovery       = "RECOVERING_AFTER_CRASH"
 	ReasonRejectedTooOften    = "TOKEN_REJECTED_TOO_OFTEN"
+	// ReasonAuthorizationRequired: an authorization-code connection's chain
+	// ended (NEEDS_REAUTH); an operator must authorize it again.
+	ReasonAuthorizationRequired = "AUTHORIZATION_REQUIRED"
+	// ReasonAuthorizationInvalid: CompleteAuthorization's state is unknown,
+	// used, expired or for another connection.
+	ReasonAuthorizationInvalid = "AUTHORIZATION_STATE_INVALID"
+	// ReasonCodeRejected: upstream refused the authorization code.
+	ReasonCodeRejected = "AUTHORIZATION_CODE_REJECTED"
+	// ReasonImportRejected: upstream refused an imported refresh token.
+	ReasonImportRejected = "REFRESH_TOKEN_REJECTED"
 )
 
 // FieldViolation names a bad input field.
@@ -113,6 +126,10 @@ func haltedError(name string, st State, reason string) *Error {
 	if st == StateRefreshTokenMissing {
 		return newError(ErrRefreshTokenMissing, ReasonRefreshTokenMissing, name,
 			"upstream issued no refresh token; add the offline_access scope to the Connected Application, then update the connection's credentials")
+	}
+	if reason == ReasonAuthorizationRequired {
+		return newError(ErrCredentialsRejected, reason, name,
+			"connection needs authorization: its refresh token chain ended and it has no password to sign in with; no upstream call is made until an operator completes StartAuthorization and CompleteAuthorization again, or imports a refresh token")
 	}
 	if reason == "" {
 		reason = ReasonCredentialsRejected

@@ -23,9 +23,13 @@ func (b *Broker) renew(ctx context.Context, c *conn, why trigger) error {
 		if done {
 			return err
 		}
+		g.noPassword = isAuthCode(cfg)
 		grant, ok := g.next(tok)
 		if !ok {
 			return b.passwordOutcomeUnknown(c)
+		}
+		if grant == grantNone {
+			return b.authorizationRequired(c, tok)
 		}
 		intent, err := b.recordIntent(c, tok, grant)
 		if err != nil {
@@ -59,7 +63,9 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 		return nil, nil, true, b.commit(c, pending, true)
 	case isHalted:
 		return nil, nil, true, haltedError(c.name, state, reason)
-	case suspect:
+	case suspect && !isAuthCode(cfg):
+		// An authorization-code chain is presented once more instead (see
+		// "A suspect chain" in authcode.go).
 		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)
 		return cfg, tok, err != nil, err
 	}
@@ -87,13 +93,18 @@ func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Co
 type grantPolicy struct {
 	forcePassword bool // the chain is renewed: sign in again
 	passwordTried bool // a password grant of this renewal may have opened a session
+	noPassword    bool // an authorization-code connection: refresh grants only
 }
 
 // next is the grant for an attempt from tok; ok is false when that would be
-// a second password grant whose predecessor's outcome is unknown.
+// a second password grant whose predecessor's outcome is unknown, and grant
+// is grantNone when no grant is left (a dead authorization-code chain).
 func (g *grantPolicy) next(tok *storage.Tokens) (grant string, ok bool) {
-	if tok.RefreshToken != "" && !g.forcePassword {
+	if tok.RefreshToken != "" && (!g.forcePassword || g.noPassword) {
 		return grantRefresh, true
+	}
+	if g.noPassword {
+		return grantNone, true
 	}
 	if g.passwordTried {
 		return grantPassword, false
@@ -203,7 +214,9 @@ func (b *Broker) dropRefreshToken(c *conn, intent *storage.Tokens, ue *upstreamE
 	if err := b.commit(c, withoutRefreshToken(intent, ue.Error(), b.now()), false); err != nil {
 		return false, err
 	}
-	b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	if !c.authCode() {
+		b.log.Warn("refresh token rejected; falling back to one password grant", "connection", c.name)
+	}
 	return true, nil
 }
 

@@ -24,7 +24,7 @@ func replica(t *testing.T, endpoint string, clk *testkit.Clock) *broker.Broker {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	b, err := broker.New(broker.Options{Store: st, Locker: st, Watcher: st, Now: clk.Now, TickInterval: -1, AllowInsecureUpstream: true,
+	b, err := broker.New(broker.Options{Store: st, Locker: st, Watcher: st, Authorizations: st, Now: clk.Now, TickInterval: -1, AllowInsecureUpstream: true,
 		BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, Sleep: func(context.Context, time.Duration) error { return nil }})
 	if err != nil {
 		t.Fatal(err)

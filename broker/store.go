@@ -16,6 +16,7 @@ type Store interface {
 	ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error)
 	UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	DeleteConnection(ctx context.Context, name string, revision int64) error
+	MarkDeleting(ctx context.Context, name string, revision int64) error
 	GetTokens(ctx context.Context, name string) (*storage.Tokens, error)
 	PutTokens(ctx context.Context, name string, t *storage.Tokens) error
 	LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error

@@ -33,6 +33,7 @@ const maxBody = 64 << 10
 type endpoints struct {
 	token      string
 	revocation string
+	authorize  string
 	fetched    time.Time
 }
 
@@ -78,6 +79,7 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 	fresh := endpoints{
 		token:      instance + "/identity/connect/token",
 		revocation: instance + "/identity/connect/revocation",
+		authorize:  instance + "/identity/connect/authorize",
 		fetched:    u.now(),
 	}
 	if doc, err := u.discover(ctx, instance); err == nil {
@@ -86,6 +88,9 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 		}
 		if sameOrigin(instance, doc.RevocationEndpoint) {
 			fresh.revocation = doc.RevocationEndpoint
+		}
+		if sameOrigin(instance, doc.AuthorizationEndpoint) {
+			fresh.authorize = doc.AuthorizationEndpoint
 		}
 	} else if ctx.Err() == nil {
 		// Remember the fallback briefly rather than asking on every call.
@@ -100,6 +105,8 @@ func (u *upstream) endpointsFor(ctx context.Context, instance string) endpoints 
 type discoveryDoc struct {
 	TokenEndpoint      string `json:"token_endpoint"`
 	RevocationEndpoint string `json:"revocation_endpoint"`
+	// AuthorizationEndpoint is where StartAuthorization sends the browser.
+	AuthorizationEndpoint string `json:"authorization_endpoint"`
 }
 
 func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc, error) {

@@ -109,7 +109,8 @@ func auditTarget(req any) string {
 	case *pb.GetAccessTokenRequest:
 		return r.GetName()
 	}
-	return ""
+	name, _, _ := authCodeResource(req)
+	return name
 }
 
 func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {

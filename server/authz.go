@@ -219,6 +219,10 @@ func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerI
 		name, allowed = r.GetName(), manage(tenantOf(r.GetName())) || p.CanConsume(id, r.GetName())
 	case *pb.GetAccessTokenRequest:
 		name, allowed = r.GetName(), p.CanConsume(id, r.GetName())
+	default:
+		if n, t, ok := authCodeResource(req); ok {
+			name, allowed = n, manage(t)
+		}
 	}
 	if !allowed {
 		return nil, toStatus(nil, &authError{kind: errPermissionDenied, identity: caller.Value, name: name})

@@ -53,6 +53,8 @@ func toProto(v *broker.View) *pb.Connection {
 		CreateTime:                   ts(c.CreateTime),
 		UpdateTime:                   ts(c.UpdateTime),
 		Etag:                         v.ETag,
+		Flow:                         flowToProto(c.Flow),
+		RedirectUri:                  c.RedirectURI,
 	}
 	st := v.Status
 	out.Status = &pb.ConnectionStatus{
@@ -81,6 +83,8 @@ func fromProto(c *pb.Connection) *broker.Connection {
 		Username:     c.GetUsername(),
 		Password:     c.GetPassword(),
 		Scopes:       slices.Clone(c.GetScopes()),
+		Flow:         flowFromProto(c.GetFlow()),
+		RedirectURI:  c.GetRedirectUri(),
 	}
 	if t := c.GetClientSecretExpireTime(); t != nil {
 		out.ClientSecretExpireTime = t.AsTime()
@@ -92,4 +96,27 @@ func fromProto(c *pb.Connection) *broker.Connection {
 		out.AbsoluteLifetime = d.AsDuration()
 	}
 	return out
+}
+
+// flowToProto renders a stored flow; "" is a record written before flows
+// existed: the password flow.
+func flowToProto(f string) pb.Connection_Flow {
+	if f == broker.FlowAuthorizationCode {
+		return pb.Connection_FLOW_AUTHORIZATION_CODE
+	}
+	return pb.Connection_FLOW_PASSWORD
+}
+
+// flowFromProto takes an input flow; an unknown number becomes a flow the
+// broker's input rules refuse.
+func flowFromProto(f pb.Connection_Flow) string {
+	switch f {
+	case pb.Connection_FLOW_UNSPECIFIED:
+		return ""
+	case pb.Connection_FLOW_PASSWORD:
+		return broker.FlowPassword
+	case pb.Connection_FLOW_AUTHORIZATION_CODE:
+		return broker.FlowAuthorizationCode
+	}
+	return "unknown"
 }

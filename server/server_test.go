@@ -122,6 +122,10 @@ func (f *fixture) record(ctx context.Context, method string, req, reply any, cc 
 		st, _ := status.FromError(err)
 		f.seen = append(f.seen, prototext.Format(st.Proto()))
 	} else if m, ok := reply.(proto.Message); ok && method != "/tokenbroker.v1.TokenBroker/GetAccessToken" {
+		if r, ok := m.(*pb.StartAuthorizationResponse); ok {
+			// The state belongs in the authorization URL, and only there.
+			m = &pb.StartAuthorizationResponse{ExpireTime: r.GetExpireTime(), Connection: r.GetConnection()}
+		}
 		f.seen = append(f.seen, prototext.Format(m))
 	}
 	return err

@@ -74,6 +74,9 @@ func (val validator) check(req any) (v violations, err error) {
 		}
 		return v, nil
 	}
+	if checkAuthCodeRequest(req, &v) {
+		return v, nil
+	}
 	switch r := req.(type) {
 	case *pb.CreateConnectionRequest:
 		val.checkCreate(r, &v)

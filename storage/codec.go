@@ -10,9 +10,16 @@ import (
 	storagev1 "tokenbroker/gen/tokenbroker/storage/v1"
 )
 
-// FormatVersion is the record format this build reads and writes, kept in
-// every backend's meta record.
-const FormatVersion = 1
+// FormatVersion is the record format this build writes, kept in every
+// backend's meta record. Format 2 authenticates every record as a whole
+// (see seal.go); format 1 sealed only the secrets. A store opening a file
+// of format 1 upgrades it once with [Codec.UpgradeConnection] and
+// [Codec.UpgradeTokens], then writes a meta record of format 2.
+const FormatVersion = 2
+
+// formatUnauthenticated is the last format whose records carry no record
+// seal.
+const formatUnauthenticated = 1
 
 // Field names used as associated data when sealing.
 const (
@@ -33,6 +40,10 @@ type Codec struct {
 
 // NewCodec returns a codec sealing with k.
 func NewCodec(k *Keyring) *Codec { return &Codec{keys: k} }
+
+// Rotating reports whether the keyring holds keys besides the sealing key,
+// so that stored records may need resealing.
+func (cd *Codec) Rotating() bool { return len(cd.keys.order) > 1 }
 
 func ts(t time.Time) *timestamppb.Timestamp {
 	if t.IsZero() {
@@ -68,6 +79,9 @@ func (cd *Codec) encodeConnection(c *Connection) *storagev1.ConnectionRecord {
 		CreateTime:              ts(c.CreateTime),
 		UpdateTime:              ts(c.UpdateTime),
 		Revision:                c.Revision,
+		DeleteTime:              ts(c.DeleteTime),
+		Flow:                    c.Flow,
+		RedirectUri:             c.RedirectURI,
 	}
 }
 
@@ -98,6 +112,9 @@ func (cd *Codec) decodeConnection(key string, r *storagev1.ConnectionRecord) (*C
 		CreateTime:             fromTS(r.GetCreateTime()),
 		UpdateTime:             fromTS(r.GetUpdateTime()),
 		Revision:               r.GetRevision(),
+		DeleteTime:             fromTS(r.GetDeleteTime()),
+		Flow:                   intern(r.GetFlow()),
+		RedirectURI:            r.GetRedirectUri(),
 	}, nil
 }
 
@@ -157,28 +174,66 @@ func (cd *Codec) decodeTokens(key string, r *storagev1.TokenRecord) (*Tokens, er
 	}, nil
 }
 
-// DecodeConnection decodes and unseals a connection record stored under
-// name. A record moved from another name does not open ([ErrWrongKey]).
+// DecodeConnection checks, decodes and unseals a connection record stored
+// under name. A record moved from another name does not open
+// ([ErrWrongKey]); one changed without the key fails with [ErrTampered],
+// naming the connection.
 func (cd *Codec) DecodeConnection(name string, v []byte) (*Connection, error) {
-	var r storagev1.ConnectionRecord
-	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: connection record: %v", ErrNotDataFile, err)
+	r, err := cd.checkedConnection(name, v, true)
+	if err != nil {
+		return nil, err
 	}
-	return cd.decodeConnection(name, &r)
+	return cd.decodeConnection(name, r)
 }
 
-// DecodeTokens decodes and unseals a token record stored under name.
+// DecodeTokens checks, decodes and unseals a token record stored under name.
 func (cd *Codec) DecodeTokens(name string, v []byte) (*Tokens, error) {
+	r, err := cd.checkedTokens(name, v, true)
+	if err != nil {
+		return nil, err
+	}
+	return cd.decodeTokens(name, r)
+}
+
+// checkedConnection parses v and checks its record seal; with authenticated
+// false (a file of format 1) a record without one is taken as it is.
+func (cd *Codec) checkedConnection(name string, v []byte, authenticated bool) (*storagev1.ConnectionRecord, error) {
+	var r storagev1.ConnectionRecord
+	if err := proto.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("%w: connection record of %q: %v", ErrNotDataFile, name, err)
+	}
+	if !authenticated && r.GetRecordSeal() == nil {
+		return &r, nil
+	}
+	if err := cd.checkRecord(v, r.GetRecordSeal(), name, kindConnection, connectionSealField); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+func (cd *Codec) checkedTokens(name string, v []byte, authenticated bool) (*storagev1.TokenRecord, error) {
 	var r storagev1.TokenRecord
 	if err := proto.Unmarshal(v, &r); err != nil {
-		return nil, fmt.Errorf("%w: token record: %v", ErrNotDataFile, err)
+		return nil, fmt.Errorf("%w: token record of %q: %v", ErrNotDataFile, name, err)
 	}
-	return cd.decodeTokens(name, &r)
+	if !authenticated && r.GetRecordSeal() == nil {
+		return &r, nil
+	}
+	if err := cd.checkRecord(v, r.GetRecordSeal(), name, kindTokens, tokenSealField); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// EncodeConnection seals and encodes c as it is (its Revision included),
+// ready to store.
+func (cd *Codec) EncodeConnection(c *Connection) ([]byte, error) {
+	return cd.sealRecord(cd.encodeConnection(c), c.Name, kindConnection, connectionSealField)
 }
 
 // EncodeTokens seals and encodes name's token state, ready to store.
 func (cd *Codec) EncodeTokens(name string, t *Tokens) ([]byte, error) {
-	return marshal(cd.encodeTokens(name, t))
+	return cd.sealRecord(cd.encodeTokens(name, t), name, kindTokens, tokenSealField)
 }
 
 // EncodeRecords encodes a copy of c at revision rev and, when t is not nil,
@@ -187,15 +242,86 @@ func (cd *Codec) EncodeTokens(name string, t *Tokens) ([]byte, error) {
 func (cd *Codec) EncodeRecords(c *Connection, rev int64, t *Tokens) (stored *Connection, cv, tv []byte, err error) {
 	c = c.Clone()
 	c.Revision = rev
-	if cv, err = marshal(cd.encodeConnection(c)); err != nil {
+	if cv, err = cd.EncodeConnection(c); err != nil {
 		return nil, nil, nil, err
 	}
 	if t != nil {
-		if tv, err = marshal(cd.encodeTokens(c.Name, t)); err != nil {
+		if tv, err = cd.EncodeTokens(c.Name, t); err != nil {
 			return nil, nil, nil, err
 		}
 	}
 	return c, cv, tv, nil
+}
+
+// ConnectionNeedsReseal reports whether a stored connection record holds
+// anything sealed with a key other than the sealing key. It does not check
+// the record; [Codec.ResealConnection] does.
+func (cd *Codec) ConnectionNeedsReseal(v []byte) bool {
+	var r storagev1.ConnectionRecord
+	if proto.Unmarshal(v, &r) != nil {
+		return false
+	}
+	k := cd.keys
+	return !k.current(r.GetRecordSeal()) || !k.current(r.GetClientSecret()) || !k.current(r.GetPassword())
+}
+
+// TokensNeedsReseal is [Codec.ConnectionNeedsReseal] for a token record.
+func (cd *Codec) TokensNeedsReseal(v []byte) bool {
+	var r storagev1.TokenRecord
+	if proto.Unmarshal(v, &r) != nil {
+		return false
+	}
+	k := cd.keys
+	return !k.current(r.GetRecordSeal()) || !k.current(r.GetRefreshToken()) || !k.current(r.GetAccessToken())
+}
+
+// ResealConnection checks the connection record v stored under name and
+// returns it sealed anew with the sealing key, unchanged otherwise (its
+// revision included): what a key rotation needs written back.
+func (cd *Codec) ResealConnection(name string, v []byte) ([]byte, error) {
+	return cd.recodeConnection(name, v, true)
+}
+
+// ResealTokens is [Codec.ResealConnection] for a token record.
+func (cd *Codec) ResealTokens(name string, v []byte) ([]byte, error) {
+	return cd.recodeTokens(name, v, true)
+}
+
+// UpgradeConnection is [Codec.ResealConnection] for a file of format 1: a
+// record without a record seal, as that format wrote them, is taken as it
+// is and comes back authenticated. Only a store upgrading such a file calls
+// it, once, before writing the meta record of the current format.
+func (cd *Codec) UpgradeConnection(name string, v []byte) ([]byte, error) {
+	return cd.recodeConnection(name, v, false)
+}
+
+// UpgradeTokens is [Codec.UpgradeConnection] for a token record.
+func (cd *Codec) UpgradeTokens(name string, v []byte) ([]byte, error) {
+	return cd.recodeTokens(name, v, false)
+}
+
+func (cd *Codec) recodeConnection(name string, v []byte, authenticated bool) ([]byte, error) {
+	r, err := cd.checkedConnection(name, v, authenticated)
+	if err != nil {
+		return nil, err
+	}
+	c, err := cd.decodeConnection(name, r)
+	if err != nil {
+		return nil, err
+	}
+	return cd.EncodeConnection(c)
+}
+
+func (cd *Codec) recodeTokens(name string, v []byte, authenticated bool) ([]byte, error) {
+	r, err := cd.checkedTokens(name, v, authenticated)
+	if err != nil {
+		return nil, err
+	}
+	t, err := cd.decodeTokens(name, r)
+	if err != nil {
+		return nil, err
+	}
+	return cd.EncodeTokens(name, t)
 }
 
 // Revision reads the revision of a stored connection record without
@@ -215,27 +341,62 @@ const canaryAAD = "meta\x00canary"
 // sealed with the current key, so that a later open with another key is
 // refused before anything is read or written.
 func (cd *Codec) EncodeMeta(now time.Time) ([]byte, error) {
+	return cd.encodeMeta(timestamppb.New(now))
+}
+
+func (cd *Codec) encodeMeta(created *timestamppb.Timestamp) ([]byte, error) {
 	return marshal(&storagev1.Meta{
 		Format:      FormatVersion,
 		CanaryKeyId: cd.keys.PrimaryID(),
 		Canary:      cd.keys.seal(canaryPlain, canaryAAD),
-		CreateTime:  timestamppb.New(now),
+		CreateTime:  created,
 	})
 }
 
+// MetaStatus is what a stored meta record asks of the store opening it.
+type MetaStatus struct {
+	// Upgrade is set for a file of format 1: its records carry no record
+	// seal and are upgraded (see [Codec.UpgradeConnection]) before the
+	// meta record is rewritten.
+	Upgrade bool
+	// Reseal is set when the meta record must be rewritten with
+	// [Codec.ResealMeta]: its canary was sealed with an older key, or its
+	// format is older.
+	Reseal bool
+}
+
 // CheckMeta checks the meta record stored at where (a file's path, an
-// etcd prefix): [ErrNotDataFile] when it is not one of this format,
-// [ErrWrongKey] when the keyring cannot open its canary.
+// etcd prefix): [ErrNotDataFile] when it is not one of a format this build
+// reads, [ErrWrongKey] when the keyring cannot open its canary.
 func (cd *Codec) CheckMeta(where string, v []byte) error {
+	_, err := cd.OpenMeta(where, v)
+	return err
+}
+
+// OpenMeta is [Codec.CheckMeta] that also says what the store must do
+// before it serves.
+func (cd *Codec) OpenMeta(where string, v []byte) (MetaStatus, error) {
 	var meta storagev1.Meta
 	if err := proto.Unmarshal(v, &meta); err != nil {
-		return fmt.Errorf("%w: %s: meta record: %v", ErrNotDataFile, where, err)
+		return MetaStatus{}, fmt.Errorf("%w: %s: meta record: %v", ErrNotDataFile, where, err)
 	}
-	if meta.GetFormat() != FormatVersion {
-		return fmt.Errorf("%w: %s has record format %d, this build reads %d", ErrNotDataFile, where, meta.GetFormat(), FormatVersion)
+	if f := meta.GetFormat(); f != FormatVersion && f != formatUnauthenticated {
+		return MetaStatus{}, fmt.Errorf("%w: %s has record format %d, this build reads %d and %d", ErrNotDataFile, where, f, formatUnauthenticated, FormatVersion)
 	}
 	if err := cd.keys.checkCanary(meta.GetCanary()); err != nil {
-		return fmt.Errorf("%w: %s was sealed with key id %s; the key file holds %v", ErrWrongKey, where, meta.GetCanaryKeyId(), cd.keys.IDs())
+		return MetaStatus{}, fmt.Errorf("%w: %s was sealed with key id %s; the key file holds %v", ErrWrongKey, where, meta.GetCanaryKeyId(), cd.keys.IDs())
 	}
-	return nil
+	upgrade := meta.GetFormat() == formatUnauthenticated
+	return MetaStatus{Upgrade: upgrade, Reseal: upgrade || !cd.keys.current(meta.GetCanary())}, nil
+}
+
+// ResealMeta returns the meta record v (already checked) with its canary
+// sealed anew with the sealing key and the current format, keeping its
+// creation time.
+func (cd *Codec) ResealMeta(v []byte) ([]byte, error) {
+	var meta storagev1.Meta
+	if err := proto.Unmarshal(v, &meta); err != nil {
+		return nil, fmt.Errorf("%w: meta record: %v", ErrNotDataFile, err)
+	}
+	return cd.encodeMeta(meta.GetCreateTime())
 }

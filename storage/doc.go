@@ -2,7 +2,9 @@
 // keeps it: the records ([Connection], [Tokens]), the errors every store
 // returns ([ErrNotFound], [ErrConflict] …), the data key ([Keyring]) and
 // the record codec ([Codec]) that seals secrets and tokens with it, bound
-// to the connection's name and field, and the change feed's [Change].
+// to the connection's name and field, and authenticates every record whole
+// under it ([ErrTampered] for one changed without the key), and the change
+// feed's [Change].
 //
 // The backends live in their own packages: storage/bolt keeps one process's
 // connections in a single bbolt file, storage/etcd keeps several replicas'

@@ -29,3 +29,7 @@ var (
 	// ErrClosed means the store was closed.
 	ErrClosed = errors.New("storage: closed")
 )
+
+// ErrTampered means a stored record fails its integrity check: it was
+// changed by someone without the data key, and is never used.
+var ErrTampered = errors.New("storage: record fails its integrity check")

@@ -156,6 +156,11 @@ func LoadOrGenerateKeyFile(path string) (*Keyring, bool, error) {
 }
 
 func (k *Keyring) seal(plain []byte, aad string) *storagev1.Sealed {
+	return k.sealAAD(plain, []byte(aad))
+}
+
+// sealAAD seals plain with the primary key, bound to aad.
+func (k *Keyring) sealAAD(plain, aad []byte) *storagev1.Sealed {
 	aead := k.aeads[k.primary]
 	nonce := make([]byte, aead.NonceSize())
 	if _, err := rand.Read(nonce); err != nil {
@@ -165,11 +170,19 @@ func (k *Keyring) seal(plain []byte, aad string) *storagev1.Sealed {
 	return &storagev1.Sealed{
 		KeyId:      k.primary,
 		Nonce:      nonce,
-		Ciphertext: aead.Seal(nil, nonce, plain, []byte(aad)),
+		Ciphertext: aead.Seal(nil, nonce, plain, aad),
 	}
 }
 
 func (k *Keyring) open(s *storagev1.Sealed, aad string) ([]byte, error) {
+	return k.openAAD(s, []byte(aad))
+}
+
+// openAAD opens s, which must be bound to aad. A missing seal does not open.
+func (k *Keyring) openAAD(s *storagev1.Sealed, aad []byte) ([]byte, error) {
+	if s == nil {
+		return nil, fmt.Errorf("%w: seal missing", ErrWrongKey)
+	}
 	aead, ok := k.aeads[s.GetKeyId()]
 	if !ok {
 		return nil, fmt.Errorf("%w: value sealed with key %q, which is not in the keyring", ErrWrongKey, s.GetKeyId())
@@ -180,7 +193,7 @@ func (k *Keyring) open(s *storagev1.Sealed, aad string) ([]byte, error) {
 	// Decrypt in place: the ciphertext is the decoder's own copy and is not
 	// used again, so its storage can hold the plaintext.
 	ct := s.GetCiphertext()
-	plain, err := aead.Open(ct[:0], s.GetNonce(), ct, []byte(aad))
+	plain, err := aead.Open(ct[:0], s.GetNonce(), ct, aad)
 	if err != nil {
 		return nil, fmt.Errorf("%w: sealed value does not open with key %q", ErrWrongKey, s.GetKeyId())
 	}
@@ -209,6 +222,13 @@ func (k *Keyring) openString(s *storagev1.Sealed, name, field string) (string, e
 	// b is the decoded record's own buffer and is referenced nowhere else:
 	// share it instead of copying (tokens are read back at every start).
 	return unsafe.String(&b[0], len(b)), nil
+}
+
+// current reports whether s was sealed with the sealing key; a value sealed
+// with an older key is resealed when its record is next written. An absent
+// value needs no key.
+func (k *Keyring) current(s *storagev1.Sealed) bool {
+	return s == nil || s.GetKeyId() == k.primary
 }
 
 var canaryPlain = []byte("tokenbroker canary v1")

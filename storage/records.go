@@ -20,7 +20,23 @@ type Connection struct {
 	UpdateTime             time.Time
 	// Revision is set by the store: 1 on create, +1 on every update.
 	Revision int64
+	// DeleteTime is set while a delete is in progress (see the stores'
+	// MarkDeleting): reads treat the connection as gone, and LoadAll
+	// reports it so that an interrupted delete is finished.
+	DeleteTime time.Time
+	// Flow is how the connection signs in: [FlowPassword] (also "") or
+	// [FlowAuthorizationCode], which has no username or password.
+	Flow string
+	// RedirectURI is the registered redirect URI of an authorization-code
+	// connection.
+	RedirectURI string
 }
+
+// Flows of a connection.
+const (
+	FlowPassword          = "password"
+	FlowAuthorizationCode = "authorization_code"
+)
 
 // Tokens is a connection's token chain state. RefreshToken and AccessToken
 // are plaintext in memory only; the store seals them.
@@ -45,6 +61,18 @@ type Tokens struct {
 	IntentGeneration int64
 	IntentGrant      string
 	IntentTime       time.Time
+}
+
+// Authorization is an Authorization Code flow started and not yet
+// completed: the configuration it completes and the PKCE verifier, which is
+// plaintext in memory only; the store seals it.
+type Authorization struct {
+	Name       string
+	Conn       *Connection
+	Existing   bool
+	Revision   int64
+	Verifier   string
+	ExpireTime time.Time
 }
 
 // Clone returns a deep copy.

@@ -51,6 +51,7 @@ func (f FaultSpec) fault() Fault {
 //	POST /_control/users                   {"username","password"}: add or change a password
 //	POST /_control/clients                 {"client_id","client_secret"}: add or replace a client
 //	POST /_control/access-token-lifetime   {"seconds": n}: expires_in of tokens issued from now on
+//	POST /_control/consent-user            {"username"}: who consents at the authorize endpoint ("" denies)
 //
 // It is unauthenticated: run it on loopback only.
 func (s *Server) ControlHandler() http.Handler {
@@ -109,6 +110,15 @@ func (s *Server) ControlHandler() http.Handler {
 			return
 		}
 		s.SetAccessTokenLifetime(time.Duration(l.Seconds) * time.Second)
+		w.WriteHeader(204)
+	})
+	mux.HandleFunc("POST /_control/consent-user", func(w http.ResponseWriter, r *http.Request) {
+		var u struct{ Username string }
+		if err := json.NewDecoder(r.Body).Decode(&u); err != nil {
+			http.Error(w, `want {"username":...}`, 400)
+			return
+		}
+		s.SetConsentUser(u.Username)
 		w.WriteHeader(204)
 	})
 	return mux

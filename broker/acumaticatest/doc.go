@@ -6,7 +6,10 @@
 // body), one-time refresh tokens with reuse detection that revokes the whole
 // chain, sliding and absolute refresh token lifetimes, a per-user limit on
 // concurrent sessions answered with "API Login Limit", `invalid_grant` and
-// `invalid_client`, discovery, revocation, `/entity/auth/logout`, and a
+// `invalid_client`, the Authorization Code flow (`/identity/connect/authorize`
+// with PKCE S256 required, auto-consent for one configured user, exact
+// redirect URI matching, single-use codes that expire within a minute, and
+// the authorization_code grant), discovery, revocation, `/entity/auth/logout`, and a
 // protected `/entity/Default/24.200.001/{Entity}` resource. Faults (429 with
 // Retry-After, 5xx, HTML bodies, slow answers, resets, malformed 200s,
 // redirects) are injected with [Server.Inject], or over HTTP under

@@ -79,6 +79,9 @@ type Options struct {
 	// Entities readable by the user's role; others known answer 403.
 	// Default SalesOrder, Shipment, StockItem.
 	Entities []string
+	// CodeLifetime is how long an authorization code stays valid. Default
+	// 1 min.
+	CodeLifetime time.Duration
 }
 
 // Counts are what the server saw.
@@ -96,9 +99,17 @@ type Counts struct {
 	Discovery         int `json:"discovery"`
 	MaxConcurrentUser int `json:"max_concurrent_per_user"`
 	OpenSessions      int `json:"open_sessions"`
+	AuthorizeRequests int `json:"authorize_requests"`
+	AuthorizeRefused  int `json:"authorize_refused"`
+	CodeGrants        int `json:"code_grants"`
+	CodeReuse         int `json:"code_reuse"`
 }
 
-type client struct{ secret string }
+type client struct {
+	secret       string
+	authCode     bool     // set to the Authorization Code flow: no password grant
+	redirectURIs []string // registered redirect URIs, matched exactly
+}
 
 type user struct{ password string }
 
@@ -127,7 +138,10 @@ type Server struct {
 	faults   []Fault
 	counts   Counts
 	inflight map[string]int
-	seen     []string // every token issued, for leak scans
+	seen     []string // every token and code issued, for leak scans
+
+	codes       map[string]*authCode // authorization codes, used or not
+	consentUser string               // who consents at the authorize endpoint
 }
 
 // New returns a stand-in with no clients or users.
@@ -141,13 +155,16 @@ func New(opts Options) *Server {
 	if opts.SlidingLifetime == 0 {
 		opts.SlidingLifetime = 15 * 24 * time.Hour
 	}
+	if opts.CodeLifetime == 0 {
+		opts.CodeLifetime = defaultCodeLifetime
+	}
 	if opts.Entities == nil {
 		opts.Entities = []string{"SalesOrder", "Shipment", "StockItem"}
 	}
 	return &Server{
 		opts: opts, clients: map[string]client{}, users: map[string]user{},
 		sessions: map[string]*session{}, refresh: map[string]*session{}, access: map[string]*session{},
-		inflight: map[string]int{},
+		inflight: map[string]int{}, codes: map[string]*authCode{},
 	}
 }
 
@@ -227,7 +244,8 @@ func (s *Server) Counts() Counts {
 	return c
 }
 
-// Issued returns every token the server has issued, for leak scans.
+// Issued returns every token and authorization code the server has issued,
+// and every state and PKCE verifier it was shown, for leak scans.
 func (s *Server) Issued() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -255,6 +273,7 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /identity/connect/token", s.token)
 	mux.HandleFunc("GET /identity/.well-known/openid-configuration", s.discovery)
+	mux.HandleFunc("GET /identity/connect/authorize", s.authorize)
 	mux.HandleFunc("POST /identity/connect/revocation", s.revocation)
 	mux.HandleFunc("POST /entity/auth/logout", s.logout)
 	mux.HandleFunc("GET /entity/{endpoint}/{version}/{entity}", s.entity)
@@ -273,9 +292,11 @@ func (s *Server) discovery(w http.ResponseWriter, r *http.Request) {
 		base = "https://" + r.Host
 	}
 	writeJSON(w, 200, map[string]any{
-		"issuer":              base + "/identity",
-		"token_endpoint":      base + "/identity/connect/token",
-		"revocation_endpoint": base + "/identity/connect/revocation",
+		"issuer":                           base + "/identity",
+		"token_endpoint":                   base + "/identity/connect/token",
+		"revocation_endpoint":              base + "/identity/connect/revocation",
+		"authorization_endpoint":           base + "/identity/connect/authorize",
+		"code_challenge_methods_supported": []string{"plain", "S256"},
 		"grant_types_supported": []string{"password", "refresh_token",
 			"authorization_code", "client_credentials", "implicit", "hybrid"},
 	})
@@ -447,7 +468,13 @@ func (s *Server) grant(r *http.Request) (int, map[string]any) {
 	switch f.Get("grant_type") {
 	case "password":
 		s.counts.PasswordGrants++
+		if cl.authCode {
+			return 400, map[string]any{"error": "unauthorized_client"}
+		}
 		return s.passwordGrantLocked(f, now)
+	case "authorization_code":
+		s.counts.CodeGrants++
+		return s.codeGrantLocked(f, now)
 	case "refresh_token":
 		s.counts.RefreshGrants++
 		return s.refreshGrantLocked(f, now)

@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
-
 	"tokenbroker/internal/testkit"
+
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )

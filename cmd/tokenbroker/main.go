@@ -97,7 +97,7 @@ func openStorage(ctx context.Context, cfg *config, getenv func(string) string, l
 	if err != nil {
 		return nil, nil, err
 	}
-	st, err := openStore(ctx, cfg, dataFile(cfg), keys)
+	st, err := openStore(ctx, cfg, dataFile(cfg), keys, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -124,6 +124,7 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.
 		Store:                        st.store,
 		Locker:                       st.locker,
 		Watcher:                      st.watcher,
+		Authorizations:               st.authorizations,
 		Logger:                       log.With("component", "broker"),
 		AllowInsecureUpstream:        cfg.allowInsecureUpstream,
 		AllowUpstreamCIDRs:           cfg.allowUpstreamCIDRs.prefixes,

@@ -28,6 +28,8 @@ var (
 	_ broker.Store   = (*etcd.Store)(nil)
 	_ broker.Locker  = (*etcd.Store)(nil)
 	_ broker.Watcher = (*etcd.Store)(nil)
+
+	_ broker.AuthorizationStore = (*etcd.Store)(nil)
 )
 
 // openedStore is the configured store with what it offers the broker.
@@ -35,16 +37,24 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	// authorizations keeps pending authorizations for every replica; nil
+	// (this process's memory) with bbolt.
+	authorizations broker.AuthorizationStore
 	// healthy says why the store cannot keep writes, or nil; nil when the
 	// store cannot tell (etcd).
 	healthy func() error
 	close   func()
 }
 
-func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring) (*openedStore, error) {
+func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Keyring, log *slog.Logger) (*openedStore, error) {
 	if cfg.etcdEndpoints == "" {
 		st, err := bolt.Open(dbPath, bolt.Options{Keyring: keys, Populate: true})
 		if err != nil {
+			return nil, err
+		}
+		logUpgrade(log, st.Upgraded(), keys)
+		if err := logOldKeys(ctx, log, st, keys); err != nil {
+			st.Close()
 			return nil, err
 		}
 		return &openedStore{store: st, healthy: st.Healthy, close: func() { st.Close() }}, nil
@@ -82,7 +92,39 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 		cli.Close()
 		return nil, err
 	}
-	return &openedStore{store: st, locker: st, watcher: st, close: func() { st.Close(); cli.Close() }}, nil
+	logUpgrade(log, st.Upgraded(), keys)
+	if err := logOldKeys(octx, log, st, keys); err != nil {
+		st.Close()
+		cli.Close()
+		return nil, err
+	}
+	return &openedStore{store: st, locker: st, watcher: st, authorizations: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// logUpgrade reports the one-time upgrade of records written before every
+// record was authenticated: they were taken as found, once.
+func logUpgrade(log *slog.Logger, n int, keys *storage.Keyring) {
+	if n > 0 {
+		log.Warn("upgraded the store's records to authenticated ones: they were trusted as found this once; from now on a record changed without the data key is refused",
+			"records", n, "key_id", keys.PrimaryID())
+	}
+}
+
+// logOldKeys reports, while the key file holds older keys, how many records
+// still need one: the README's key rotation removes the old keys once this
+// is 0.
+func logOldKeys(ctx context.Context, log *slog.Logger, st interface {
+	OldKeyRecords(context.Context) (int, error)
+}, keys *storage.Keyring) error {
+	if len(keys.IDs()) < 2 {
+		return nil
+	}
+	n, err := st.OldKeyRecords(ctx)
+	if err != nil {
+		return err
+	}
+	log.Info("data key rotation", "key_id", keys.PrimaryID(), "key_ids", strings.Join(keys.IDs(), ","), "records_on_old_keys", n)
+	return nil
 }
 
 // storeHealthInterval is how often watchHealth asks the store.

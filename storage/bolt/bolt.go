@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,14 @@ var (
 	bucketTokens      = []byte("tokens")
 	keyMeta           = []byte("meta")
 	keyProbe          = []byte("probe") // in bucketMeta, only while a probe write runs
+	// keyWipe, in bucketMeta, is written with every erase and gone from
+	// the compacted copy: found at open, it says an erase's wipe was cut
+	// short, and the wipe runs then.
+	keyWipe = []byte("wipe")
+	// bucketDeleting holds the connection records of deletes in progress
+	// (see [Store.MarkDeleting]): out of bucketConnections, so every read
+	// treats them as gone, yet durable until the delete is finished.
+	bucketDeleting = []byte("deleting")
 )
 
 // Options configure [Open]. Zero fields mean the documented defaults.
@@ -51,13 +60,20 @@ type Options struct {
 
 // Store is the embedded store on one bbolt file.
 type Store struct {
-	db    *bbolt.DB
-	path  string
-	ident os.FileInfo // the open file, to compare with what path names
-	fd    uintptr     // its descriptor, for the operator to copy it back from
-	codec *storage.Codec
-	now   func() time.Time
-	max   int
+	// mu guards db, ident and fd, which an erase replaces with a compacted
+	// copy's (see wipe): every transaction runs under its read lock.
+	mu     sync.RWMutex
+	db     *bbolt.DB
+	ident  os.FileInfo // the open file, to compare with what path names
+	fd     uintptr     // its descriptor, for the operator to copy it back from
+	broken error       // set when a wipe could not reopen the file
+	path   string
+	opts   Options
+	codec  *storage.Codec
+	now    func() time.Time
+	max    int
+
+	upgraded int // records authenticated at open (a file of format 1)
 
 	writes  chan *writeReq
 	quit    chan struct{}
@@ -74,6 +90,7 @@ type Store struct {
 // shared transaction untouched.
 type writeReq struct {
 	fn   func(tx *bbolt.Tx) error
+	wipe bool // an erase: free pages are wiped before it answers
 	err  error
 	done chan struct{}
 }
@@ -102,7 +119,7 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		db: db, path: path, codec: storage.NewCodec(opts.Keyring), now: opts.Now, max: opts.MaxBatch,
+		db: db, path: path, opts: opts, codec: storage.NewCodec(opts.Keyring), now: opts.Now, max: opts.MaxBatch,
 		writes: make(chan *writeReq, opts.MaxBatch),
 		quit:   make(chan struct{}),
 		done:   make(chan struct{}),
@@ -112,12 +129,41 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("storage: stat %s: %w", path, err)
 	}
 	s.fd = file.Fd()
+	// A wipe a crash cut short leaves its half-made copy; the lock is ours.
+	os.Remove(path + compactSuffix)
 	if err := guard(path, func() error { return s.checkOrInit(path) }); err != nil {
 		db.Close()
 		return nil, err
 	}
+	if err := s.finishWipe(); err != nil {
+		s.closeDB()
+		return nil, err
+	}
 	go s.commitLoop()
 	return s, nil
+}
+
+// finishWipe runs the wipe of an erase that a crash cut short.
+func (s *Store) finishWipe() error {
+	pending := false
+	if err := s.view(func(tx *bbolt.Tx) error {
+		pending = tx.Bucket(bucketMeta).Get(keyWipe) != nil
+		return nil
+	}); err != nil {
+		return err
+	}
+	if !pending {
+		return nil
+	}
+	return s.wipe()
+}
+
+func (s *Store) closeDB() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken == nil {
+		s.db.Close()
+	}
 }
 
 func (o Options) withDefaults() Options {
@@ -195,7 +241,11 @@ func (s *Store) checkOrInit(path string) error {
 		return fmt.Errorf("%w: %s: %v", storage.ErrNotDataFile, path, err)
 	}
 	if meta != nil {
-		return s.codec.CheckMeta(path, meta)
+		st, err := s.codec.OpenMeta(path, meta)
+		if err != nil {
+			return err
+		}
+		return s.bringUpToDate(meta, st)
 	}
 	if !empty {
 		return fmt.Errorf("%w: %s holds bbolt buckets of another program", storage.ErrNotDataFile, path)
@@ -209,7 +259,7 @@ func (s *Store) checkOrInit(path string) error {
 		return err
 	}
 	return s.db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range [][]byte{bucketConnections, bucketTokens} {
+		for _, name := range [][]byte{bucketConnections, bucketTokens, bucketDeleting} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -222,13 +272,104 @@ func (s *Store) checkOrInit(path string) error {
 	})
 }
 
+// bringUpToDate makes what st asks for in one transaction, and creates the
+// buckets files of earlier versions lack. A file of format 1 is trusted
+// once, as that version trusted it, and comes out authenticated.
+func (s *Store) bringUpToDate(meta []byte, st storage.MetaStatus) error {
+	hasDeleting := false
+	s.db.View(func(tx *bbolt.Tx) error { hasDeleting = tx.Bucket(bucketDeleting) != nil; return nil })
+	if hasDeleting && !st.Reseal {
+		return nil
+	}
+	return s.db.Update(func(tx *bbolt.Tx) error {
+		if _, err := tx.CreateBucketIfNotExists(bucketDeleting); err != nil {
+			return err
+		}
+		if st.Upgrade {
+			n, err := s.upgradeBucket(tx.Bucket(bucketConnections), s.codec.UpgradeConnection)
+			if err != nil {
+				return err
+			}
+			m, err := s.upgradeBucket(tx.Bucket(bucketTokens), s.codec.UpgradeTokens)
+			if err != nil {
+				return err
+			}
+			s.upgraded = n + m
+		}
+		if !st.Reseal {
+			return nil
+		}
+		v, err := s.codec.ResealMeta(meta)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketMeta).Put(keyMeta, v)
+	})
+}
+
+// upgradeBucket rewrites every record of b with recode.
+func (s *Store) upgradeBucket(b *bbolt.Bucket, recode func(name string, v []byte) ([]byte, error)) (int, error) {
+	type kv struct{ k, v []byte }
+	var out []kv
+	err := b.ForEach(func(k, v []byte) error {
+		nv, err := recode(string(k), v)
+		if err != nil {
+			return err
+		}
+		out = append(out, kv{bytes.Clone(k), nv})
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range out {
+		if err := b.Put(e.k, e.v); err != nil {
+			return 0, err
+		}
+	}
+	return len(out), nil
+}
+
+// Upgraded is how many records of a file of format 1 (which authenticated
+// only the secrets) were accepted as they were and authenticated at open.
+func (s *Store) Upgraded() int { return s.upgraded }
+
+// OldKeyRecords counts the records holding anything sealed with a key other
+// than the sealing key: while it is above 0, the key file must keep the
+// older keys.
+func (s *Store) OldKeyRecords(ctx context.Context) (int, error) {
+	n := 0
+	err := s.view(func(tx *bbolt.Tx) error {
+		for _, b := range []struct {
+			name  []byte
+			stale func([]byte) bool
+		}{{bucketConnections, s.codec.ConnectionNeedsReseal}, {bucketDeleting, s.codec.ConnectionNeedsReseal}, {bucketTokens, s.codec.TokensNeedsReseal}} {
+			err := tx.Bucket(b.name).ForEach(func(_, v []byte) error {
+				if b.stale(v) {
+					n++
+				}
+				return ctx.Err()
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return n, err
+}
+
 // Close waits for queued writes and closes the file.
 func (s *Store) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
 		close(s.quit)
 		<-s.done
-		err = s.db.Close()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.broken == nil {
+			err = s.db.Close()
+		}
 	})
 	return err
 }
@@ -240,7 +381,7 @@ func (s *Store) CommitStats() (commits, writes int64) {
 }
 
 // Path is the data file's path.
-func (s *Store) Path() string { return s.db.Path() }
+func (s *Store) Path() string { return s.path }
 
 // commitLoop is the group committer: it takes every write queued while the
 // previous transaction was syncing and commits them in one transaction, so
@@ -285,13 +426,11 @@ func (s *Store) commit(batch []*writeReq) {
 	s.written.Add(int64(len(batch)))
 	err := s.refuseWrites()
 	if err == nil {
-		err = s.guard(func() error {
-			return s.db.Update(func(tx *bbolt.Tx) error {
-				for _, r := range batch {
-					r.err = r.fn(tx)
-				}
-				return nil
-			})
+		err = s.update(func(tx *bbolt.Tx) error {
+			for _, r := range batch {
+				r.err = r.fn(tx)
+			}
+			return nil
 		})
 		if err == nil {
 			err = s.checkFile()
@@ -299,23 +438,54 @@ func (s *Store) commit(batch []*writeReq) {
 			err = fmt.Errorf("storage: commit: %w", err)
 		}
 	}
+	var werr error
+	if err == nil && erased(batch) {
+		werr = s.wipe()
+	}
 	s.health.noteWrite(err)
 	for _, r := range batch {
-		if err != nil {
+		switch {
+		case err != nil:
 			r.err = err
+		case r.wipe && r.err == nil && werr != nil:
+			// Erased, but the bytes may linger in free pages.
+			r.err = werr
 		}
 		close(r.done)
 	}
+}
+
+// update runs fn in a write transaction of the current file, under guard.
+func (s *Store) update(fn func(tx *bbolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.broken != nil {
+		return s.broken
+	}
+	return s.guard(func() error { return s.db.Update(fn) })
+}
+
+// erased reports whether the batch erased a record.
+func erased(batch []*writeReq) bool {
+	for _, r := range batch {
+		if r.wipe && r.err == nil {
+			return true
+		}
+	}
+	return false
 }
 
 // write queues fn for the group committer and waits for its durable commit.
 // The wait ignores ctx once the write is queued: a caller cannot learn
 // whether a write it abandoned landed, so it never abandons one.
 func (s *Store) write(ctx context.Context, fn func(tx *bbolt.Tx) error) error {
+	return s.queue(ctx, &writeReq{fn: fn, done: make(chan struct{})})
+}
+
+func (s *Store) queue(ctx context.Context, r *writeReq) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	r := &writeReq{fn: fn, done: make(chan struct{})}
 	select {
 	case s.writes <- r:
 	case <-s.quit:
@@ -341,6 +511,9 @@ func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *
 	err = s.write(ctx, func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketConnections).Get(key) != nil {
 			return fmt.Errorf("%w: %s", storage.ErrAlreadyExists, c.Name)
+		}
+		if tx.Bucket(bucketDeleting).Get(key) != nil {
+			return fmt.Errorf("%w: %s (its delete is being finished)", storage.ErrAlreadyExists, c.Name)
 		}
 		if err := tx.Bucket(bucketConnections).Put(key, cv); err != nil {
 			return err
@@ -446,7 +619,7 @@ func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *
 		if tv != nil {
 			return tx.Bucket(bucketTokens).Put(key, tv)
 		}
-		return nil
+		return s.resealIn(tx.Bucket(bucketTokens), key, s.codec.TokensNeedsReseal, s.codec.ResealTokens)
 	})
 	if err != nil {
 		return nil, err
@@ -454,12 +627,52 @@ func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *
 	return c, nil
 }
 
-// DeleteConnection erases a connection and its tokens. A revision other than
-// 0 must match the stored one.
-func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+// MarkDeleting starts a delete durably: the connection record (whose
+// Revision must equal revision unless it is 0) leaves the live records with
+// its DeleteTime set, so every read treats it as gone, while it and its
+// tokens stay stored until [Store.DeleteConnection] erases them. LoadAll
+// reports it, so a delete interrupted by a crash is finished at the next
+// start.
+func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) error {
 	key := []byte(name)
 	return s.write(ctx, func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketConnections).Get(key)
+		if v == nil {
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+		}
+		c, err := s.decodeConnection(key, v)
+		if err != nil {
+			return err
+		}
+		if revision != 0 && c.Revision != revision {
+			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
+		}
+		c.DeleteTime = s.now()
+		dv, err := s.codec.EncodeConnection(c)
+		if err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketDeleting).Put(key, dv); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketConnections).Delete(key)
+	})
+}
+
+// DeleteConnection erases a connection and its tokens, or finishes a delete
+// [Store.MarkDeleting] started. A revision other than 0 must match the
+// stored one. The erased records' bytes are wiped from the file before it
+// returns: the file is compacted into a copy that replaces it, since bbolt
+// leaves freed pages' bytes in place.
+func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+	key := []byte(name)
+	return s.queue(ctx, &writeReq{wipe: true, done: make(chan struct{}), fn: func(tx *bbolt.Tx) error {
+		from := tx.Bucket(bucketConnections)
+		v := from.Get(key)
+		if v == nil {
+			from = tx.Bucket(bucketDeleting)
+			v = from.Get(key)
+		}
 		if v == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
@@ -472,11 +685,92 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 				return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, revision)
 			}
 		}
-		if err := tx.Bucket(bucketConnections).Delete(key); err != nil {
+		if err := from.Delete(key); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketMeta).Put(keyWipe, []byte{1}); err != nil {
 			return err
 		}
 		return tx.Bucket(bucketTokens).Delete(key)
-	})
+	}})
+}
+
+// compactSuffix names, next to the data file, the copy a wipe makes.
+const compactSuffix = ".compact"
+
+// wipe replaces the file with a compacted copy, which holds the live
+// records only: the bytes of erased records (and of every earlier version
+// of any record) left in the old file's free pages go with it. It runs on
+// the committer, so no write is in flight, and waits for readers.
+func (s *Store) wipe() error {
+	tmp := s.path + compactSuffix
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	if err := s.compactTo(tmp); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.broken != nil {
+		return s.broken
+	}
+	if err := s.db.Close(); err != nil {
+		s.broken = fmt.Errorf("storage: wipe: close: %w", err)
+		return s.broken
+	}
+	err := os.Rename(tmp, s.path)
+	if err == nil {
+		err = syncDir(filepath.Dir(s.path))
+	}
+	opts := s.opts
+	opts.Populate = false
+	db, file, oerr := openDB(s.path, opts)
+	var ident os.FileInfo
+	if oerr == nil {
+		ident, oerr = file.Stat()
+	}
+	if oerr != nil {
+		if db != nil {
+			db.Close()
+		}
+		s.broken = fmt.Errorf("storage: wipe: reopen %s: %w", s.path, oerr)
+		return s.broken
+	}
+	s.db, s.ident, s.fd = db, ident, file.Fd()
+	if err != nil {
+		return fmt.Errorf("storage: wipe: %w", err)
+	}
+	return nil
+}
+
+// compactTo copies the live records into a new file at tmp and syncs it.
+func (s *Store) compactTo(tmp string) error {
+	dst, err := bbolt.Open(tmp, 0o600, &bbolt.Options{Timeout: s.opts.LockTimeout})
+	if err != nil {
+		return err
+	}
+	s.mu.RLock()
+	err = s.guard(func() error { return bbolt.Compact(dst, s.db, 64<<20) })
+	s.mu.RUnlock()
+	if err == nil {
+		// The copy is the wiped file: it carries no pending wipe.
+		err = dst.Update(func(tx *bbolt.Tx) error { return tx.Bucket(bucketMeta).Delete(keyWipe) })
+	}
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // GetTokens reads a connection's token state.
@@ -484,7 +778,7 @@ func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, er
 	var t *storage.Tokens
 	err := s.view(func(tx *bbolt.Tx) error {
 		v := tx.Bucket(bucketTokens).Get([]byte(name))
-		if v == nil {
+		if v == nil || tx.Bucket(bucketConnections).Get([]byte(name)) == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
 		var err error
@@ -496,7 +790,10 @@ func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, er
 
 // PutTokens durably replaces a connection's token state. It fails with
 // [storage.ErrNotFound] if the connection was deleted, so a late refresh never
-// resurrects one.
+// resurrects one. While keys rotate, the connection record is resealed with
+// the sealing key in the same transaction if it holds anything sealed with
+// an older one: a connection's regular refreshes move all its secrets to
+// the new key.
 func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) error {
 	tv, err := s.codec.EncodeTokens(name, t)
 	if err != nil {
@@ -507,11 +804,33 @@ func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) e
 		if tx.Bucket(bucketConnections).Get(key) == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
+		if err := s.resealIn(tx.Bucket(bucketConnections), key, s.codec.ConnectionNeedsReseal, s.codec.ResealConnection); err != nil {
+			return err
+		}
 		return tx.Bucket(bucketTokens).Put(key, tv)
 	})
 }
 
-// LoadAll calls fn for every connection with its token state. Records are
+// resealIn rewrites the record under key in b with the sealing key if
+// stale says it holds anything sealed with an older one. A record that
+// fails its check is left as it is: the write at hand does not depend on it.
+func (s *Store) resealIn(b *bbolt.Bucket, key []byte, stale func([]byte) bool, reseal func(string, []byte) ([]byte, error)) error {
+	if !s.codec.Rotating() {
+		return nil
+	}
+	v := b.Get(key)
+	if v == nil || !stale(v) {
+		return nil
+	}
+	nv, err := reseal(string(key), v)
+	if err != nil {
+		return nil
+	}
+	return b.Put(key, nv)
+}
+
+// LoadAll calls fn for every connection with its token state, and for
+// every delete in progress (DeleteTime set) with what it still holds. Records are
 // decoded and unsealed by several goroutines at once, and fn is called from
 // them concurrently, in no particular order. When it is done, the pages of
 // the file it read are dropped from the process's resident memory (they stay
@@ -546,14 +865,16 @@ func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *stora
 		// lets the workers finish before the transaction ends.
 		sendErr := s.guard(func() error {
 			tokens := tx.Bucket(bucketTokens)
-			cur := tx.Bucket(bucketConnections).Cursor()
-			for k, v := cur.First(); k != nil; k, v = cur.Next() {
-				select {
-				case items <- item{k, v, tokens.Get(k)}:
-				case err := <-errc:
-					return err
-				case <-ctx.Done():
-					return ctx.Err()
+			for _, bucket := range [][]byte{bucketConnections, bucketDeleting} {
+				cur := tx.Bucket(bucket).Cursor()
+				for k, v := cur.First(); k != nil; k, v = cur.Next() {
+					select {
+					case items <- item{k, v, tokens.Get(k)}:
+					case err := <-errc:
+						return err
+					case <-ctx.Done():
+						return ctx.Err()
+					}
 				}
 			}
 			return nil

@@ -86,7 +86,7 @@ func TestSealedValueBoundToConnection(t *testing.T) {
 	})
 	db.Close()
 	s = openStore(t, path, k)
-	if _, err := s.GetTokens(context.Background(), "tenants/a/connections/z"); !errors.Is(err, storage.ErrWrongKey) {
+	if _, err := s.GetTokens(context.Background(), "tenants/a/connections/z"); !errors.Is(err, storage.ErrTampered) {
 		t.Errorf("moved sealed token opened: %v", err)
 	}
 }

@@ -10,6 +10,11 @@
 // deleted or replaced, damaged, or the disk refusing writes), and such
 // writes are refused rather than lost.
 //
+// A delete is two writes: [Store.MarkDeleting] moves the connection record
+// out of the live ones, and [Store.DeleteConnection] erases it, then
+// replaces the file with a compacted copy before it returns, since bbolt
+// leaves the bytes of freed pages in place.
+//
 // This package must never import the broker, gRPC or the API messages,
 // never log, and never return a secret in an error.
 package bolt

@@ -100,8 +100,11 @@ func (s *Store) refuseWrites() error {
 // checkFile returns [storage.ErrFileGone] when the path no longer names the
 // open file (device and inode differ, or nothing is there).
 func (s *Store) checkFile() error {
+	s.mu.RLock()
+	ident, fd := s.ident, s.fd
+	s.mu.RUnlock()
 	info, err := os.Stat(s.path)
-	if err == nil && os.SameFile(info, s.ident) {
+	if err == nil && os.SameFile(info, ident) {
 		return nil
 	}
 	what := "deleted or renamed"
@@ -112,7 +115,7 @@ func (s *Store) checkFile() error {
 		what = "made unreachable (" + err.Error() + ")"
 	}
 	return fmt.Errorf("%w: %s was %s while open; writes are refused because a restart would not find them (until this process exits, the open file can be copied back from /proc/%d/fd/%d)",
-		storage.ErrFileGone, s.path, what, os.Getpid(), s.fd)
+		storage.ErrFileGone, s.path, what, os.Getpid(), fd)
 }
 
 // guard runs fn under the package's guard (see check.go) and remembers a
@@ -125,7 +128,12 @@ func (s *Store) guard(fn func() error) error {
 	return err
 }
 
-// view runs a read transaction under guard.
+// view runs a read transaction of the current file (see wipe) under guard.
 func (s *Store) view(fn func(tx *bbolt.Tx) error) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.broken != nil {
+		return s.broken
+	}
 	return s.guard(func() error { return s.db.View(fn) })
 }

@@ -43,6 +43,9 @@ type Store struct {
 	prefix string
 	ttl    int // session lease TTL, seconds
 
+	upgraded int              // records authenticated at open (format 1)
+	now      func() time.Time // stamps a delete's mark
+
 	sessMu    sync.Mutex
 	session   *concurrency.Session // replaced when its lease lapses; see lockSession
 	closed    bool
@@ -73,7 +76,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix}
+	s := &Store{cli: opts.Client, codec: storage.NewCodec(opts.Keyring), prefix: opts.Prefix, now: opts.Now}
 	mv, err := s.codec.EncodeMeta(opts.Now())
 	if err != nil {
 		return nil, err
@@ -91,7 +94,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		if len(kvs) == 0 {
 			return nil, fmt.Errorf("%w: etcd meta record vanished", storage.ErrNotDataFile)
 		}
-		if err := s.codec.CheckMeta("etcd prefix "+s.prefix, kvs[0].Value); err != nil {
+		if err := s.bringUpToDate(ctx, kvs[0]); err != nil {
 			return nil, err
 		}
 	}
@@ -102,6 +105,101 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	return s, nil
 }
+
+// bringUpToDate checks the meta record and makes what it asks for: the
+// records of a cluster written in format 1 are authenticated (trusted once,
+// as that version trusted them), a canary sealed with an older key is
+// sealed anew. Each record is rewritten only if unchanged since read; the
+// meta record last, so an interrupted upgrade is redone at the next open.
+func (s *Store) bringUpToDate(ctx context.Context, meta *mvccpb.KeyValue) error {
+	st, err := s.codec.OpenMeta("etcd prefix "+s.prefix, meta.Value)
+	if err != nil || !st.Reseal {
+		return err
+	}
+	if st.Upgrade {
+		n, err := s.upgradePrefix(ctx, s.prefix+"connections/", s.codec.UpgradeConnection)
+		if err != nil {
+			return err
+		}
+		m, err := s.upgradePrefix(ctx, s.prefix+"tokens/", s.codec.UpgradeTokens)
+		if err != nil {
+			return err
+		}
+		s.upgraded = n + m
+	}
+	mv, err := s.codec.ResealMeta(meta.Value)
+	if err != nil {
+		return err
+	}
+	_, err = s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(string(meta.Key)), "=", meta.ModRevision)).
+		Then(clientv3.OpPut(string(meta.Key), string(mv))).Commit()
+	if err != nil {
+		return etcdErr(err)
+	}
+	return nil
+}
+
+// upgradePrefix rewrites every record under base with recode.
+func (s *Store) upgradePrefix(ctx context.Context, base string, recode func(name string, v []byte) ([]byte, error)) (int, error) {
+	n := 0
+	key := base
+	for {
+		resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
+		if err != nil {
+			return n, etcdErr(err)
+		}
+		for _, kv := range resp.Kvs {
+			nv, err := recode(strings.TrimPrefix(string(kv.Key), base), kv.Value)
+			if err != nil {
+				return n, err
+			}
+			_, err = s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(string(kv.Key)), "=", kv.ModRevision)).
+				Then(clientv3.OpPut(string(kv.Key), string(nv))).Commit()
+			if err != nil {
+				return n, etcdErr(err)
+			}
+			n++
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return n, nil
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// OldKeyRecords counts the records holding anything sealed with a key other
+// than the sealing key: while it is above 0, the key file must keep the
+// older keys.
+func (s *Store) OldKeyRecords(ctx context.Context) (int, error) {
+	n := 0
+	for _, p := range []struct {
+		base  string
+		stale func([]byte) bool
+	}{{"connections/", s.codec.ConnectionNeedsReseal}, {"deleting/", s.codec.ConnectionNeedsReseal}, {"tokens/", s.codec.TokensNeedsReseal}} {
+		base := s.prefix + p.base
+		key := base
+		for {
+			resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
+			if err != nil {
+				return n, etcdErr(err)
+			}
+			for _, kv := range resp.Kvs {
+				if p.stale(kv.Value) {
+					n++
+				}
+			}
+			if !resp.More || len(resp.Kvs) == 0 {
+				break
+			}
+			key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		}
+	}
+	return n, nil
+}
+
+// Upgraded is how many records written in format 1 (which authenticated
+// only the secrets) were accepted as they were and authenticated at open.
+func (s *Store) Upgraded() int { return s.upgraded }
 
 // lockSession returns the session to take locks under. A session whose
 // lease lapsed (etcd unreachable for longer than its TTL, or the lease
@@ -149,6 +247,11 @@ func (s *Store) Close() error {
 func (s *Store) connKey(name string) string  { return s.prefix + "connections/" + name }
 func (s *Store) tokenKey(name string) string { return s.prefix + "tokens/" + name }
 
+// deletingKey holds the connection record of a delete in progress (see
+// [Store.MarkDeleting]): not under connections/, so every read and watch
+// treats it as gone.
+func (s *Store) deletingKey(name string) string { return s.prefix + "deleting/" + name }
+
 func etcdErr(err error) error { return fmt.Errorf("storage: etcd: %w", err) }
 
 // CreateConnection stores a new connection with its initial token state.
@@ -162,7 +265,7 @@ func (s *Store) CreateConnection(ctx context.Context, c *storage.Connection, t *
 	}
 	ck := s.connKey(c.Name)
 	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(ck), "=", 0)).
+		If(clientv3.Compare(clientv3.CreateRevision(ck), "=", 0), clientv3.Compare(clientv3.CreateRevision(s.deletingKey(c.Name)), "=", 0)).
 		Then(clientv3.OpPut(ck, string(cv)), clientv3.OpPut(s.tokenKey(c.Name), string(tv))).Commit()
 	if err != nil {
 		return nil, etcdErr(err)
@@ -206,14 +309,15 @@ func (s *Store) GetConnection(ctx context.Context, name string) (*storage.Connec
 
 // GetTokens reads a connection's token state.
 func (s *Store) GetTokens(ctx context.Context, name string) (*storage.Tokens, error) {
-	v, _, err := s.get(ctx, s.tokenKey(name))
-	if errors.Is(err, storage.ErrNotFound) {
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(s.connKey(name), clientv3.WithCountOnly()), clientv3.OpGet(s.tokenKey(name))).Commit()
+	if err != nil {
+		return nil, etcdErr(err)
+	}
+	kvs := resp.Responses[1].GetResponseRange().GetKvs()
+	if resp.Responses[0].GetResponseRange().GetCount() == 0 || len(kvs) == 0 {
 		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
-	if err != nil {
-		return nil, err
-	}
-	return s.decodeTokens(name, v)
+	return s.decodeTokens(name, kvs[0].Value)
 }
 
 // ListConnections returns up to limit connections whose names start with
@@ -242,40 +346,30 @@ func (s *Store) ListConnections(ctx context.Context, prefix, after string, limit
 // UpdateConnection replaces a connection whose stored Revision equals
 // c.Revision, and its token state when t is not nil.
 func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error) {
-	ck := s.connKey(c.Name)
-	v, modRev, err := s.get(ctx, ck)
-	if errors.Is(err, storage.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", storage.ErrNotFound, c.Name)
-	}
+	modRev, err := s.atRevision(ctx, c.Name, c.Revision)
 	if err != nil {
 		return nil, err
-	}
-	rev, err := storage.Revision(v)
-	if err != nil {
-		return nil, err
-	}
-	if rev != c.Revision {
-		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, c.Name, rev, c.Revision)
 	}
 	next, cv, tv, err := s.codec.EncodeRecords(c, c.Revision+1, t)
 	if err != nil {
 		return nil, err
 	}
-	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
-	conds := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)}
-	fence, fenced := s.fence(c.Name)
-	if tv != nil {
-		ops = append(ops, clientv3.OpPut(s.tokenKey(c.Name), string(tv)))
-		if fenced {
-			conds = append(conds, fence)
-		}
+	var rp *resealPut
+	if tv == nil {
+		// Unchanged token state still moves to the sealing key.
+		rp = s.resealOp(ctx, c.Name, s.tokenKey(c.Name), s.codec.TokensNeedsReseal, s.codec.ResealTokens)
 	}
-	resp, err := s.cli.Txn(ctx).If(conds...).Then(ops...).Else(clientv3.OpGet(ck, clientv3.WithKeysOnly())).Commit()
+	resp, err := s.updateTxn(ctx, c.Name, modRev, cv, tv, rp)
+	if err == nil && !resp.Succeeded && rp != nil && unchangedSince(resp, modRev) {
+		// Only the token record changed (a refresh committed it, sealed
+		// with the sealing key): update without the reseal.
+		resp, err = s.updateTxn(ctx, c.Name, modRev, cv, tv, nil)
+	}
 	if err != nil {
 		return nil, etcdErr(err)
 	}
 	if !resp.Succeeded {
-		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); tv != nil && fenced && len(kvs) == 1 && kvs[0].ModRevision == modRev {
+		if _, fenced := s.fence(c.Name); tv != nil && fenced && unchangedSince(resp, modRev) {
 			return nil, fmt.Errorf("%w: %s", storage.ErrLockLost, c.Name)
 		}
 		return nil, fmt.Errorf("%w: %s changed concurrently", storage.ErrConflict, c.Name)
@@ -283,11 +377,103 @@ func (s *Store) UpdateConnection(ctx context.Context, c *storage.Connection, t *
 	return next, nil
 }
 
-// DeleteConnection erases a connection and its tokens. A revision other than
-// 0 must match the stored one.
-func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+// atRevision returns the etcd revision of name's connection record, which
+// must be at the connection revision want.
+func (s *Store) atRevision(ctx context.Context, name string, want int64) (int64, error) {
+	v, modRev, err := s.get(ctx, s.connKey(name))
+	if errors.Is(err, storage.ErrNotFound) {
+		return 0, fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+	}
+	if err != nil {
+		return 0, err
+	}
+	rev, err := storage.Revision(v)
+	if err != nil {
+		return 0, err
+	}
+	if rev != want {
+		return 0, fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, want)
+	}
+	return modRev, nil
+}
+
+// updateTxn writes a connection record (if still at modRev) and, when tv
+// is set, its token record under the fence; or, with rp, the token record
+// resealed. It fails returning the connection key's current revision.
+func (s *Store) updateTxn(ctx context.Context, name string, modRev int64, cv, tv []byte, rp *resealPut) (*clientv3.TxnResponse, error) {
+	ck := s.connKey(name)
+	ops := []clientv3.Op{clientv3.OpPut(ck, string(cv))}
+	conds := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)}
+	if tv != nil {
+		ops = append(ops, clientv3.OpPut(s.tokenKey(name), string(tv)))
+		if fence, fenced := s.fence(name); fenced {
+			conds = append(conds, fence)
+		}
+	}
+	if rp != nil {
+		conds, ops = append(conds, rp.cmp), append(ops, rp.op)
+	}
+	return s.cli.Txn(ctx).If(conds...).Then(ops...).Else(clientv3.OpGet(ck, clientv3.WithKeysOnly())).Commit()
+}
+
+// unchangedSince reports whether a failed updateTxn found the connection
+// key still at modRev: something else than the connection failed the
+// comparison.
+func unchangedSince(resp *clientv3.TxnResponse, modRev int64) bool {
+	kvs := resp.Responses[0].GetResponseRange().GetKvs()
+	return len(kvs) == 1 && kvs[0].ModRevision == modRev
+}
+
+// MarkDeleting starts a delete durably: the connection record (whose
+// Revision must equal revision unless it is 0) moves from connections/ to
+// deleting/ with its DeleteTime set, so every read and watch treats it as
+// gone, while it and its tokens stay stored until [Store.DeleteConnection]
+// erases them. LoadAll reports it, so a delete interrupted by a crash is
+// finished at the next start.
+func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) error {
 	ck := s.connKey(name)
 	v, modRev, err := s.get(ctx, ck)
+	if errors.Is(err, storage.ErrNotFound) {
+		return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+	}
+	if err != nil {
+		return err
+	}
+	c, err := s.decodeConnection(name, v)
+	if err != nil {
+		return err
+	}
+	if revision != 0 && c.Revision != revision {
+		return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
+	}
+	c.DeleteTime = s.now()
+	dv, err := s.codec.EncodeConnection(c)
+	if err != nil {
+		return err
+	}
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).
+		Then(clientv3.OpPut(s.deletingKey(name), string(dv)), clientv3.OpDelete(ck)).Commit()
+	if err != nil {
+		return etcdErr(err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("%w: %s changed concurrently", storage.ErrConflict, name)
+	}
+	return nil
+}
+
+// DeleteConnection erases a connection and its tokens, or finishes a delete
+// [Store.MarkDeleting] started. A revision other than 0 must match the
+// stored one. The values stay in etcd's history until the cluster's
+// compaction passes this revision, and in its backend file until it is
+// defragmented; both are the cluster operator's (see README).
+func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
+	key := s.connKey(name)
+	v, modRev, err := s.get(ctx, key)
+	if errors.Is(err, storage.ErrNotFound) {
+		key = s.deletingKey(name)
+		v, modRev, err = s.get(ctx, key)
+	}
 	if errors.Is(err, storage.ErrNotFound) {
 		return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
@@ -303,8 +489,8 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, rev, revision)
 		}
 	}
-	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(ck), "=", modRev)).
-		Then(clientv3.OpDelete(ck), clientv3.OpDelete(s.tokenKey(name))).Commit()
+	resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", modRev)).
+		Then(clientv3.OpDelete(key), clientv3.OpDelete(s.tokenKey(name))).Commit()
 	if err != nil {
 		return etcdErr(err)
 	}
@@ -315,31 +501,81 @@ func (s *Store) DeleteConnection(ctx context.Context, name string, revision int6
 }
 
 // PutTokens durably replaces a connection's token state; [storage.ErrNotFound] if
-// the connection was deleted.
+// the connection was deleted. While keys rotate, the connection record is
+// resealed with the sealing key in the same transaction if it holds
+// anything sealed with an older one.
 func (s *Store) PutTokens(ctx context.Context, name string, t *storage.Tokens) error {
 	tv, err := s.codec.EncodeTokens(name, t)
 	if err != nil {
 		return err
 	}
+	if rp := s.resealOp(ctx, name, s.connKey(name), s.codec.ConnectionNeedsReseal, s.codec.ResealConnection); rp != nil {
+		err := s.putTokens(ctx, name, tv, rp)
+		if !errors.Is(err, errResealRaced) {
+			return err
+		}
+		// The connection changed since read: the write that changed it
+		// sealed it anew; store the tokens alone.
+	}
+	return s.putTokens(ctx, name, tv, nil)
+}
+
+var errResealRaced = errors.New("storage: etcd: record changed while resealing")
+
+// putTokens writes tv under the fence, with the reseal rp when not nil.
+func (s *Store) putTokens(ctx context.Context, name string, tv []byte, rp *resealPut) error {
 	ck := s.connKey(name)
 	conds := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(ck), ">", 0)}
+	ops := []clientv3.Op{clientv3.OpPut(s.tokenKey(name), string(tv))}
+	if rp != nil {
+		conds, ops = append(conds, rp.cmp), append(ops, rp.op)
+	}
 	fence, fenced := s.fence(name)
 	if fenced {
 		conds = append(conds, fence)
 	}
-	resp, err := s.cli.Txn(ctx).If(conds...).
-		Then(clientv3.OpPut(s.tokenKey(name), string(tv))).
+	resp, err := s.cli.Txn(ctx).If(conds...).Then(ops...).
 		Else(clientv3.OpGet(ck, clientv3.WithCountOnly())).Commit()
 	if err != nil {
 		return etcdErr(err)
 	}
 	if !resp.Succeeded {
-		if fenced && resp.Responses[0].GetResponseRange().GetCount() > 0 {
+		switch {
+		case resp.Responses[0].GetResponseRange().GetCount() == 0:
+			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
+		case rp != nil:
+			return errResealRaced
+		case fenced:
 			return fmt.Errorf("%w: %s", storage.ErrLockLost, name)
 		}
 		return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 	}
 	return nil
+}
+
+// resealOp reads the record at key and, if stale says it holds anything
+// sealed with an older key, returns the put that reseals it and the
+// comparison that keeps the put from overwriting a newer record. Only while
+// keys rotate; a record that cannot be read or checked is left alone.
+func (s *Store) resealOp(ctx context.Context, name, key string, stale func([]byte) bool, reseal func(string, []byte) ([]byte, error)) *resealPut {
+	if !s.codec.Rotating() {
+		return nil
+	}
+	v, modRev, err := s.get(ctx, key)
+	if err != nil || !stale(v) {
+		return nil
+	}
+	nv, err := reseal(name, v)
+	if err != nil {
+		return nil
+	}
+	return &resealPut{clientv3.Compare(clientv3.ModRevision(key), "=", modRev), clientv3.OpPut(key, string(nv))}
+}
+
+// resealPut rewrites a record with the sealing key if it is unchanged.
+type resealPut struct {
+	cmp clientv3.Cmp
+	op  clientv3.Op
 }
 
 // fence returns, while this replica holds name's lock, the comparison that
@@ -356,7 +592,8 @@ func (s *Store) fence(name string) (clientv3.Cmp, bool) {
 }
 
 // LoadAll calls fn for every connection with its token state, in name
-// order, reading in pages at one etcd revision; [Store.Watch]
+// order, then for every delete in progress (DeleteTime set), reading in
+// pages at one etcd revision; [Store.Watch]
 // continues from that revision.
 func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error {
 	rev, err := s.loadAll(ctx, fn)
@@ -367,9 +604,18 @@ func (s *Store) LoadAll(ctx context.Context, fn func(*storage.Connection, *stora
 }
 
 func (s *Store) loadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) (int64, error) {
-	base := s.prefix + "connections/"
+	rev, err := s.loadPrefix(ctx, s.prefix+"connections/", 0, fn)
+	if err != nil {
+		return 0, err
+	}
+	// Deletes in progress, at the same revision.
+	return s.loadPrefix(ctx, s.prefix+"deleting/", rev, fn)
+}
+
+// loadPrefix calls fn for every connection record under base and its
+// tokens, at revision rev (0: the current one, which it returns).
+func (s *Store) loadPrefix(ctx context.Context, base string, rev int64, fn func(*storage.Connection, *storage.Tokens) error) (int64, error) {
 	key := base
-	var rev int64
 	for {
 		opts := []clientv3.OpOption{clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize)}
 		if rev != 0 {

@@ -25,6 +25,7 @@ type Store interface {
 	ListConnections(ctx context.Context, prefix, after string, limit int) ([]*storage.Connection, error)
 	UpdateConnection(ctx context.Context, c *storage.Connection, t *storage.Tokens) (*storage.Connection, error)
 	DeleteConnection(ctx context.Context, name string, revision int64) error
+	MarkDeleting(ctx context.Context, name string, revision int64) error
 	GetTokens(ctx context.Context, name string) (*storage.Tokens, error)
 	PutTokens(ctx context.Context, name string, t *storage.Tokens) error
 	LoadAll(ctx context.Context, fn func(*storage.Connection, *storage.Tokens) error) error
@@ -57,6 +58,7 @@ func SampleConn(name string) *storage.Connection {
 		Name: name, DisplayName: "ERP", InstanceURL: "https://erp.example.com", ClientID: "G@T",
 		ClientSecret: Secret, Username: "u", Password: Password, Scopes: []string{"api", "offline_access"},
 		SlidingLifetime: 15 * 24 * time.Hour, CreateTime: time.Unix(1700000000, 0).UTC(), UpdateTime: time.Unix(1700000000, 0).UTC(),
+		Flow: storage.FlowAuthorizationCode, RedirectURI: "https://app.example.com/callback",
 	}
 }
 
@@ -85,6 +87,9 @@ var rules = []rule{
 	{"tokens never resurrect a deleted connection", putTokensAfterDelete},
 	{"missing names are not found", missingNotFound},
 	{"load all pairs each connection with its own tokens", loadAllPairs},
+	{"mark deleting refuses a stale revision", markDeletingRefusesStale},
+	{"mark deleting hides the connection from every read and write", markDeletingHides},
+	{"load all reports a delete in progress until it is erased", loadAllReportsDeleting},
 }
 
 // Run checks every rule of the contract, each as its own subtest on a store
@@ -369,4 +374,104 @@ func CheckLoadAll(t testing.TB, s Store) {
 func loadAllPairs(t *testing.T, s Store) {
 	CreateForLoad(t, s)
 	CheckLoadAll(t, s)
+}
+
+func markDeletingRefusesStale(t *testing.T, s Store) {
+	ctx := context.Background()
+	create(t, s)
+	if err := s.MarkDeleting(ctx, sample, 2); !errors.Is(err, storage.ErrConflict) {
+		t.Errorf("mark deleting at a stale revision: %v, want ErrConflict", err)
+	}
+	if _, err := s.GetConnection(ctx, sample); err != nil {
+		t.Errorf("refused mark hid the connection: %v", err)
+	}
+	if err := s.MarkDeleting(ctx, "tenants/a/connections/missing", 0); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("mark deleting a missing name: %v, want ErrNotFound", err)
+	}
+}
+
+func markDeletingHides(t *testing.T, s Store) {
+	ctx := context.Background()
+	c := create(t, s)
+	if err := s.MarkDeleting(ctx, sample, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetConnection(ctx, sample); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("get: %v, want ErrNotFound", err)
+	}
+	if _, err := s.GetTokens(ctx, sample); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("get tokens: %v, want ErrNotFound", err)
+	}
+	if list, err := s.ListConnections(ctx, "tenants/", "", 10); err != nil || len(list) != 0 {
+		t.Errorf("list: %d connections, %v; want none", len(list), err)
+	}
+	if err := s.PutTokens(ctx, sample, SampleTokens()); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("put tokens: %v, want ErrNotFound", err)
+	}
+	if _, err := s.UpdateConnection(ctx, c, nil); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("update: %v, want ErrNotFound", err)
+	}
+	if err := s.MarkDeleting(ctx, sample, 0); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("mark again: %v, want ErrNotFound", err)
+	}
+	if _, err := s.CreateConnection(ctx, SampleConn(sample), nil); !errors.Is(err, storage.ErrAlreadyExists) {
+		t.Errorf("create while the delete is unfinished: %v, want ErrAlreadyExists", err)
+	}
+}
+
+func loadAllReportsDeleting(t *testing.T, s Store) {
+	ctx := context.Background()
+	create(t, s)
+	if _, err := s.CreateConnection(ctx, SampleConn("tenants/b/connections/y"), SampleTokens()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkDeleting(ctx, sample, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*storage.Tokens{}
+	var deleting *storage.Connection
+	var mu sync.Mutex
+	err := s.LoadAll(ctx, func(c *storage.Connection, tk *storage.Tokens) error {
+		mu.Lock()
+		defer mu.Unlock()
+		got[c.Name] = tk
+		if !c.DeleteTime.IsZero() {
+			deleting = c
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || deleting == nil || deleting.Name != sample {
+		t.Fatalf("load all: %d records, delete in progress %v; want both, %s deleting", len(got), deleting, sample)
+	}
+	// What finishing the delete needs (revoking upstream) is still there.
+	if deleting.ClientSecret != Secret || got[sample].RefreshToken != Refresh {
+		t.Error("the delete in progress lost its credentials before it was finished")
+	}
+	if err := s.DeleteConnection(ctx, sample, 0); err != nil {
+		t.Fatalf("finish the delete: %v", err)
+	}
+	n := 0
+	if err := s.LoadAll(ctx, func(c *storage.Connection, _ *storage.Tokens) error {
+		mu.Lock()
+		defer mu.Unlock()
+		n++
+		if c.Name == sample {
+			t.Error("load all reports an erased connection")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Errorf("load all after the erase: %d records, want 1", n)
+	}
+	if err := s.DeleteConnection(ctx, sample, 0); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("erase again: %v, want ErrNotFound", err)
+	}
+	if _, err := s.CreateConnection(ctx, SampleConn(sample), nil); err != nil {
+		t.Errorf("create after the delete finished: %v", err)
+	}
 }

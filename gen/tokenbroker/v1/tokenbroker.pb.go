@@ -89,6 +89,64 @@ func (Connection_State) EnumDescriptor() ([]byte, []int) {
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{0, 0}
 }
 
+// Flow is how a connection signs in to Acumatica.
+type Connection_Flow int32
+
+const (
+	// FLOW_UNSPECIFIED on input means FLOW_PASSWORD; never returned.
+	Connection_FLOW_UNSPECIFIED Connection_Flow = 0
+	// FLOW_PASSWORD: Resource Owner Password Credentials with the
+	// integration user's `username` and `password`.
+	Connection_FLOW_PASSWORD Connection_Flow = 1
+	// FLOW_AUTHORIZATION_CODE: a user signs in through the browser
+	// (StartAuthorization, CompleteAuthorization) or a refresh token is
+	// imported (ImportRefreshToken). There is no username or password; day
+	// to day only refresh grants are used, and when the chain dies the
+	// connection goes NEEDS_REAUTH with reason `AUTHORIZATION_REQUIRED`.
+	Connection_FLOW_AUTHORIZATION_CODE Connection_Flow = 2
+)
+
+// Enum value maps for Connection_Flow.
+var (
+	Connection_Flow_name = map[int32]string{
+		0: "FLOW_UNSPECIFIED",
+		1: "FLOW_PASSWORD",
+		2: "FLOW_AUTHORIZATION_CODE",
+	}
+	Connection_Flow_value = map[string]int32{
+		"FLOW_UNSPECIFIED":        0,
+		"FLOW_PASSWORD":           1,
+		"FLOW_AUTHORIZATION_CODE": 2,
+	}
+)
+
+func (x Connection_Flow) Enum() *Connection_Flow {
+	p := new(Connection_Flow)
+	*p = x
+	return p
+}
+
+func (x Connection_Flow) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Connection_Flow) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenbroker_v1_tokenbroker_proto_enumTypes[1].Descriptor()
+}
+
+func (Connection_Flow) Type() protoreflect.EnumType {
+	return &file_tokenbroker_v1_tokenbroker_proto_enumTypes[1]
+}
+
+func (x Connection_Flow) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Connection_Flow.Descriptor instead.
+func (Connection_Flow) EnumDescriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{0, 1}
+}
+
 // Outcome of the read.
 type TestConnectionResponse_EntityResult_Outcome int32
 
@@ -134,11 +192,11 @@ func (x TestConnectionResponse_EntityResult_Outcome) String() string {
 }
 
 func (TestConnectionResponse_EntityResult_Outcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_tokenbroker_v1_tokenbroker_proto_enumTypes[1].Descriptor()
+	return file_tokenbroker_v1_tokenbroker_proto_enumTypes[2].Descriptor()
 }
 
 func (TestConnectionResponse_EntityResult_Outcome) Type() protoreflect.EnumType {
-	return &file_tokenbroker_v1_tokenbroker_proto_enumTypes[1]
+	return &file_tokenbroker_v1_tokenbroker_proto_enumTypes[2]
 }
 
 func (x TestConnectionResponse_EntityResult_Outcome) Number() protoreflect.EnumNumber {
@@ -194,7 +252,13 @@ type Connection struct {
 	// Output only. When the connection's configuration last changed.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	// Output only on read; on update, when set, must match the stored value.
-	Etag          string `protobuf:"bytes,18,opt,name=etag,proto3" json:"etag,omitempty"`
+	Etag string `protobuf:"bytes,18,opt,name=etag,proto3" json:"etag,omitempty"`
+	// How the connection signs in. Set on create; cannot be changed.
+	Flow Connection_Flow `protobuf:"varint,19,opt,name=flow,proto3,enum=tokenbroker.v1.Connection_Flow" json:"flow,omitempty"`
+	// FLOW_AUTHORIZATION_CODE only, required: the redirect URI registered on
+	// the Connected Application, matched exactly (https, or http on a
+	// loopback host).
+	RedirectUri   string `protobuf:"bytes,20,opt,name=redirect_uri,json=redirectUri,proto3" json:"redirect_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -351,6 +415,20 @@ func (x *Connection) GetUpdateTime() *timestamppb.Timestamp {
 func (x *Connection) GetEtag() string {
 	if x != nil {
 		return x.Etag
+	}
+	return ""
+}
+
+func (x *Connection) GetFlow() Connection_Flow {
+	if x != nil {
+		return x.Flow
+	}
+	return Connection_FLOW_UNSPECIFIED
+}
+
+func (x *Connection) GetRedirectUri() string {
+	if x != nil {
+		return x.RedirectUri
 	}
 	return ""
 }
@@ -1326,6 +1404,428 @@ func (x *GetAccessTokenResponse) GetScopes() []string {
 	return nil
 }
 
+// StartAuthorizationRequest is the request of StartAuthorization. Either
+// `parent` and `connection_id` (a new connection) or `name` (an existing
+// one) is set.
+type StartAuthorizationRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// New connection: its tenant, `tenants/{tenant}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// New connection: its id, `[a-z][a-z0-9-]{0,62}`.
+	ConnectionId string `protobuf:"bytes,2,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	// Existing connection: `tenants/{tenant}/connections/{connection}`.
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// New connection: the connection, with `flow` FLOW_AUTHORIZATION_CODE.
+	// Existing connection: the new values of the fields in `update_mask`.
+	Connection *Connection `protobuf:"bytes,4,opt,name=connection,proto3" json:"connection,omitempty"`
+	// Existing connection only: the fields of `connection` to change when
+	// the authorization completes; empty changes none.
+	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,5,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	// Validate the request without holding an authorization or contacting
+	// upstream; no URL is returned.
+	ValidateOnly  bool `protobuf:"varint,6,opt,name=validate_only,json=validateOnly,proto3" json:"validate_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartAuthorizationRequest) Reset() {
+	*x = StartAuthorizationRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartAuthorizationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartAuthorizationRequest) ProtoMessage() {}
+
+func (x *StartAuthorizationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartAuthorizationRequest.ProtoReflect.Descriptor instead.
+func (*StartAuthorizationRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *StartAuthorizationRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *StartAuthorizationRequest) GetConnectionId() string {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return ""
+}
+
+func (x *StartAuthorizationRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *StartAuthorizationRequest) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+func (x *StartAuthorizationRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+func (x *StartAuthorizationRequest) GetValidateOnly() bool {
+	if x != nil {
+		return x.ValidateOnly
+	}
+	return false
+}
+
+// StartAuthorizationResponse is the response of StartAuthorization.
+type StartAuthorizationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The URL to open in a browser. It carries `state` and the PKCE
+	// challenge; treat it as a secret until the authorization completes.
+	AuthorizationUrl string `protobuf:"bytes,1,opt,name=authorization_url,json=authorizationUrl,proto3" json:"authorization_url,omitempty"`
+	// When the authorization must be completed by.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The connection as it will be once the authorization completes.
+	Connection    *Connection `protobuf:"bytes,3,opt,name=connection,proto3" json:"connection,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartAuthorizationResponse) Reset() {
+	*x = StartAuthorizationResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartAuthorizationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartAuthorizationResponse) ProtoMessage() {}
+
+func (x *StartAuthorizationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartAuthorizationResponse.ProtoReflect.Descriptor instead.
+func (*StartAuthorizationResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *StartAuthorizationResponse) GetAuthorizationUrl() string {
+	if x != nil {
+		return x.AuthorizationUrl
+	}
+	return ""
+}
+
+func (x *StartAuthorizationResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *StartAuthorizationResponse) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+// CompleteAuthorizationRequest is the request of CompleteAuthorization.
+type CompleteAuthorizationRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `tenants/{tenant}/connections/{connection}`: the connection the
+	// authorization was started for.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Input only. The `state` parameter of the redirect.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// Input only. The `code` parameter of the redirect.
+	Code          string `protobuf:"bytes,3,opt,name=code,proto3" json:"code,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteAuthorizationRequest) Reset() {
+	*x = CompleteAuthorizationRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteAuthorizationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteAuthorizationRequest) ProtoMessage() {}
+
+func (x *CompleteAuthorizationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteAuthorizationRequest.ProtoReflect.Descriptor instead.
+func (*CompleteAuthorizationRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CompleteAuthorizationRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CompleteAuthorizationRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *CompleteAuthorizationRequest) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+// CompleteAuthorizationResponse is the response of CompleteAuthorization.
+type CompleteAuthorizationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The connection, now holding the new refresh token chain.
+	Connection    *Connection `protobuf:"bytes,1,opt,name=connection,proto3" json:"connection,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteAuthorizationResponse) Reset() {
+	*x = CompleteAuthorizationResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteAuthorizationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteAuthorizationResponse) ProtoMessage() {}
+
+func (x *CompleteAuthorizationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteAuthorizationResponse.ProtoReflect.Descriptor instead.
+func (*CompleteAuthorizationResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *CompleteAuthorizationResponse) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+// ImportRefreshTokenRequest is the request of ImportRefreshToken. Either
+// `parent` and `connection_id` (a new connection) or `name` (an existing
+// one) is set.
+type ImportRefreshTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// New connection: its tenant, `tenants/{tenant}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// New connection: its id, `[a-z][a-z0-9-]{0,62}`.
+	ConnectionId string `protobuf:"bytes,2,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	// Existing connection: `tenants/{tenant}/connections/{connection}`.
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// New connection: the connection (either flow). Existing connection: the
+	// new values of the fields in `update_mask`.
+	Connection *Connection `protobuf:"bytes,4,opt,name=connection,proto3" json:"connection,omitempty"`
+	// Existing connection only: the fields of `connection` to change with
+	// the import; empty changes none.
+	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,5,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	// Input only. The refresh token to import. Never returned.
+	RefreshToken string `protobuf:"bytes,6,opt,name=refresh_token,json=refreshToken,proto3" json:"refresh_token,omitempty"`
+	// Validate the request without contacting upstream or storing anything.
+	ValidateOnly  bool `protobuf:"varint,7,opt,name=validate_only,json=validateOnly,proto3" json:"validate_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportRefreshTokenRequest) Reset() {
+	*x = ImportRefreshTokenRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportRefreshTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportRefreshTokenRequest) ProtoMessage() {}
+
+func (x *ImportRefreshTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportRefreshTokenRequest.ProtoReflect.Descriptor instead.
+func (*ImportRefreshTokenRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ImportRefreshTokenRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ImportRefreshTokenRequest) GetConnectionId() string {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return ""
+}
+
+func (x *ImportRefreshTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ImportRefreshTokenRequest) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+func (x *ImportRefreshTokenRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+func (x *ImportRefreshTokenRequest) GetRefreshToken() string {
+	if x != nil {
+		return x.RefreshToken
+	}
+	return ""
+}
+
+func (x *ImportRefreshTokenRequest) GetValidateOnly() bool {
+	if x != nil {
+		return x.ValidateOnly
+	}
+	return false
+}
+
+// ImportRefreshTokenResponse is the response of ImportRefreshToken.
+type ImportRefreshTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The connection, holding the imported chain.
+	Connection    *Connection `protobuf:"bytes,1,opt,name=connection,proto3" json:"connection,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportRefreshTokenResponse) Reset() {
+	*x = ImportRefreshTokenResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportRefreshTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportRefreshTokenResponse) ProtoMessage() {}
+
+func (x *ImportRefreshTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportRefreshTokenResponse.ProtoReflect.Descriptor instead.
+func (*ImportRefreshTokenResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ImportRefreshTokenResponse) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
 // Result of reading one entity.
 type TestConnectionResponse_EntityResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1343,7 +1843,7 @@ type TestConnectionResponse_EntityResult struct {
 
 func (x *TestConnectionResponse_EntityResult) Reset() {
 	*x = TestConnectionResponse_EntityResult{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1855,7 @@ func (x *TestConnectionResponse_EntityResult) String() string {
 func (*TestConnectionResponse_EntityResult) ProtoMessage() {}
 
 func (x *TestConnectionResponse_EntityResult) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1903,7 @@ var File_tokenbroker_v1_tokenbroker_proto protoreflect.FileDescriptor
 
 const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\n" +
-	" tokenbroker/v1/tokenbroker.proto\x12\x0etokenbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\a\n" +
+	" tokenbroker/v1/tokenbroker.proto\x12\x0etokenbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\t\n" +
 	"\n" +
 	"Connection\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
@@ -1426,13 +1926,19 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12\x12\n" +
-	"\x04etag\x18\x12 \x01(\tR\x04etag\"}\n" +
+	"\x04etag\x18\x12 \x01(\tR\x04etag\x123\n" +
+	"\x04flow\x18\x13 \x01(\x0e2\x1f.tokenbroker.v1.Connection.FlowR\x04flow\x12!\n" +
+	"\fredirect_uri\x18\x14 \x01(\tR\vredirectUri\"}\n" +
 	"\x05State\x12\x15\n" +
 	"\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fSTATE_ACTIVE\x10\x01\x12\x12\n" +
 	"\x0eSTATE_DEGRADED\x10\x02\x12\x16\n" +
 	"\x12STATE_NEEDS_REAUTH\x10\x03\x12\x1f\n" +
-	"\x1bSTATE_REFRESH_TOKEN_MISSING\x10\x04\"\x9a\x04\n" +
+	"\x1bSTATE_REFRESH_TOKEN_MISSING\x10\x04\"L\n" +
+	"\x04Flow\x12\x14\n" +
+	"\x10FLOW_UNSPECIFIED\x10\x00\x12\x11\n" +
+	"\rFLOW_PASSWORD\x10\x01\x12\x1b\n" +
+	"\x17FLOW_AUTHORIZATION_CODE\x10\x02\"\x9a\x04\n" +
 	"\x10ConnectionStatus\x12>\n" +
 	"\n" +
 	"last_error\x18\x01 \x01(\v2\x1f.tokenbroker.v1.ConnectionErrorR\tlastError\x12F\n" +
@@ -1518,7 +2024,47 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12!\n" +
 	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
-	"\x06scopes\x18\x05 \x03(\tR\x06scopes2\xc6\x05\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"\x8a\x02\n" +
+	"\x19StartAuthorizationRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12#\n" +
+	"\rconnection_id\x18\x02 \x01(\tR\fconnectionId\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12:\n" +
+	"\n" +
+	"connection\x18\x04 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\x12;\n" +
+	"\vupdate_mask\x18\x05 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\x12#\n" +
+	"\rvalidate_only\x18\x06 \x01(\bR\fvalidateOnly\"\xc2\x01\n" +
+	"\x1aStartAuthorizationResponse\x12+\n" +
+	"\x11authorization_url\x18\x01 \x01(\tR\x10authorizationUrl\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12:\n" +
+	"\n" +
+	"connection\x18\x03 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\"\\\n" +
+	"\x1cCompleteAuthorizationRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n" +
+	"\x04code\x18\x03 \x01(\tR\x04code\"[\n" +
+	"\x1dCompleteAuthorizationResponse\x12:\n" +
+	"\n" +
+	"connection\x18\x01 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\"\xaf\x02\n" +
+	"\x19ImportRefreshTokenRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12#\n" +
+	"\rconnection_id\x18\x02 \x01(\tR\fconnectionId\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12:\n" +
+	"\n" +
+	"connection\x18\x04 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\x12;\n" +
+	"\vupdate_mask\x18\x05 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\x12#\n" +
+	"\rrefresh_token\x18\x06 \x01(\tR\frefreshToken\x12#\n" +
+	"\rvalidate_only\x18\a \x01(\bR\fvalidateOnly\"X\n" +
+	"\x1aImportRefreshTokenResponse\x12:\n" +
+	"\n" +
+	"connection\x18\x01 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection2\x96\b\n" +
 	"\vTokenBroker\x12e\n" +
 	"\x10CreateConnection\x12'.tokenbroker.v1.CreateConnectionRequest\x1a(.tokenbroker.v1.CreateConnectionResponse\x12\\\n" +
 	"\rGetConnection\x12$.tokenbroker.v1.GetConnectionRequest\x1a%.tokenbroker.v1.GetConnectionResponse\x12b\n" +
@@ -1526,7 +2072,10 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x10UpdateConnection\x12'.tokenbroker.v1.UpdateConnectionRequest\x1a(.tokenbroker.v1.UpdateConnectionResponse\x12e\n" +
 	"\x10DeleteConnection\x12'.tokenbroker.v1.DeleteConnectionRequest\x1a(.tokenbroker.v1.DeleteConnectionResponse\x12_\n" +
 	"\x0eTestConnection\x12%.tokenbroker.v1.TestConnectionRequest\x1a&.tokenbroker.v1.TestConnectionResponse\x12_\n" +
-	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponseB.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
+	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12k\n" +
+	"\x12StartAuthorization\x12).tokenbroker.v1.StartAuthorizationRequest\x1a*.tokenbroker.v1.StartAuthorizationResponse\x12t\n" +
+	"\x15CompleteAuthorization\x12,.tokenbroker.v1.CompleteAuthorizationRequest\x1a-.tokenbroker.v1.CompleteAuthorizationResponse\x12k\n" +
+	"\x12ImportRefreshToken\x12).tokenbroker.v1.ImportRefreshTokenRequest\x1a*.tokenbroker.v1.ImportRefreshTokenResponseB.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
 
 var (
 	file_tokenbroker_v1_tokenbroker_proto_rawDescOnce sync.Once
@@ -1540,78 +2089,100 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescData
 }
 
-var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(Connection_State)(0),                            // 0: tokenbroker.v1.Connection.State
-	(TestConnectionResponse_EntityResult_Outcome)(0), // 1: tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	(*Connection)(nil),                               // 2: tokenbroker.v1.Connection
-	(*ConnectionStatus)(nil),                         // 3: tokenbroker.v1.ConnectionStatus
-	(*ConnectionError)(nil),                          // 4: tokenbroker.v1.ConnectionError
-	(*CreateConnectionRequest)(nil),                  // 5: tokenbroker.v1.CreateConnectionRequest
-	(*CreateConnectionResponse)(nil),                 // 6: tokenbroker.v1.CreateConnectionResponse
-	(*GetConnectionRequest)(nil),                     // 7: tokenbroker.v1.GetConnectionRequest
-	(*GetConnectionResponse)(nil),                    // 8: tokenbroker.v1.GetConnectionResponse
-	(*ListConnectionsRequest)(nil),                   // 9: tokenbroker.v1.ListConnectionsRequest
-	(*ListConnectionsResponse)(nil),                  // 10: tokenbroker.v1.ListConnectionsResponse
-	(*UpdateConnectionRequest)(nil),                  // 11: tokenbroker.v1.UpdateConnectionRequest
-	(*UpdateConnectionResponse)(nil),                 // 12: tokenbroker.v1.UpdateConnectionResponse
-	(*DeleteConnectionRequest)(nil),                  // 13: tokenbroker.v1.DeleteConnectionRequest
-	(*DeleteConnectionResponse)(nil),                 // 14: tokenbroker.v1.DeleteConnectionResponse
-	(*TestConnectionRequest)(nil),                    // 15: tokenbroker.v1.TestConnectionRequest
-	(*TestConnectionResponse)(nil),                   // 16: tokenbroker.v1.TestConnectionResponse
-	(*GetAccessTokenRequest)(nil),                    // 17: tokenbroker.v1.GetAccessTokenRequest
-	(*GetAccessTokenResponse)(nil),                   // 18: tokenbroker.v1.GetAccessTokenResponse
-	(*TestConnectionResponse_EntityResult)(nil),      // 19: tokenbroker.v1.TestConnectionResponse.EntityResult
-	(*timestamppb.Timestamp)(nil),                    // 20: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                      // 21: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),                    // 22: google.protobuf.FieldMask
+	(Connection_Flow)(0),                             // 1: tokenbroker.v1.Connection.Flow
+	(TestConnectionResponse_EntityResult_Outcome)(0), // 2: tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	(*Connection)(nil),                               // 3: tokenbroker.v1.Connection
+	(*ConnectionStatus)(nil),                         // 4: tokenbroker.v1.ConnectionStatus
+	(*ConnectionError)(nil),                          // 5: tokenbroker.v1.ConnectionError
+	(*CreateConnectionRequest)(nil),                  // 6: tokenbroker.v1.CreateConnectionRequest
+	(*CreateConnectionResponse)(nil),                 // 7: tokenbroker.v1.CreateConnectionResponse
+	(*GetConnectionRequest)(nil),                     // 8: tokenbroker.v1.GetConnectionRequest
+	(*GetConnectionResponse)(nil),                    // 9: tokenbroker.v1.GetConnectionResponse
+	(*ListConnectionsRequest)(nil),                   // 10: tokenbroker.v1.ListConnectionsRequest
+	(*ListConnectionsResponse)(nil),                  // 11: tokenbroker.v1.ListConnectionsResponse
+	(*UpdateConnectionRequest)(nil),                  // 12: tokenbroker.v1.UpdateConnectionRequest
+	(*UpdateConnectionResponse)(nil),                 // 13: tokenbroker.v1.UpdateConnectionResponse
+	(*DeleteConnectionRequest)(nil),                  // 14: tokenbroker.v1.DeleteConnectionRequest
+	(*DeleteConnectionResponse)(nil),                 // 15: tokenbroker.v1.DeleteConnectionResponse
+	(*TestConnectionRequest)(nil),                    // 16: tokenbroker.v1.TestConnectionRequest
+	(*TestConnectionResponse)(nil),                   // 17: tokenbroker.v1.TestConnectionResponse
+	(*GetAccessTokenRequest)(nil),                    // 18: tokenbroker.v1.GetAccessTokenRequest
+	(*GetAccessTokenResponse)(nil),                   // 19: tokenbroker.v1.GetAccessTokenResponse
+	(*StartAuthorizationRequest)(nil),                // 20: tokenbroker.v1.StartAuthorizationRequest
+	(*StartAuthorizationResponse)(nil),               // 21: tokenbroker.v1.StartAuthorizationResponse
+	(*CompleteAuthorizationRequest)(nil),             // 22: tokenbroker.v1.CompleteAuthorizationRequest
+	(*CompleteAuthorizationResponse)(nil),            // 23: tokenbroker.v1.CompleteAuthorizationResponse
+	(*ImportRefreshTokenRequest)(nil),                // 24: tokenbroker.v1.ImportRefreshTokenRequest
+	(*ImportRefreshTokenResponse)(nil),               // 25: tokenbroker.v1.ImportRefreshTokenResponse
+	(*TestConnectionResponse_EntityResult)(nil),      // 26: tokenbroker.v1.TestConnectionResponse.EntityResult
+	(*timestamppb.Timestamp)(nil),                    // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                      // 28: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),                    // 29: google.protobuf.FieldMask
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	20, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	21, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
-	21, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
+	27, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	28, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
+	28, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
 	0,  // 3: tokenbroker.v1.Connection.state:type_name -> tokenbroker.v1.Connection.State
-	3,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
-	20, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
-	20, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
-	4,  // 7: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
-	20, // 8: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
-	20, // 9: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 10: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
-	20, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
-	20, // 12: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
-	2,  // 13: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 14: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 15: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 16: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
-	2,  // 17: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	22, // 18: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
-	2,  // 19: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	20, // 20: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	19, // 21: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
-	21, // 22: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	20, // 23: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	1,  // 24: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	5,  // 25: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
-	7,  // 26: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
-	9,  // 27: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
-	11, // 28: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
-	13, // 29: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
-	15, // 30: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
-	17, // 31: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
-	6,  // 32: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
-	8,  // 33: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
-	10, // 34: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
-	12, // 35: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
-	14, // 36: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
-	16, // 37: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
-	18, // 38: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
-	32, // [32:39] is the sub-list for method output_type
-	25, // [25:32] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	4,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
+	27, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
+	27, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
+	1,  // 7: tokenbroker.v1.Connection.flow:type_name -> tokenbroker.v1.Connection.Flow
+	5,  // 8: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
+	27, // 9: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
+	27, // 10: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	27, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
+	27, // 12: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
+	27, // 13: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
+	3,  // 14: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 15: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 16: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 17: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
+	3,  // 18: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	29, // 19: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	3,  // 20: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	27, // 21: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	26, // 22: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
+	28, // 23: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	27, // 24: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 25: tokenbroker.v1.StartAuthorizationRequest.connection:type_name -> tokenbroker.v1.Connection
+	29, // 26: tokenbroker.v1.StartAuthorizationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	27, // 27: tokenbroker.v1.StartAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 28: tokenbroker.v1.StartAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 29: tokenbroker.v1.CompleteAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	3,  // 30: tokenbroker.v1.ImportRefreshTokenRequest.connection:type_name -> tokenbroker.v1.Connection
+	29, // 31: tokenbroker.v1.ImportRefreshTokenRequest.update_mask:type_name -> google.protobuf.FieldMask
+	3,  // 32: tokenbroker.v1.ImportRefreshTokenResponse.connection:type_name -> tokenbroker.v1.Connection
+	2,  // 33: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	6,  // 34: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
+	8,  // 35: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
+	10, // 36: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
+	12, // 37: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
+	14, // 38: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
+	16, // 39: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
+	18, // 40: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
+	20, // 41: tokenbroker.v1.TokenBroker.StartAuthorization:input_type -> tokenbroker.v1.StartAuthorizationRequest
+	22, // 42: tokenbroker.v1.TokenBroker.CompleteAuthorization:input_type -> tokenbroker.v1.CompleteAuthorizationRequest
+	24, // 43: tokenbroker.v1.TokenBroker.ImportRefreshToken:input_type -> tokenbroker.v1.ImportRefreshTokenRequest
+	7,  // 44: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
+	9,  // 45: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
+	11, // 46: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
+	13, // 47: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
+	15, // 48: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
+	17, // 49: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
+	19, // 50: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
+	21, // 51: tokenbroker.v1.TokenBroker.StartAuthorization:output_type -> tokenbroker.v1.StartAuthorizationResponse
+	23, // 52: tokenbroker.v1.TokenBroker.CompleteAuthorization:output_type -> tokenbroker.v1.CompleteAuthorizationResponse
+	25, // 53: tokenbroker.v1.TokenBroker.ImportRefreshToken:output_type -> tokenbroker.v1.ImportRefreshTokenResponse
+	44, // [44:54] is the sub-list for method output_type
+	34, // [34:44] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -1624,8 +2195,8 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   18,
+			NumEnums:      3,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,13 +19,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenBroker_CreateConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/CreateConnection"
-	TokenBroker_GetConnection_FullMethodName    = "/tokenbroker.v1.TokenBroker/GetConnection"
-	TokenBroker_ListConnections_FullMethodName  = "/tokenbroker.v1.TokenBroker/ListConnections"
-	TokenBroker_UpdateConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/UpdateConnection"
-	TokenBroker_DeleteConnection_FullMethodName = "/tokenbroker.v1.TokenBroker/DeleteConnection"
-	TokenBroker_TestConnection_FullMethodName   = "/tokenbroker.v1.TokenBroker/TestConnection"
-	TokenBroker_GetAccessToken_FullMethodName   = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_CreateConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/CreateConnection"
+	TokenBroker_GetConnection_FullMethodName         = "/tokenbroker.v1.TokenBroker/GetConnection"
+	TokenBroker_ListConnections_FullMethodName       = "/tokenbroker.v1.TokenBroker/ListConnections"
+	TokenBroker_UpdateConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/UpdateConnection"
+	TokenBroker_DeleteConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/DeleteConnection"
+	TokenBroker_TestConnection_FullMethodName        = "/tokenbroker.v1.TokenBroker/TestConnection"
+	TokenBroker_GetAccessToken_FullMethodName        = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_StartAuthorization_FullMethodName    = "/tokenbroker.v1.TokenBroker/StartAuthorization"
+	TokenBroker_CompleteAuthorization_FullMethodName = "/tokenbroker.v1.TokenBroker/CompleteAuthorization"
+	TokenBroker_ImportRefreshToken_FullMethodName    = "/tokenbroker.v1.TokenBroker/ImportRefreshToken"
 )
 
 // TokenBrokerClient is the client API for TokenBroker service.
@@ -64,6 +67,28 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// StartAuthorization begins the Authorization Code flow with PKCE for a
+	// new connection (`parent`, `connection_id`, `connection`) or an existing
+	// one (`name`, with `update_mask` naming fields of `connection` to change
+	// when it completes). It returns the URL to open in a browser; the
+	// identity server redirects to the connection's `redirect_uri` with `code`
+	// and `state`, which CompleteAuthorization takes. The broker holds the
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
+	StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error)
+	// CompleteAuthorization exchanges the `code` the redirect brought back,
+	// with the PKCE verifier held for `state`, and commits the new refresh
+	// token chain (creating the connection, or replacing an existing one's
+	// chain) before anything is handed out. A wrong, used or expired state,
+	// or a code upstream refuses, fails and stores nothing.
+	CompleteAuthorization(ctx context.Context, in *CompleteAuthorizationRequest, opts ...grpc.CallOption) (*CompleteAuthorizationResponse, error)
+	// ImportRefreshToken brings an existing refresh token into a new
+	// connection or an existing one, for either flow, without a sign-in: the
+	// broker proves it with one refresh grant and commits the rotated refresh
+	// token before anything is handed out. A refused token stores nothing.
+	ImportRefreshToken(ctx context.Context, in *ImportRefreshTokenRequest, opts ...grpc.CallOption) (*ImportRefreshTokenResponse, error)
 }
 
 type tokenBrokerClient struct {
@@ -144,6 +169,36 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartAuthorizationResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_StartAuthorization_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *tokenBrokerClient) CompleteAuthorization(ctx context.Context, in *CompleteAuthorizationRequest, opts ...grpc.CallOption) (*CompleteAuthorizationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CompleteAuthorizationResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_CompleteAuthorization_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *tokenBrokerClient) ImportRefreshToken(ctx context.Context, in *ImportRefreshTokenRequest, opts ...grpc.CallOption) (*ImportRefreshTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ImportRefreshTokenResponse)
+	err := c.cc.Invoke(ctx, TokenBroker_ImportRefreshToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TokenBrokerServer is the server API for TokenBroker service.
 // All implementations must embed UnimplementedTokenBrokerServer
 // for forward compatibility.
@@ -180,6 +235,28 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// StartAuthorization begins the Authorization Code flow with PKCE for a
+	// new connection (`parent`, `connection_id`, `connection`) or an existing
+	// one (`name`, with `update_mask` naming fields of `connection` to change
+	// when it completes). It returns the URL to open in a browser; the
+	// identity server redirects to the connection's `redirect_uri` with `code`
+	// and `state`, which CompleteAuthorization takes. The broker holds the
+	// PKCE verifier for the state, single-use, for 10 minutes: in memory
+	// with one process (a restart loses it), sealed in etcd with replicas
+	// (any replica completes it). The connection is stored only when
+	// CompleteAuthorization succeeds.
+	StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error)
+	// CompleteAuthorization exchanges the `code` the redirect brought back,
+	// with the PKCE verifier held for `state`, and commits the new refresh
+	// token chain (creating the connection, or replacing an existing one's
+	// chain) before anything is handed out. A wrong, used or expired state,
+	// or a code upstream refuses, fails and stores nothing.
+	CompleteAuthorization(context.Context, *CompleteAuthorizationRequest) (*CompleteAuthorizationResponse, error)
+	// ImportRefreshToken brings an existing refresh token into a new
+	// connection or an existing one, for either flow, without a sign-in: the
+	// broker proves it with one refresh grant and commits the rotated refresh
+	// token before anything is handed out. A refused token stores nothing.
+	ImportRefreshToken(context.Context, *ImportRefreshTokenRequest) (*ImportRefreshTokenResponse, error)
 	mustEmbedUnimplementedTokenBrokerServer()
 }
 
@@ -210,6 +287,15 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartAuthorization not implemented")
+}
+func (UnimplementedTokenBrokerServer) CompleteAuthorization(context.Context, *CompleteAuthorizationRequest) (*CompleteAuthorizationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CompleteAuthorization not implemented")
+}
+func (UnimplementedTokenBrokerServer) ImportRefreshToken(context.Context, *ImportRefreshTokenRequest) (*ImportRefreshTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ImportRefreshToken not implemented")
 }
 func (UnimplementedTokenBrokerServer) mustEmbedUnimplementedTokenBrokerServer() {}
 func (UnimplementedTokenBrokerServer) testEmbeddedByValue()                     {}
@@ -358,6 +444,60 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_StartAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartAuthorizationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).StartAuthorization(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_StartAuthorization_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).StartAuthorization(ctx, req.(*StartAuthorizationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TokenBroker_CompleteAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompleteAuthorizationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).CompleteAuthorization(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_CompleteAuthorization_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).CompleteAuthorization(ctx, req.(*CompleteAuthorizationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TokenBroker_ImportRefreshToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImportRefreshTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenBrokerServer).ImportRefreshToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenBroker_ImportRefreshToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenBrokerServer).ImportRefreshToken(ctx, req.(*ImportRefreshTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TokenBroker_ServiceDesc is the grpc.ServiceDesc for TokenBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -392,6 +532,18 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetAccessToken",
 			Handler:    _TokenBroker_GetAccessToken_Handler,
+		},
+		{
+			MethodName: "StartAuthorization",
+			Handler:    _TokenBroker_StartAuthorization_Handler,
+		},
+		{
+			MethodName: "CompleteAuthorization",
+			Handler:    _TokenBroker_CompleteAuthorization_Handler,
+		},
+		{
+			MethodName: "ImportRefreshToken",
+			Handler:    _TokenBroker_ImportRefreshToken_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

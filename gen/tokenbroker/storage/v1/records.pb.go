@@ -195,7 +195,20 @@ type ConnectionRecord struct {
 	// Last configuration change.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	// Revision, incremented on every change.
-	Revision      int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,14,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Seal over every other field of the record as stored (an empty
+	// plaintext with the record's bytes as associated data): a record changed
+	// without the key, such as a rewritten instance URL, does not open.
+	// Absent only in records of format 1.
+	RecordSeal *Sealed `protobuf:"bytes,15,opt,name=record_seal,json=recordSeal,proto3" json:"record_seal,omitempty"`
+	// Set while a delete is in progress: the record is gone for readers and
+	// the delete is finished at the next start if it was interrupted.
+	DeleteTime *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=delete_time,json=deleteTime,proto3" json:"delete_time,omitempty"`
+	// How the connection signs in: "" or "password" (Resource Owner
+	// Password Credentials), or "authorization_code".
+	Flow string `protobuf:"bytes,17,opt,name=flow,proto3" json:"flow,omitempty"`
+	// The registered redirect URI of an authorization-code connection.
+	RedirectUri   string `protobuf:"bytes,18,opt,name=redirect_uri,json=redirectUri,proto3" json:"redirect_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -328,6 +341,34 @@ func (x *ConnectionRecord) GetRevision() int64 {
 	return 0
 }
 
+func (x *ConnectionRecord) GetRecordSeal() *Sealed {
+	if x != nil {
+		return x.RecordSeal
+	}
+	return nil
+}
+
+func (x *ConnectionRecord) GetDeleteTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeleteTime
+	}
+	return nil
+}
+
+func (x *ConnectionRecord) GetFlow() string {
+	if x != nil {
+		return x.Flow
+	}
+	return ""
+}
+
+func (x *ConnectionRecord) GetRedirectUri() string {
+	if x != nil {
+		return x.RedirectUri
+	}
+	return ""
+}
+
 // TokenRecord is a connection's token chain state.
 type TokenRecord struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -368,8 +409,11 @@ type TokenRecord struct {
 	IntentTime *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=intent_time,json=intentTime,proto3" json:"intent_time,omitempty"`
 	// When the refresh token was last used.
 	RefreshTokenUseTime *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=refresh_token_use_time,json=refreshTokenUseTime,proto3" json:"refresh_token_use_time,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Seal over every other field of the record as stored, as in
+	// ConnectionRecord. Absent only in records of format 1.
+	RecordSeal    *Sealed `protobuf:"bytes,19,opt,name=record_seal,json=recordSeal,proto3" json:"record_seal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TokenRecord) Reset() {
@@ -528,6 +572,118 @@ func (x *TokenRecord) GetRefreshTokenUseTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *TokenRecord) GetRecordSeal() *Sealed {
+	if x != nil {
+		return x.RecordSeal
+	}
+	return nil
+}
+
+// AuthorizationRecord is an Authorization Code flow started and not yet
+// completed, kept where every replica can complete it. It is stored under
+// the SHA-256 of its state (the state itself is stored nowhere) and lives
+// at most until expire_time.
+type AuthorizationRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name of the connection it is for.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The connection's configuration once completed (its secrets sealed as
+	// in a connection record; no record seal of its own).
+	Connection *ConnectionRecord `protobuf:"bytes,2,opt,name=connection,proto3" json:"connection,omitempty"`
+	// Whether it completes an existing connection rather than creating one.
+	Existing bool `protobuf:"varint,3,opt,name=existing,proto3" json:"existing,omitempty"`
+	// Existing connection: the revision its configuration was built from.
+	Revision int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Sealed PKCE code verifier.
+	CodeVerifier *Sealed `protobuf:"bytes,5,opt,name=code_verifier,json=codeVerifier,proto3" json:"code_verifier,omitempty"`
+	// When it can no longer be completed.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Seal over every other field of the record as stored, as in
+	// ConnectionRecord, bound to the key it is stored under.
+	RecordSeal    *Sealed `protobuf:"bytes,7,opt,name=record_seal,json=recordSeal,proto3" json:"record_seal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthorizationRecord) Reset() {
+	*x = AuthorizationRecord{}
+	mi := &file_tokenbroker_storage_v1_records_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthorizationRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthorizationRecord) ProtoMessage() {}
+
+func (x *AuthorizationRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_storage_v1_records_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthorizationRecord.ProtoReflect.Descriptor instead.
+func (*AuthorizationRecord) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_storage_v1_records_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AuthorizationRecord) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthorizationRecord) GetConnection() *ConnectionRecord {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+func (x *AuthorizationRecord) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
+func (x *AuthorizationRecord) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *AuthorizationRecord) GetCodeVerifier() *Sealed {
+	if x != nil {
+		return x.CodeVerifier
+	}
+	return nil
+}
+
+func (x *AuthorizationRecord) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *AuthorizationRecord) GetRecordSeal() *Sealed {
+	if x != nil {
+		return x.RecordSeal
+	}
+	return nil
+}
+
 var File_tokenbroker_storage_v1_records_proto protoreflect.FileDescriptor
 
 const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
@@ -544,7 +700,7 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"\rcanary_key_id\x18\x02 \x01(\tR\vcanaryKeyId\x126\n" +
 	"\x06canary\x18\x03 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\x06canary\x12;\n" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xa1\x05\n" +
+	"createTime\"\xd6\x06\n" +
 	"\x10ConnectionRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12!\n" +
@@ -562,7 +718,13 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12\x1a\n" +
-	"\brevision\x18\x0e \x01(\x03R\brevision\"\x87\a\n" +
+	"\brevision\x18\x0e \x01(\x03R\brevision\x12?\n" +
+	"\vrecord_seal\x18\x0f \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
+	"recordSeal\x12;\n" +
+	"\vdelete_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"deleteTime\x12\x12\n" +
+	"\x04flow\x18\x11 \x01(\tR\x04flow\x12!\n" +
+	"\fredirect_uri\x18\x12 \x01(\tR\vredirectUri\"\xc8\a\n" +
 	"\vTokenRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1e\n" +
 	"\n" +
@@ -587,7 +749,21 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"\fintent_grant\x18\x10 \x01(\tR\vintentGrant\x12;\n" +
 	"\vintent_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"intentTime\x12O\n" +
-	"\x16refresh_token_use_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\x13refreshTokenUseTimeB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
+	"\x16refresh_token_use_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\x13refreshTokenUseTime\x12?\n" +
+	"\vrecord_seal\x18\x13 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
+	"recordSeal\"\xee\x02\n" +
+	"\x13AuthorizationRecord\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12H\n" +
+	"\n" +
+	"connection\x18\x02 \x01(\v2(.tokenbroker.storage.v1.ConnectionRecordR\n" +
+	"connection\x12\x1a\n" +
+	"\bexisting\x18\x03 \x01(\bR\bexisting\x12\x1a\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\x12C\n" +
+	"\rcode_verifier\x18\x05 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\fcodeVerifier\x12;\n" +
+	"\vexpire_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12?\n" +
+	"\vrecord_seal\x18\a \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
+	"recordSealB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
 
 var (
 	file_tokenbroker_storage_v1_records_proto_rawDescOnce sync.Once
@@ -601,35 +777,43 @@ func file_tokenbroker_storage_v1_records_proto_rawDescGZIP() []byte {
 	return file_tokenbroker_storage_v1_records_proto_rawDescData
 }
 
-var file_tokenbroker_storage_v1_records_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_tokenbroker_storage_v1_records_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_tokenbroker_storage_v1_records_proto_goTypes = []any{
 	(*Sealed)(nil),                // 0: tokenbroker.storage.v1.Sealed
 	(*Meta)(nil),                  // 1: tokenbroker.storage.v1.Meta
 	(*ConnectionRecord)(nil),      // 2: tokenbroker.storage.v1.ConnectionRecord
 	(*TokenRecord)(nil),           // 3: tokenbroker.storage.v1.TokenRecord
-	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*AuthorizationRecord)(nil),   // 4: tokenbroker.storage.v1.AuthorizationRecord
+	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
 }
 var file_tokenbroker_storage_v1_records_proto_depIdxs = []int32{
 	0,  // 0: tokenbroker.storage.v1.Meta.canary:type_name -> tokenbroker.storage.v1.Sealed
-	4,  // 1: tokenbroker.storage.v1.Meta.create_time:type_name -> google.protobuf.Timestamp
+	5,  // 1: tokenbroker.storage.v1.Meta.create_time:type_name -> google.protobuf.Timestamp
 	0,  // 2: tokenbroker.storage.v1.ConnectionRecord.client_secret:type_name -> tokenbroker.storage.v1.Sealed
 	0,  // 3: tokenbroker.storage.v1.ConnectionRecord.password:type_name -> tokenbroker.storage.v1.Sealed
-	4,  // 4: tokenbroker.storage.v1.ConnectionRecord.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 5: tokenbroker.storage.v1.ConnectionRecord.create_time:type_name -> google.protobuf.Timestamp
-	4,  // 6: tokenbroker.storage.v1.ConnectionRecord.update_time:type_name -> google.protobuf.Timestamp
-	0,  // 7: tokenbroker.storage.v1.TokenRecord.refresh_token:type_name -> tokenbroker.storage.v1.Sealed
-	0,  // 8: tokenbroker.storage.v1.TokenRecord.access_token:type_name -> tokenbroker.storage.v1.Sealed
-	4,  // 9: tokenbroker.storage.v1.TokenRecord.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 10: tokenbroker.storage.v1.TokenRecord.issue_time:type_name -> google.protobuf.Timestamp
-	4,  // 11: tokenbroker.storage.v1.TokenRecord.chain_start_time:type_name -> google.protobuf.Timestamp
-	4,  // 12: tokenbroker.storage.v1.TokenRecord.last_error_time:type_name -> google.protobuf.Timestamp
-	4,  // 13: tokenbroker.storage.v1.TokenRecord.intent_time:type_name -> google.protobuf.Timestamp
-	4,  // 14: tokenbroker.storage.v1.TokenRecord.refresh_token_use_time:type_name -> google.protobuf.Timestamp
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	5,  // 4: tokenbroker.storage.v1.ConnectionRecord.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	5,  // 5: tokenbroker.storage.v1.ConnectionRecord.create_time:type_name -> google.protobuf.Timestamp
+	5,  // 6: tokenbroker.storage.v1.ConnectionRecord.update_time:type_name -> google.protobuf.Timestamp
+	0,  // 7: tokenbroker.storage.v1.ConnectionRecord.record_seal:type_name -> tokenbroker.storage.v1.Sealed
+	5,  // 8: tokenbroker.storage.v1.ConnectionRecord.delete_time:type_name -> google.protobuf.Timestamp
+	0,  // 9: tokenbroker.storage.v1.TokenRecord.refresh_token:type_name -> tokenbroker.storage.v1.Sealed
+	0,  // 10: tokenbroker.storage.v1.TokenRecord.access_token:type_name -> tokenbroker.storage.v1.Sealed
+	5,  // 11: tokenbroker.storage.v1.TokenRecord.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	5,  // 12: tokenbroker.storage.v1.TokenRecord.issue_time:type_name -> google.protobuf.Timestamp
+	5,  // 13: tokenbroker.storage.v1.TokenRecord.chain_start_time:type_name -> google.protobuf.Timestamp
+	5,  // 14: tokenbroker.storage.v1.TokenRecord.last_error_time:type_name -> google.protobuf.Timestamp
+	5,  // 15: tokenbroker.storage.v1.TokenRecord.intent_time:type_name -> google.protobuf.Timestamp
+	5,  // 16: tokenbroker.storage.v1.TokenRecord.refresh_token_use_time:type_name -> google.protobuf.Timestamp
+	0,  // 17: tokenbroker.storage.v1.TokenRecord.record_seal:type_name -> tokenbroker.storage.v1.Sealed
+	2,  // 18: tokenbroker.storage.v1.AuthorizationRecord.connection:type_name -> tokenbroker.storage.v1.ConnectionRecord
+	0,  // 19: tokenbroker.storage.v1.AuthorizationRecord.code_verifier:type_name -> tokenbroker.storage.v1.Sealed
+	5,  // 20: tokenbroker.storage.v1.AuthorizationRecord.expire_time:type_name -> google.protobuf.Timestamp
+	0,  // 21: tokenbroker.storage.v1.AuthorizationRecord.record_seal:type_name -> tokenbroker.storage.v1.Sealed
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_storage_v1_records_proto_init() }
@@ -643,7 +827,7 @@ func file_tokenbroker_storage_v1_records_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_storage_v1_records_proto_rawDesc), len(file_tokenbroker_storage_v1_records_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
