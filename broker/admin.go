@@ -143,7 +143,8 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 		return nil, storageError(c.Name, err)
 	}
 	nc := newConnPublished(stored, tok)
-	b.conns.Store(c.Name, nc)
+	_, replaced := b.conns.Swap(c.Name, nc)
+	b.events.admitted(nc, !replaced) // a watch of another replica's change may have brought it first
 	b.tombs.Delete(c.Name)
 	b.log.Info("connection created", "connection", c.Name, "instance_url", c.InstanceURL)
 	return b.viewOf(nc), nil

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"net/http"
 	"net/url"
 	"strings"
 	"sync"
@@ -309,6 +310,7 @@ func (b *Broker) exchangeCode(ctx context.Context, cfg *storage.Connection, code
 		return nil, &upstreamError{class: classSafe, grant: grantAuthorizationCode, detail: "upstream cap: " + err.Error()}
 	}
 	defer release()
+	ctx = withConnName(ctx, cfg.Name)
 	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grantAuthorizationCode},
@@ -320,7 +322,9 @@ func (b *Broker) exchangeCode(ctx context.Context, cfg *storage.Connection, code
 	}
 	b.stats.UpstreamCode.Add(1)
 	began := time.Now()
+	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grantAuthorizationCode))
 	resp, err := b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, code, verifier})
+	endToken(span, err)
 	b.observe(grantAuthorizationCode, began, err)
 	return resp, err
 }
@@ -477,7 +481,8 @@ func (b *Broker) createWith(ctx context.Context, cfg *storage.Connection, prove 
 		return nil, storageError(cfg.Name, err)
 	}
 	nc := newConnPublished(stored, tok)
-	b.conns.Store(cfg.Name, nc)
+	_, replaced := b.conns.Swap(cfg.Name, nc)
+	b.events.admitted(nc, !replaced) // a watch of another replica's change may have brought it first
 	b.tombs.Delete(cfg.Name)
 	b.log.Info("connection created", "connection", cfg.Name, "instance_url", cfg.InstanceURL, "flow", cfg.Flow)
 	return b.viewOf(nc), nil

@@ -383,7 +383,7 @@ func TestDeadAuthCodeChainNeedsAuthorization(t *testing.T) {
 	if view.State != broker.StateNeedsReauth || view.Status.StateReason != broker.ReasonAuthorizationRequired {
 		t.Fatalf("state %s reason %s", view.State, view.Status.StateReason)
 	}
-	if states, _ := e.b.Census(); states[broker.StateNeedsReauth] != 1 {
+	if states := e.b.Census().States; states[broker.StateNeedsReauth] != 1 {
 		t.Fatalf("census (the metrics' source) shows %v, want one NEEDS_REAUTH", states)
 	}
 	// The halt is durable.

@@ -13,6 +13,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
 	"tokenbroker/storage"
 )
 
@@ -84,6 +87,13 @@ type Options struct {
 	// Watcher feeds other replicas' changes into this one's memory.
 	// Default none.
 	Watcher Watcher
+	// TracerProvider traces upstream requests (token, discovery,
+	// revocation, logout, TestConnection reads), each a child of the
+	// caller's span that caused it. Default none (a no-op provider).
+	TracerProvider trace.TracerProvider
+	// EventRing is how many recent connection events are kept for
+	// watchers that resume. Default [DefaultEventRing].
+	EventRing int
 	// Authorizations keeps Authorization Code flows started and not yet
 	// completed, so that any replica can complete them (the etcd store).
 	// Default this process's memory.
@@ -142,6 +152,9 @@ func (o *Options) setDefaults() {
 	if o.Observer == nil {
 		o.Observer = nopObserver{}
 	}
+	if o.TracerProvider == nil {
+		o.TracerProvider = noop.NewTracerProvider()
+	}
 	if o.RejectCooldown == 0 {
 		o.RejectCooldown = 5 * time.Second
 	}
@@ -184,6 +197,8 @@ type Broker struct {
 	once    sync.Once
 
 	stats Stats
+
+	events *feed // connection events for WatchConnections (events.go)
 }
 
 // Stats are counters for tests, benchmarks and metrics.
@@ -201,6 +216,10 @@ type flight struct {
 	why  trigger
 	gen  int64 // token generation when the flight was decided on
 	err  error
+	// parent is the span of the caller that started the flight: the
+	// flight runs on the broker's own context, but its upstream requests
+	// are traced as children of the call that caused them.
+	parent trace.SpanContext
 }
 
 // trigger says why a shared refresh runs.
@@ -228,7 +247,7 @@ func New(opts Options) (*Broker, error) {
 		store:    opts.Store,
 		now:      opts.Now,
 		log:      opts.Logger,
-		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now),
+		up:       newUpstream(opts.UpstreamTimeout, guardTransport(opts.Transport, opts.upstreamRules()), opts.Now, opts.TracerProvider.Tracer(tracerName)),
 		slots:    newSlots(opts.MaxConcurrentUpstream, opts.MaxConcurrentUpstreamPerHost),
 		creating: map[string]struct{}{},
 		stop:     make(chan struct{}),
@@ -238,6 +257,7 @@ func New(opts Options) (*Broker, error) {
 		b.auths = &memAuthorizations{now: opts.Now, pending: map[string]*storage.Authorization{}}
 	}
 	b.loading.Store(true) // until Load is done
+	b.events = newFeed(b, opts.EventRing)
 	return b, nil
 }
 
@@ -257,6 +277,7 @@ func (b *Broker) Load(ctx context.Context) (int, error) {
 	defer func() {
 		b.loading.Store(false)
 		b.tombs.Clear()
+		b.events.markLoaded()
 	}()
 	var loaded atomic.Int64
 	var deleting unfinished
@@ -432,7 +453,9 @@ func (b *Broker) apply(ctx context.Context, ch storage.Change) {
 			if err != nil {
 				t = &storage.Tokens{}
 			}
-			b.conns.LoadOrStore(ch.Name, newConnPublished(ch.Connection, t))
+			if nc := newConnPublished(ch.Connection, t); !loaded(b.conns.LoadOrStore(ch.Name, nc)) {
+				b.events.admitted(nc, true)
+			}
 			return
 		}
 		c := v.(*conn)

@@ -32,6 +32,7 @@ type conn struct {
 	rt        runtimeState        // what only this process knows
 	flight    *flight             // the shared refresh in progress, if any
 	deleted   bool
+	ev        connEvents // what the event feed last announced of it (events.go)
 }
 
 // runtimeState is a connection's state that lives in memory only.
@@ -95,6 +96,7 @@ func (c *conn) publishLocked() {
 		s.tok.Scopes = c.cfg.Scopes
 	}
 	c.snap.Store(s)
+	c.announceLocked()
 }
 
 // newestLocked is the newest token state, durable or not: a pending one
@@ -160,6 +162,7 @@ func (c *conn) inBackoffLocked(now time.Time) bool { return now.Before(c.rt.back
 
 // markDeletedLocked forgets the connection: nothing of it is served again.
 func (c *conn) markDeletedLocked() {
+	c.announceDeletedLocked()
 	c.deleted = true
 	c.cfg = &storage.Connection{Name: c.name}
 	c.committed = &storage.Tokens{}
@@ -249,7 +252,9 @@ func (c *conn) takeNewer(t *storage.Tokens) bool {
 
 // configLocked takes a newer configuration.
 func (c *conn) configLocked(cfg *storage.Connection) {
+	prev := c.cfg.Revision
 	c.cfg = cfg
+	c.announceUpdatedLocked(prev)
 	c.publishLocked()
 }
 
@@ -302,6 +307,7 @@ func (b *Broker) admit(cfg *storage.Connection, tok *storage.Tokens) *conn {
 	c := newConn(cfg, tok)
 	c.rt.recovering = tok.IntentGrant != ""
 	c.publishLocked()
+	b.events.admitted(c, false)
 	if v, existed := b.conns.LoadOrStore(cfg.Name, c); existed {
 		return v.(*conn)
 	}
@@ -382,7 +388,7 @@ func (b *Broker) warningsLocked(c *conn, cfg *storage.Connection) []string {
 	if c.rt.pending != nil {
 		w = append(w, "a rotated refresh token is held in memory only: the durable store is failing; commit is being retried")
 	}
-	return w
+	return append(w, b.eventWarningsLocked(c)...)
 }
 
 // viewOf is viewLocked with c.mu taken.

@@ -119,21 +119,45 @@ func TestDue(t *testing.T) {
 		{"recovering after a crash", now, 0, func(c *conn) { c.rt.recovering = true }, triggerRecover},
 		{"idle refresh token past keep-alive", issued.Add(-time.Minute), 0,
 			func(c *conn) { c.committed.RefreshTokenUseTime = now.Add(-8 * 24 * time.Hour) }, triggerKeepAlive},
-		{"chain in its last tenth, quiet", now.Add(-time.Hour), 10 * 24 * time.Hour,
+		// Absolute 10 days: the margin is a quarter (2.5 days), forced at
+		// four fifths of it (2 days).
+		{"chain before its margin, quiet", now.Add(-time.Hour), 10 * 24 * time.Hour,
 			func(c *conn) {
-				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute)
-				c.committed.IssueTime = now
-			}, triggerRenewChain},
-		{"chain in its last tenth, busy", now, 10 * 24 * time.Hour,
-			func(c *conn) {
-				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - time.Minute)
+				c.committed.ChainStartTime = now.Add(-7*24*time.Hour - 11*time.Hour)
 				c.committed.IssueTime = now
 			}, 0},
-		{"chain in its last twentieth, busy", now, 10 * 24 * time.Hour,
+		{"chain in its margin, quiet", now.Add(-time.Hour), 10 * 24 * time.Hour,
 			func(c *conn) {
-				c.committed.ChainStartTime = now.Add(-9*24*time.Hour - 13*time.Hour)
+				c.committed.ChainStartTime = now.Add(-7*24*time.Hour - 13*time.Hour)
 				c.committed.IssueTime = now
 			}, triggerRenewChain},
+		{"chain in its margin, busy", now, 10 * 24 * time.Hour,
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-7*24*time.Hour - 13*time.Hour)
+				c.committed.IssueTime = now
+			}, 0},
+		{"chain past four fifths of its margin, busy", now, 10 * 24 * time.Hour,
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-8*24*time.Hour - time.Minute)
+				c.committed.IssueTime = now
+			}, triggerRenewChain},
+		// Absolute 30 days: the margin is capped at 5 days, forced at 4,
+		// before the 3 days at which the lapse alert fires.
+		{"30-day chain 5 days before its end, quiet", now.Add(-time.Hour), 30 * 24 * time.Hour,
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-25*24*time.Hour - time.Minute)
+				c.committed.IssueTime = now
+			}, triggerRenewChain},
+		{"30-day chain 4 days before its end, busy", now, 30 * 24 * time.Hour,
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-26*24*time.Hour - time.Minute)
+				c.committed.IssueTime = now
+			}, triggerRenewChain},
+		{"30-day chain a little over 4 days before its end, busy", now, 30 * 24 * time.Hour,
+			func(c *conn) {
+				c.committed.ChainStartTime = now.Add(-26*24*time.Hour + time.Hour)
+				c.committed.IssueTime = now
+			}, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newConn(&storage.Connection{Name: "tenants/t/connections/c", AbsoluteLifetime: tc.absolute}, fresh())

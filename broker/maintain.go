@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"time"
 
 	"tokenbroker/storage"
@@ -23,11 +24,12 @@ func (b *Broker) Maintain() {
 		c := v.(*conn)
 		c.mu.Lock()
 		if why := b.dueLocked(c, now); why != 0 {
-			b.startFlightLocked(c, why)
+			b.startFlightLocked(context.Background(), c, why)
 		}
 		c.mu.Unlock()
 		return true
 	})
+	b.events.scan(now)
 }
 
 // dueLocked says why c needs a refresh now, or 0. c.mu must be held.
@@ -65,17 +67,26 @@ func inUsePastThreeQuarters(t *storage.Tokens, lastUsed, now time.Time) bool {
 	return lastUsed.After(t.IssueTime) && !now.Before(t.IssueTime.Add(life*3/4))
 }
 
+// chainMargin is how long before a chain's absolute lifetime ends the
+// broker starts renewing it at a quiet moment: a quarter of the lifetime, at
+// most 5 days. Renewal is forced at four fifths of the margin (4 days for
+// lifetimes of 20 days or more), so such a chain comes within 3 days of its
+// end, where the alert on tokenbroker_refresh_token_lapse_seconds fires,
+// only when renewal is failing. Renewing early costs one sign-in a chain,
+// as renewing late does.
+func chainMargin(abs time.Duration) time.Duration { return min(abs/4, 5*24*time.Hour) }
+
 // chainNearsItsEnd reports whether a chain with an absolute lifetime is
-// within its last tenth (at most 48 h) at a quiet moment, or within half
-// of that at any moment.
+// within its margin at a quiet moment, or within four fifths of it at any
+// moment.
 func chainNearsItsEnd(t *storage.Tokens, abs time.Duration, lastUsed, now time.Time) bool {
 	if abs <= 0 || t.ChainStartTime.IsZero() {
 		return false
 	}
 	deadline := t.ChainStartTime.Add(abs)
-	margin := min(abs/10, 48*time.Hour)
+	margin := chainMargin(abs)
 	quiet := now.Sub(lastUsed) >= quietFor
-	return (!now.Before(deadline.Add(-margin)) && quiet) || !now.Before(deadline.Add(-margin/2))
+	return (!now.Before(deadline.Add(-margin)) && quiet) || !now.Before(deadline.Add(-margin*4/5))
 }
 
 // keepAlive is how long a refresh token may sit unused before the broker

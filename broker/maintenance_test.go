@@ -77,7 +77,7 @@ func TestAbsoluteLifetimeRenewsChainAtQuietMoment(t *testing.T) {
 	if got := e.idp.Counts(); got.PasswordGrants != 1 || got.RefreshGrants != 3 {
 		t.Fatalf("counts = %+v, want 3 keep-alive refreshes and no password grant", got)
 	}
-	e.clock.Advance(7 * 24 * time.Hour) // day 28+: inside the last 48 h before the deadline, idle
+	e.clock.Advance(7 * 24 * time.Hour) // day 28+: inside the last 5 days before the deadline, idle
 	e.b.Maintain()
 	e.settle()
 	got := e.idp.Counts()

@@ -45,6 +45,7 @@ func (b *Broker) TestConnection(ctx context.Context, name string, entities []str
 	if err != nil {
 		return nil, err
 	}
+	ctx = withConnName(ctx, name)
 	res := &TestResult{ExpireTime: tok.ExpireTime}
 	for _, e := range entities {
 		res.Entities = append(res.Entities, b.readEntity(ctx, tok, endpoint, e))
@@ -62,7 +63,9 @@ func (b *Broker) readEntity(ctx context.Context, tok Token, endpoint, entity str
 	}
 	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
 	req.Header.Set("Accept", "application/json")
+	_, span := startUpstream(ctx, b.up.tracer, "probe", http.MethodGet, attrEntity.String(entity))
 	resp, err := b.up.client.Do(req)
+	endHTTP(span, resp, err)
 	if err != nil {
 		r.Outcome, r.Message = OutcomeError, "request failed: "+transportKind(err)
 		return r

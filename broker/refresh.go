@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -257,6 +258,7 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		return nil, &upstreamError{class: classSafe, grant: grant, detail: "upstream cap: " + err.Error()}
 	}
 	defer release()
+	ctx = withConnName(ctx, cfg.Name)
 	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grant},
@@ -273,7 +275,9 @@ func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, r
 		b.stats.UpstreamRefresh.Add(1)
 	}
 	began := time.Now()
+	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grant))
 	resp, err = b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
+	endToken(span, err)
 	outcome := "ok"
 	var ue *upstreamError
 	if errors.As(err, &ue) {
@@ -370,7 +374,7 @@ func (b *Broker) signOut(ctx context.Context, cfg *storage.Connection, refreshTo
 	if refreshToken == "" && accessToken == "" {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	ctx, cancel := context.WithTimeout(withConnName(context.WithoutCancel(ctx), cfg.Name), 15*time.Second)
 	defer cancel()
 	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
 	if err != nil {

@@ -3,6 +3,8 @@ package broker
 import (
 	"context"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // GetAccessToken returns a token valid for at least minValid. A token held
@@ -55,7 +57,7 @@ type decision struct {
 func (b *Broker) awaitToken(ctx context.Context, c *conn, minValid time.Duration, rejected string) (Token, error) {
 	var joined *flight
 	for {
-		d := b.decide(c, minValid, rejected, joined)
+		d := b.decide(ctx, c, minValid, rejected, joined)
 		if d.wait == nil {
 			return d.tok, d.err
 		}
@@ -77,8 +79,8 @@ func (b *Broker) awaitToken(ctx context.Context, c *conn, minValid time.Duration
 }
 
 // decide says what a caller asking for minValid gets now. joined is the
-// shared refresh it already waited for, if any.
-func (b *Broker) decide(c *conn, minValid time.Duration, rejected string, joined *flight) decision {
+// shared refresh it already waited for, if any; ctx carries its trace.
+func (b *Broker) decide(ctx context.Context, c *conn, minValid time.Duration, rejected string, joined *flight) decision {
 	now := b.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -98,7 +100,7 @@ func (b *Broker) decide(c *conn, minValid time.Duration, rejected string, joined
 	if d, ok := c.withoutRefreshLocked(s, now, minValid); ok {
 		return d
 	}
-	return b.joinLocked(c, s, now, rejected)
+	return b.joinLocked(ctx, c, s, now, rejected)
 }
 
 // takeReportLocked takes a caller's report that the held token was answered
@@ -160,7 +162,7 @@ func (c *conn) withoutRefreshLocked(s *snapshot, now time.Time, minValid time.Du
 }
 
 // joinLocked starts the shared refresh, or joins the one in progress.
-func (b *Broker) joinLocked(c *conn, s *snapshot, now time.Time, rejected string) decision {
+func (b *Broker) joinLocked(ctx context.Context, c *conn, s *snapshot, now time.Time, rejected string) decision {
 	why := triggerCaller
 	if rejected != "" {
 		why = triggerRejected
@@ -168,7 +170,7 @@ func (b *Broker) joinLocked(c *conn, s *snapshot, now time.Time, rejected string
 			c.reportRefreshLocked(now)
 		}
 	}
-	f := b.startFlightLocked(c, why)
+	f := b.startFlightLocked(ctx, c, why)
 	// A flight that has already committed a newer generation is only
 	// finishing: if the token it issued is the one reported, it will bring
 	// nothing newer. Wait for it to end, then start another.
@@ -195,12 +197,13 @@ func (c *conn) tooShortLocked(minValid time.Duration) bool {
 }
 
 // startFlightLocked starts the connection's shared refresh, or returns the
-// one in progress. c.mu must be held.
-func (b *Broker) startFlightLocked(c *conn, why trigger) *flight {
+// one in progress. The trace in ctx (of the caller that starts it) is the
+// parent of its upstream requests' spans. c.mu must be held.
+func (b *Broker) startFlightLocked(ctx context.Context, c *conn, why trigger) *flight {
 	if c.flight != nil {
 		return c.flight
 	}
-	f := &flight{done: make(chan struct{}), why: why, gen: c.committed.Generation}
+	f := &flight{done: make(chan struct{}), why: why, gen: c.committed.Generation, parent: trace.SpanContextFromContext(ctx)}
 	c.flight = f
 	b.flights.Add(1)
 	go b.runFlight(c, f)
@@ -212,7 +215,7 @@ func (b *Broker) startFlightLocked(c *conn, why trigger) *flight {
 // next refresh token.
 func (b *Broker) runFlight(c *conn, f *flight) {
 	defer b.flights.Done()
-	ctx, cancel := context.WithTimeout(context.Background(), b.opts.RefreshTimeout)
+	ctx, cancel := context.WithTimeout(trace.ContextWithSpanContext(context.Background(), f.parent), b.opts.RefreshTimeout)
 	defer cancel()
 	err := b.withTurn(ctx, c, func() error {
 		// Another replica committed a new token since this flight was

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Grant types.
@@ -46,12 +48,13 @@ type upstream struct {
 	client *http.Client
 	now    func() time.Time
 	ttl    time.Duration
+	tracer trace.Tracer
 
 	mu    sync.Mutex            // guards cache
 	cache map[string]*endpoints // instance URL -> discovered endpoints
 }
 
-func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time) *upstream {
+func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() time.Time, tracer trace.Tracer) *upstream {
 	return &upstream{
 		client: &http.Client{
 			Timeout:   timeout,
@@ -60,9 +63,10 @@ func newUpstream(timeout time.Duration, transport http.RoundTripper, now func() 
 			// not be re-sent anywhere else.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		now:   now,
-		ttl:   time.Hour,
-		cache: map[string]*endpoints{},
+		now:    now,
+		tracer: tracer,
+		ttl:    time.Hour,
+		cache:  map[string]*endpoints{},
 	}
 }
 
@@ -117,7 +121,9 @@ func (u *upstream) discover(ctx context.Context, instance string) (*discoveryDoc
 		return nil, err
 	}
 	req.Header.Set("Accept", "application/json")
+	_, span := startUpstream(ctx, u.tracer, "discovery", http.MethodGet)
 	resp, err := u.client.Do(req)
+	endHTTP(span, resp, err)
 	if err != nil {
 		return nil, err
 	}
@@ -491,7 +497,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 		}
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.revocation, strings.NewReader(form.Encode())); err == nil {
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "revocation", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}
@@ -500,7 +509,10 @@ func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clie
 	if accessToken != "" {
 		if req, err := http.NewRequestWithContext(ctx, http.MethodPost, instance+"/entity/auth/logout", nil); err == nil {
 			req.Header.Set("Authorization", "Bearer "+accessToken)
-			if resp, err := u.client.Do(req); err == nil {
+			_, span := startUpstream(ctx, u.tracer, "logout", http.MethodPost)
+			resp, err := u.client.Do(req)
+			endHTTP(span, resp, err)
+			if err == nil {
 				io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
 				resp.Body.Close()
 			}

@@ -277,7 +277,7 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerI
 	if !p.IsOperator(id.Key()) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})
 	}
-	return handler(srv, ss)
+	return handler(srv, withOperator(ss, func(tenant string) bool { return p.CanManage(id.Key(), tenant) }))
 }
 
 // needsAuth selects every call but health checks.

@@ -27,8 +27,9 @@ type Metrics struct {
 // NewMetrics builds the registry: gRPC server metrics (go-grpc-middleware's
 // prometheus provider), upstream token requests by grant and outcome,
 // their latency, cache hits and misses, and (once [Metrics.Watch] is
-// called) connections by state and seconds until each client secret
-// expires.
+// called) connections by state, seconds until each client secret expires,
+// the connections that are not ACTIVE, and the refresh token chains that
+// lapse within a week.
 func NewMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
@@ -52,6 +53,12 @@ func NewMetrics() *Metrics {
 		census: &censusCollector{
 			states: prometheus.NewDesc("tokenbroker_connections", "Connections by state.", []string{"state"}, nil),
 			expiry: prometheus.NewDesc("tokenbroker_client_secret_expiry_seconds", "Seconds until the connection's client secret expires (negative: expired).", []string{"connection"}, nil),
+			unhealthy: prometheus.NewDesc("tokenbroker_connection_unhealthy",
+				"1 for each connection that is not ACTIVE (state DEGRADED, NEEDS_REAUTH or REFRESH_TOKEN_MISSING; reason: the ErrorInfo reason code of its last error). ACTIVE connections have no series.",
+				[]string{"connection", "state", "reason"}, nil),
+			lapse: prometheus.NewDesc("tokenbroker_refresh_token_lapse_seconds",
+				"Seconds until the connection's refresh token chain lapses (kind idle: its sliding window ends unless used; kind absolute: the chain's absolute lifetime ends). Only chains lapsing within 7 days have a series.",
+				[]string{"connection", "kind"}, nil),
 		},
 	}
 	m.registry.MustRegister(m.grpc, m.upstream, m.latency, m.hits, m.misses, m.census,
@@ -85,26 +92,34 @@ func (m *Metrics) CacheLookup(hit bool) {
 }
 
 type censusCollector struct {
-	states, expiry *prometheus.Desc
-	b              *broker.Broker
-	now            func() time.Time
+	states, expiry, unhealthy, lapse *prometheus.Desc
+	b                                *broker.Broker
+	now                              func() time.Time
 }
 
 func (c *censusCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.states
 	ch <- c.expiry
+	ch <- c.unhealthy
+	ch <- c.lapse
 }
 
 func (c *censusCollector) Collect(ch chan<- prometheus.Metric) {
 	if c.b == nil {
 		return
 	}
-	states, expiry := c.b.Census()
-	for st, n := range states {
+	census := c.b.Census()
+	for st, n := range census.States {
 		ch <- prometheus.MustNewConstMetric(c.states, prometheus.GaugeValue, float64(n), string(st))
 	}
 	now := c.now()
-	for name, t := range expiry {
+	for name, t := range census.SecretExpiry {
 		ch <- prometheus.MustNewConstMetric(c.expiry, prometheus.GaugeValue, t.Sub(now).Seconds(), name)
+	}
+	for _, u := range census.Unhealthy {
+		ch <- prometheus.MustNewConstMetric(c.unhealthy, prometheus.GaugeValue, 1, u.Name, string(u.State), u.Reason)
+	}
+	for _, l := range census.Lapses {
+		ch <- prometheus.MustNewConstMetric(c.lapse, prometheus.GaugeValue, l.At.Sub(now).Seconds(), l.Name, l.Kind)
 	}
 }

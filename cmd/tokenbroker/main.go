@@ -21,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"tokenbroker/broker"
@@ -54,19 +55,24 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return err
 	}
 	log := newLogger(cfg, stderr)
+	tr, err := startTracing(ctx, getenv, log)
+	if err != nil {
+		return err
+	}
+	defer tr.shutdown()
 	st, keys, err := openStorage(ctx, cfg, getenv, log)
 	if err != nil {
 		return err
 	}
 	defer st.close()
 	metrics := server.NewMetrics()
-	b, err := newBroker(cfg, st, metrics, log)
+	b, err := newBroker(cfg, st, metrics, tr.provider, log)
 	if err != nil {
 		return err
 	}
 	defer b.Close()
 	metrics.Watch(b, time.Now)
-	srv, closeAuditor, err := newServer(ctx, cfg, b, metrics, log)
+	srv, closeAuditor, err := newServer(ctx, cfg, b, metrics, tr.serverOptions, log)
 	if err != nil {
 		return err
 	}
@@ -117,10 +123,12 @@ func storeName(cfg *config) string {
 	return dataFile(cfg)
 }
 
-// newBroker builds the broker on the opened store, reporting to metrics.
-func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.Logger) (*broker.Broker, error) {
+// newBroker builds the broker on the opened store, reporting to metrics and
+// tracing upstream requests to tp.
+func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, tp trace.TracerProvider, log *slog.Logger) (*broker.Broker, error) {
 	return broker.New(broker.Options{
 		Observer:                     metrics,
+		TracerProvider:               tp,
 		Store:                        st.store,
 		Locker:                       st.locker,
 		Watcher:                      st.watcher,
@@ -134,9 +142,9 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, log *slog.
 	})
 }
 
-// newServer builds the gRPC server with its transport, policy and
-// auditor; closeAuditor flushes and closes the audit log.
-func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *server.Metrics, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
+// newServer builds the gRPC server with its transport, policy, auditor and
+// extra options (tracing); closeAuditor flushes and closes the audit log.
+func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *server.Metrics, extra []grpc.ServerOption, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
 	authz, err := loadAuthorizer(cfg)
 	if err != nil {
 		return nil, nil, err
@@ -160,7 +168,7 @@ func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *serv
 		Metrics:               metrics,
 		RateLimit:             cfg.rateLimit,
 		RateBurst:             cfg.rateBurst,
-		ServerOptions:         serverOpts,
+		ServerOptions:         append(serverOpts, extra...),
 	})
 	return srv, closeAuditor, nil
 }
@@ -336,6 +344,7 @@ func startHeapFloor(cfg *config, log *slog.Logger) *gcfloor.Floor {
 func shutDown(cfg *config, srv *server.Server, b *broker.Broker, log *slog.Logger) {
 	log.Info("shutting down: no new calls; finishing in-flight calls and refreshes")
 	srv.Health.Shutdown()
+	b.EndWatches() // a watch never ends by itself: the graceful stop would wait for it
 	done := make(chan struct{})
 	go func() { srv.GracefulStop(); close(done) }()
 	select {

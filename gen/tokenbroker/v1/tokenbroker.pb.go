@@ -208,6 +208,83 @@ func (TestConnectionResponse_EntityResult_Outcome) EnumDescriptor() ([]byte, []i
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{14, 0, 0}
 }
 
+// Type says what the message reports.
+type WatchConnectionsResponse_Type int32
+
+const (
+	// TYPE_UNSPECIFIED is never sent.
+	WatchConnectionsResponse_TYPE_UNSPECIFIED WatchConnectionsResponse_Type = 0
+	// TYPE_EXISTING: a connection's state when the stream starts or
+	// resyncs.
+	WatchConnectionsResponse_TYPE_EXISTING WatchConnectionsResponse_Type = 1
+	// TYPE_SYNCED: the current state (or the replay of missed events) is
+	// complete; changes follow as they happen.
+	WatchConnectionsResponse_TYPE_SYNCED WatchConnectionsResponse_Type = 2
+	// TYPE_CREATED: the connection was created.
+	WatchConnectionsResponse_TYPE_CREATED WatchConnectionsResponse_Type = 3
+	// TYPE_UPDATED: the connection's configuration changed.
+	WatchConnectionsResponse_TYPE_UPDATED WatchConnectionsResponse_Type = 4
+	// TYPE_DELETED: the connection was deleted; `connection` is its last
+	// state.
+	WatchConnectionsResponse_TYPE_DELETED WatchConnectionsResponse_Type = 5
+	// TYPE_STATE_CHANGED: the connection's state changed from
+	// `previous_state` to `connection.state`.
+	WatchConnectionsResponse_TYPE_STATE_CHANGED WatchConnectionsResponse_Type = 6
+	// TYPE_WARNING: a warning appeared (`warning_code`, `warning`).
+	WatchConnectionsResponse_TYPE_WARNING WatchConnectionsResponse_Type = 7
+)
+
+// Enum value maps for WatchConnectionsResponse_Type.
+var (
+	WatchConnectionsResponse_Type_name = map[int32]string{
+		0: "TYPE_UNSPECIFIED",
+		1: "TYPE_EXISTING",
+		2: "TYPE_SYNCED",
+		3: "TYPE_CREATED",
+		4: "TYPE_UPDATED",
+		5: "TYPE_DELETED",
+		6: "TYPE_STATE_CHANGED",
+		7: "TYPE_WARNING",
+	}
+	WatchConnectionsResponse_Type_value = map[string]int32{
+		"TYPE_UNSPECIFIED":   0,
+		"TYPE_EXISTING":      1,
+		"TYPE_SYNCED":        2,
+		"TYPE_CREATED":       3,
+		"TYPE_UPDATED":       4,
+		"TYPE_DELETED":       5,
+		"TYPE_STATE_CHANGED": 6,
+		"TYPE_WARNING":       7,
+	}
+)
+
+func (x WatchConnectionsResponse_Type) Enum() *WatchConnectionsResponse_Type {
+	p := new(WatchConnectionsResponse_Type)
+	*p = x
+	return p
+}
+
+func (x WatchConnectionsResponse_Type) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (WatchConnectionsResponse_Type) Descriptor() protoreflect.EnumDescriptor {
+	return file_tokenbroker_v1_tokenbroker_proto_enumTypes[3].Descriptor()
+}
+
+func (WatchConnectionsResponse_Type) Type() protoreflect.EnumType {
+	return &file_tokenbroker_v1_tokenbroker_proto_enumTypes[3]
+}
+
+func (x WatchConnectionsResponse_Type) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use WatchConnectionsResponse_Type.Descriptor instead.
+func (WatchConnectionsResponse_Type) EnumDescriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18, 0}
+}
+
 // Connection is one tenant's link to one Acumatica instance through one
 // Connected Application and one integration user.
 type Connection struct {
@@ -1404,6 +1481,201 @@ func (x *GetAccessTokenResponse) GetScopes() []string {
 	return nil
 }
 
+// WatchConnectionsRequest is the request of WatchConnections.
+type WatchConnectionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `tenants/{tenant}`, or `tenants/-` for every tenant the caller operates.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Optional. Resume after this sequence: the last one handled. 0 starts
+	// with the current state.
+	AfterSequence int64 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Optional. The `feed_id` of the message `after_sequence` came from; a
+	// sequence from another feed (another replica, or before a restart)
+	// resyncs. Empty means this server's feed.
+	FeedId        string `protobuf:"bytes,3,opt,name=feed_id,json=feedId,proto3" json:"feed_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsRequest) Reset() {
+	*x = WatchConnectionsRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsRequest) ProtoMessage() {}
+
+func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchConnectionsRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *WatchConnectionsRequest) GetAfterSequence() int64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+func (x *WatchConnectionsRequest) GetFeedId() string {
+	if x != nil {
+		return x.FeedId
+	}
+	return ""
+}
+
+// WatchConnectionsResponse is one message of WatchConnections.
+type WatchConnectionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the message reports.
+	Type WatchConnectionsResponse_Type `protobuf:"varint,1,opt,name=type,proto3,enum=tokenbroker.v1.WatchConnectionsResponse_Type" json:"type,omitempty"`
+	// Orders the messages of one feed. Each change has its own, one more
+	// than the change before; TYPE_EXISTING and TYPE_SYNCED carry the
+	// sequence the state they show is current to. Resume from the last one
+	// handled.
+	Sequence int64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// Names the feed the sequence belongs to: one per server process.
+	FeedId string `protobuf:"bytes,3,opt,name=feed_id,json=feedId,proto3" json:"feed_id,omitempty"`
+	// When the server saw the change.
+	EventTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
+	// The connection with its state and status, secrets never included.
+	// Unset on TYPE_SYNCED.
+	Connection *Connection `protobuf:"bytes,5,opt,name=connection,proto3" json:"connection,omitempty"`
+	// The state before a TYPE_STATE_CHANGED.
+	PreviousState Connection_State `protobuf:"varint,6,opt,name=previous_state,json=previousState,proto3,enum=tokenbroker.v1.Connection_State" json:"previous_state,omitempty"`
+	// Machine-readable warning of TYPE_WARNING: `CLIENT_SECRET_EXPIRING`
+	// (within 30 days), `REFRESH_TOKEN_CHAIN_ENDING` (absolute lifetime near
+	// and the broker's renewal overdue), `REFRESH_TOKEN_IDLE_LAPSING`
+	// (sliding window near and the keep-alive refresh overdue),
+	// `LOGIN_LIMIT_REACHED`.
+	WarningCode string `protobuf:"bytes,7,opt,name=warning_code,json=warningCode,proto3" json:"warning_code,omitempty"`
+	// Human-readable warning of TYPE_WARNING.
+	Warning string `protobuf:"bytes,8,opt,name=warning,proto3" json:"warning,omitempty"`
+	// The client's sequence could not be resumed, or it fell behind: drop
+	// what it knows of these connections; the TYPE_EXISTING messages that
+	// follow are the current state.
+	Resync        bool `protobuf:"varint,9,opt,name=resync,proto3" json:"resync,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsResponse) Reset() {
+	*x = WatchConnectionsResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsResponse) ProtoMessage() {}
+
+func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *WatchConnectionsResponse) GetType() WatchConnectionsResponse_Type {
+	if x != nil {
+		return x.Type
+	}
+	return WatchConnectionsResponse_TYPE_UNSPECIFIED
+}
+
+func (x *WatchConnectionsResponse) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *WatchConnectionsResponse) GetFeedId() string {
+	if x != nil {
+		return x.FeedId
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetEventTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EventTime
+	}
+	return nil
+}
+
+func (x *WatchConnectionsResponse) GetConnection() *Connection {
+	if x != nil {
+		return x.Connection
+	}
+	return nil
+}
+
+func (x *WatchConnectionsResponse) GetPreviousState() Connection_State {
+	if x != nil {
+		return x.PreviousState
+	}
+	return Connection_STATE_UNSPECIFIED
+}
+
+func (x *WatchConnectionsResponse) GetWarningCode() string {
+	if x != nil {
+		return x.WarningCode
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetWarning() string {
+	if x != nil {
+		return x.Warning
+	}
+	return ""
+}
+
+func (x *WatchConnectionsResponse) GetResync() bool {
+	if x != nil {
+		return x.Resync
+	}
+	return false
+}
+
 // StartAuthorizationRequest is the request of StartAuthorization. Either
 // `parent` and `connection_id` (a new connection) or `name` (an existing
 // one) is set.
@@ -1430,7 +1702,7 @@ type StartAuthorizationRequest struct {
 
 func (x *StartAuthorizationRequest) Reset() {
 	*x = StartAuthorizationRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1442,7 +1714,7 @@ func (x *StartAuthorizationRequest) String() string {
 func (*StartAuthorizationRequest) ProtoMessage() {}
 
 func (x *StartAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1455,7 +1727,7 @@ func (x *StartAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*StartAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StartAuthorizationRequest) GetParent() string {
@@ -1516,7 +1788,7 @@ type StartAuthorizationResponse struct {
 
 func (x *StartAuthorizationResponse) Reset() {
 	*x = StartAuthorizationResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1800,7 @@ func (x *StartAuthorizationResponse) String() string {
 func (*StartAuthorizationResponse) ProtoMessage() {}
 
 func (x *StartAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1813,7 @@ func (x *StartAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*StartAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StartAuthorizationResponse) GetAuthorizationUrl() string {
@@ -1581,7 +1853,7 @@ type CompleteAuthorizationRequest struct {
 
 func (x *CompleteAuthorizationRequest) Reset() {
 	*x = CompleteAuthorizationRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1593,7 +1865,7 @@ func (x *CompleteAuthorizationRequest) String() string {
 func (*CompleteAuthorizationRequest) ProtoMessage() {}
 
 func (x *CompleteAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1606,7 +1878,7 @@ func (x *CompleteAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*CompleteAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{19}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CompleteAuthorizationRequest) GetName() string {
@@ -1641,7 +1913,7 @@ type CompleteAuthorizationResponse struct {
 
 func (x *CompleteAuthorizationResponse) Reset() {
 	*x = CompleteAuthorizationResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1653,7 +1925,7 @@ func (x *CompleteAuthorizationResponse) String() string {
 func (*CompleteAuthorizationResponse) ProtoMessage() {}
 
 func (x *CompleteAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1666,7 +1938,7 @@ func (x *CompleteAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*CompleteAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CompleteAuthorizationResponse) GetConnection() *Connection {
@@ -1703,7 +1975,7 @@ type ImportRefreshTokenRequest struct {
 
 func (x *ImportRefreshTokenRequest) Reset() {
 	*x = ImportRefreshTokenRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1715,7 +1987,7 @@ func (x *ImportRefreshTokenRequest) String() string {
 func (*ImportRefreshTokenRequest) ProtoMessage() {}
 
 func (x *ImportRefreshTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1728,7 +2000,7 @@ func (x *ImportRefreshTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRefreshTokenRequest.ProtoReflect.Descriptor instead.
 func (*ImportRefreshTokenRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{21}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ImportRefreshTokenRequest) GetParent() string {
@@ -1791,7 +2063,7 @@ type ImportRefreshTokenResponse struct {
 
 func (x *ImportRefreshTokenResponse) Reset() {
 	*x = ImportRefreshTokenResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1803,7 +2075,7 @@ func (x *ImportRefreshTokenResponse) String() string {
 func (*ImportRefreshTokenResponse) ProtoMessage() {}
 
 func (x *ImportRefreshTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1816,7 +2088,7 @@ func (x *ImportRefreshTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRefreshTokenResponse.ProtoReflect.Descriptor instead.
 func (*ImportRefreshTokenResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{22}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ImportRefreshTokenResponse) GetConnection() *Connection {
@@ -1843,7 +2115,7 @@ type TestConnectionResponse_EntityResult struct {
 
 func (x *TestConnectionResponse_EntityResult) Reset() {
 	*x = TestConnectionResponse_EntityResult{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1855,7 +2127,7 @@ func (x *TestConnectionResponse_EntityResult) String() string {
 func (*TestConnectionResponse_EntityResult) ProtoMessage() {}
 
 func (x *TestConnectionResponse_EntityResult) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2024,7 +2296,33 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12!\n" +
 	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
-	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"\x8a\x02\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"q\n" +
+	"\x17WatchConnectionsRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12%\n" +
+	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\x12\x17\n" +
+	"\afeed_id\x18\x03 \x01(\tR\x06feedId\"\xca\x04\n" +
+	"\x18WatchConnectionsResponse\x12A\n" +
+	"\x04type\x18\x01 \x01(\x0e2-.tokenbroker.v1.WatchConnectionsResponse.TypeR\x04type\x12\x1a\n" +
+	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12\x17\n" +
+	"\afeed_id\x18\x03 \x01(\tR\x06feedId\x129\n" +
+	"\n" +
+	"event_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\x12:\n" +
+	"\n" +
+	"connection\x18\x05 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
+	"connection\x12G\n" +
+	"\x0eprevious_state\x18\x06 \x01(\x0e2 .tokenbroker.v1.Connection.StateR\rpreviousState\x12!\n" +
+	"\fwarning_code\x18\a \x01(\tR\vwarningCode\x12\x18\n" +
+	"\awarning\x18\b \x01(\tR\awarning\x12\x16\n" +
+	"\x06resync\x18\t \x01(\bR\x06resync\"\xa0\x01\n" +
+	"\x04Type\x12\x14\n" +
+	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n" +
+	"\rTYPE_EXISTING\x10\x01\x12\x0f\n" +
+	"\vTYPE_SYNCED\x10\x02\x12\x10\n" +
+	"\fTYPE_CREATED\x10\x03\x12\x10\n" +
+	"\fTYPE_UPDATED\x10\x04\x12\x10\n" +
+	"\fTYPE_DELETED\x10\x05\x12\x16\n" +
+	"\x12TYPE_STATE_CHANGED\x10\x06\x12\x10\n" +
+	"\fTYPE_WARNING\x10\a\"\x8a\x02\n" +
 	"\x19StartAuthorizationRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12#\n" +
 	"\rconnection_id\x18\x02 \x01(\tR\fconnectionId\x12\x12\n" +
@@ -2064,7 +2362,7 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x1aImportRefreshTokenResponse\x12:\n" +
 	"\n" +
 	"connection\x18\x01 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
-	"connection2\x96\b\n" +
+	"connection2\xff\b\n" +
 	"\vTokenBroker\x12e\n" +
 	"\x10CreateConnection\x12'.tokenbroker.v1.CreateConnectionRequest\x1a(.tokenbroker.v1.CreateConnectionResponse\x12\\\n" +
 	"\rGetConnection\x12$.tokenbroker.v1.GetConnectionRequest\x1a%.tokenbroker.v1.GetConnectionResponse\x12b\n" +
@@ -2072,7 +2370,8 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x10UpdateConnection\x12'.tokenbroker.v1.UpdateConnectionRequest\x1a(.tokenbroker.v1.UpdateConnectionResponse\x12e\n" +
 	"\x10DeleteConnection\x12'.tokenbroker.v1.DeleteConnectionRequest\x1a(.tokenbroker.v1.DeleteConnectionResponse\x12_\n" +
 	"\x0eTestConnection\x12%.tokenbroker.v1.TestConnectionRequest\x1a&.tokenbroker.v1.TestConnectionResponse\x12_\n" +
-	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12k\n" +
+	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12g\n" +
+	"\x10WatchConnections\x12'.tokenbroker.v1.WatchConnectionsRequest\x1a(.tokenbroker.v1.WatchConnectionsResponse0\x01\x12k\n" +
 	"\x12StartAuthorization\x12).tokenbroker.v1.StartAuthorizationRequest\x1a*.tokenbroker.v1.StartAuthorizationResponse\x12t\n" +
 	"\x15CompleteAuthorization\x12,.tokenbroker.v1.CompleteAuthorizationRequest\x1a-.tokenbroker.v1.CompleteAuthorizationResponse\x12k\n" +
 	"\x12ImportRefreshToken\x12).tokenbroker.v1.ImportRefreshTokenRequest\x1a*.tokenbroker.v1.ImportRefreshTokenResponseB.Z,tokenbroker/gen/tokenbroker/v1;tokenbrokerv1b\x06proto3"
@@ -2089,100 +2388,109 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescData
 }
 
-var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(Connection_State)(0),                            // 0: tokenbroker.v1.Connection.State
 	(Connection_Flow)(0),                             // 1: tokenbroker.v1.Connection.Flow
 	(TestConnectionResponse_EntityResult_Outcome)(0), // 2: tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	(*Connection)(nil),                               // 3: tokenbroker.v1.Connection
-	(*ConnectionStatus)(nil),                         // 4: tokenbroker.v1.ConnectionStatus
-	(*ConnectionError)(nil),                          // 5: tokenbroker.v1.ConnectionError
-	(*CreateConnectionRequest)(nil),                  // 6: tokenbroker.v1.CreateConnectionRequest
-	(*CreateConnectionResponse)(nil),                 // 7: tokenbroker.v1.CreateConnectionResponse
-	(*GetConnectionRequest)(nil),                     // 8: tokenbroker.v1.GetConnectionRequest
-	(*GetConnectionResponse)(nil),                    // 9: tokenbroker.v1.GetConnectionResponse
-	(*ListConnectionsRequest)(nil),                   // 10: tokenbroker.v1.ListConnectionsRequest
-	(*ListConnectionsResponse)(nil),                  // 11: tokenbroker.v1.ListConnectionsResponse
-	(*UpdateConnectionRequest)(nil),                  // 12: tokenbroker.v1.UpdateConnectionRequest
-	(*UpdateConnectionResponse)(nil),                 // 13: tokenbroker.v1.UpdateConnectionResponse
-	(*DeleteConnectionRequest)(nil),                  // 14: tokenbroker.v1.DeleteConnectionRequest
-	(*DeleteConnectionResponse)(nil),                 // 15: tokenbroker.v1.DeleteConnectionResponse
-	(*TestConnectionRequest)(nil),                    // 16: tokenbroker.v1.TestConnectionRequest
-	(*TestConnectionResponse)(nil),                   // 17: tokenbroker.v1.TestConnectionResponse
-	(*GetAccessTokenRequest)(nil),                    // 18: tokenbroker.v1.GetAccessTokenRequest
-	(*GetAccessTokenResponse)(nil),                   // 19: tokenbroker.v1.GetAccessTokenResponse
-	(*StartAuthorizationRequest)(nil),                // 20: tokenbroker.v1.StartAuthorizationRequest
-	(*StartAuthorizationResponse)(nil),               // 21: tokenbroker.v1.StartAuthorizationResponse
-	(*CompleteAuthorizationRequest)(nil),             // 22: tokenbroker.v1.CompleteAuthorizationRequest
-	(*CompleteAuthorizationResponse)(nil),            // 23: tokenbroker.v1.CompleteAuthorizationResponse
-	(*ImportRefreshTokenRequest)(nil),                // 24: tokenbroker.v1.ImportRefreshTokenRequest
-	(*ImportRefreshTokenResponse)(nil),               // 25: tokenbroker.v1.ImportRefreshTokenResponse
-	(*TestConnectionResponse_EntityResult)(nil),      // 26: tokenbroker.v1.TestConnectionResponse.EntityResult
-	(*timestamppb.Timestamp)(nil),                    // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                      // 28: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),                    // 29: google.protobuf.FieldMask
+	(WatchConnectionsResponse_Type)(0),               // 3: tokenbroker.v1.WatchConnectionsResponse.Type
+	(*Connection)(nil),                               // 4: tokenbroker.v1.Connection
+	(*ConnectionStatus)(nil),                         // 5: tokenbroker.v1.ConnectionStatus
+	(*ConnectionError)(nil),                          // 6: tokenbroker.v1.ConnectionError
+	(*CreateConnectionRequest)(nil),                  // 7: tokenbroker.v1.CreateConnectionRequest
+	(*CreateConnectionResponse)(nil),                 // 8: tokenbroker.v1.CreateConnectionResponse
+	(*GetConnectionRequest)(nil),                     // 9: tokenbroker.v1.GetConnectionRequest
+	(*GetConnectionResponse)(nil),                    // 10: tokenbroker.v1.GetConnectionResponse
+	(*ListConnectionsRequest)(nil),                   // 11: tokenbroker.v1.ListConnectionsRequest
+	(*ListConnectionsResponse)(nil),                  // 12: tokenbroker.v1.ListConnectionsResponse
+	(*UpdateConnectionRequest)(nil),                  // 13: tokenbroker.v1.UpdateConnectionRequest
+	(*UpdateConnectionResponse)(nil),                 // 14: tokenbroker.v1.UpdateConnectionResponse
+	(*DeleteConnectionRequest)(nil),                  // 15: tokenbroker.v1.DeleteConnectionRequest
+	(*DeleteConnectionResponse)(nil),                 // 16: tokenbroker.v1.DeleteConnectionResponse
+	(*TestConnectionRequest)(nil),                    // 17: tokenbroker.v1.TestConnectionRequest
+	(*TestConnectionResponse)(nil),                   // 18: tokenbroker.v1.TestConnectionResponse
+	(*GetAccessTokenRequest)(nil),                    // 19: tokenbroker.v1.GetAccessTokenRequest
+	(*GetAccessTokenResponse)(nil),                   // 20: tokenbroker.v1.GetAccessTokenResponse
+	(*WatchConnectionsRequest)(nil),                  // 21: tokenbroker.v1.WatchConnectionsRequest
+	(*WatchConnectionsResponse)(nil),                 // 22: tokenbroker.v1.WatchConnectionsResponse
+	(*StartAuthorizationRequest)(nil),                // 23: tokenbroker.v1.StartAuthorizationRequest
+	(*StartAuthorizationResponse)(nil),               // 24: tokenbroker.v1.StartAuthorizationResponse
+	(*CompleteAuthorizationRequest)(nil),             // 25: tokenbroker.v1.CompleteAuthorizationRequest
+	(*CompleteAuthorizationResponse)(nil),            // 26: tokenbroker.v1.CompleteAuthorizationResponse
+	(*ImportRefreshTokenRequest)(nil),                // 27: tokenbroker.v1.ImportRefreshTokenRequest
+	(*ImportRefreshTokenResponse)(nil),               // 28: tokenbroker.v1.ImportRefreshTokenResponse
+	(*TestConnectionResponse_EntityResult)(nil),      // 29: tokenbroker.v1.TestConnectionResponse.EntityResult
+	(*timestamppb.Timestamp)(nil),                    // 30: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                      // 31: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),                    // 32: google.protobuf.FieldMask
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	27, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	28, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
-	28, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
+	30, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	31, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
+	31, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
 	0,  // 3: tokenbroker.v1.Connection.state:type_name -> tokenbroker.v1.Connection.State
-	4,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
-	27, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
-	27, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
+	5,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
+	30, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
+	30, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: tokenbroker.v1.Connection.flow:type_name -> tokenbroker.v1.Connection.Flow
-	5,  // 8: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
-	27, // 9: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
-	27, // 10: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	27, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
-	27, // 12: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
-	27, // 13: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
-	3,  // 14: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	3,  // 15: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	3,  // 16: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	3,  // 17: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
-	3,  // 18: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	29, // 19: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 20: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	27, // 21: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	26, // 22: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
-	28, // 23: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	27, // 24: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 25: tokenbroker.v1.StartAuthorizationRequest.connection:type_name -> tokenbroker.v1.Connection
-	29, // 26: tokenbroker.v1.StartAuthorizationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	27, // 27: tokenbroker.v1.StartAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 28: tokenbroker.v1.StartAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
-	3,  // 29: tokenbroker.v1.CompleteAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
-	3,  // 30: tokenbroker.v1.ImportRefreshTokenRequest.connection:type_name -> tokenbroker.v1.Connection
-	29, // 31: tokenbroker.v1.ImportRefreshTokenRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 32: tokenbroker.v1.ImportRefreshTokenResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 33: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	6,  // 34: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
-	8,  // 35: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
-	10, // 36: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
-	12, // 37: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
-	14, // 38: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
-	16, // 39: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
-	18, // 40: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
-	20, // 41: tokenbroker.v1.TokenBroker.StartAuthorization:input_type -> tokenbroker.v1.StartAuthorizationRequest
-	22, // 42: tokenbroker.v1.TokenBroker.CompleteAuthorization:input_type -> tokenbroker.v1.CompleteAuthorizationRequest
-	24, // 43: tokenbroker.v1.TokenBroker.ImportRefreshToken:input_type -> tokenbroker.v1.ImportRefreshTokenRequest
-	7,  // 44: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
-	9,  // 45: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
-	11, // 46: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
-	13, // 47: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
-	15, // 48: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
-	17, // 49: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
-	19, // 50: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
-	21, // 51: tokenbroker.v1.TokenBroker.StartAuthorization:output_type -> tokenbroker.v1.StartAuthorizationResponse
-	23, // 52: tokenbroker.v1.TokenBroker.CompleteAuthorization:output_type -> tokenbroker.v1.CompleteAuthorizationResponse
-	25, // 53: tokenbroker.v1.TokenBroker.ImportRefreshToken:output_type -> tokenbroker.v1.ImportRefreshTokenResponse
-	44, // [44:54] is the sub-list for method output_type
-	34, // [34:44] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	6,  // 8: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
+	30, // 9: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
+	30, // 10: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	30, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
+	30, // 12: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
+	30, // 13: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
+	4,  // 14: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 15: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 16: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 17: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
+	4,  // 18: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
+	32, // 19: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	4,  // 20: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
+	30, // 21: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	29, // 22: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
+	31, // 23: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	30, // 24: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 25: tokenbroker.v1.WatchConnectionsResponse.type:type_name -> tokenbroker.v1.WatchConnectionsResponse.Type
+	30, // 26: tokenbroker.v1.WatchConnectionsResponse.event_time:type_name -> google.protobuf.Timestamp
+	4,  // 27: tokenbroker.v1.WatchConnectionsResponse.connection:type_name -> tokenbroker.v1.Connection
+	0,  // 28: tokenbroker.v1.WatchConnectionsResponse.previous_state:type_name -> tokenbroker.v1.Connection.State
+	4,  // 29: tokenbroker.v1.StartAuthorizationRequest.connection:type_name -> tokenbroker.v1.Connection
+	32, // 30: tokenbroker.v1.StartAuthorizationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	30, // 31: tokenbroker.v1.StartAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 32: tokenbroker.v1.StartAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 33: tokenbroker.v1.CompleteAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 34: tokenbroker.v1.ImportRefreshTokenRequest.connection:type_name -> tokenbroker.v1.Connection
+	32, // 35: tokenbroker.v1.ImportRefreshTokenRequest.update_mask:type_name -> google.protobuf.FieldMask
+	4,  // 36: tokenbroker.v1.ImportRefreshTokenResponse.connection:type_name -> tokenbroker.v1.Connection
+	2,  // 37: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	7,  // 38: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
+	9,  // 39: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
+	11, // 40: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
+	13, // 41: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
+	15, // 42: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
+	17, // 43: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
+	19, // 44: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
+	21, // 45: tokenbroker.v1.TokenBroker.WatchConnections:input_type -> tokenbroker.v1.WatchConnectionsRequest
+	23, // 46: tokenbroker.v1.TokenBroker.StartAuthorization:input_type -> tokenbroker.v1.StartAuthorizationRequest
+	25, // 47: tokenbroker.v1.TokenBroker.CompleteAuthorization:input_type -> tokenbroker.v1.CompleteAuthorizationRequest
+	27, // 48: tokenbroker.v1.TokenBroker.ImportRefreshToken:input_type -> tokenbroker.v1.ImportRefreshTokenRequest
+	8,  // 49: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
+	10, // 50: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
+	12, // 51: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
+	14, // 52: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
+	16, // 53: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
+	18, // 54: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
+	20, // 55: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
+	22, // 56: tokenbroker.v1.TokenBroker.WatchConnections:output_type -> tokenbroker.v1.WatchConnectionsResponse
+	24, // 57: tokenbroker.v1.TokenBroker.StartAuthorization:output_type -> tokenbroker.v1.StartAuthorizationResponse
+	26, // 58: tokenbroker.v1.TokenBroker.CompleteAuthorization:output_type -> tokenbroker.v1.CompleteAuthorizationResponse
+	28, // 59: tokenbroker.v1.TokenBroker.ImportRefreshToken:output_type -> tokenbroker.v1.ImportRefreshTokenResponse
+	49, // [49:60] is the sub-list for method output_type
+	38, // [38:49] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -2195,8 +2503,8 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   24,
+			NumEnums:      4,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	TokenBroker_DeleteConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/DeleteConnection"
 	TokenBroker_TestConnection_FullMethodName        = "/tokenbroker.v1.TokenBroker/TestConnection"
 	TokenBroker_GetAccessToken_FullMethodName        = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_WatchConnections_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchConnections"
 	TokenBroker_StartAuthorization_FullMethodName    = "/tokenbroker.v1.TokenBroker/StartAuthorization"
 	TokenBroker_CompleteAuthorization_FullMethodName = "/tokenbroker.v1.TokenBroker/CompleteAuthorization"
 	TokenBroker_ImportRefreshToken_FullMethodName    = "/tokenbroker.v1.TokenBroker/ImportRefreshToken"
@@ -67,6 +68,19 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
 	// one (`name`, with `update_mask` naming fields of `connection` to change
@@ -169,6 +183,25 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchConnections_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchConnectionsRequest, WatchConnectionsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsClient = grpc.ServerStreamingClient[WatchConnectionsResponse]
+
 func (c *tokenBrokerClient) StartAuthorization(ctx context.Context, in *StartAuthorizationRequest, opts ...grpc.CallOption) (*StartAuthorizationResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(StartAuthorizationResponse)
@@ -235,6 +268,19 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// WatchConnections streams what happens to connections, for operators:
+	// of one tenant, or with parent `tenants/-` of every tenant the caller
+	// operates. It sends each connection's current state (TYPE_EXISTING, by
+	// name) and TYPE_SYNCED, then one message per change as it happens:
+	// created, updated, deleted, each state change (including the recovery
+	// to ACTIVE), and each warning as it appears. Every message carries the
+	// connection with its status and a sequence. A client that reconnects
+	// with `after_sequence` and `feed_id` of the last message it handled gets
+	// what it missed, if this server still holds it; otherwise, and when it
+	// reads too slowly to keep up, it gets the current state again with
+	// `resync` set. With etcd storage every replica streams every replica's
+	// changes; DEGRADED is each replica's own view of the upstream.
+	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
 	// StartAuthorization begins the Authorization Code flow with PKCE for a
 	// new connection (`parent`, `connection_id`, `connection`) or an existing
 	// one (`name`, with `update_mask` naming fields of `connection` to change
@@ -287,6 +333,9 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
 }
 func (UnimplementedTokenBrokerServer) StartAuthorization(context.Context, *StartAuthorizationRequest) (*StartAuthorizationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method StartAuthorization not implemented")
@@ -444,6 +493,17 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchConnectionsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchConnections(m, &grpc.GenericServerStream[WatchConnectionsRequest, WatchConnectionsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchConnectionsServer = grpc.ServerStreamingServer[WatchConnectionsResponse]
+
 func _TokenBroker_StartAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(StartAuthorizationRequest)
 	if err := dec(in); err != nil {
@@ -546,6 +606,12 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _TokenBroker_ImportRefreshToken_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchConnections",
+			Handler:       _TokenBroker_WatchConnections_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tokenbroker/v1/tokenbroker.proto",
 }
