@@ -24,6 +24,7 @@ type conn struct {
 	name     string
 	snap     atomic.Pointer[snapshot] // what the cached path reads; written only by publishLocked
 	lastUsed atomic.Int64             // unix nanoseconds of the last token request
+	watch    watchers                 // wakes WatchToken subscribers on each publish (watch.go)
 
 	mu        sync.Mutex          // guards the fields below
 	turn      chan struct{}       // capacity 1: held while talking to the token endpoint; made when first needed
@@ -96,6 +97,7 @@ func (c *conn) publishLocked() {
 		s.tok.Scopes = c.cfg.Scopes
 	}
 	c.snap.Store(s)
+	c.watch.notify()
 	c.announceLocked()
 }
 

@@ -8,11 +8,14 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 )
@@ -32,6 +35,12 @@ type Auditor struct {
 	done chan struct{}
 	once sync.Once
 	who  func(context.Context) string
+	last atomic.Pointer[fingerprinted] // the token last fingerprinted
+	// lastPush is the token last sent on a watch stream, with the end of
+	// its audit line; pushes buffers those lines (watch.go).
+	lastPush  atomic.Pointer[fingerprinted]
+	pushes    [pushShards]pushShard
+	nextShard atomic.Uint32
 }
 
 // NewAuditor writes audit lines to w.
@@ -45,6 +54,9 @@ func NewAuditor(w io.Writer) *Auditor {
 func (a *Auditor) write(line []byte, flush bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if flush {
+		a.drainPushesLocked() // what was sent before this call is written before it
+	}
 	a.w.Write(line)
 	if flush {
 		a.w.Flush()
@@ -55,6 +67,7 @@ func (a *Auditor) write(line []byte, flush bool) {
 func (a *Auditor) Flush() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.drainPushesLocked()
 	return a.w.Flush()
 }
 
@@ -85,6 +98,23 @@ func Fingerprint(token string) string {
 	return string(appendFingerprint(nil, token))
 }
 
+// appendFingerprint appends the fingerprint of token, hashing it only if it
+// is not the token last fingerprinted: one rotation pushed to thousands of
+// watch streams, and a cached token handed out again and again, are hashed
+// once.
+func (a *Auditor) appendFingerprint(b []byte, token string) []byte {
+	if p := a.last.Load(); p != nil && p.token == token {
+		return append(b, p.fingerprint...)
+	}
+	start := len(b)
+	b = appendFingerprint(b, token)
+	a.last.Store(&fingerprinted{token: token, fingerprint: string(b[start:])})
+	return b
+}
+
+// fingerprinted is a token with its fingerprint.
+type fingerprinted struct{ token, fingerprint string }
+
 func appendFingerprint(b []byte, token string) []byte {
 	// Hashed in place: a token can be a kilobyte, copied on every call.
 	sum := sha256.Sum256(unsafe.Slice(unsafe.StringData(token), len(token)))
@@ -108,6 +138,10 @@ func auditTarget(req any) string {
 		return r.GetName()
 	case *pb.GetAccessTokenRequest:
 		return r.GetName()
+	case *pb.WatchAccessTokenRequest:
+		return r.GetName()
+	case *pb.WatchConnectionsRequest:
+		return r.GetParent()
 	}
 	name, _, _ := authCodeResource(req)
 	return name
@@ -118,6 +152,23 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		return handler(ctx, req)
 	}
 	resp, err := handler(ctx, req)
+	var handOut *pb.GetAccessTokenResponse
+	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
+		handOut = r
+	}
+	var fields []string
+	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
+		fields = append([]string{}, r.GetUpdateMask().GetPaths()...) // [] when none, as before
+	}
+	a.record(a.who(ctx), info.FullMethod, auditTarget(req), status.Code(err), handOut.GetAccessToken(), handOut.GetExpireTime(), fields,
+		info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
+	return resp, err
+}
+
+// record writes one audit line for caller; token, when set, is a hand-out
+// recorded by its fingerprint. With flush, the buffer is written out before
+// it returns.
+func (a *Auditor) record(caller, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, flush bool) {
 	// The line is built by hand rather than through slog: it is written on
 	// every token hand-out, and this costs a fraction of a JSON handler.
 	bp := linePool.Get().(*[]byte)
@@ -125,23 +176,23 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	b = append(b, `{"time":"`...)
 	b = time.Now().UTC().AppendFormat(b, time.RFC3339Nano)
 	b = append(b, `","msg":"audit","caller":`...)
-	b = appendJSONString(b, a.who(ctx))
+	b = appendJSONString(b, caller)
 	b = append(b, `,"method":`...)
-	b = appendJSONString(b, info.FullMethod)
+	b = appendJSONString(b, method)
 	b = append(b, `,"connection":`...)
-	b = appendJSONString(b, auditTarget(req))
+	b = appendJSONString(b, target)
 	b = append(b, `,"outcome":`...)
-	b = appendJSONString(b, status.Code(err).String())
-	if r, ok := resp.(*pb.GetAccessTokenResponse); ok && err == nil {
+	b = appendJSONString(b, code.String())
+	if token != "" {
 		b = append(b, `,"token_fingerprint":"`...)
-		b = appendFingerprint(b, r.GetAccessToken())
+		b = a.appendFingerprint(b, token)
 		b = append(b, `","token_expire_time":"`...)
-		b = r.GetExpireTime().AsTime().UTC().AppendFormat(b, time.RFC3339)
+		b = expire.AsTime().UTC().AppendFormat(b, time.RFC3339)
 		b = append(b, '"')
 	}
-	if r, ok := req.(*pb.UpdateConnectionRequest); ok {
+	if fields != nil {
 		b = append(b, `,"fields":[`...)
-		for i, p := range r.GetUpdateMask().GetPaths() {
+		for i, p := range fields {
 			if i > 0 {
 				b = append(b, ',')
 			}
@@ -150,10 +201,9 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		b = append(b, ']')
 	}
 	b = append(b, "}\n"...)
-	a.write(b, info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
+	a.write(b, flush)
 	*bp = b
 	linePool.Put(bp)
-	return resp, err
 }
 
 var linePool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}

@@ -265,14 +265,18 @@ func (a *Authorizer) authenticate(ctx context.Context) (*Policy, Caller, error) 
 	return p, id, nil
 }
 
-// stream guards streaming services: server reflection is for operators.
-func (a *Authorizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+// stream guards streaming services: WatchAccessToken is for consumers,
+// server reflection for operators.
+func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	p, id, err := a.authenticate(ss.Context())
 	if err != nil {
 		return err
 	}
 	if p == nil {
 		return handler(srv, ss)
+	}
+	if isWatch(info) { // the consumer role, as GetAccessToken
+		return handler(srv, &consumerStream{ServerStream: ss, a: a, id: id})
 	}
 	if !p.IsOperator(id.Key()) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})

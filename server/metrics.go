@@ -21,6 +21,7 @@ type Metrics struct {
 	latency  *prometheus.HistogramVec
 	hits     prometheus.Counter
 	misses   prometheus.Counter
+	watches  prometheus.Gauge // open WatchAccessToken streams
 	census   *censusCollector
 }
 
@@ -50,6 +51,9 @@ func NewMetrics() *Metrics {
 		misses: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tokenbroker_token_cache_misses_total", Help: "GetAccessToken calls that waited for a shared refresh.",
 		}),
+		watches: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tokenbroker_watch_streams", Help: "Open WatchAccessToken streams.",
+		}),
 		census: &censusCollector{
 			states: prometheus.NewDesc("tokenbroker_connections", "Connections by state.", []string{"state"}, nil),
 			expiry: prometheus.NewDesc("tokenbroker_client_secret_expiry_seconds", "Seconds until the connection's client secret expires (negative: expired).", []string{"connection"}, nil),
@@ -61,7 +65,7 @@ func NewMetrics() *Metrics {
 				[]string{"connection", "kind"}, nil),
 		},
 	}
-	m.registry.MustRegister(m.grpc, m.upstream, m.latency, m.hits, m.misses, m.census,
+	m.registry.MustRegister(m.grpc, m.upstream, m.latency, m.hits, m.misses, m.watches, m.census,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

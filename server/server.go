@@ -72,7 +72,8 @@ const tokenBrokerMethods = "/tokenbroker.v1.TokenBroker/"
 // Server is the gRPC server with its health service.
 type Server struct {
 	*grpc.Server
-	Health *health.Server
+	Health      *health.Server
+	stopWatches context.CancelFunc
 }
 
 // New assembles the gRPC server. Interceptors, outermost first: logging,
@@ -102,17 +103,19 @@ func New(opts Options) *Server {
 	stream := []grpc.StreamServerInterceptor{reqLog.stream}
 	if opts.Metrics != nil {
 		unary = append(unary, opts.Metrics.grpc.UnaryServerInterceptor())
-		stream = append(stream, opts.Metrics.grpc.StreamServerInterceptor())
+		stream = append(stream, opts.Metrics.grpc.StreamServerInterceptor(), opts.Metrics.countWatches)
 	}
 	if opts.Auditor != nil {
 		opts.Auditor.who = authz.callerIdentity
 		unary = append(unary, opts.Auditor.unary)
+		stream = append(stream, opts.Auditor.stream)
 	}
 	unary = append(unary, selector.UnaryServerInterceptor(authz.withAuthenticated(opts.AuthenticatedMethods), selector.MatchFunc(needsAuth)))
 	stream = append(stream, selector.StreamServerInterceptor(authz.stream, selector.MatchFunc(needsAuth)))
 	if opts.RateLimit > 0 {
 		rl := &rateLimiter{limit: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1), who: authz.callerKey}
 		unary = append(unary, selector.UnaryServerInterceptor(rl.unary, selector.MatchFunc(needsAuth)))
+		stream = append(stream, selector.StreamServerInterceptor(rl.stream, selector.MatchFunc(needsAuth)))
 	}
 	unary = append(unary, val.unary, recovery.UnaryServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
 	stream = append(stream, recovery.StreamServerInterceptor(recovery.WithRecoveryHandlerContext(recoverPanic)))
@@ -126,7 +129,8 @@ func New(opts Options) *Server {
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute, Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 	}, opts.ServerOptions...)
 	gs := grpc.NewServer(so...)
-	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log})
+	drain, stopWatches := context.WithCancel(context.Background())
+	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log, drain: drain})
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -135,7 +139,21 @@ func New(opts Options) *Server {
 	if opts.Metrics != nil {
 		opts.Metrics.grpc.InitializeMetrics(gs)
 	}
-	return &Server{Server: gs, Health: hs}
+	return &Server{Server: gs, Health: hs, stopWatches: stopWatches}
+}
+
+// GracefulStop ends WatchAccessToken streams (UNAVAILABLE, so that their
+// callers reconnect elsewhere), then stops as grpc.Server.GracefulStop
+// does: a stream never ends by itself, and would hold the stop forever.
+func (s *Server) GracefulStop() {
+	s.stopWatches()
+	s.Server.GracefulStop()
+}
+
+// Stop ends WatchAccessToken streams and stops at once.
+func (s *Server) Stop() {
+	s.stopWatches()
+	s.Server.Stop()
 }
 
 // requestLog logs every finished call through go-grpc-middleware: quiet

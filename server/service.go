@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"log/slog"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -15,8 +16,11 @@ import (
 // validated by [validator].
 type service struct {
 	pb.UnimplementedTokenBrokerServer
-	b   *broker.Broker
-	log *slog.Logger
+	b     *broker.Broker
+	log   *slog.Logger
+	drain context.Context // done when the server stops: watch streams end
+
+	lastWatch atomic.Pointer[pb.WatchAccessTokenResponse] // the message last sent on a watch stream (watch.go)
 }
 
 func (s *service) CreateConnection(ctx context.Context, r *pb.CreateConnectionRequest) (*pb.CreateConnectionResponse, error) {

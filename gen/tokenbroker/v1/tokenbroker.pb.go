@@ -282,7 +282,7 @@ func (x WatchConnectionsResponse_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use WatchConnectionsResponse_Type.Descriptor instead.
 func (WatchConnectionsResponse_Type) EnumDescriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18, 0}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20, 0}
 }
 
 // Connection is one tenant's link to one Acumatica instance through one
@@ -1481,6 +1481,144 @@ func (x *GetAccessTokenResponse) GetScopes() []string {
 	return nil
 }
 
+// WatchAccessTokenRequest is the request of WatchAccessToken.
+type WatchAccessTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `tenants/{tenant}/connections/{connection}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Every token sent is valid for at least this long when sent. Default
+	// 60 s, at most 30 min.
+	MinValidFor   *durationpb.Duration `protobuf:"bytes,2,opt,name=min_valid_for,json=minValidFor,proto3" json:"min_valid_for,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAccessTokenRequest) Reset() {
+	*x = WatchAccessTokenRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAccessTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAccessTokenRequest) ProtoMessage() {}
+
+func (x *WatchAccessTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAccessTokenRequest.ProtoReflect.Descriptor instead.
+func (*WatchAccessTokenRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchAccessTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenRequest) GetMinValidFor() *durationpb.Duration {
+	if x != nil {
+		return x.MinValidFor
+	}
+	return nil
+}
+
+// WatchAccessTokenResponse is one token sent by WatchAccessToken.
+type WatchAccessTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bearer token.
+	AccessToken string `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Token type, `Bearer`.
+	TokenType string `protobuf:"bytes,2,opt,name=token_type,json=tokenType,proto3" json:"token_type,omitempty"`
+	// When the token expires.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The normalized instance URL the token is for.
+	InstanceUrl string `protobuf:"bytes,4,opt,name=instance_url,json=instanceUrl,proto3" json:"instance_url,omitempty"`
+	// Scopes granted.
+	Scopes        []string `protobuf:"bytes,5,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAccessTokenResponse) Reset() {
+	*x = WatchAccessTokenResponse{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAccessTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAccessTokenResponse) ProtoMessage() {}
+
+func (x *WatchAccessTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAccessTokenResponse.ProtoReflect.Descriptor instead.
+func (*WatchAccessTokenResponse) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *WatchAccessTokenResponse) GetAccessToken() string {
+	if x != nil {
+		return x.AccessToken
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetTokenType() string {
+	if x != nil {
+		return x.TokenType
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *WatchAccessTokenResponse) GetInstanceUrl() string {
+	if x != nil {
+		return x.InstanceUrl
+	}
+	return ""
+}
+
+func (x *WatchAccessTokenResponse) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
 // WatchConnectionsRequest is the request of WatchConnections.
 type WatchConnectionsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1499,7 +1637,7 @@ type WatchConnectionsRequest struct {
 
 func (x *WatchConnectionsRequest) Reset() {
 	*x = WatchConnectionsRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1511,7 +1649,7 @@ func (x *WatchConnectionsRequest) String() string {
 func (*WatchConnectionsRequest) ProtoMessage() {}
 
 func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[17]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1524,7 +1662,7 @@ func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{17}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WatchConnectionsRequest) GetParent() string {
@@ -1585,7 +1723,7 @@ type WatchConnectionsResponse struct {
 
 func (x *WatchConnectionsResponse) Reset() {
 	*x = WatchConnectionsResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1597,7 +1735,7 @@ func (x *WatchConnectionsResponse) String() string {
 func (*WatchConnectionsResponse) ProtoMessage() {}
 
 func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[18]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1610,7 +1748,7 @@ func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{18}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WatchConnectionsResponse) GetType() WatchConnectionsResponse_Type {
@@ -1702,7 +1840,7 @@ type StartAuthorizationRequest struct {
 
 func (x *StartAuthorizationRequest) Reset() {
 	*x = StartAuthorizationRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1714,7 +1852,7 @@ func (x *StartAuthorizationRequest) String() string {
 func (*StartAuthorizationRequest) ProtoMessage() {}
 
 func (x *StartAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[19]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1727,7 +1865,7 @@ func (x *StartAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*StartAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{19}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StartAuthorizationRequest) GetParent() string {
@@ -1788,7 +1926,7 @@ type StartAuthorizationResponse struct {
 
 func (x *StartAuthorizationResponse) Reset() {
 	*x = StartAuthorizationResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1800,7 +1938,7 @@ func (x *StartAuthorizationResponse) String() string {
 func (*StartAuthorizationResponse) ProtoMessage() {}
 
 func (x *StartAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[20]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1813,7 +1951,7 @@ func (x *StartAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*StartAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{20}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StartAuthorizationResponse) GetAuthorizationUrl() string {
@@ -1853,7 +1991,7 @@ type CompleteAuthorizationRequest struct {
 
 func (x *CompleteAuthorizationRequest) Reset() {
 	*x = CompleteAuthorizationRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1865,7 +2003,7 @@ func (x *CompleteAuthorizationRequest) String() string {
 func (*CompleteAuthorizationRequest) ProtoMessage() {}
 
 func (x *CompleteAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[21]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1878,7 +2016,7 @@ func (x *CompleteAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*CompleteAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{21}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CompleteAuthorizationRequest) GetName() string {
@@ -1913,7 +2051,7 @@ type CompleteAuthorizationResponse struct {
 
 func (x *CompleteAuthorizationResponse) Reset() {
 	*x = CompleteAuthorizationResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1925,7 +2063,7 @@ func (x *CompleteAuthorizationResponse) String() string {
 func (*CompleteAuthorizationResponse) ProtoMessage() {}
 
 func (x *CompleteAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[22]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1938,7 +2076,7 @@ func (x *CompleteAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*CompleteAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{22}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CompleteAuthorizationResponse) GetConnection() *Connection {
@@ -1975,7 +2113,7 @@ type ImportRefreshTokenRequest struct {
 
 func (x *ImportRefreshTokenRequest) Reset() {
 	*x = ImportRefreshTokenRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1987,7 +2125,7 @@ func (x *ImportRefreshTokenRequest) String() string {
 func (*ImportRefreshTokenRequest) ProtoMessage() {}
 
 func (x *ImportRefreshTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[23]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2000,7 +2138,7 @@ func (x *ImportRefreshTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRefreshTokenRequest.ProtoReflect.Descriptor instead.
 func (*ImportRefreshTokenRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{23}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ImportRefreshTokenRequest) GetParent() string {
@@ -2063,7 +2201,7 @@ type ImportRefreshTokenResponse struct {
 
 func (x *ImportRefreshTokenResponse) Reset() {
 	*x = ImportRefreshTokenResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2075,7 +2213,7 @@ func (x *ImportRefreshTokenResponse) String() string {
 func (*ImportRefreshTokenResponse) ProtoMessage() {}
 
 func (x *ImportRefreshTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[24]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2088,7 +2226,7 @@ func (x *ImportRefreshTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRefreshTokenResponse.ProtoReflect.Descriptor instead.
 func (*ImportRefreshTokenResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{24}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ImportRefreshTokenResponse) GetConnection() *Connection {
@@ -2115,7 +2253,7 @@ type TestConnectionResponse_EntityResult struct {
 
 func (x *TestConnectionResponse_EntityResult) Reset() {
 	*x = TestConnectionResponse_EntityResult{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2265,7 @@ func (x *TestConnectionResponse_EntityResult) String() string {
 func (*TestConnectionResponse_EntityResult) ProtoMessage() {}
 
 func (x *TestConnectionResponse_EntityResult) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[25]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2296,6 +2434,17 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12!\n" +
 	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"l\n" +
+	"\x17WatchAccessTokenRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
+	"\rmin_valid_for\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\vminValidFor\"\xd4\x01\n" +
+	"\x18WatchAccessTokenResponse\x12!\n" +
+	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12\x1d\n" +
+	"\n" +
+	"token_type\x18\x02 \x01(\tR\ttokenType\x12;\n" +
+	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12!\n" +
+	"\finstance_url\x18\x04 \x01(\tR\vinstanceUrl\x12\x16\n" +
 	"\x06scopes\x18\x05 \x03(\tR\x06scopes\"q\n" +
 	"\x17WatchConnectionsRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12%\n" +
@@ -2362,7 +2511,7 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x1aImportRefreshTokenResponse\x12:\n" +
 	"\n" +
 	"connection\x18\x01 \x01(\v2\x1a.tokenbroker.v1.ConnectionR\n" +
-	"connection2\xff\b\n" +
+	"connection2\xe8\t\n" +
 	"\vTokenBroker\x12e\n" +
 	"\x10CreateConnection\x12'.tokenbroker.v1.CreateConnectionRequest\x1a(.tokenbroker.v1.CreateConnectionResponse\x12\\\n" +
 	"\rGetConnection\x12$.tokenbroker.v1.GetConnectionRequest\x1a%.tokenbroker.v1.GetConnectionResponse\x12b\n" +
@@ -2371,6 +2520,7 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\x10DeleteConnection\x12'.tokenbroker.v1.DeleteConnectionRequest\x1a(.tokenbroker.v1.DeleteConnectionResponse\x12_\n" +
 	"\x0eTestConnection\x12%.tokenbroker.v1.TestConnectionRequest\x1a&.tokenbroker.v1.TestConnectionResponse\x12_\n" +
 	"\x0eGetAccessToken\x12%.tokenbroker.v1.GetAccessTokenRequest\x1a&.tokenbroker.v1.GetAccessTokenResponse\x12g\n" +
+	"\x10WatchAccessToken\x12'.tokenbroker.v1.WatchAccessTokenRequest\x1a(.tokenbroker.v1.WatchAccessTokenResponse0\x01\x12g\n" +
 	"\x10WatchConnections\x12'.tokenbroker.v1.WatchConnectionsRequest\x1a(.tokenbroker.v1.WatchConnectionsResponse0\x01\x12k\n" +
 	"\x12StartAuthorization\x12).tokenbroker.v1.StartAuthorizationRequest\x1a*.tokenbroker.v1.StartAuthorizationResponse\x12t\n" +
 	"\x15CompleteAuthorization\x12,.tokenbroker.v1.CompleteAuthorizationRequest\x1a-.tokenbroker.v1.CompleteAuthorizationResponse\x12k\n" +
@@ -2389,7 +2539,7 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 }
 
 var file_tokenbroker_v1_tokenbroker_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(Connection_State)(0),                            // 0: tokenbroker.v1.Connection.State
 	(Connection_Flow)(0),                             // 1: tokenbroker.v1.Connection.Flow
@@ -2412,85 +2562,91 @@ var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(*TestConnectionResponse)(nil),                   // 18: tokenbroker.v1.TestConnectionResponse
 	(*GetAccessTokenRequest)(nil),                    // 19: tokenbroker.v1.GetAccessTokenRequest
 	(*GetAccessTokenResponse)(nil),                   // 20: tokenbroker.v1.GetAccessTokenResponse
-	(*WatchConnectionsRequest)(nil),                  // 21: tokenbroker.v1.WatchConnectionsRequest
-	(*WatchConnectionsResponse)(nil),                 // 22: tokenbroker.v1.WatchConnectionsResponse
-	(*StartAuthorizationRequest)(nil),                // 23: tokenbroker.v1.StartAuthorizationRequest
-	(*StartAuthorizationResponse)(nil),               // 24: tokenbroker.v1.StartAuthorizationResponse
-	(*CompleteAuthorizationRequest)(nil),             // 25: tokenbroker.v1.CompleteAuthorizationRequest
-	(*CompleteAuthorizationResponse)(nil),            // 26: tokenbroker.v1.CompleteAuthorizationResponse
-	(*ImportRefreshTokenRequest)(nil),                // 27: tokenbroker.v1.ImportRefreshTokenRequest
-	(*ImportRefreshTokenResponse)(nil),               // 28: tokenbroker.v1.ImportRefreshTokenResponse
-	(*TestConnectionResponse_EntityResult)(nil),      // 29: tokenbroker.v1.TestConnectionResponse.EntityResult
-	(*timestamppb.Timestamp)(nil),                    // 30: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                      // 31: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),                    // 32: google.protobuf.FieldMask
+	(*WatchAccessTokenRequest)(nil),                  // 21: tokenbroker.v1.WatchAccessTokenRequest
+	(*WatchAccessTokenResponse)(nil),                 // 22: tokenbroker.v1.WatchAccessTokenResponse
+	(*WatchConnectionsRequest)(nil),                  // 23: tokenbroker.v1.WatchConnectionsRequest
+	(*WatchConnectionsResponse)(nil),                 // 24: tokenbroker.v1.WatchConnectionsResponse
+	(*StartAuthorizationRequest)(nil),                // 25: tokenbroker.v1.StartAuthorizationRequest
+	(*StartAuthorizationResponse)(nil),               // 26: tokenbroker.v1.StartAuthorizationResponse
+	(*CompleteAuthorizationRequest)(nil),             // 27: tokenbroker.v1.CompleteAuthorizationRequest
+	(*CompleteAuthorizationResponse)(nil),            // 28: tokenbroker.v1.CompleteAuthorizationResponse
+	(*ImportRefreshTokenRequest)(nil),                // 29: tokenbroker.v1.ImportRefreshTokenRequest
+	(*ImportRefreshTokenResponse)(nil),               // 30: tokenbroker.v1.ImportRefreshTokenResponse
+	(*TestConnectionResponse_EntityResult)(nil),      // 31: tokenbroker.v1.TestConnectionResponse.EntityResult
+	(*timestamppb.Timestamp)(nil),                    // 32: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                      // 33: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),                    // 34: google.protobuf.FieldMask
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	30, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
-	31, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
-	31, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
+	32, // 0: tokenbroker.v1.Connection.client_secret_expire_time:type_name -> google.protobuf.Timestamp
+	33, // 1: tokenbroker.v1.Connection.refresh_token_sliding_lifetime:type_name -> google.protobuf.Duration
+	33, // 2: tokenbroker.v1.Connection.refresh_token_absolute_lifetime:type_name -> google.protobuf.Duration
 	0,  // 3: tokenbroker.v1.Connection.state:type_name -> tokenbroker.v1.Connection.State
 	5,  // 4: tokenbroker.v1.Connection.status:type_name -> tokenbroker.v1.ConnectionStatus
-	30, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
-	30, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
+	32, // 5: tokenbroker.v1.Connection.create_time:type_name -> google.protobuf.Timestamp
+	32, // 6: tokenbroker.v1.Connection.update_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: tokenbroker.v1.Connection.flow:type_name -> tokenbroker.v1.Connection.Flow
 	6,  // 8: tokenbroker.v1.ConnectionStatus.last_error:type_name -> tokenbroker.v1.ConnectionError
-	30, // 9: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
-	30, // 10: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	30, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
-	30, // 12: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
-	30, // 13: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
+	32, // 9: tokenbroker.v1.ConnectionStatus.last_refresh_time:type_name -> google.protobuf.Timestamp
+	32, // 10: tokenbroker.v1.ConnectionStatus.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	32, // 11: tokenbroker.v1.ConnectionStatus.refresh_token_idle_expire_time:type_name -> google.protobuf.Timestamp
+	32, // 12: tokenbroker.v1.ConnectionStatus.refresh_token_chain_start_time:type_name -> google.protobuf.Timestamp
+	32, // 13: tokenbroker.v1.ConnectionError.time:type_name -> google.protobuf.Timestamp
 	4,  // 14: tokenbroker.v1.CreateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
 	4,  // 15: tokenbroker.v1.CreateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
 	4,  // 16: tokenbroker.v1.GetConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
 	4,  // 17: tokenbroker.v1.ListConnectionsResponse.connections:type_name -> tokenbroker.v1.Connection
 	4,  // 18: tokenbroker.v1.UpdateConnectionRequest.connection:type_name -> tokenbroker.v1.Connection
-	32, // 19: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	34, // 19: tokenbroker.v1.UpdateConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
 	4,  // 20: tokenbroker.v1.UpdateConnectionResponse.connection:type_name -> tokenbroker.v1.Connection
-	30, // 21: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	29, // 22: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
-	31, // 23: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	30, // 24: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 25: tokenbroker.v1.WatchConnectionsResponse.type:type_name -> tokenbroker.v1.WatchConnectionsResponse.Type
-	30, // 26: tokenbroker.v1.WatchConnectionsResponse.event_time:type_name -> google.protobuf.Timestamp
-	4,  // 27: tokenbroker.v1.WatchConnectionsResponse.connection:type_name -> tokenbroker.v1.Connection
-	0,  // 28: tokenbroker.v1.WatchConnectionsResponse.previous_state:type_name -> tokenbroker.v1.Connection.State
-	4,  // 29: tokenbroker.v1.StartAuthorizationRequest.connection:type_name -> tokenbroker.v1.Connection
-	32, // 30: tokenbroker.v1.StartAuthorizationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	30, // 31: tokenbroker.v1.StartAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 32: tokenbroker.v1.StartAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
-	4,  // 33: tokenbroker.v1.CompleteAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
-	4,  // 34: tokenbroker.v1.ImportRefreshTokenRequest.connection:type_name -> tokenbroker.v1.Connection
-	32, // 35: tokenbroker.v1.ImportRefreshTokenRequest.update_mask:type_name -> google.protobuf.FieldMask
-	4,  // 36: tokenbroker.v1.ImportRefreshTokenResponse.connection:type_name -> tokenbroker.v1.Connection
-	2,  // 37: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
-	7,  // 38: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
-	9,  // 39: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
-	11, // 40: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
-	13, // 41: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
-	15, // 42: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
-	17, // 43: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
-	19, // 44: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
-	21, // 45: tokenbroker.v1.TokenBroker.WatchConnections:input_type -> tokenbroker.v1.WatchConnectionsRequest
-	23, // 46: tokenbroker.v1.TokenBroker.StartAuthorization:input_type -> tokenbroker.v1.StartAuthorizationRequest
-	25, // 47: tokenbroker.v1.TokenBroker.CompleteAuthorization:input_type -> tokenbroker.v1.CompleteAuthorizationRequest
-	27, // 48: tokenbroker.v1.TokenBroker.ImportRefreshToken:input_type -> tokenbroker.v1.ImportRefreshTokenRequest
-	8,  // 49: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
-	10, // 50: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
-	12, // 51: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
-	14, // 52: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
-	16, // 53: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
-	18, // 54: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
-	20, // 55: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
-	22, // 56: tokenbroker.v1.TokenBroker.WatchConnections:output_type -> tokenbroker.v1.WatchConnectionsResponse
-	24, // 57: tokenbroker.v1.TokenBroker.StartAuthorization:output_type -> tokenbroker.v1.StartAuthorizationResponse
-	26, // 58: tokenbroker.v1.TokenBroker.CompleteAuthorization:output_type -> tokenbroker.v1.CompleteAuthorizationResponse
-	28, // 59: tokenbroker.v1.TokenBroker.ImportRefreshToken:output_type -> tokenbroker.v1.ImportRefreshTokenResponse
-	49, // [49:60] is the sub-list for method output_type
-	38, // [38:49] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	32, // 21: tokenbroker.v1.TestConnectionResponse.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	31, // 22: tokenbroker.v1.TestConnectionResponse.entities:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult
+	33, // 23: tokenbroker.v1.GetAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	32, // 24: tokenbroker.v1.GetAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	33, // 25: tokenbroker.v1.WatchAccessTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	32, // 26: tokenbroker.v1.WatchAccessTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 27: tokenbroker.v1.WatchConnectionsResponse.type:type_name -> tokenbroker.v1.WatchConnectionsResponse.Type
+	32, // 28: tokenbroker.v1.WatchConnectionsResponse.event_time:type_name -> google.protobuf.Timestamp
+	4,  // 29: tokenbroker.v1.WatchConnectionsResponse.connection:type_name -> tokenbroker.v1.Connection
+	0,  // 30: tokenbroker.v1.WatchConnectionsResponse.previous_state:type_name -> tokenbroker.v1.Connection.State
+	4,  // 31: tokenbroker.v1.StartAuthorizationRequest.connection:type_name -> tokenbroker.v1.Connection
+	34, // 32: tokenbroker.v1.StartAuthorizationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	32, // 33: tokenbroker.v1.StartAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 34: tokenbroker.v1.StartAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 35: tokenbroker.v1.CompleteAuthorizationResponse.connection:type_name -> tokenbroker.v1.Connection
+	4,  // 36: tokenbroker.v1.ImportRefreshTokenRequest.connection:type_name -> tokenbroker.v1.Connection
+	34, // 37: tokenbroker.v1.ImportRefreshTokenRequest.update_mask:type_name -> google.protobuf.FieldMask
+	4,  // 38: tokenbroker.v1.ImportRefreshTokenResponse.connection:type_name -> tokenbroker.v1.Connection
+	2,  // 39: tokenbroker.v1.TestConnectionResponse.EntityResult.outcome:type_name -> tokenbroker.v1.TestConnectionResponse.EntityResult.Outcome
+	7,  // 40: tokenbroker.v1.TokenBroker.CreateConnection:input_type -> tokenbroker.v1.CreateConnectionRequest
+	9,  // 41: tokenbroker.v1.TokenBroker.GetConnection:input_type -> tokenbroker.v1.GetConnectionRequest
+	11, // 42: tokenbroker.v1.TokenBroker.ListConnections:input_type -> tokenbroker.v1.ListConnectionsRequest
+	13, // 43: tokenbroker.v1.TokenBroker.UpdateConnection:input_type -> tokenbroker.v1.UpdateConnectionRequest
+	15, // 44: tokenbroker.v1.TokenBroker.DeleteConnection:input_type -> tokenbroker.v1.DeleteConnectionRequest
+	17, // 45: tokenbroker.v1.TokenBroker.TestConnection:input_type -> tokenbroker.v1.TestConnectionRequest
+	19, // 46: tokenbroker.v1.TokenBroker.GetAccessToken:input_type -> tokenbroker.v1.GetAccessTokenRequest
+	21, // 47: tokenbroker.v1.TokenBroker.WatchAccessToken:input_type -> tokenbroker.v1.WatchAccessTokenRequest
+	23, // 48: tokenbroker.v1.TokenBroker.WatchConnections:input_type -> tokenbroker.v1.WatchConnectionsRequest
+	25, // 49: tokenbroker.v1.TokenBroker.StartAuthorization:input_type -> tokenbroker.v1.StartAuthorizationRequest
+	27, // 50: tokenbroker.v1.TokenBroker.CompleteAuthorization:input_type -> tokenbroker.v1.CompleteAuthorizationRequest
+	29, // 51: tokenbroker.v1.TokenBroker.ImportRefreshToken:input_type -> tokenbroker.v1.ImportRefreshTokenRequest
+	8,  // 52: tokenbroker.v1.TokenBroker.CreateConnection:output_type -> tokenbroker.v1.CreateConnectionResponse
+	10, // 53: tokenbroker.v1.TokenBroker.GetConnection:output_type -> tokenbroker.v1.GetConnectionResponse
+	12, // 54: tokenbroker.v1.TokenBroker.ListConnections:output_type -> tokenbroker.v1.ListConnectionsResponse
+	14, // 55: tokenbroker.v1.TokenBroker.UpdateConnection:output_type -> tokenbroker.v1.UpdateConnectionResponse
+	16, // 56: tokenbroker.v1.TokenBroker.DeleteConnection:output_type -> tokenbroker.v1.DeleteConnectionResponse
+	18, // 57: tokenbroker.v1.TokenBroker.TestConnection:output_type -> tokenbroker.v1.TestConnectionResponse
+	20, // 58: tokenbroker.v1.TokenBroker.GetAccessToken:output_type -> tokenbroker.v1.GetAccessTokenResponse
+	22, // 59: tokenbroker.v1.TokenBroker.WatchAccessToken:output_type -> tokenbroker.v1.WatchAccessTokenResponse
+	24, // 60: tokenbroker.v1.TokenBroker.WatchConnections:output_type -> tokenbroker.v1.WatchConnectionsResponse
+	26, // 61: tokenbroker.v1.TokenBroker.StartAuthorization:output_type -> tokenbroker.v1.StartAuthorizationResponse
+	28, // 62: tokenbroker.v1.TokenBroker.CompleteAuthorization:output_type -> tokenbroker.v1.CompleteAuthorizationResponse
+	30, // 63: tokenbroker.v1.TokenBroker.ImportRefreshToken:output_type -> tokenbroker.v1.ImportRefreshTokenResponse
+	52, // [52:64] is the sub-list for method output_type
+	40, // [40:52] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -2504,7 +2660,7 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

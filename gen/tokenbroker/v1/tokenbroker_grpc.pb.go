@@ -26,6 +26,7 @@ const (
 	TokenBroker_DeleteConnection_FullMethodName      = "/tokenbroker.v1.TokenBroker/DeleteConnection"
 	TokenBroker_TestConnection_FullMethodName        = "/tokenbroker.v1.TokenBroker/TestConnection"
 	TokenBroker_GetAccessToken_FullMethodName        = "/tokenbroker.v1.TokenBroker/GetAccessToken"
+	TokenBroker_WatchAccessToken_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchAccessToken"
 	TokenBroker_WatchConnections_FullMethodName      = "/tokenbroker.v1.TokenBroker/WatchConnections"
 	TokenBroker_StartAuthorization_FullMethodName    = "/tokenbroker.v1.TokenBroker/StartAuthorization"
 	TokenBroker_CompleteAuthorization_FullMethodName = "/tokenbroker.v1.TokenBroker/CompleteAuthorization"
@@ -68,6 +69,17 @@ type TokenBrokerClient interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(ctx context.Context, in *GetAccessTokenRequest, opts ...grpc.CallOption) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
+	WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error)
 	// WatchConnections streams what happens to connections, for operators:
 	// of one tenant, or with parent `tenants/-` of every tenant the caller
 	// operates. It sends each connection's current state (TYPE_EXISTING, by
@@ -183,9 +195,28 @@ func (c *tokenBrokerClient) GetAccessToken(ctx context.Context, in *GetAccessTok
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchAccessToken(ctx context.Context, in *WatchAccessTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAccessTokenResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchAccessToken_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenClient = grpc.ServerStreamingClient[WatchAccessTokenResponse]
+
 func (c *tokenBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[0], TokenBroker_WatchConnections_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &TokenBroker_ServiceDesc.Streams[1], TokenBroker_WatchConnections_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -268,6 +299,17 @@ type TokenBrokerServer interface {
 	// GetAccessToken returns an access token valid for at least
 	// `min_valid_for`, from memory when the broker holds one.
 	GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error)
+	// WatchAccessToken sends a token valid for at least `min_valid_for` at
+	// once (refreshing first if none is held), then every newer token as soon
+	// as it is committed: a proactive refresh, a rejected-token report from any
+	// caller, an operator's update, another replica's refresh. A consumer that
+	// reads slowly gets only the newest token, never a backlog. The stream ends
+	// with the connection's error status when it is deleted (NOT_FOUND) or
+	// halts (FAILED_PRECONDITION, reason CREDENTIALS_REJECTED,
+	// CLIENT_REJECTED, AUTHORIZATION_REQUIRED or REFRESH_TOKEN_MISSING); other
+	// failures end it with UNAVAILABLE and a RetryInfo, after which the caller
+	// reconnects.
+	WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error
 	// WatchConnections streams what happens to connections, for operators:
 	// of one tenant, or with parent `tenants/-` of every tenant the caller
 	// operates. It sends each connection's current state (TYPE_EXISTING, by
@@ -333,6 +375,9 @@ func (UnimplementedTokenBrokerServer) TestConnection(context.Context, *TestConne
 }
 func (UnimplementedTokenBrokerServer) GetAccessToken(context.Context, *GetAccessTokenRequest) (*GetAccessTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchAccessToken(*WatchAccessTokenRequest, grpc.ServerStreamingServer[WatchAccessTokenResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchAccessToken not implemented")
 }
 func (UnimplementedTokenBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
@@ -493,6 +538,17 @@ func _TokenBroker_GetAccessToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchAccessToken_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchAccessTokenRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchAccessToken(m, &grpc.GenericServerStream[WatchAccessTokenRequest, WatchAccessTokenResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenBroker_WatchAccessTokenServer = grpc.ServerStreamingServer[WatchAccessTokenResponse]
+
 func _TokenBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchConnectionsRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -607,6 +663,11 @@ var TokenBroker_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchAccessToken",
+			Handler:       _TokenBroker_WatchAccessToken_Handler,
+			ServerStreams: true,
+		},
 		{
 			StreamName:    "WatchConnections",
 			Handler:       _TokenBroker_WatchConnections_Handler,
