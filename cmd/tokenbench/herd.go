@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -129,16 +130,7 @@ func parkThenRelease(n int, ready, open func(), call func(i int) error) (time.Du
 	t0 := time.Now()
 	open()
 	done.Wait()
-	return time.Since(t0), firstErr(errs)
-}
-
-func firstErr(errs []error) error {
-	for _, e := range errs {
-		if e != nil {
-			return e
-		}
-	}
-	return nil
+	return time.Since(t0), errors.Join(errs...)
 }
 
 // release starts n callers at once and returns when the last is done.
@@ -160,7 +152,7 @@ func release(n int, call func(i int) error) (time.Duration, error) {
 	t0 := time.Now()
 	close(start)
 	done.Wait()
-	return time.Since(t0), firstErr(errs)
+	return time.Since(t0), errors.Join(errs...)
 }
 
 // herdOnce lets the token expire (clk), has run call get for each of n

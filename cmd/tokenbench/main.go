@@ -2,7 +2,7 @@
 // same run on the same machine, evaluates its targets, and writes the
 // results as JSON and a markdown report rendered from them:
 //
-//	go run ./cmd/tokenbench                 # everything (about 10 minutes on 2 cores)
+//	go run ./cmd/tokenbench                 # everything (about 4 minutes on 2 cores)
 //	go run ./cmd/tokenbench -quick          # a smoke run with small sizes
 //	go run ./cmd/tokenbench -sections herd,scale
 //	go run ./cmd/tokenbench -render BENCHMARKS.json   # the report again, from results
@@ -88,7 +88,13 @@ func main() {
 func measure() *Results {
 	tmp := must(os.MkdirTemp("", "tokenbench"))
 	defer os.RemoveAll(tmp)
-	res := &Results{Command: "go run ./cmd/tokenbench " + strings.Join(os.Args[1:], " "), Date: time.Now().UTC().Format(time.RFC3339), Note: *note}
+	args := slices.Clone(os.Args[1:])
+	for i, a := range args {
+		if strings.ContainsAny(a, " '\"") {
+			args[i] = strconv.Quote(a)
+		}
+	}
+	res := &Results{Command: strings.Join(append([]string{"go run ./cmd/tokenbench"}, args...), " "), Date: time.Now().UTC().Format(time.RFC3339), Note: *note}
 	var targets []Target
 	want := func(section string) bool { return slices.Contains(strings.Split(*sections, ","), section) }
 	if want("cached") {
