@@ -34,51 +34,80 @@ var Updatable = map[string]bool{
 // named as in the API.
 func Normalize(c *storage.Connection, fields []string, rules UpstreamRules) []FieldViolation {
 	has := func(f string) bool { return fields == nil || slices.Contains(fields, f) }
-	var v []FieldViolation
-	add := func(field string, err error) {
-		if err != nil {
-			v = append(v, FieldViolation{Field: field, Description: err.Error()})
+	v := normalizeFlow(c, has)
+	for _, fc := range fieldChecks(c) {
+		if !has(fc.field) {
+			continue
 		}
-	}
-	v = append(v, normalizeFlow(c, has)...)
-	if has("display_name") {
-		add("display_name", ValidateDisplayName(c.DisplayName))
-	}
-	if has("instance_url") {
-		u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
-		if err == nil {
-			err = CheckInstanceAddress(u, rules)
-		}
-		add("instance_url", err)
-		if err == nil {
-			c.InstanceURL = u
-		}
-	}
-	if has("client_id") {
-		add("client_id", ValidateClientID(c.ClientID))
-	}
-	for _, f := range requiredCredentials(c) {
-		if has(f.name) {
-			add(f.name, ValidateSecretField(f.val))
-		}
-	}
-	if has("scopes") {
-		if len(c.Scopes) == 0 {
-			c.Scopes = slices.Clone(DefaultScopes)
-		}
-		add("scopes", ValidateScopes(c.Scopes))
-	}
-	if has("refresh_token_sliding_lifetime") {
-		if d := c.SlidingLifetime; d != 0 && (d < time.Hour || d > 3650*24*time.Hour) {
-			add("refresh_token_sliding_lifetime", errors.New("must be 0 (default 15 days) or between 1 hour and 3650 days"))
-		}
-	}
-	if has("refresh_token_absolute_lifetime") {
-		if d := c.AbsoluteLifetime; d != 0 && (d < 24*time.Hour || d > 3650*24*time.Hour) {
-			add("refresh_token_absolute_lifetime", errors.New("must be 0 (infinite) or between 1 day and 3650 days"))
+		if err := fc.check(c, rules); err != nil {
+			v = append(v, FieldViolation{Field: fc.field, Description: err.Error()})
 		}
 	}
 	return v
+}
+
+// fieldCheck checks one input field of a connection, normalizing it in
+// place where it has a canonical form.
+type fieldCheck struct {
+	field string // as named in the API
+	check func(c *storage.Connection, rules UpstreamRules) error
+}
+
+// fieldChecks are the checks of c's fields, in the order their violations
+// are reported; which credentials are required depends on c's flow.
+func fieldChecks(c *storage.Connection) []fieldCheck {
+	checks := []fieldCheck{
+		{"display_name", func(c *storage.Connection, _ UpstreamRules) error { return ValidateDisplayName(c.DisplayName) }},
+		{"instance_url", normalizeInstanceURLField},
+		{"client_id", func(c *storage.Connection, _ UpstreamRules) error { return ValidateClientID(c.ClientID) }},
+	}
+	for _, f := range requiredCredentials(c) {
+		checks = append(checks, fieldCheck{f.name, func(*storage.Connection, UpstreamRules) error { return ValidateSecretField(f.val) }})
+	}
+	return append(checks,
+		fieldCheck{"scopes", normalizeScopesField},
+		fieldCheck{"refresh_token_sliding_lifetime", checkSlidingLifetime},
+		fieldCheck{"refresh_token_absolute_lifetime", checkAbsoluteLifetime},
+	)
+}
+
+// normalizeInstanceURLField puts the instance URL in its canonical form and
+// checks that its address is one the rules let requests reach.
+func normalizeInstanceURLField(c *storage.Connection, rules UpstreamRules) error {
+	u, err := NormalizeInstanceURL(c.InstanceURL, rules.AllowInsecure)
+	if err == nil {
+		err = CheckInstanceAddress(u, rules)
+	}
+	if err == nil {
+		c.InstanceURL = u
+	}
+	return err
+}
+
+// normalizeScopesField gives a connection without scopes the default ones,
+// then checks them.
+func normalizeScopesField(c *storage.Connection, _ UpstreamRules) error {
+	if len(c.Scopes) == 0 {
+		c.Scopes = slices.Clone(DefaultScopes)
+	}
+	return ValidateScopes(c.Scopes)
+}
+
+// checkSlidingLifetime checks the refresh token's sliding lifetime: 0 for
+// the default, else a span Acumatica can be set to.
+func checkSlidingLifetime(c *storage.Connection, _ UpstreamRules) error {
+	if d := c.SlidingLifetime; d != 0 && (d < time.Hour || d > 3650*24*time.Hour) {
+		return errors.New("must be 0 (default 15 days) or between 1 hour and 3650 days")
+	}
+	return nil
+}
+
+// checkAbsoluteLifetime checks the chain's absolute lifetime: 0 for none.
+func checkAbsoluteLifetime(c *storage.Connection, _ UpstreamRules) error {
+	if d := c.AbsoluteLifetime; d != 0 && (d < 24*time.Hour || d > 3650*24*time.Hour) {
+		return errors.New("must be 0 (infinite) or between 1 day and 3650 days")
+	}
+	return nil
 }
 
 var (

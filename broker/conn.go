@@ -51,13 +51,21 @@ type runtimeState struct {
 	degraded string
 	// lastErr is the newest failure seen in this process.
 	lastErr failureNote
-	// recovering: an intent was found at start; the refresh token may be
-	// spent (see [conn.suspectLocked]).
+	// recovering: an intent was found at start, left by a request whose
+	// outcome is unknown (the broker stopped while it was at the upstream,
+	// or it ended ambiguously); the refresh token may be spent (see
+	// [conn.suspectLocked]). Attempts upstream certainly did not process
+	// clear their intent, so a clean restart after them recovers nothing.
 	recovering bool
 	// rejected is an access token a caller reported answered 401, and
 	// lastReject when such a report last started a refresh.
 	rejected   string
 	lastReject time.Time
+	// setAside is a refresh token an ambiguous answer may have spent: it
+	// is never presented again, and is revoked only once a new chain is
+	// committed, since revoking it may end the session whose access token
+	// is still served meanwhile.
+	setAside string
 }
 
 // failureNote is one failure as status.last_error shows it.
@@ -89,9 +97,10 @@ func (c *conn) publishLocked() {
 			InstanceURL: c.cfg.InstanceURL,
 			Scopes:      t.Scopes,
 		},
-		state:    c.stateLocked(),
-		rejected: t.AccessToken != "" && c.rt.rejected == t.AccessToken,
-		suspect:  c.suspectLocked(),
+		state:      c.stateLocked(),
+		rejected:   t.AccessToken != "" && c.rt.rejected == t.AccessToken,
+		suspect:    c.suspectLocked(),
+		defaultMin: defaultMinValid(c.lifetimeLocked()),
 	}
 	if len(s.tok.Scopes) == 0 {
 		s.tok.Scopes = c.cfg.Scopes
@@ -155,7 +164,7 @@ func (c *conn) suspectLocked() bool {
 	return c.rt.recovering && c.committed.IntentGrant == grantRefresh
 }
 
-// halted reports whether the connection takes no upstream call until an
+// haltedLocked reports whether the connection takes no upstream call until an
 // operator updates it. c.mu must be held.
 func (c *conn) haltedLocked() bool { return c.stateLocked().halted() }
 
@@ -178,6 +187,24 @@ func (c *conn) committedLocked(next *storage.Tokens) {
 	c.committed = next
 	c.rt.pending = nil
 	c.publishLocked()
+}
+
+// setAside keeps a refresh token an ambiguous answer may have spent, to
+// revoke once a new chain is committed.
+func (c *conn) setAside(spent string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rt.setAside = spent
+}
+
+// takeSetAside returns the refresh token set aside, if any, and forgets it:
+// the caller revokes it.
+func (c *conn) takeSetAside() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rt := c.rt.setAside
+	c.rt.setAside = ""
+	return rt
 }
 
 // intentLocked takes the durable intent record written before an upstream

@@ -32,7 +32,7 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 	}
 	return b.withTurn(ctx, c, func() error {
 		c.mu.Lock()
-		cfg, tok, pending, deleted := c.cfg.Clone(), c.committed.Clone(), c.rt.pending, c.deleted
+		cfg, tok, pending, setAside, deleted := c.cfg.Clone(), c.committed.Clone(), c.rt.pending, c.rt.setAside, c.deleted
 		c.mu.Unlock()
 		if deleted {
 			return notFound(name)
@@ -50,6 +50,7 @@ func (b *Broker) DeleteConnection(ctx context.Context, name, etagIn string) erro
 		if pending != nil {
 			b.signOut(ctx, cfg, pending.RefreshToken, "")
 		}
+		b.signOut(ctx, cfg, setAside, "")
 		return b.erase(ctx, cfg, tok)
 	})
 }

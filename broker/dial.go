@@ -32,8 +32,11 @@ func (o *Options) upstreamRules() UpstreamRules {
 	return UpstreamRules{AllowInsecure: o.AllowInsecureUpstream, AllowCIDRs: o.AllowUpstreamCIDRs}
 }
 
-// ErrAddressRefused marks an upstream address the [UpstreamRules] refuse.
-var ErrAddressRefused = errors.New("address inside the network")
+// ErrAddressRefused marks an upstream address the [UpstreamRules] refuse:
+// an operator must allow its range or change the instance URL. A refresh
+// that meets it answers it with reason UPSTREAM_ADDRESS_REFUSED and is not
+// retried.
+var ErrAddressRefused = errors.New("broker: upstream address refused")
 
 // addressError is a refused address and why.
 type addressError struct {

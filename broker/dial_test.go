@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -81,4 +82,41 @@ func TestAllowedRangesAreReachable(t *testing.T) {
 			t.Errorf("%d password grants sent to a refused address", n)
 		}
 	})
+}
+
+// TestRefusedAddressIsNotRetried: an address refused when connecting is an
+// operator's matter (allow its range, or fix the instance URL), not an
+// outage: the refresh fails at once with UPSTREAM_ADDRESS_REFUSED, no retry
+// within it and no password grant, and callers meanwhile get the same
+// error without another dial.
+func TestRefusedAddressIsNotRetried(t *testing.T) {
+	var sleeps atomic.Int32
+	e := newEnv(t, func(_ *acumaticatest.Options, o *broker.Options) {
+		o.MaxAttempts = 4
+		o.Sleep = func(context.Context, time.Duration) error { sleeps.Add(1); return nil }
+	})
+	ctx := context.Background()
+	c := e.conn()
+	c.InstanceURL = strings.Replace(e.http.URL, "127.0.0.1", "localhost", 1)
+	if _, err := e.b.CreateConnection(ctx, c, false); err != nil {
+		t.Fatal(err)
+	}
+	tok := e.mustToken()
+	e.b.Close()
+	e.opts.AllowInsecureUpstream = false
+	e.b = e.newBroker()
+
+	for i := range 3 {
+		_, err := e.b.GetAccessToken(ctx, connName, time.Minute, tok.AccessToken)
+		var be *broker.Error
+		if !errors.Is(err, broker.ErrAddressRefused) || !errors.As(err, &be) || be.Reason != broker.ReasonUpstreamAddressRefused {
+			t.Fatalf("call %d: err = %v, want ErrAddressRefused with reason %s", i, err, broker.ReasonUpstreamAddressRefused)
+		}
+	}
+	if n := sleeps.Load(); n != 0 {
+		t.Errorf("%d retries of a refused address", n)
+	}
+	if v := e.view(); v.Status.LastErrorCode != broker.ReasonUpstreamAddressRefused {
+		t.Errorf("last error %s, want %s", v.Status.LastErrorCode, broker.ReasonUpstreamAddressRefused)
+	}
 }

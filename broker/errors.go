@@ -48,15 +48,18 @@ const (
 	ReasonUpstreamUnavailable = "UPSTREAM_UNAVAILABLE"
 	ReasonUpstreamRateLimited = "UPSTREAM_RATE_LIMITED"
 	ReasonUpstreamProtocol    = "UPSTREAM_PROTOCOL_ERROR"
-	ReasonLoginLimit          = "LOGIN_LIMIT_REACHED"
-	ReasonStorageFailure      = "STORAGE_FAILURE"
-	ReasonConnectionNotFound  = "CONNECTION_NOT_FOUND"
-	ReasonAlreadyExists       = "CONNECTION_ALREADY_EXISTS"
-	ReasonEtagMismatch        = "ETAG_MISMATCH"
-	ReasonInvalidArgument     = "INVALID_ARGUMENT"
-	ReasonTokenTooShort       = "TOKEN_LIFETIME_TOO_SHORT"
-	ReasonCrashRecovery       = "RECOVERING_AFTER_CRASH"
-	ReasonRejectedTooOften    = "TOKEN_REJECTED_TOO_OFTEN"
+	// ReasonUpstreamAddressRefused: the instance's address is inside the
+	// network and not allowed (see [UpstreamRules]).
+	ReasonUpstreamAddressRefused = "UPSTREAM_ADDRESS_REFUSED"
+	ReasonLoginLimit             = "LOGIN_LIMIT_REACHED"
+	ReasonStorageFailure         = "STORAGE_FAILURE"
+	ReasonConnectionNotFound     = "CONNECTION_NOT_FOUND"
+	ReasonAlreadyExists          = "CONNECTION_ALREADY_EXISTS"
+	ReasonEtagMismatch           = "ETAG_MISMATCH"
+	ReasonInvalidArgument        = "INVALID_ARGUMENT"
+	ReasonTokenTooShort          = "TOKEN_LIFETIME_TOO_SHORT"
+	ReasonCrashRecovery          = "RECOVERING_AFTER_CRASH"
+	ReasonRejectedTooOften       = "TOKEN_REJECTED_TOO_OFTEN"
 	// ReasonAuthorizationRequired: an authorization-code connection's chain
 	// ended (NEEDS_REAUTH); an operator must authorize it again.
 	ReasonAuthorizationRequired = "AUTHORIZATION_REQUIRED"
@@ -143,8 +146,11 @@ func haltedError(name string, st State, reason string) *Error {
 func (c *conn) unavailableLocked(now time.Time) *Error {
 	last := c.lastErrorLocked()
 	reason, kind := last.code, ErrUpstreamUnavailable
-	if reason == ReasonLoginLimit {
+	switch reason {
+	case ReasonLoginLimit:
 		kind = ErrLoginLimit
+	case ReasonUpstreamAddressRefused:
+		kind = ErrAddressRefused
 	}
 	if reason == "" {
 		reason = ReasonUpstreamUnavailable
@@ -155,13 +161,13 @@ func (c *conn) unavailableLocked(now time.Time) *Error {
 	return e
 }
 
-// tooShortError is the error for a request whose min_valid_for no token of
-// this connection's lifetime can meet. The advice is half the lifetime: a
-// caller asking for that causes at most two refreshes per lifetime, and
-// none while maintenance renews tokens in use at 75% of their life.
+// tooShortError is the error for a request whose min_valid_for is above
+// half this connection's token lifetime. The limit is half: a caller asking
+// for that causes at most two refreshes per lifetime, and none while
+// maintenance renews tokens in use at 75% of their life.
 func tooShortError(name string, lifetime, minValid time.Duration) *Error {
 	return newError(ErrTokenTooShort, ReasonTokenTooShort, name,
-		"upstream issues tokens that live %v, not longer than the %v asked for; ask for at most %v", lifetime, minValid, lifetime/2)
+		"upstream issues tokens that live %v; %v asked for is more than half of that; ask for at most %v", lifetime, minValid, lifetime/2)
 }
 
 // alreadyExists is the error for a name already taken (or being created).

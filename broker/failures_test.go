@@ -3,6 +3,7 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -197,10 +198,12 @@ func TestRetriesTransientFailuresWithinOneSharedRefresh(t *testing.T) {
 	})
 	e.create()
 	e.clock.Advance(2 * time.Hour)
+	// Failures upstream certainly did not process: the same refresh token
+	// is retried (ambiguous ones: TestAmbiguousRefreshIsNeverReplayed).
 	e.idp.Inject(
-		acumaticatest.Fault{Status: 502, Body: "<html><body>Bad Gateway</body></html>", ContentType: "text/html"},
+		acumaticatest.Fault{Status: 503, Body: "<html><body>Service Unavailable</body></html>", ContentType: "text/html"},
 		acumaticatest.Fault{Status: 503, RetryAfter: "3"},
-		acumaticatest.Fault{Reset: true},
+		acumaticatest.Fault{Status: 429},
 	)
 	if _, err := e.token(time.Minute); err != nil {
 		t.Fatalf("err = %v, want success on the 4th attempt", err)
@@ -217,7 +220,7 @@ func TestRetriesTransientFailuresWithinOneSharedRefresh(t *testing.T) {
 		t.Errorf("first backoff %v, want jittered in [50ms, 100ms]", slept[0])
 	}
 	if c := e.idp.Counts(); c.PasswordGrants != 1 {
-		t.Errorf("password grants = %d; a 502/reset must not lead to a password grant when the token survives", c.PasswordGrants)
+		t.Errorf("password grants = %d; a 503/429 must not lead to a password grant", c.PasswordGrants)
 	}
 }
 
@@ -286,27 +289,60 @@ func TestRedirectNotFollowed(t *testing.T) {
 	}
 }
 
-func TestTimeoutAfterSendIsAmbiguousAndRecovers(t *testing.T) {
-	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
-		b.UpstreamTimeout = 100 * time.Millisecond
-		b.MaxAttempts = 2
-	})
-	e.create()
-	e.clock.Advance(2 * time.Hour)
-	// The first refresh is processed upstream, but the answer never arrives.
-	e.idp.Inject(acumaticatest.Fault{Process: true, Hang: false, Delay: 0, Status: 504})
-	tok, err := e.token(time.Minute)
-	if err != nil {
-		t.Fatalf("err = %v", err)
-	}
-	c := e.idp.Counts()
-	// The spent refresh token is retried once (invalid_grant, reuse detected),
-	// then exactly one password grant recovers.
-	if c.PasswordGrants != 2 || c.ReuseDetected != 1 {
-		t.Errorf("counts = %+v, want one reuse detection and one recovery password grant", c)
-	}
-	if !e.idp.AccessTokenValid(tok.AccessToken) {
-		t.Error("token not live")
+// TestAmbiguousRefreshIsNeverReplayed: when the answer to a refresh leaves
+// unknown whether upstream spent the refresh token (a 5xx that may come
+// after processing, a timeout or reset after sending), that refresh token is
+// never presented again: reuse detection would take it for theft and revoke
+// the family. It is revoked (harmless if spent), its session signed out,
+// and exactly one password grant recovers.
+func TestAmbiguousRefreshIsNeverReplayed(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault acumaticatest.Fault
+	}{
+		{"504 after processing", acumaticatest.Fault{Process: true, Status: 504}},
+		{"500 after processing", acumaticatest.Fault{Process: true, Status: 500}},
+		{"502 before processing", acumaticatest.Fault{Status: 502}},
+		{"reset after processing", acumaticatest.Fault{Process: true, Reset: true}},
+		{"timeout after processing", acumaticatest.Fault{HoldAfterProcess: time.Minute}},
+		{"timeout before processing", acumaticatest.Fault{Hang: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+				b.UpstreamTimeout = 100 * time.Millisecond
+				b.MaxAttempts = 2
+			})
+			e.create()
+			e.clock.Advance(2 * time.Hour)
+			e.idp.Inject(tc.fault)
+			tok, err := e.token(time.Minute)
+			if err != nil {
+				t.Fatalf("err = %v", err)
+			}
+			e.b.Settle() // the revocation and the old session's sign-out run on their own
+			c := e.idp.Counts()
+			if c.ReuseDetected != 0 || c.InvalidGrant != 0 {
+				t.Errorf("counts = %+v: the possibly spent refresh token was presented again", c)
+			}
+			if c.PasswordGrants != 2 { // the create's and the recovery's
+				t.Errorf("password grants = %d, want exactly one recovery password grant", c.PasswordGrants-1)
+			}
+			if c.Revocations != 1 || c.Logouts != 1 {
+				t.Errorf("counts = %+v, want the set-aside refresh token revoked and the old session signed out once", c)
+			}
+			if !e.idp.AccessTokenValid(tok.AccessToken) {
+				t.Error("token not live")
+			}
+			if st := e.stored(); st.IntentGrant != "" || st.RefreshToken == "" {
+				t.Errorf("stored intent %q, has refresh token %v: want the new chain, no intent", st.IntentGrant, st.RefreshToken != "")
+			}
+			// The new chain refreshes as usual.
+			e.clock.Advance(2 * time.Hour)
+			e.mustToken()
+			if c := e.idp.Counts(); c.ReuseDetected != 0 || c.InvalidGrant != 0 || c.PasswordGrants != 2 {
+				t.Errorf("counts = %+v after the next refresh", c)
+			}
+		})
 	}
 }
 
@@ -363,22 +399,35 @@ func TestUpstreamHangPastDeadline(t *testing.T) {
 	first := e.mustToken()
 	e.clock.Advance(50 * time.Minute)
 	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
-	// A valid token exists: the caller gets it although upstream hangs.
+	// A hang after the request was sent is ambiguous: the refresh token may
+	// be spent, so it is set aside (revoked, never presented again) and a
+	// password grant tried, which hangs too. A valid token exists and its
+	// session is not signed out before a new chain exists: the caller gets
+	// it although upstream hangs.
 	tok, err := e.token(15 * time.Minute)
 	if err != nil || tok.AccessToken != first.AccessToken {
 		t.Fatalf("err = %v, want the cached token", err)
 	}
-	if v := e.view(); v.State != broker.StateDegraded {
-		t.Errorf("state = %s, want DEGRADED", v.State)
+	e.b.Settle()
+	if !e.idp.AccessTokenValid(first.AccessToken) {
+		t.Error("the cached token's session was signed out before a new chain existed")
 	}
-	// A hang after the request was sent is ambiguous: the next attempt uses the
-	// same refresh token, which upstream never processed, so it still works.
+	if v := e.view(); v.State != broker.StateDegraded || v.Status.HasRefreshToken {
+		t.Errorf("state = %s, has refresh token %v, want DEGRADED with the refresh token set aside", v.State, v.Status.HasRefreshToken)
+	}
+	// Upstream answers again: one password grant, the hung refresh token is
+	// never presented again, and the old session is signed out after the
+	// new chain is committed.
 	e.clock.Advance(time.Hour)
 	if _, err := e.token(time.Minute); err != nil {
 		t.Fatalf("after the hang: %v", err)
 	}
-	if c := e.idp.Counts(); c.PasswordGrants != 1 || c.InvalidGrant != 0 {
-		t.Errorf("counts = %+v", c)
+	e.b.Settle()
+	if c := e.idp.Counts(); c.PasswordGrants != 2 || c.InvalidGrant != 0 || c.RefreshGrants != 0 || c.ReuseDetected != 0 || c.Revocations != 1 || c.Logouts != 1 {
+		t.Errorf("counts = %+v, want one recovery password grant, no refresh grant, the set-aside token revoked and the old session signed out", c)
+	}
+	if e.idp.AccessTokenValid(first.AccessToken) {
+		t.Error("the old session was not signed out after the new chain was committed")
 	}
 }
 
@@ -449,5 +498,73 @@ func TestPasswordGrantRetriedOnlyWhenNotProcessed(t *testing.T) {
 				t.Error("an unknown outcome halted the connection")
 			}
 		})
+	}
+}
+
+// TestEchoedTokenTypeIsScrubbed: a 200 answer whose token_type echoes a
+// secret of the request is unusable, and the error that names it (the
+// connection's last error, the log) holds no secret.
+func TestEchoedTokenTypeIsScrubbed(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) { b.MaxAttempts = 1 })
+	e.create()
+	e.clock.Advance(2 * time.Hour)
+	e.idp.Inject(acumaticatest.Fault{Mutate: func(m map[string]any) { m["token_type"] = clientSecret }})
+	_, err := e.token(time.Minute)
+	if err == nil {
+		t.Fatal("an answer with token_type other than Bearer was taken")
+	}
+	if !strings.Contains(err.Error(), "token_type") {
+		t.Errorf("err = %q: want token_type named", err)
+	}
+	for _, text := range []string{err.Error(), e.view().Status.LastErrorMessage} {
+		if strings.Contains(text, clientSecret[:12]) {
+			t.Errorf("error %q holds the client secret", text)
+		}
+	}
+}
+
+// TestShortSecretWithholdsUpstreamText: a secret shorter than scrub can
+// look for (here a three-character password) could be echoed unnoticed, so
+// no upstream description reaches the error at all.
+func TestShortSecretWithholdsUpstreamText(t *testing.T) {
+	const short = "x9Q"
+	e := newEnv(t)
+	e.idp.AddUser(username, short)
+	e.idp.Inject(acumaticatest.Fault{Status: 400, Body: `{"error":"invalid_grant","error_description":"user integration with password x9Q is locked"}`})
+	cfg := e.conn()
+	cfg.Password = short
+	_, err := e.b.CreateConnection(context.Background(), cfg, false)
+	if !errors.Is(err, broker.ErrCredentialsRejected) {
+		t.Fatalf("err = %v, want ErrCredentialsRejected", err)
+	}
+	if strings.Contains(err.Error(), short) || strings.Contains(err.Error(), "is locked") {
+		t.Errorf("err = %q: upstream text shown although a secret is too short to scrub", err)
+	}
+}
+
+// A refresh token set aside after an ambiguous answer is revoked when the
+// connection is deleted before a new chain replaced it: it must not stay
+// valid upstream, unused, until its idle window lapses.
+func TestDeleteRevokesASetAsideRefreshToken(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) {
+		b.UpstreamTimeout = 100 * time.Millisecond
+		b.MaxAttempts = 2
+	})
+	e.create()
+	e.mustToken()
+	e.clock.Advance(50 * time.Minute)
+	e.idp.Inject(acumaticatest.Fault{Hang: true}, acumaticatest.Fault{Hang: true})
+	if _, err := e.token(15 * time.Minute); err != nil {
+		t.Fatalf("err = %v, want the cached token", err)
+	}
+	e.b.Settle()
+	if c := e.idp.Counts(); c.Revocations != 0 {
+		t.Fatalf("counts = %+v: revoked before a new chain existed", c)
+	}
+	if err := e.b.DeleteConnection(context.Background(), connName, ""); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.idp.Counts(); c.Revocations != 1 || c.Logouts != 1 {
+		t.Errorf("counts = %+v, want the set-aside refresh token revoked and the session signed out", c)
 	}
 }

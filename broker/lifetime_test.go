@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -111,41 +112,54 @@ func TestMissingExpiresInMeansOneHour(t *testing.T) {
 	}
 }
 
-// TestMinValidForAboveTheLifetimeCausesNoRefreshStorm: a request whose
-// min_valid_for no token of the connection's lifetime can meet is answered
-// TOKEN_LIFETIME_TOO_SHORT from what the broker holds; it never causes more
-// than one refresh per token lifetime, however many callers ask.
+// TestMinValidForAboveTheLifetimeCausesNoRefreshStorm: a min_valid_for above
+// half the token lifetime is answered TOKEN_LIFETIME_TOO_SHORT from what the
+// broker holds, with one refresh once the held token has expired; any other
+// is served, and every refresh it triggers comes at a token age of at least
+// half the lifetime. So no token causes more than one refresh, however many
+// callers ask, one call a second for a simulated hour.
 func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 	for _, tc := range []struct {
 		life, minValid time.Duration
+		tooShort       bool
 	}{
-		{50 * time.Second, 60 * time.Second},
-		{50 * time.Second, 50 * time.Second},
-		{60 * time.Second, 300 * time.Second},
-		{15 * time.Minute, 30 * time.Minute},
+		{50 * time.Second, 60 * time.Second, true},
+		{50 * time.Second, 50 * time.Second, true},
+		{60 * time.Second, 300 * time.Second, true},
+		{15 * time.Minute, 30 * time.Minute, true},
+		{15 * time.Minute, 14*time.Minute + 58*time.Second, true},
+		{15 * time.Minute, 7*time.Minute + 31*time.Second, true},
+		{15 * time.Minute, 7*time.Minute + 30*time.Second, false},
+		{50 * time.Second, 25 * time.Second, false},
 	} {
 		t.Run(fmt.Sprintf("%v tokens, min %v", tc.life, tc.minValid), func(t *testing.T) {
 			e := newEnv(t, shortTokens(tc.life))
 			e.create()
-			const steps, callers = 100, 8
-			elapsed := 2 * tc.life
-			var wg sync.WaitGroup
-			var mu sync.Mutex
-			var bad []error
-			for range steps {
-				e.clock.Advance(elapsed / steps)
+			const elapsed, step, callers = time.Hour, time.Second, 2
+			var (
+				wg       sync.WaitGroup
+				mu       sync.Mutex
+				bad      []error
+				tooShort int
+				issued   = map[time.Time]bool{} // expire times of the tokens served
+			)
+			for range elapsed / step {
+				e.clock.Advance(step)
 				for range callers {
 					wg.Go(func() {
-						// A token is only right if it meets the request (a
-						// token the instant it is issued may, on this clock).
+						now := e.clock.Now()
 						tok, err := e.token(tc.minValid)
-						if err == nil && tok.ExpireTime.Sub(e.clock.Now()) < tc.minValid {
-							err = fmt.Errorf("served a token valid for %v", tok.ExpireTime.Sub(e.clock.Now()))
-						}
-						if err != nil && !errors.Is(err, broker.ErrTokenTooShort) {
-							mu.Lock()
+						mu.Lock()
+						defer mu.Unlock()
+						switch {
+						case errors.Is(err, broker.ErrTokenTooShort):
+							tooShort++
+						case err != nil:
 							bad = append(bad, err)
-							mu.Unlock()
+						case tok.ExpireTime.Sub(now) < tc.minValid:
+							bad = append(bad, fmt.Errorf("served a token valid for %v", tok.ExpireTime.Sub(now)))
+						default:
+							issued[tok.ExpireTime] = true
 						}
 					})
 				}
@@ -154,17 +168,28 @@ func TestMinValidForAboveTheLifetimeCausesNoRefreshStorm(t *testing.T) {
 			if len(bad) > 0 {
 				t.Errorf("%d answers were neither ErrTokenTooShort nor a token meeting the request, e.g. %v", len(bad), bad[0])
 			}
-			if c := e.idp.Counts(); c.RefreshGrants+c.PasswordGrants-1 > int(elapsed/tc.life) {
-				t.Errorf("%d calls over %v of %v tokens made %d refreshes, want at most one per lifetime",
-					steps*callers, elapsed, tc.life, c.RefreshGrants+c.PasswordGrants-1)
+			if got := tooShort > 0; got != tc.tooShort {
+				t.Errorf("%d answers TOKEN_LIFETIME_TOO_SHORT; want some: %v", tooShort, tc.tooShort)
 			}
-			var be *broker.Error
-			if _, err := e.token(tc.minValid); !errors.As(err, &be) || be.Reason != broker.ReasonTokenTooShort {
-				t.Errorf("err = %v, want reason %s", err, broker.ReasonTokenTooShort)
+			refreshes := e.idp.Counts().RefreshGrants + e.idp.Counts().PasswordGrants - 1
+			most := int(elapsed / (tc.life / 2))
+			if tc.tooShort {
+				most = int(elapsed / tc.life)
 			}
-			// A request the lifetime can meet is served.
-			if _, err := e.token(tc.life / 4); err != nil {
-				t.Errorf("min %v of %v tokens: %v", tc.life/4, tc.life, err)
+			if refreshes > most {
+				t.Errorf("%v of calls to %v tokens made %d refreshes, want at most %d", elapsed, tc.life, refreshes, most)
+			}
+			// Each refresh came when the token it replaced was at least
+			// half its lifetime old.
+			var times []time.Time
+			for exp := range issued {
+				times = append(times, exp)
+			}
+			slices.SortFunc(times, time.Time.Compare)
+			for i := 1; i < len(times); i++ {
+				if age := times[i].Sub(times[i-1]); age < tc.life/2 {
+					t.Fatalf("a token was replaced at age %v, below half its lifetime %v", age, tc.life)
+				}
 			}
 		})
 	}
@@ -204,7 +229,7 @@ func TestDegradedFromTheFirstFailedAttempt(t *testing.T) {
 	}
 	done := make(chan answer, 1)
 	go func() {
-		tok, err := e.token(5 * time.Second)
+		tok, err := e.token(4 * time.Second) // half the lifetime: more than is left
 		done <- answer{tok, err}
 	}()
 	<-sleeping // the first attempt failed; the refresh waits to retry

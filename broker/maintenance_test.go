@@ -237,3 +237,47 @@ func TestCrashMidRefreshRevokesInsteadOfReplaying(t *testing.T) {
 		t.Errorf("counts = %+v after the next refresh", c)
 	}
 }
+
+// TestRestartAfterSafeFailureKeepsTheChain: a refresh that upstream
+// certainly did not process (503, refused, the upstream cap) leaves no
+// intent behind, so a clean restart while upstream still fails neither
+// revokes a healthy refresh token nor signs its session out nor drops the
+// valid access token.
+func TestRestartAfterSafeFailureKeepsTheChain(t *testing.T) {
+	e := newEnv(t, func(_ *acumaticatest.Options, b *broker.Options) { b.MaxAttempts = 2 })
+	e.create()
+	old := e.mustToken()
+	e.clock.Advance(50 * time.Minute) // 10 min left
+	for range 20 {
+		e.idp.Inject(acumaticatest.Fault{Status: 503})
+	}
+	if tok, err := e.token(15 * time.Minute); err != nil || tok.AccessToken != old.AccessToken {
+		t.Fatalf("err = %v, want the cached token while upstream answers 503", err)
+	}
+	if st := e.stored(); st.IntentGrant != "" {
+		t.Errorf("intent %q kept after a 503, which upstream never processed", st.IntentGrant)
+	}
+
+	e.restart() // clean; upstream still answers 503
+	before := e.idp.Counts()
+	if v := e.view(); v.Status.StateReason == broker.ReasonCrashRecovery {
+		t.Errorf("state reason %s after a clean restart", v.Status.StateReason)
+	}
+	e.b.Maintain()
+	e.settle()
+	tok, err := e.token(time.Minute)
+	if err != nil || tok.AccessToken != old.AccessToken {
+		t.Fatalf("after the restart: err = %v, want the cached token served", err)
+	}
+	after := e.idp.Counts()
+	if after.Revocations != before.Revocations || after.Logouts != before.Logouts {
+		t.Errorf("counts %+v -> %+v: a healthy chain was revoked or signed out", before, after)
+	}
+	// Upstream back: the same chain refreshes, no new sign-in.
+	e.idp.ClearFaults()
+	e.clock.Advance(time.Hour)
+	e.mustToken()
+	if c := e.idp.Counts(); c.PasswordGrants != 1 || c.InvalidGrant != 0 || c.ReuseDetected != 0 {
+		t.Errorf("counts = %+v, want the old chain refreshed", c)
+	}
+}

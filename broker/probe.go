@@ -41,7 +41,7 @@ func (b *Broker) TestConnection(ctx context.Context, name string, entities []str
 	if endpoint == "" {
 		endpoint = DefaultEndpoint
 	}
-	tok, err := b.GetAccessToken(ctx, name, time.Minute, "")
+	tok, err := b.GetAccessToken(ctx, name, MinValidDefault, "")
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -16,7 +17,8 @@ import (
 // Each attempt: prepare (deleted, halted, a pending commit, a refresh token
 // a crash may have spent) → choose the grant → record the intent durably →
 // exchange → take the answer → handle the failure (retry, fall back to a
-// password grant, halt, or back off).
+// password grant, give up a refresh token the failure may have spent, halt,
+// or back off).
 func (b *Broker) renew(ctx context.Context, c *conn, why trigger) error {
 	g := grantPolicy{forcePassword: why == triggerRenewChain}
 	for attempt := 1; ; attempt++ {
@@ -67,23 +69,23 @@ func (b *Broker) prepareRenewal(ctx context.Context, c *conn) (cfg *storage.Conn
 	case suspect && !isAuthCode(cfg):
 		// An authorization-code chain is presented once more instead (see
 		// "A suspect chain" in authcode.go).
-		tok, err = b.abandonSpentChain(ctx, c, cfg, tok)
+		tok, err = b.abandonSpentChain(ctx, c, cfg, tok, ReasonCrashRecovery, "a refresh was in flight when the broker stopped")
 		return cfg, tok, err != nil, err
 	}
 	return cfg, tok, false, nil
 }
 
-// abandonSpentChain gives up a refresh token the broker may have presented
-// just before it stopped. Presenting it again could look like token theft to
-// an identity server with reuse detection (RFC 9700 section 4.14.2), which
-// then revokes the whole family. So it is revoked (harmless if spent) and
-// its session signed out, then dropped durably together with the access
-// token the lost refresh may have revoked; the renewal signs in again with
-// one password grant.
-func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Connection, tok *storage.Tokens) (*storage.Tokens, error) {
-	b.log.Warn("refresh token may have been spent before the last stop; revoking it and signing in again", "connection", c.name)
+// abandonSpentChain gives up a refresh token the broker may have spent: it
+// presented it just before it stopped (why says so). Presenting it again could look like
+// token theft to an identity server with reuse detection (RFC 9700 section
+// 4.14.2), which then revokes the whole family. So it is revoked (harmless
+// if spent) and its session signed out, freeing the session's seat, then
+// dropped durably together with the access token the lost refresh may have
+// revoked; the renewal signs in again with one password grant.
+func (b *Broker) abandonSpentChain(ctx context.Context, c *conn, cfg *storage.Connection, tok *storage.Tokens, code, why string) (*storage.Tokens, error) {
+	b.log.Warn("refresh token may have been spent; revoking it and signing in again", "connection", c.name, "why", why)
 	b.signOut(ctx, cfg, tok.RefreshToken, tok.AccessToken)
-	next := abandoned(tok, b.now())
+	next := abandoned(tok, code, why+"; its refresh token was revoked rather than presented again", b.now())
 	if err := b.commit(c, next, false); err != nil {
 		return nil, err
 	}
@@ -156,9 +158,10 @@ func (b *Broker) takeAnswer(c *conn, cfg *storage.Connection, tok, intent *stora
 	if err := b.commit(c, next, usable); err != nil {
 		return true, err
 	}
-	if grant == grantPassword && (tok.RefreshToken != "" || tok.AccessToken != "") {
-		// The old chain's session still holds a seat: sign it out.
-		b.signOutAsync(cfg, tok.RefreshToken, tok.AccessToken)
+	if grant == grantPassword {
+		// The old chain's session still holds a seat: sign it out, now that
+		// the new chain is durable, and revoke a refresh token set aside.
+		b.signOutAsync(cfg, cmp.Or(tok.RefreshToken, c.takeSetAside()), tok.AccessToken)
 	}
 	if !usable {
 		return false, nil
@@ -183,10 +186,68 @@ func (b *Broker) afterFailure(ctx context.Context, c *conn, g *grantPolicy, inte
 			return b.dropRefreshToken(c, intent, ue)
 		}
 		return false, b.halt(c, intent, ue)
-	case classLoginLimit:
-		return false, b.giveUp(c, ue, max(b.loginLimitBackoff(c.failureCount()+1), ue.retryAfter))
+	case classSafe, classLoginLimit, classAddressRefused:
+		// Upstream certainly did not process the request.
+		if err := b.forgetIntent(c, intent); err != nil {
+			return false, err
+		}
+		if ue.class != classSafe {
+			return false, b.giveUp(c, ue, b.notRetriedWait(c, ue))
+		}
+	case classAmbiguous:
+		// An authorization-code chain is presented once more instead, as
+		// after a crash (see "A suspect chain" in authcode.go).
+		if grant == grantRefresh && !c.authCode() {
+			if err := b.setAsideSpentRefreshToken(c, intent, ue); err != nil {
+				return false, err
+			}
+		}
 	}
-	// Transient: 5xx, 429, network, timeouts, unusable answers.
+	return b.retryOrGiveUp(ctx, c, g, grant, attempt, ue)
+}
+
+// notRetriedWait is the backoff after a failure that retrying within the
+// refresh cannot help: a used-up login limit, a refused address.
+func (b *Broker) notRetriedWait(c *conn, ue *upstreamError) time.Duration {
+	n := c.failureCount() + 1
+	if ue.class == classLoginLimit {
+		return max(b.loginLimitBackoff(n), ue.retryAfter)
+	}
+	return b.backoff(n)
+}
+
+// setAsideSpentRefreshToken ends the chain whose refresh token an
+// ambiguous answer (a timeout or reset after sending, 500, 502, 504) may
+// have spent: the token is dropped durably, so it is never presented again
+// within this process or after a restart. The access token stays and is
+// served while it lasts, as in any upstream outage: the next attempt, or
+// the next renewal, signs in with one password grant, and only once that
+// new chain is committed are the set-aside token revoked and the old
+// session signed out (takeAnswer). New token first, then sign-out: callers
+// are served throughout and the old seat is freed right after. After a
+// crash, recovery cannot tell whether the lost refresh revoked the access
+// token, so it gives up both (abandonSpentChain).
+func (b *Broker) setAsideSpentRefreshToken(c *conn, intent *storage.Tokens, ue *upstreamError) error {
+	why := ue.Error() + " after the refresh token was sent, so it may have been spent; it is revoked rather than presented again"
+	b.log.Warn("refresh token may have been spent; setting it aside and signing in again", "connection", c.name, "why", ue.Error())
+	c.setAside(intent.RefreshToken)
+	// A failed commit stays pending and is retried before any upstream
+	// call, so the token is not presented meanwhile either.
+	return b.commit(c, withoutRefreshToken(intent, why, b.now()), false)
+}
+
+// forgetIntent durably clears the intent of an attempt upstream certainly
+// did not process (refused, 503, 429, the upstream cap): its refresh token
+// is not spent, and a restart must not take it for one a crash may have
+// spent.
+func (b *Broker) forgetIntent(c *conn, intent *storage.Tokens) error {
+	return b.commit(c, withoutIntent(intent), false)
+}
+
+// retryOrGiveUp ends a transient failure (5xx, 429, network, timeouts,
+// unusable answers): another attempt after a backoff while the shared
+// refresh may make one, else the renewal's error.
+func (b *Broker) retryOrGiveUp(ctx context.Context, c *conn, g *grantPolicy, grant string, attempt int, ue *upstreamError) (retry bool, err error) {
 	wait := max(b.backoff(attempt), ue.retryAfter)
 	if b.mayRetry(ctx, attempt, wait) {
 		b.attemptFailed(c, ue.reason(), ue.Error())

@@ -136,3 +136,66 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 		return errors.Is(err, broker.ErrNotFound)
 	})
 }
+
+// TestReplicasOnEtcdDropAChainAnotherAbandoned: a replica restarted after a
+// crash mid-refresh revokes the possibly spent chain and signs its session
+// out. While upstream still fails, the other replica must stop serving the
+// signed-out access token and never present the abandoned refresh token:
+// the abandonment reaches it through the watch like any newer token.
+func TestReplicasOnEtcdDropAChainAnotherAbandoned(t *testing.T) {
+	clk := testkit.NewClock()
+	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
+	idp.AddClient(clientID, clientSecret)
+	idp.AddUser(username, password)
+	hs := idp.Start()
+	defer hs.Close()
+	endpoint := etcdtest.Start(t)
+	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
+	if _, err := a.CreateConnection(context.Background(), &storage.Connection{
+		Name: connName, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+	}, false); err != nil {
+		t.Fatal(err)
+	}
+	var old broker.Token
+	testkit.Eventually(t, "replica b to serve the first token", func() bool {
+		tok, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
+		old = tok
+		return err == nil
+	})
+
+	// Replica a dies while its refresh is at the upstream: the intent record
+	// stays in etcd.
+	a.Close()
+	keys, _ := storage.NewKeyring(make([]byte, 32))
+	raw, err := etcd.Open(context.Background(), etcd.Options{Client: etcdtest.Client(t, endpoint), Keyring: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	tok, err := raw.GetTokens(context.Background(), connName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok.IntentGrant, tok.IntentGeneration, tok.IntentTime = "refresh_token", tok.Generation, clk.Now()
+	if err := raw.PutTokens(context.Background(), connName, tok); err != nil {
+		t.Fatal(err)
+	}
+
+	for range 1000 {
+		idp.Inject(acumaticatest.Fault{Status: 503}) // upstream down for the sign-in
+	}
+	before := idp.Counts()
+	restarted := replica(t, endpoint, clk)
+	restarted.Maintain()
+	testkit.Eventually(t, "replica b to stop serving the signed-out token", func() bool {
+		tok, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
+		return err != nil || tok.AccessToken != old.AccessToken
+	})
+	after := idp.Counts()
+	if after.Revocations == before.Revocations {
+		t.Error("the possibly spent refresh token was not revoked")
+	}
+	if after.RefreshGrants != before.RefreshGrants || after.ReuseDetected != 0 {
+		t.Errorf("counts %+v -> %+v: the abandoned refresh token was presented again", before, after)
+	}
+}

@@ -20,19 +20,34 @@ const redactedMark = "[redacted]"
 // after every known form of it was removed.
 const withheld = "[upstream text withheld: it echoed a credential]"
 
+// withheldShort replaces any upstream text when a secret of the request is
+// shorter than minSecretLen: an echo of it could not be told from ordinary
+// words, so none of the text is shown.
+const withheldShort = "[upstream text withheld: a credential of the request is too short to find in it]"
+
 // scrub makes upstream text fit for a log, a status or the data file:
 // printable ASCII only, every secret of the request removed in each form an
 // upstream may echo it in (raw, form- and path-encoded, JSON-escaped,
 // base64), cut to n bytes. Text that still reveals a secret when
-// percent- or JSON-decoded (an encoding mixed by hand) is withheld whole.
+// percent- or JSON-decoded (an encoding mixed by hand) is withheld whole,
+// and so is any text when a secret is too short to look for.
 func scrub(s string, n int, secrets []string) string {
 	s = printable(s)
+	if s != "" && hasShortSecret(secrets) {
+		return withheldShort
+	}
 	forms := secretForms(secrets)
 	s = redact(s, forms)
 	if revealsForm(s, forms) {
 		return withheld
 	}
 	return cut(s, n)
+}
+
+// hasShortSecret reports whether a secret is set but shorter than
+// minSecretLen.
+func hasShortSecret(secrets []string) bool {
+	return slices.ContainsFunc(secrets, func(sec string) bool { return sec != "" && len(sec) < minSecretLen })
 }
 
 // printable keeps the printable ASCII characters of s. It runs before any

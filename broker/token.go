@@ -7,7 +7,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// GetAccessToken returns a token valid for at least minValid. A token held
+// GetAccessToken returns a token valid for at least minValid, or for the
+// default of its lifetime when minValid is [MinValidDefault]. A token held
 // in memory is returned without I/O and without shared locks. Otherwise the
 // caller joins the connection's one shared refresh and waits for it within
 // ctx; abandoning the wait never cuts the refresh.
@@ -16,10 +17,13 @@ import (
 // newer token is already held, one refresh runs for every caller reporting
 // it.
 //
-// A minValid not shorter than the lifetime of the tokens upstream issues
-// cannot be met by any refresh: while a valid token is held it is answered with
-// [ErrTokenTooShort] (reason TOKEN_LIFETIME_TOO_SHORT) and no refresh, so
-// such requests cause at most one refresh per token lifetime.
+// An explicit minValid above half the lifetime of the tokens upstream
+// issues is too short: while a valid token is held it is answered with
+// [ErrTokenTooShort] (reason TOKEN_LIFETIME_TOO_SHORT) and no refresh; once
+// that token has expired, one refresh runs. Any other minValid is at most
+// half the lifetime, so a refresh it triggers finds the held token at least
+// half its lifetime old. Either way each token causes at most one refresh
+// on callers' behalf, and callers cause at most two refreshes per lifetime.
 func (b *Broker) GetAccessToken(ctx context.Context, name string, minValid time.Duration, rejected string) (Token, error) {
 	var c *conn
 	if v, ok := b.conns.Load(name); ok {
@@ -187,13 +191,16 @@ func (c *conn) lifetimeLocked() time.Duration {
 	return t.AccessTokenExpireTime.Sub(t.IssueTime)
 }
 
-// tooShortLocked reports whether no token of the held token's lifetime can
-// be valid for minValid: a refresh would bring one just as short. A
-// lifetime equal to minValid counts: such a token meets it only at the
-// instant it is issued, so every request would refresh.
+// tooShortLocked reports whether minValid is above half the held token's
+// lifetime. Such a request is refused rather than served by refreshing:
+// a fresh token of that lifetime meets it only until it is half its
+// lifetime old, and a minValid just below the lifetime would refresh on
+// nearly every call (with 15-minute tokens and 14m58s, once every two
+// seconds). Half keeps every refresh a caller triggers at a token age of at
+// least half the lifetime.
 func (c *conn) tooShortLocked(minValid time.Duration) bool {
 	life := c.lifetimeLocked()
-	return life > 0 && life <= minValid
+	return life > 0 && minValid > life/2
 }
 
 // startFlightLocked starts the connection's shared refresh, or returns the

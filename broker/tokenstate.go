@@ -70,9 +70,11 @@ func rotate(prev *storage.Tokens, cfg *storage.Connection, grant string, resp *t
 }
 
 // withoutRefreshToken is intent after upstream rejected its refresh token
-// (lapsed, revoked or reused): the next grant is a password grant.
+// (lapsed, revoked or reused): the next grant is a password grant. It is a
+// new generation, so other replicas stop holding the dead refresh token.
 func withoutRefreshToken(intent *storage.Tokens, msg string, now time.Time) *storage.Tokens {
 	next := withoutIntent(intent)
+	next.Generation = intent.Generation + 1
 	next.RefreshToken = ""
 	setError(next, ReasonRefreshTokenRevoked, msg, now)
 	return next
@@ -88,15 +90,19 @@ func halted(intent *storage.Tokens, reason, msg string, now time.Time) *storage.
 	return next
 }
 
-// abandoned is prev after its refresh token, which a crash may have spent,
-// was given up: neither it nor the access token the lost refresh may have
-// revoked is used again.
-func abandoned(prev *storage.Tokens, now time.Time) *storage.Tokens {
+// abandoned is prev after its refresh token, which may have been spent (a
+// crash, or an answer that left the outcome unknown), was given up: neither
+// it nor the access token the lost refresh may have revoked is used again.
+// code and msg say why. It is a new generation, so other replicas take it
+// too (they only take newer generations) instead of serving a signed-out
+// token or presenting the spent refresh token.
+func abandoned(prev *storage.Tokens, code, msg string, now time.Time) *storage.Tokens {
 	next := withoutIntent(prev)
+	next.Generation = prev.Generation + 1
 	next.RefreshToken = ""
 	next.AccessToken = ""
 	next.AccessTokenExpireTime = time.Time{}
-	setError(next, ReasonCrashRecovery, "a refresh was in flight when the broker stopped; its refresh token was revoked rather than presented again", now)
+	setError(next, code, msg, now)
 	return next
 }
 

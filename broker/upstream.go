@@ -164,7 +164,7 @@ const (
 	// same refresh token may be retried.
 	classSafe failureClass = iota + 1
 	// classAmbiguous: the request may have been processed; the refresh token
-	// may be spent.
+	// may be spent, so it is never presented again.
 	classAmbiguous
 	// classInvalidGrant: the grant (refresh token or user) was rejected.
 	classInvalidGrant
@@ -174,6 +174,10 @@ const (
 	classLoginLimit
 	// classProtocol: a 200 answer that is unusable.
 	classProtocol
+	// classAddressRefused: the address was refused when connecting (see
+	// [UpstreamRules]); nothing was sent, and retrying cannot help until an
+	// operator acts.
+	classAddressRefused
 )
 
 func (c failureClass) String() string {
@@ -190,6 +194,8 @@ func (c failureClass) String() string {
 		return "login_limit"
 	case classProtocol:
 		return "protocol"
+	case classAddressRefused:
+		return "address_refused"
 	}
 	return "unknown"
 }
@@ -237,6 +243,8 @@ func (e *upstreamError) reason() string {
 		return ReasonLoginLimit
 	case classProtocol:
 		return ReasonUpstreamProtocol
+	case classAddressRefused:
+		return ReasonUpstreamAddressRefused
 	}
 	if e.status == http.StatusTooManyRequests {
 		return ReasonUpstreamRateLimited
@@ -256,6 +264,8 @@ func (e *upstreamError) toError(name string, retryAfter time.Duration) *Error {
 	case ReasonClientRejected:
 		return newError(ErrCredentialsRejected, r, name,
 			"upstream rejected the client (%s); check the client ID (<GUID>@<Tenant>), the shared secret and its expiry, and that the Connected Application uses Resource Owner Password Credentials", e)
+	case ReasonUpstreamAddressRefused:
+		return newError(ErrAddressRefused, r, name, "%s", e)
 	}
 	out := newError(ErrUpstreamUnavailable, r, name, "%s", e)
 	if r == ReasonLoginLimit {
@@ -296,13 +306,16 @@ func (u *upstream) tokenRequest(ctx context.Context, endpoint string, form url.V
 		if readErr != nil {
 			return nil, &upstreamError{class: classAmbiguous, status: 200, detail: "answer cut off"}
 		}
-		return parseTokenResponse(body)
+		return parseTokenResponse(body, secrets)
 	}
 	return nil, classifyStatus(resp, body, form.Get("grant_type"), secrets)
 }
 
 func classifyTransport(err error, sent bool) *upstreamError {
 	var ne net.Error
+	if msg, ok := refusedAddress(err); ok {
+		return &upstreamError{class: classAddressRefused, detail: msg}
+	}
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return &upstreamError{class: classSafe, detail: "connection refused"}
@@ -406,8 +419,9 @@ func orDefault(s, d string) string {
 }
 
 // parseTokenResponse parses a 200 answer. A refresh token present in an
-// otherwise unusable answer is returned with the error.
-func parseTokenResponse(body []byte) (*tokenResponse, error) {
+// otherwise unusable answer is returned with the error, whose text holds
+// none of the request's secrets.
+func parseTokenResponse(body []byte, secrets []string) (*tokenResponse, error) {
 	var raw struct {
 		AccessToken  string          `json:"access_token"`
 		TokenType    string          `json:"token_type"`
@@ -432,7 +446,7 @@ func parseTokenResponse(body []byte) (*tokenResponse, error) {
 	case raw.AccessToken == "":
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has no access_token"}
 	case !strings.EqualFold(tr.TokenType, "bearer"):
-		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, nil))}
+		return tr, &upstreamError{class: classProtocol, status: 200, detail: fmt.Sprintf("token_type %q is not Bearer", scrub(tr.TokenType, 32, secrets))}
 	case !ok:
 		return tr, &upstreamError{class: classProtocol, status: 200, detail: "answer has a nonsensical expires_in"}
 	}
@@ -484,8 +498,8 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return min(max(d, 0), time.Hour)
 }
 
-// revoke asks the revocation endpoint to revoke a refresh token, and signs
-// the session out with the access token. Both are best effort.
+// revokeAndLogout asks the revocation endpoint to revoke a refresh token,
+// and signs the session out with the access token. Both are best effort.
 func (u *upstream) revokeAndLogout(ctx context.Context, instance, clientID, clientSecret, refreshToken, accessToken string) {
 	ep := u.endpointsFor(ctx, instance)
 	if refreshToken != "" {

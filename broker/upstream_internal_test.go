@@ -16,7 +16,7 @@ func FuzzParseTokenResponse(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		tr, err := parseTokenResponse(body)
+		tr, err := parseTokenResponse(body, nil)
 		if err != nil {
 			return
 		}

@@ -51,8 +51,9 @@ type Watch struct {
 // WatchToken subscribes to the tokens of a connection: [Watch.Next] returns
 // the current token, then each newer one once it is committed (a snapshot
 // is published only after its refresh token is durable). It fails with
-// ErrNotFound for an unknown connection. A Watch holds nothing that needs
-// releasing: dropping it ends the subscription.
+// ErrNotFound for an unknown connection. minValid means what it means to
+// [Broker.GetAccessToken], [MinValidDefault] included. A Watch holds
+// nothing that needs releasing: dropping it ends the subscription.
 func (b *Broker) WatchToken(name string, minValid time.Duration) (*Watch, error) {
 	c, err := b.lookup(name)
 	if err != nil {
@@ -90,7 +91,7 @@ func (w *Watch) Next(ctx context.Context) (Token, error) {
 		// Nothing newer yet. The token last returned must be replaced when
 		// it comes within minValid of expiry, whether or not the broker's
 		// proactive refresh has run by then.
-		due := s.tok.ExpireTime.Sub(now) - w.minValid
+		due := s.tok.ExpireTime.Sub(now) - s.need(w.minValid)
 		if s.tok.AccessToken != w.last || due <= 0 {
 			tok, err := w.b.GetAccessToken(ctx, w.c.name, w.minValid, "")
 			if err != nil || tok.AccessToken != w.last {

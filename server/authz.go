@@ -187,6 +187,9 @@ func (a *Authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerI
 		return handler(ctx, req)
 	}
 	id := caller.Key()
+	if strings.HasPrefix(info.FullMethod, adminMethods) && operatorOfAll(p, id) {
+		return handler(ctx, req)
+	}
 	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
 		// A method added beside TokenBroker: no rule can grant it, whatever
 		// its request says.
@@ -266,7 +269,8 @@ func (a *Authorizer) authenticate(ctx context.Context) (*Policy, Caller, error) 
 }
 
 // stream guards streaming services: WatchAccessToken is for consumers,
-// server reflection for operators.
+// server reflection for operators, the admin service for operators of
+// every tenant.
 func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	p, id, err := a.authenticate(ss.Context())
 	if err != nil {
@@ -278,7 +282,7 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	if isWatch(info) { // the consumer role, as GetAccessToken
 		return handler(srv, &consumerStream{ServerStream: ss, a: a, id: id})
 	}
-	if !p.IsOperator(id.Key()) {
+	if !p.IsOperator(id.Key()) || strings.HasPrefix(info.FullMethod, adminMethods) && !operatorOfAll(p, id.Key()) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})
 	}
 	return handler(srv, withOperator(ss, func(tenant string) bool { return p.CanManage(id.Key(), tenant) }))

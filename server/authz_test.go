@@ -89,6 +89,7 @@ func newTLSFixture(t *testing.T, rateLimit float64, opts ...func(*server.Options
 		Authorizer: server.NewAuthorizer(p), Auditor: tf.auditor, Metrics: tf.metrics,
 		RateLimit: rateLimit, RateBurst: int(rateLimit),
 		ServerOptions: []grpc.ServerOption{grpc.Creds(files.Credentials())},
+		Admin:         f.store,
 	}
 	for _, opt := range opts {
 		opt(&o)

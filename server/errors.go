@@ -98,7 +98,7 @@ func brokerCode(be *broker.Error) codes.Code {
 		return codes.AlreadyExists
 	case errors.Is(be, broker.ErrConflict):
 		return codes.Aborted
-	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort), errors.Is(be, broker.ErrAuthorization):
+	case errors.Is(be, broker.ErrCredentialsRejected), errors.Is(be, broker.ErrRefreshTokenMissing), errors.Is(be, broker.ErrTokenTooShort), errors.Is(be, broker.ErrAuthorization), errors.Is(be, broker.ErrAddressRefused):
 		return codes.FailedPrecondition
 	case errors.Is(be, broker.ErrUpstreamUnavailable), errors.Is(be, broker.ErrLoginLimit), errors.Is(be, broker.ErrStorage), errors.Is(be, broker.ErrClosed):
 		return codes.Unavailable

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	adminv1 "tokenbroker/gen/tokenbroker/admin/v1"
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker"
@@ -64,6 +65,9 @@ type Options struct {
 	// call: no policy rule names them. Under a policy, other added methods
 	// are denied to every caller.
 	AuthenticatedMethods []string
+	// Admin, when set, serves tokenbroker.admin.v1.AdminBroker (backup, rekey,
+	// key status) over it, to operators of every tenant only.
+	Admin AdminStore
 }
 
 // tokenBrokerMethods prefixes the full names of TokenBroker's methods.
@@ -131,6 +135,9 @@ func New(opts Options) *Server {
 	gs := grpc.NewServer(so...)
 	drain, stopWatches := context.WithCancel(context.Background())
 	pb.RegisterTokenBrokerServer(gs, &service{b: opts.Broker, log: log, drain: drain})
+	if opts.Admin != nil {
+		adminv1.RegisterAdminBrokerServer(gs, &adminService{store: opts.Admin, log: log.With("service", "admin")})
+	}
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

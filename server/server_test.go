@@ -697,3 +697,42 @@ func parseMillis(t *testing.T, s string) float64 {
 	}
 	return ms
 }
+
+// TestShortLivedTokensWithoutMinValidFor: a caller that leaves
+// min_valid_for unset never asked for 60 s, so tokens that live 5 s are
+// served to it (valid for at least a quarter of their lifetime) and renewed
+// about once per lifetime, not refused TOKEN_LIFETIME_TOO_SHORT.
+// TestConnection, which asks for no particular validity either, works too.
+func TestShortLivedTokensWithoutMinValidFor(t *testing.T) {
+	const life = 5 * time.Second
+	clk := testkit.NewClock()
+	f := newFixture(t, func(o *broker.Options) { o.Now = clk.Now })
+	f.idp.SetAccessTokenLifetime(life)
+	c := f.create("acme", "erp")
+	ctx := context.Background()
+
+	const step, elapsed = 250 * time.Millisecond, 30 * time.Second
+	for range elapsed / step {
+		clk.Advance(step)
+		r, err := f.client.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: c.GetName()})
+		if err != nil {
+			t.Fatalf("at %v: GetAccessToken without min_valid_for: %v", clk.Now().Sub(testkit.Epoch), err)
+		}
+		if left := r.GetExpireTime().AsTime().Sub(clk.Now()); left < life/4 {
+			t.Fatalf("served a token valid for %v of its %v", left, life)
+		}
+	}
+	counts := f.idp.Counts()
+	grants := counts.RefreshGrants + counts.PasswordGrants - 1 // the create's
+	if lo, hi := int(elapsed/life)-1, int(elapsed/(life*3/4)); grants < lo || grants > hi {
+		t.Errorf("%v of calls to %v tokens made %d grants, want about one per lifetime (%d to %d)", elapsed, life, grants, lo, hi)
+	}
+	if _, err := f.client.TestConnection(ctx, &pb.TestConnectionRequest{Name: c.GetName(), Entities: []string{"SalesOrder"}}); err != nil {
+		t.Errorf("TestConnection on %v tokens: %v", life, err)
+	}
+	// An explicit min_valid_for keeps its strict meaning.
+	_, err := f.client.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: c.GetName(), MinValidFor: durationpb.New(time.Minute)})
+	if info := errorInfo(err); status.Code(err) != codes.FailedPrecondition || info.GetReason() != broker.ReasonTokenTooShort {
+		t.Errorf("explicit 60 s of %v tokens: err = %v, want FAILED_PRECONDITION %s", life, err, broker.ReasonTokenTooShort)
+	}
+}

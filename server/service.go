@@ -99,7 +99,7 @@ func (s *service) TestConnection(ctx context.Context, r *pb.TestConnectionReques
 }
 
 func (s *service) GetAccessToken(ctx context.Context, r *pb.GetAccessTokenRequest) (*pb.GetAccessTokenResponse, error) {
-	minValid := defaultMinValidFor
+	minValid := broker.MinValidDefault // the broker knows the token lifetime
 	if d := r.GetMinValidFor(); d != nil {
 		minValid = d.AsDuration()
 	}

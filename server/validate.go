@@ -15,12 +15,11 @@ import (
 
 // Request limits.
 const (
-	defaultPageSize    = 50
-	maxPageSize        = 1000
-	defaultMinValidFor = 60 * time.Second
-	maxMinValidFor     = 30 * time.Minute
-	maxEntities        = 20
-	maxTokenLen        = 16 << 10
+	defaultPageSize = 50
+	maxPageSize     = 1000
+	maxMinValidFor  = 30 * time.Minute
+	maxEntities     = 20
+	maxTokenLen     = 16 << 10
 )
 
 // outputOnly are Connection fields an update mask may not name.

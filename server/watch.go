@@ -31,7 +31,7 @@ func (s *service) WatchAccessToken(r *pb.WatchAccessTokenRequest, stream grpc.Se
 	if err := (validator{}).validate(&pb.GetAccessTokenRequest{Name: r.GetName(), MinValidFor: r.GetMinValidFor()}); err != nil {
 		return err
 	}
-	minValid := defaultMinValidFor
+	minValid := broker.MinValidDefault // the broker knows the token lifetime
 	if d := r.GetMinValidFor(); d != nil {
 		minValid = d.AsDuration()
 	}

@@ -324,3 +324,31 @@ func TestWatchStreamsCountAgainstTheCallersRateLimit(t *testing.T) {
 		t.Errorf("rate limited %d of 20 streams at 5/s burst 5, want at least 10", exhausted)
 	}
 }
+
+// TestWatchShortLivedTokensWithoutMinValidFor: a watch that leaves
+// min_valid_for unset gets tokens that live 2 s (each valid for at least a
+// quarter of that when sent), and a new one as each comes near its end,
+// not TOKEN_LIFETIME_TOO_SHORT for a 60 s it never asked for.
+func TestWatchShortLivedTokensWithoutMinValidFor(t *testing.T) {
+	const life = 2 * time.Second
+	f := newFixture(t)
+	f.idp.SetAccessTokenLifetime(life)
+	name := f.create("acme", "erp").GetName()
+	s := watchStream(t, f.client, name)
+	seen := map[string]bool{}
+	for i := range 3 {
+		m, err := recv(t, s)
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		// The send may lag the check by scheduling; a token this close to
+		// its end was not valid for a quarter of its life when checked.
+		if left := time.Until(m.GetExpireTime().AsTime()); left < life/8 {
+			t.Errorf("message %d: token valid for %v of %v", i, left, life)
+		}
+		if seen[m.GetAccessToken()] {
+			t.Errorf("message %d repeats a token", i)
+		}
+		seen[m.GetAccessToken()] = true
+	}
+}

@@ -41,7 +41,8 @@ const (
 // Tokens is a connection's token chain state. RefreshToken and AccessToken
 // are plaintext in memory only; the store seals them.
 type Tokens struct {
-	// Generation counts committed refresh tokens.
+	// Generation counts changes of the refresh token: each new one committed
+	// and each given up, so replicas can tell the newer record.
 	Generation            int64
 	RefreshToken          string
 	AccessToken           string

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	bbolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
@@ -145,18 +144,11 @@ func TestDataFileDeletedWhileServing(t *testing.T) {
 	}
 }
 
-// awaitHealth polls the server's overall health until it is want.
+// awaitHealth waits until the server's overall health is want.
 func awaitHealth(t *testing.T, hc healthpb.HealthClient, want healthpb.HealthCheckResponse_ServingStatus) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	testkit.Eventually(t, "health "+want.String(), func() bool {
 		resp, err := hc.Check(context.Background(), &healthpb.HealthCheckRequest{})
-		if err == nil && resp.GetStatus() == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("health is %v (%v), want %v", resp.GetStatus(), err, want)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil && resp.GetStatus() == want
+	})
 }

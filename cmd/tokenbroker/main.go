@@ -4,6 +4,7 @@
 //
 //	tokenbroker [serve] [--listen 127.0.0.1:50051] [--data-dir ./data] ...
 //	tokenbroker version (or --version)
+//	tokenbroker backup|restore|rekey|keys status ... (--help for each)
 package main
 
 import (
@@ -41,6 +42,11 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if len(args) > 0 && lifecycleCommands[args[0]] != nil {
+		code := runLifecycle(ctx, args[0], lifecycleCommands[args[0]], args[1:], os.Getenv, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	if err := run(ctx, args, os.Getenv, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "tokenbroker:", err)
 		os.Exit(1)
@@ -72,7 +78,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	}
 	defer b.Close()
 	metrics.Watch(b, time.Now)
-	srv, closeAuditor, err := newServer(ctx, cfg, b, metrics, tr.serverOptions, log)
+	srv, closeAuditor, err := newServer(ctx, cfg, b, st.admin, metrics, tr.serverOptions, log)
 	if err != nil {
 		return err
 	}
@@ -142,9 +148,10 @@ func newBroker(cfg *config, st *openedStore, metrics *server.Metrics, tp trace.T
 	})
 }
 
-// newServer builds the gRPC server with its transport, policy, auditor and
-// extra options (tracing); closeAuditor flushes and closes the audit log.
-func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *server.Metrics, extra []grpc.ServerOption, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
+// newServer builds the gRPC server with its transport, policy, auditor,
+// admin service and extra options (tracing); closeAuditor flushes and
+// closes the audit log.
+func newServer(ctx context.Context, cfg *config, b *broker.Broker, admin server.AdminStore, metrics *server.Metrics, extra []grpc.ServerOption, log *slog.Logger) (srv *server.Server, closeAuditor func(), err error) {
 	authz, err := loadAuthorizer(cfg)
 	if err != nil {
 		return nil, nil, err
@@ -169,6 +176,7 @@ func newServer(ctx context.Context, cfg *config, b *broker.Broker, metrics *serv
 		RateLimit:             cfg.rateLimit,
 		RateBurst:             cfg.rateBurst,
 		ServerOptions:         append(serverOpts, extra...),
+		Admin:                 admin,
 	})
 	return srv, closeAuditor, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"tokenbroker/broker"
 	pb "tokenbroker/gen/tokenbroker/v1"
+	"tokenbroker/server"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/etcd"
@@ -37,6 +38,7 @@ type openedStore struct {
 	store   broker.Store
 	locker  broker.Locker
 	watcher broker.Watcher
+	admin   server.AdminStore // backup, rekey, key status
 	// authorizations keeps pending authorizations for every replica; nil
 	// (this process's memory) with bbolt.
 	authorizations broker.AuthorizationStore
@@ -57,8 +59,30 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 			st.Close()
 			return nil, err
 		}
-		return &openedStore{store: st, healthy: st.Healthy, close: func() { st.Close() }}, nil
+		return &openedStore{store: st, admin: st, healthy: st.Healthy, close: func() { st.Close() }}, nil
 	}
+	cli, err := newEtcdClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	st, err := etcd.Open(octx, etcd.Options{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
+	if err != nil {
+		cli.Close()
+		return nil, err
+	}
+	logUpgrade(log, st.Upgraded(), keys)
+	if err := logOldKeys(octx, log, st, keys); err != nil {
+		st.Close()
+		cli.Close()
+		return nil, err
+	}
+	return &openedStore{store: st, locker: st, watcher: st, authorizations: st, admin: st, close: func() { st.Close(); cli.Close() }}, nil
+}
+
+// newEtcdClient connects to --etcd-endpoints with the --etcd-* TLS files.
+func newEtcdClient(cfg *config) (*clientv3.Client, error) {
 	ccfg := clientv3.Config{Endpoints: strings.Split(cfg.etcdEndpoints, ","), DialTimeout: 5 * time.Second}
 	if cfg.etcdCA != "" || cfg.etcdCert != "" {
 		tc := &tls.Config{MinVersion: tls.VersionTLS12}
@@ -85,20 +109,7 @@ func openStore(ctx context.Context, cfg *config, dbPath string, keys *storage.Ke
 	if err != nil {
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
-	octx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	st, err := etcd.Open(octx, etcd.Options{Client: cli, Keyring: keys, Prefix: cfg.etcdPrefix})
-	if err != nil {
-		cli.Close()
-		return nil, err
-	}
-	logUpgrade(log, st.Upgraded(), keys)
-	if err := logOldKeys(octx, log, st, keys); err != nil {
-		st.Close()
-		cli.Close()
-		return nil, err
-	}
-	return &openedStore{store: st, locker: st, watcher: st, authorizations: st, close: func() { st.Close(); cli.Close() }}, nil
+	return cli, nil
 }
 
 // logUpgrade reports the one-time upgrade of records written before every

@@ -487,13 +487,28 @@ func (s *Store) queue(ctx context.Context, r *writeReq) error {
 		return err
 	}
 	select {
+	case <-s.quit:
+		return storage.ErrClosed
+	default:
+	}
+	select {
 	case s.writes <- r:
 	case <-s.quit:
 		return storage.ErrClosed
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	<-r.done
+	select {
+	case <-r.done:
+	case <-s.done:
+		// The committer has gone. It commits what was queued before it
+		// saw Close; a write queued after that is never made.
+		select {
+		case <-r.done:
+		default:
+			return storage.ErrClosed
+		}
+	}
 	return r.err
 }
 

@@ -3,7 +3,6 @@ package bolt_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
@@ -13,6 +12,7 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 	"tokenbroker/storage/storetest"
@@ -113,12 +113,12 @@ func TestOpenRefusesWrongKeyWithoutChangingFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "db")
 	s := openStore(t, path, keyring(t, key(1)))
 	s.Close()
-	before := fileSum(t, path)
+	before := testkit.FileSum(t, path)
 	_, err := bolt.Open(path, bolt.Options{Keyring: keyring(t, key(9))})
 	if !errors.Is(err, storage.ErrWrongKey) {
 		t.Fatalf("err = %v, want ErrWrongKey", err)
 	}
-	if fileSum(t, path) != before {
+	if testkit.FileSum(t, path) != before {
 		t.Error("file changed")
 	}
 }
@@ -138,12 +138,12 @@ func TestOpenRefusesCorruptAndForeignFiles(t *testing.T) {
 	db.Close()
 	for _, path := range []string{garbage, small, foreign} {
 		t.Run(filepath.Base(path), func(t *testing.T) {
-			before := fileSum(t, path)
+			before := testkit.FileSum(t, path)
 			_, err := bolt.Open(path, bolt.Options{Keyring: keyring(t, key(1))})
 			if !errors.Is(err, storage.ErrNotDataFile) {
 				t.Fatalf("err = %v, want ErrNotDataFile", err)
 			}
-			if fileSum(t, path) != before {
+			if testkit.FileSum(t, path) != before {
 				t.Error("file changed")
 			}
 		})
@@ -203,11 +203,30 @@ func name(i int) string {
 	return "tenants/t/connections/c" + string(rune('a'+i%26)) + string(rune('a'+i/26%26))
 }
 
-func fileSum(t *testing.T, path string) [32]byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
+// TestWriteAfterCloseFailsInsteadOfHanging: a write that races Close (a
+// shared refresh finishing while the process stops) answers ErrClosed; it
+// never waits for a committer that has already gone.
+func TestWriteAfterCloseFailsInsteadOfHanging(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "db"), keyring(t, key(1)))
+	ctx := context.Background()
+	if _, err := s.CreateConnection(ctx, sampleConn(name(0)), nil); err != nil {
 		t.Fatal(err)
 	}
-	return sha256.Sum256(b)
+	s.Close()
+	done := make(chan error, 100)
+	go func() {
+		for range 100 {
+			done <- s.PutTokens(ctx, name(0), sampleToken())
+		}
+	}()
+	for i := range 100 {
+		select {
+		case err := <-done:
+			if !errors.Is(err, storage.ErrClosed) {
+				t.Fatalf("write %d after Close: err = %v, want ErrClosed", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("write %d after Close still waiting after 10 s", i)
+		}
+	}
 }

@@ -14,6 +14,7 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 
+	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
@@ -135,7 +136,7 @@ func TestOpenRefusesDamagedPages(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			path := populated(t, 300)
 			tc.damage(t, path, layout(t, path))
-			before := fileSum(t, path)
+			before := testkit.FileSum(t, path)
 			_, err := bolt.Open(path, bolt.Options{Keyring: keyring(t, key(1)), LockTimeout: 200 * time.Millisecond})
 			if !errors.Is(err, storage.ErrCorrupt) {
 				t.Fatalf("Open: %v, want ErrCorrupt", err)
@@ -144,7 +145,7 @@ func TestOpenRefusesDamagedPages(t *testing.T) {
 			if strings.Contains(msg, "\n") || !strings.Contains(msg, "restore it from a backup") || !strings.Contains(msg, path) {
 				t.Errorf("error is not one clear line naming the file and the remedy: %q", msg)
 			}
-			if fileSum(t, path) != before {
+			if testkit.FileSum(t, path) != before {
 				t.Error("Open changed the damaged file")
 			}
 			// The failed Open let go of the file: opening again is refused

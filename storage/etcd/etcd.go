@@ -103,6 +103,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: etcd session: %w", err)
 	}
+	if err := s.announce(ctx, s.session.Lease()); err != nil {
+		s.session.Close()
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -232,6 +236,9 @@ func (s *Store) lockSession(ctx context.Context, stale *concurrency.Session) (*c
 		return nil, fmt.Errorf("storage: etcd session: %w", err)
 	}
 	s.session = sess
+	// Best effort: etcd answered the grant just now. Were this to fail, a
+	// rekey would not see this replica until its next session.
+	_ = s.announce(ctx, lease.ID)
 	return sess, nil
 }
 

@@ -1339,7 +1339,10 @@ type GetAccessTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// `tenants/{tenant}/connections/{connection}`.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// The token must be valid for at least this long. Default 60 s, at most 30 min.
+	// The token must be valid for at least this long, at most 30 min. More than
+	// half the lifetime of the tokens upstream issues is refused with
+	// FAILED_PRECONDITION TOKEN_LIFETIME_TOO_SHORT. Unset: 60 s, or a quarter
+	// of that lifetime when shorter.
 	MinValidFor *durationpb.Duration `protobuf:"bytes,2,opt,name=min_valid_for,json=minValidFor,proto3" json:"min_valid_for,omitempty"`
 	// Optional. A token Acumatica just answered with 401. The broker returns a
 	// newer token, refreshing once for all callers reporting the same token.
@@ -1486,8 +1489,9 @@ type WatchAccessTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// `tenants/{tenant}/connections/{connection}`.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// Every token sent is valid for at least this long when sent. Default
-	// 60 s, at most 30 min.
+	// Every token sent is valid for at least this long when sent, at most 30
+	// min; as for GetAccessToken, unset is 60 s, or a quarter of the token
+	// lifetime when shorter.
 	MinValidFor   *durationpb.Duration `protobuf:"bytes,2,opt,name=min_valid_for,json=minValidFor,proto3" json:"min_valid_for,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
