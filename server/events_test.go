@@ -323,3 +323,39 @@ func TestWatchConnectionsResumeNeedsTheFeedID(t *testing.T) {
 		t.Fatalf("after_sequence without feed_id: %v (fields %v), want INVALID_ARGUMENT on feed_id", err, violationFields(err))
 	}
 }
+
+// TestWatchConnectionsFollowsAPolicyReloadOfTenants: on a tenants/-
+// stream, an operator moved by a reload from acme to globex is no longer
+// sent acme's changes, and is sent globex's.
+func TestWatchConnectionsFollowsAPolicyReloadOfTenants(t *testing.T) {
+	p, err := server.ParsePolicy([]byte(testPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az := server.NewAuthorizer(p)
+	tf := newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
+	if _, err := tf.b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
+	op, _ := tf.client(t, &acmeOps)
+	next, _ := watch(t, op, &pb.WatchConnectionsRequest{Parent: "tenants/-"})
+	for m := next(); m.GetType() != pb.WatchConnectionsResponse_TYPE_SYNCED; m = next() {
+	}
+	moved, err := server.ParsePolicy([]byte(strings.Replace(testPolicy,
+		"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: operator\n    tenants: [\"acme\"]\n",
+		"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: operator\n    tenants: [\"globex\"]\n", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az.SetPolicy(moved)
+	for _, name := range []string{"tenants/acme/connections/erp", "tenants/globex/connections/erp"} {
+		if _, err := tf.b.UpdateConnection(context.Background(), name, &storage.Connection{DisplayName: "after reload"},
+			[]string{"display_name"}, "", false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m := next(); brief(m) != "TYPE_UPDATED tenants/globex/connections/erp STATE_ACTIVE" {
+		t.Fatalf("after moving the operator to globex: %q, want globex's update only", brief(m))
+	}
+}
