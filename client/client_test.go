@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,6 +22,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/client"
+	"tokenbroker/storage"
 )
 
 // eventually waits, up to a minute (the machine may be busy), for cond,
@@ -328,6 +331,69 @@ func TestTransportReportsA401OnceForManyRequests(t *testing.T) {
 	if got := r.idp.Counts().PasswordGrants - before; got != 1 {
 		t.Errorf("password grants = %d, want 1 (the session was ended: one new sign-in)", got)
 	}
+}
+
+// TestTransportSendsTheTokenOnlyToTheInstance: the bearer token goes to the
+// connection's instance (scheme, host, port and virtual directory) and
+// nowhere else, not even where the instance redirects.
+func TestTransportSendsTheTokenOnlyToTheInstance(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const onprem = "tenants/acme/connections/onprem"
+	if _, err := r.b.CreateConnection(context.Background(), &storage.Connection{
+		Name: onprem, InstanceURL: r.idpURL + "/AcumaticaERP/", ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+	}, false); err != nil {
+		t.Fatal(err)
+	}
+	other := httptest.NewServer(http.HandlerFunc(echoAuthorization))
+	defer other.Close()
+	c := newClient(t, r)
+	tok, err := c.TokenSource(erp).Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bearer := "Bearer " + tok.AccessToken
+	redirect := func(to string) string { return r.idpURL + "/test/redirect?to=" + url.QueryEscape(to) }
+	for _, tc := range []struct {
+		conn, url, want string
+	}{
+		{erp, r.idpURL + "/test/authorization", bearer},
+		{erp, redirect(r.idpURL + "/test/authorization"), bearer},
+		{erp, other.URL + "/test/authorization", ""},
+		{erp, redirect(other.URL + "/test/authorization"), ""},
+		{erp, strings.Replace(r.idpURL, "127.0.0.1", "localhost", 1) + "/test/authorization", ""},
+		{onprem, r.idpURL + "/test/authorization", ""},
+		{onprem, r.idpURL + "/AcumaticaERPx/test/authorization", ""},
+		{onprem, redirect(other.URL + "/AcumaticaERP/test/authorization"), ""},
+	} {
+		got := getBody(t, c.HTTPClient(tc.conn), tc.url)
+		if got != tc.want {
+			t.Errorf("%s through %s: Authorization %q, want %q", tc.url, tc.conn, got, tc.want)
+		}
+	}
+	// The on-premise instance still gets its own token under its directory.
+	resp, err := c.HTTPClient(onprem).Get(r.idpURL + "/AcumaticaERP/entity/Default/24.200.001/SalesOrder?$top=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("on-premise resource: status %d, want 200", resp.StatusCode)
+	}
+}
+
+func getBody(t *testing.T, hc *http.Client, url string) string {
+	t.Helper()
+	resp, err := hc.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
 
 func TestTransportReturnsThe401WhenTheBodyCannotBeSentAgain(t *testing.T) {

@@ -2,11 +2,14 @@ package client_test
 
 import (
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,7 +98,7 @@ func newRig(opts rigOptions) *rig {
 	r.idp = acumaticatest.New(opts.idp)
 	r.idp.AddClient(clientID, clientSecret)
 	r.idp.AddUser(username, password)
-	hs := httptest.NewServer(r.idp.Handler())
+	hs := httptest.NewServer(instanceHandler(r.idp.Handler()))
 	r.cleanup = append(r.cleanup, hs.Close)
 	r.idpURL = hs.URL
 
@@ -162,6 +165,30 @@ func (r *rig) dial() *grpc.ClientConn {
 	must(err)
 	r.cleanup = append(r.cleanup, func() { cc.Close() })
 	return cc
+}
+
+// instanceHandler serves the stand-in at / and, as an on-premise virtual
+// directory, at /AcumaticaERP, beside two test resources under any
+// directory: .../test/redirect redirects to its "to" parameter and
+// .../test/authorization answers with the request's Authorization header.
+func instanceHandler(idp http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", idp)
+	mux.Handle("/AcumaticaERP/", http.StripPrefix("/AcumaticaERP", idp))
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		switch {
+		case strings.HasSuffix(req.URL.Path, "/test/redirect"):
+			http.Redirect(w, req, req.URL.Query().Get("to"), http.StatusFound)
+		case strings.HasSuffix(req.URL.Path, "/test/authorization"):
+			echoAuthorization(w, req)
+		default:
+			mux.ServeHTTP(w, req)
+		}
+	})
+}
+
+func echoAuthorization(w http.ResponseWriter, req *http.Request) {
+	io.WriteString(w, req.Header.Get("Authorization"))
 }
 
 // entityURL is the stand-in's protected resource.
