@@ -527,3 +527,73 @@ func TestCloseStopsWatchesAndFailsWhatNeedsTheBroker(t *testing.T) {
 		t.Errorf("after Close, with the token expired: %v, want ErrClosed", err)
 	}
 }
+
+// TestAnUnusedSourceReleasesItsWatch: a source nobody asks for a token
+// closes its watch stream after the idle timeout and opens it again on the
+// next use; one in use keeps its stream.
+func TestAnUnusedSourceReleasesItsWatch(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const idle = 200 * time.Millisecond
+	c := newClient(t, r, client.WithIdleTimeout(idle))
+	ts := c.TokenSource(erp)
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch stream", func() bool { return r.open.Load() == 1 })
+	eventually(t, "the idle watch to end", func() bool { return r.open.Load() == 0 })
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch to start again", func() bool { return r.open.Load() == 1 })
+	if got := r.streams.Load(); got != 2 {
+		t.Fatalf("streams opened = %d, want 2", got)
+	}
+
+	// Used every few milliseconds for several idle timeouts: one stream.
+	var maxGap time.Duration
+	last := time.Now()
+	for end := last.Add(4 * idle); time.Now().Before(end); {
+		if _, err := ts.Token(); err != nil {
+			t.Fatal(err)
+		}
+		now := time.Now()
+		maxGap, last = max(maxGap, now.Sub(last)), now
+		time.Sleep(idle / 20)
+	}
+	if maxGap > idle/2 {
+		t.Logf("the loop was starved for %v: too long to judge the stream kept", maxGap)
+		return
+	}
+	if got := r.streams.Load(); got != 2 || r.open.Load() != 1 {
+		t.Fatalf("streams opened = %d (open %d) while in use, want 2 (1)", got, r.open.Load())
+	}
+}
+
+// TestADeletedConnectionIsWatchedAgainOnlyWhenAsked: once its stream ends
+// with NOT_FOUND, a source opens none until asked for a token again.
+func TestADeletedConnectionIsWatchedAgainOnlyWhenAsked(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const backoffMax = 5 * time.Millisecond
+	c := newClient(t, r, client.WithBackoff(time.Millisecond, backoffMax))
+	ts := c.TokenSource(erp)
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch stream", func() bool { return r.open.Load() == 1 })
+	if err := r.b.DeleteConnection(context.Background(), erp, ""); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the stream to end", func() bool { return r.open.Load() == 0 })
+	opened := r.streams.Load()
+	// Before, a terminal error was looked at again every backoffMax.
+	time.Sleep(50 * backoffMax)
+	if got := r.streams.Load(); got != opened {
+		t.Fatalf("streams opened after NOT_FOUND = %d, want none", got-opened)
+	}
+	if _, err := ts.Token(); !errors.Is(err, client.ErrNotFound) {
+		t.Fatalf("Token after delete: %v, want ErrNotFound", err)
+	}
+	eventually(t, "one stream for the new use", func() bool { return r.streams.Load() == opened+1 && r.open.Load() == 0 })
+}

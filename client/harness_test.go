@@ -74,6 +74,7 @@ type rig struct {
 	unary   atomic.Int64     // GetAccessToken calls through dial's connections
 	reports atomic.Int64     // of which carried rejected_access_token
 	streams atomic.Int64     // WatchAccessToken streams opened
+	open    atomic.Int64     // of which have not ended yet
 	noWatch atomic.Bool      // fail every WatchAccessToken stream at the client
 	cleanup []func()
 }
@@ -159,6 +160,12 @@ func (r *rig) dial() *grpc.ClientConn {
 				if r.noWatch.Load() {
 					return nil, errStreamsCut
 				}
+				cs, err := streamer(ctx, desc, cc, method, opts...)
+				if err != nil {
+					return nil, err
+				}
+				r.open.Add(1)
+				return &countedStream{ClientStream: cs, open: &r.open}, nil
 			}
 			return streamer(ctx, desc, cc, method, opts...)
 		}))
@@ -189,6 +196,22 @@ func instanceHandler(idp http.Handler) http.Handler {
 
 func echoAuthorization(w http.ResponseWriter, req *http.Request) {
 	io.WriteString(w, req.Header.Get("Authorization"))
+}
+
+// countedStream counts itself out of open when it ends: the client reads
+// every watch stream until it fails.
+type countedStream struct {
+	grpc.ClientStream
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (s *countedStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err != nil {
+		s.once.Do(func() { s.open.Add(-1) })
+	}
+	return err
 }
 
 // entityURL is the stand-in's protected resource.
