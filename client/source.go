@@ -77,7 +77,8 @@ func (s *source) token(ctx context.Context) (*oauth2.Token, error) {
 // otherwise only reads, so that goroutines on many cores do not fight over
 // the cache line.
 func (s *source) used(now time.Duration) {
-	if now-time.Duration(s.lastUsed.Load()) > s.c.opts.idle/16 || !s.watching.Load() {
+	idle := s.c.opts.idle
+	if !s.watching.Load() || (idle > 0 && now-time.Duration(s.lastUsed.Load()) > idle/16) {
 		s.touch(now)
 	}
 }
