@@ -18,9 +18,12 @@ import (
 // Snapshot reads every connection in one read transaction, so the
 // snapshot is consistent while writes go on: header gets the meta record
 // and the number of connections first, then each gets every connection's
-// records in name order. The values are only valid during the call.
+// records in name order. The values are only valid during the call. It is
+// a long read (see [Store.longView]): a delete made meanwhile answers at
+// once, and its records' bytes are wiped from the file when the snapshot
+// ends.
 func (s *Store) Snapshot(ctx context.Context, header func(storage.SnapshotInfo) error, each func(storage.Record) error) error {
-	return s.db.View(func(tx *bbolt.Tx) error {
+	return s.longView(func(tx *bbolt.Tx) error {
 		conns := tx.Bucket(bucketConnections)
 		info := storage.SnapshotInfo{Store: "bbolt", Meta: tx.Bucket(bucketMeta).Get(keyMeta), Count: int64(conns.Stats().KeyN)}
 		if err := header(info); err != nil {
