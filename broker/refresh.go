@@ -169,7 +169,7 @@ func (b *Broker) takeAnswer(c *conn, cfg *storage.Connection, tok, intent *stora
 	if next.State == string(StateRefreshTokenMissing) {
 		b.log.Warn("upstream issued no refresh token", "connection", c.name)
 	}
-	b.log.Info("token issued", "connection", c.name, "grant", grant, "expires_in", resp.ExpiresIn)
+	b.log.Info("token issued", "connection", c.name, "grant", grant, "expires_in", int64(resp.ExpiresIn/time.Second))
 	return true, nil
 }
 

@@ -54,15 +54,16 @@ type Options struct {
 	MaxRecvMsgSize int
 	// ServerOptions are added to the grpc.Server (credentials).
 	ServerOptions []grpc.ServerOption
-	// QuietMethods are full method names whose successful calls are logged
-	// at debug level, like GetAccessToken's always are: they are the hot
-	// path, and the audit log records each token issued. Their failures
-	// are logged as every other call's.
+	// QuietMethods are full method names of services an embedder registers
+	// on Server (it embeds the grpc.Server) beside TokenBroker, whose
+	// successful calls are logged at debug level, as GetAccessToken's
+	// always are: for hot methods whose every success would otherwise be an
+	// info line. Their failures are logged as every other call's.
 	QuietMethods []string
-	// AuthenticatedMethods are full method names of services added to the
-	// server beside TokenBroker (such as the benchmarks' baselines) that
-	// any caller the policy knows may call: no policy rule names them.
-	// Under a policy, other added methods are denied to every caller.
+	// AuthenticatedMethods are full method names of services an embedder
+	// registers beside TokenBroker that any caller the policy knows may
+	// call: no policy rule names them. Under a policy, other added methods
+	// are denied to every caller.
 	AuthenticatedMethods []string
 	// Admin, when set, serves tokenbroker.admin.v1.AdminBroker (backup, rekey,
 	// key status) over it, to operators of every tenant only.

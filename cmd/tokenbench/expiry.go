@@ -8,62 +8,54 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/server/servertest"
-	"tokenbroker/storage/bolt"
 )
 
-// expiryResult is many connections whose tokens expire together (as after
-// an outage), each asked for by one caller at the same moment.
-type expiryResult struct {
-	conns, upstreamCap int
-	latency            time.Duration
-	elapsed            time.Duration // release until the last caller has its token
-	noop               time.Duration // the same release of no-op RPCs
-	floor              time.Duration // the upstream alone: ceil(conns/cap) rounds of latency
-	upstream, failed   int           // token requests seen by the stand-in; callers without a token
-	writes, commits    int64         // durable writes (intent + commit per refresh) and the commits carrying them
+// ExpiryResult is many connections whose tokens expire together (as after
+// an outage), one caller each released at once: every connection needs its
+// own refresh, so the upstream cap and the group commit set the pace. (That
+// a server which hangs holds only its per-host share of the cap is
+// TestHungHostDoesNotStarveOthers.)
+type ExpiryResult struct {
+	Conns, UpstreamCap int
+	LatencyMS          float64
+	// FloorMS is the upstream alone: ceil(conns/cap) rounds of latency.
+	FloorMS float64
+	// LastMS is from the release until the last caller had its token;
+	// NoopMS is the same release of no-op RPCs.
+	LastMS, NoopMS float64
+	Upstream       int // token requests the stand-in saw
+	// Writes are durable writes (intent and commit per refresh), Commits
+	// the commits that carried them.
+	Writes, Commits int64
 }
 
-// benchExpiry expires n connections' tokens at once and releases one caller
-// per connection: every connection needs its own refresh, so the broker's
-// upstream cap and the group commit set the pace.
-func benchExpiry(dir string, n int, latency time.Duration) (*expiryResult, error) {
-	ctx := context.Background()
-	clk := &clock{t: time.Now()}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16})
-	if err != nil {
-		return nil, err
-	}
+func (e *ExpiryResult) targets() []Target {
+	return []Target{{Section: "expiry", Name: fmt.Sprintf("upstream requests for %d expired connections", e.Conns), Unit: "requests",
+		Measured: float64(e.Upstream), Op: "exactly", Limit: float64(e.Conns),
+		Note: fmt.Sprintf("last caller %.2fx the upstream floor; %.1f writes per commit", e.LastMS/e.FloorMS, float64(e.Writes)/float64(max(e.Commits, 1)))}}
+}
+
+// benchExpiry expires n connections' tokens at once and releases one
+// caller per connection; the one stand-in serves for every instance, so
+// one host may use the whole cap.
+func benchExpiry(dir string, n int, latency time.Duration) *ExpiryResult {
+	ctx, clk := context.Background(), &clock{}
+	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16})
 	defer s.close()
-	names, err := s.createConnections(ctx, n)
-	if err != nil {
-		return nil, err
-	}
-	res := &expiryResult{conns: n, upstreamCap: upstreamCap, latency: latency}
-	res.floor = time.Duration((n+upstreamCap-1)/upstreamCap) * latency
-	if res.noop, err = release(n, func(i int) error { return servertest.CallNoop(ctx, s.conns[i%len(s.conns)]) }); err != nil {
-		return nil, err
-	}
-	bst := s.store.(*bolt.Store)
+	names := s.createConnections(n)
+	res := &ExpiryResult{Conns: n, UpstreamCap: upstreamCap, LatencyMS: ms(latency),
+		FloorMS: ms(time.Duration((n+upstreamCap-1)/upstreamCap) * latency)}
+	res.NoopMS = ms(must(release(n, func(i int) error { return servertest.CallNoop(ctx, s.conns[i%len(s.conns)]) })))
 	clk.Advance(2 * time.Hour)
 	before := s.idp.Counts()
-	c0, w0 := bst.CommitStats()
-	tokens := make([]string, n)
-	res.elapsed, err = release(n, func(i int) error {
-		r, err := s.client(i).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: names[i]})
-		tokens[i] = r.GetAccessToken()
+	c0, w0 := s.store.CommitStats()
+	res.LastMS = ms(must(release(n, func(i int) error {
+		_, err := s.client(i).GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: names[i]})
 		return err
-	})
+	})))
 	after := s.idp.Counts()
-	c1, w1 := bst.CommitStats()
-	res.upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
-	res.writes, res.commits = w1-w0, c1-c0
-	for _, t := range tokens {
-		if t == "" {
-			res.failed++
-		}
-	}
-	if err != nil {
-		return res, fmt.Errorf("expiry: %w", err)
-	}
-	return res, nil
+	c1, w1 := s.store.CommitStats()
+	res.Upstream = (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
+	res.Writes, res.Commits = w1-w0, c1-c0
+	return res
 }

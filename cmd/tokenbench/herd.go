@@ -2,125 +2,119 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"slices"
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
+
 	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/broker/acumaticatest"
 )
 
-type herdResult struct {
-	callers       int
-	runs          int
-	upstreamCalls []int         // per herd, released and parked
-	latency       time.Duration // added upstream latency
-	fsyncP50      time.Duration // one durable commit
-	distinct      int           // most distinct tokens handed out by one herd
-	errors        int
-	target        time.Duration
-	// Released at once: from the release of every caller until the last
-	// has its token, and the same release of no-op RPCs.
-	lastCaller, noopHerd time.Duration
-	// Parked: every caller is already waiting at the server; from the
-	// moment the held token request goes on until the last caller has its
-	// token, and the same for no-op RPCs held and released at once.
-	parked, parkedNoop time.Duration
-	// answered is when, in the parked herd, the stand-in answered the one
-	// token request; afterAnswer is from then until the last caller had
-	// its token (the commit and the fan-out).
-	answered, afterAnswer time.Duration
+// HerdResult is one herd size: callers on an expired token, parked (every
+// caller already waiting when the one token request goes on) and released
+// at once (their arrival included), each against no-op RPCs handled the
+// same way on the same server. Times are medians, in milliseconds.
+type HerdResult struct {
+	Callers, Herds int   // herds of each kind
+	UpstreamCalls  []int // per herd, released and parked in turn
+	// LatencyMS is added by the stand-in; CommitMS is one durable commit
+	// on the same file.
+	LatencyMS, CommitMS    float64
+	ParkedMS, ParkedNoopMS float64
+	// AnsweredMS is when the stand-in answered the parked herd's token
+	// request, from the start of its clock.
+	AnsweredMS                 float64
+	ReleasedMS, ReleasedNoopMS float64
+}
+
+// herdSlackMS is what the parked herd may take over its no-op baseline
+// beyond one token request and one commit.
+const herdSlackMS = 10
+
+// LimitMS is the parked herd's limit over its baseline: the upstream
+// latency, one commit and herdSlackMS.
+func (h *HerdResult) LimitMS() float64 { return h.LatencyMS + h.CommitMS + herdSlackMS }
+
+// herdTargets: every herd of every size made one upstream call, and the
+// largest herd's parked time over its baseline is within its limit.
+func herdTargets(herds []*HerdResult) []Target {
+	one, all := 0, 0
+	for _, h := range herds {
+		for _, c := range h.UpstreamCalls {
+			all++
+			if c == 1 {
+				one++
+			}
+		}
+	}
+	h := herds[len(herds)-1]
+	return []Target{
+		{Section: "herd", Name: "herds with exactly one upstream token request", Unit: "herds", Measured: float64(one), Op: "exactly", Limit: float64(all)},
+		{Section: "herd", Name: fmt.Sprintf("parked herd of %d over its no-op baseline", h.Callers), Unit: "ms",
+			Measured: h.ParkedMS - h.ParkedNoopMS, Op: "at most", Limit: h.LimitMS(),
+			Note: fmt.Sprintf("released at once: %.1f ms over its baseline", h.ReleasedMS-h.ReleasedNoopMS)},
+	}
 }
 
 // benchHerd measures n callers on an expired token through real gRPC,
-// against the stand-in with added latency, two ways: released at once (the
-// callers' own arrival included), and parked (every caller already waiting
-// when the token request starts). Each has a no-op baseline on the same
-// server; runs are interleaved and each figure is the median.
-func benchHerd(dir string, n, runs int, latency time.Duration) (*herdResult, error) {
-	clk := &clock{t: time.Now()}
+// against the stand-in with added latency, parked and released. Each has a
+// no-op baseline on the same server; runs are interleaved.
+func benchHerd(dir string, n, runs int, latency time.Duration) *HerdResult {
+	clk := &clock{}
 	upstream, misses, park := &parking{}, &parking{}, &parking{}
-	s, err := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
+	s := newStack(stackOptions{dir: dir, now: clk.Now, latency: latency, conns: 16,
 		wrapIDP: upstream.holdTokenRequests, observe: misses.countMisses, park: park})
-	if err != nil {
-		return nil, err
-	}
 	defer s.close()
-	names, err := s.createConnections(context.Background(), 1)
-	if err != nil {
-		return nil, err
-	}
-	// One durable commit, measured on the same file.
-	var commits []time.Duration
-	tok, err := s.store.GetTokens(context.Background(), names[0])
-	if err != nil {
-		return nil, err
-	}
-	for range 21 {
-		t0 := time.Now()
-		if err := s.store.PutTokens(context.Background(), names[0], tok); err != nil {
-			return nil, err
-		}
-		commits = append(commits, time.Since(t0))
-	}
-	slices.Sort(commits)
-	res := &herdResult{callers: n, runs: runs, latency: latency, fsyncP50: commits[len(commits)/2]}
-	res.target = 2 * (latency + res.fsyncP50)
-	req := &pb.GetAccessTokenRequest{Name: names[0]}
-	tokens := make([]string, n)
-	getToken := func(i int) error {
+	name := s.createConnections(1)[0]
+	res := &HerdResult{Callers: n, Herds: runs, LatencyMS: ms(latency), CommitMS: ms(commitTime(s, name))}
+	req := &pb.GetAccessTokenRequest{Name: name}
+	get := func(i int) (string, error) {
 		r, err := s.client(i).GetAccessToken(context.Background(), req)
-		tokens[i] = r.GetAccessToken()
-		return err
+		return r.GetAccessToken(), err
 	}
-	// herd runs one herd on a freshly expired token and checks its outcome.
-	herd := func(run func() (time.Duration, error)) (time.Duration, error) {
-		d, calls, failed, distinct, err := herdOnce(clk, s.idp, tokens, run)
-		res.upstreamCalls = append(res.upstreamCalls, calls)
-		res.errors += failed
-		res.distinct = max(res.distinct, distinct)
-		return d, err
+	// The baselines call the parked RPC (same request and answer shapes);
+	// unarmed, it answers at once.
+	callPark := func(i int) error {
+		return s.conns[i%len(s.conns)].Invoke(context.Background(), parkMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
 	}
-	var released, noopReleased, parked, parkedNoop, answered, afterAnswer []time.Duration
+	var released, releasedNoop, parked, parkedNoop, answered []time.Duration
 	for range runs {
-		// The baselines use the parked RPC (same request and answer shapes);
-		// unarmed, it answers at once.
-		d, err := release(n, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) })
-		if err != nil {
-			return nil, err
-		}
-		noopReleased = append(noopReleased, d)
-		if d, err = herd(func() (time.Duration, error) { return release(n, getToken) }); err != nil {
-			return nil, fmt.Errorf("herd: %w", err)
-		}
-		released = append(released, d)
+		releasedNoop = append(releasedNoop, must(release(n, callPark)))
+		d, calls := herdOnce(clk, s.idp, n, get, func(call func(int) error) (time.Duration, error) { return release(n, call) })
+		released, res.UpstreamCalls = append(released, d), append(res.UpstreamCalls, calls)
 		all := park.arm(n, true)
-		if d, err = parkThenRelease(n, func() { <-all }, park.open, func(i int) error { return callPark(context.Background(), s.conns[i%len(s.conns)], req) }); err != nil {
-			return nil, err
-		}
-		parkedNoop = append(parkedNoop, d)
-		if d, err = herd(func() (time.Duration, error) {
+		parkedNoop = append(parkedNoop, must(parkThenRelease(n, func() { <-all }, park.open, callPark)))
+		d, calls = herdOnce(clk, s.idp, n, get, func(call func(int) error) (time.Duration, error) {
 			// Every caller misses the cache and joins the one refresh,
 			// whose token request is held at the stand-in; then it goes on.
 			allMissed, held := misses.arm(n, false), upstream.arm(1, true)
 			defer misses.open()
 			var opened time.Time
-			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, getToken)
-			a := time.Unix(0, upstream.answered.Load()).Sub(opened)
-			answered, afterAnswer = append(answered, a), append(afterAnswer, d-a)
+			d, err := parkThenRelease(n, func() { <-allMissed; <-held }, func() { opened = time.Now(); upstream.open() }, call)
+			answered = append(answered, time.Unix(0, upstream.answered.Load()).Sub(opened))
 			return d, err
-		}); err != nil {
-			return nil, fmt.Errorf("parked herd: %w", err)
-		}
-		parked = append(parked, d)
+		})
+		parked, res.UpstreamCalls = append(parked, d), append(res.UpstreamCalls, calls)
 	}
-	res.lastCaller, res.noopHerd = medianDur(released), medianDur(noopReleased)
-	res.parked, res.parkedNoop = medianDur(parked), medianDur(parkedNoop)
-	res.answered, res.afterAnswer = medianDur(answered), medianDur(afterAnswer)
-	if res.errors > 0 {
-		return res, fmt.Errorf("herd: %d callers failed", res.errors)
+	res.ReleasedMS, res.ReleasedNoopMS = ms(medianDur(released)), ms(medianDur(releasedNoop))
+	res.ParkedMS, res.ParkedNoopMS, res.AnsweredMS = ms(medianDur(parked)), ms(medianDur(parkedNoop)), ms(medianDur(answered))
+	return res
+}
+
+// commitTime is the median of 21 durable commits of name's token state.
+func commitTime(s *stack, name string) time.Duration {
+	tok := must(s.store.GetTokens(context.Background(), name))
+	var commits []time.Duration
+	for range 21 {
+		t0 := time.Now()
+		check(s.store.PutTokens(context.Background(), name, tok))
+		commits = append(commits, time.Since(t0))
 	}
-	return res, nil
+	return medianDur(commits)
 }
 
 // parkThenRelease starts n callers, waits until all have arrived (ready
@@ -130,26 +124,13 @@ func parkThenRelease(n int, ready, open func(), call func(i int) error) (time.Du
 	errs := make([]error, n)
 	var done sync.WaitGroup
 	for i := range n {
-		done.Add(1)
-		go func() {
-			defer done.Done()
-			errs[i] = call(i)
-		}()
+		done.Go(func() { errs[i] = call(i) })
 	}
 	ready()
 	t0 := time.Now()
 	open()
 	done.Wait()
-	return time.Since(t0), firstErr(errs)
-}
-
-func firstErr(errs []error) error {
-	for _, e := range errs {
-		if e != nil {
-			return e
-		}
-	}
-	return nil
+	return time.Since(t0), errors.Join(errs...)
 }
 
 // release starts n callers at once and returns when the last is done.
@@ -171,5 +152,26 @@ func release(n int, call func(i int) error) (time.Duration, error) {
 	t0 := time.Now()
 	close(start)
 	done.Wait()
-	return time.Since(t0), firstErr(errs)
+	return time.Since(t0), errors.Join(errs...)
+}
+
+// herdOnce lets the token expire (clk), has run call get for each of n
+// callers, and returns run's time and the upstream token requests idp saw
+// meanwhile. A caller without a token, or a second token handed out, ends
+// the benchmark.
+func herdOnce(clk *clock, idp *acumaticatest.Server, n int, get func(i int) (string, error),
+	run func(call func(i int) error) (time.Duration, error)) (time.Duration, int) {
+	tokens := make([]string, n)
+	clk.Advance(2 * time.Hour)
+	before := idp.Counts()
+	d := must(run(func(i int) (err error) { tokens[i], err = get(i); return err }))
+	after := idp.Counts()
+	seen := map[string]bool{}
+	for _, t := range tokens {
+		seen[t] = true
+	}
+	if seen[""] || len(seen) != 1 {
+		check(fmt.Errorf("herd of %d: %d distinct tokens handed out, an empty one among them: %v", n, len(seen), seen[""]))
+	}
+	return d, (after.RefreshGrants + after.PasswordGrants) - (before.RefreshGrants + before.PasswordGrants)
 }

@@ -8,15 +8,14 @@ import (
 	"time"
 )
 
-// loadResult is one measured run of a closed-loop load.
-type loadResult struct {
-	calls      int
-	errors     int
-	throughput float64 // calls per second
-	p50, p99   time.Duration
-	// cpu is the process's CPU time (user and system) per call: client
+// Load is one closed-loop load, or the median of several runs of it.
+type Load struct {
+	Calls, Errors int
+	PerSecond     float64
+	P50US, P99US  float64
+	// CPUUS is the process's CPU time (user and system) per call: client
 	// and server together, as both run in the bench process.
-	cpu time.Duration
+	CPUUS float64
 }
 
 // processCPU is the CPU time the process has used so far.
@@ -29,8 +28,8 @@ func processCPU() time.Duration {
 }
 
 // runLoad runs conc goroutines calling call back to back for dur and
-// reports throughput and latency percentiles.
-func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker int) error) loadResult {
+// reports throughput, latency percentiles and CPU per call.
+func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker int) error) Load {
 	ctx := context.Background()
 	lat := make([][]time.Duration, conc)
 	errs := make([]int, conc)
@@ -39,9 +38,7 @@ func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker 
 	var deadline time.Time
 	for w := range conc {
 		lat[w] = make([]time.Duration, 0, 4096)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			<-start
 			for {
 				t0 := time.Now()
@@ -53,34 +50,30 @@ func runLoad(conc int, dur time.Duration, call func(ctx context.Context, worker 
 				}
 				lat[w] = append(lat[w], time.Since(t0))
 			}
-		}()
+		})
 	}
 	cpu0, began := processCPU(), time.Now()
 	deadline = began.Add(dur)
 	close(start)
 	wg.Wait()
 	elapsed, cpu := time.Since(began), processCPU()-cpu0
-	var all []time.Duration
-	r := loadResult{}
-	for w := range conc {
-		all = append(all, lat[w]...)
-		r.errors += errs[w]
+	all := slices.Concat(lat...)
+	r := Load{Calls: len(all)}
+	for _, e := range errs {
+		r.Errors += e
 	}
-	slices.Sort(all)
-	r.calls = len(all)
-	r.throughput = float64(len(all)) / elapsed.Seconds()
+	r.PerSecond = float64(len(all)) / elapsed.Seconds()
 	if len(all) > 0 {
-		r.cpu = cpu / time.Duration(len(all))
-		r.p50 = all[len(all)*50/100]
-		r.p99 = all[min(len(all)*99/100, len(all)-1)]
+		p50, p99 := percentiles(all)
+		r.CPUUS, r.P50US, r.P99US = us(cpu/time.Duration(len(all))), us(p50), us(p99)
 	}
 	return r
 }
 
 // median returns the median throughput, p50, p99 and CPU per call, each
-// taken separately.
-func median(runs []loadResult) loadResult {
-	pick := func(key func(loadResult) float64) float64 {
+// taken on its own, and the calls and errors of every run.
+func median(runs []Load) Load {
+	pick := func(key func(Load) float64) float64 {
 		v := make([]float64, len(runs))
 		for i, r := range runs {
 			v[i] = key(r)
@@ -88,15 +81,15 @@ func median(runs []loadResult) loadResult {
 		slices.Sort(v)
 		return v[len(v)/2]
 	}
-	out := loadResult{
-		throughput: pick(func(r loadResult) float64 { return r.throughput }),
-		p50:        time.Duration(pick(func(r loadResult) float64 { return float64(r.p50) })),
-		p99:        time.Duration(pick(func(r loadResult) float64 { return float64(r.p99) })),
-		cpu:        time.Duration(pick(func(r loadResult) float64 { return float64(r.cpu) })),
+	out := Load{
+		PerSecond: pick(func(r Load) float64 { return r.PerSecond }),
+		P50US:     pick(func(r Load) float64 { return r.P50US }),
+		P99US:     pick(func(r Load) float64 { return r.P99US }),
+		CPUUS:     pick(func(r Load) float64 { return r.CPUUS }),
 	}
 	for _, r := range runs {
-		out.calls += r.calls
-		out.errors += r.errors
+		out.Calls += r.Calls
+		out.Errors += r.Errors
 	}
 	return out
 }

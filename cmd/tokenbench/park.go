@@ -119,7 +119,3 @@ func (p *parking) register(s *grpc.Server, instanceURL string) {
 			return answer, nil
 		})
 }
-
-func callPark(ctx context.Context, cc grpc.ClientConnInterface, req *pb.GetAccessTokenRequest) error {
-	return cc.Invoke(ctx, parkMethod, req, new(pb.GetAccessTokenResponse), grpc.StaticMethod())
-}

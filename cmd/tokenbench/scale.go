@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -21,85 +20,69 @@ import (
 
 	pb "tokenbroker/gen/tokenbroker/v1"
 
-	"tokenbroker/broker"
 	"tokenbroker/storage"
 	"tokenbroker/storage/bolt"
 )
 
-type scaleResult struct {
-	conns                    int
-	fileBytes                int64
-	startWarm, startCold     time.Duration // exec to serving
-	loadedWarm, loadedCold   time.Duration // exec to every connection loaded
-	rssWarmKB                int64         // total resident
-	rssAnonKB, rssFileKB     int64         // of which anonymous / file-backed
-	servedRSS                []int64       // total resident (KiB) after serving every connection: Go defaults, then each of memLimits
-	servedRate               []float64     // tokens served per second then
-	commitP50, commitP99     time.Duration // one sequential commit
-	floorP50, floorP99       time.Duration // two raw page writes with fdatasync, interleaved with the commits
-	groupWrites, groupCommit int64         // concurrent writes and the commits that carried them
-	groupThroughput          float64       // writes per second
+// ScaleResult is one connection count: the real binary's start, memory
+// and commit cost on a data file holding that many connections.
+type ScaleResult struct {
+	Conns  int
+	FileMB float64
+	// ColdMS and WarmMS are exec to serving (cold: the file's pages
+	// evicted), LoadColdMS and LoadWarmMS exec to every connection loaded.
+	ColdMS, WarmMS, LoadColdMS, LoadWarmMS float64
+	RSSMB, AnonMB, FileRSSMB               float64 // when loaded
+	// ServedMB is the resident memory after a token of every connection
+	// was served over gRPC, at ServedRate tokens per second.
+	ServedMB, ServedRate     float64
+	CommitP50MS, CommitP99MS float64
+	// FloorP50MS and FloorP99MS are two raw 4 KiB writes with fdatasync,
+	// interleaved with the commits.
+	FloorP50MS, FloorP99MS float64
 }
 
-// populate writes n connections with token state straight into a data
-// file, through the store (sealed, group-committed).
-func populate(path string, keys *storage.Keyring, n int) error {
-	st, err := bolt.Open(path, bolt.Options{Keyring: keys})
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	return populateStore(st, n)
-}
-
-// populateStore writes n connections with token state through st, 256 at
-// a time.
-func populateStore(st broker.Store, n int) error {
-	now := time.Now()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 256)
-	errs := make(chan error, 1)
-	for i := range n {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
-			_, err := st.CreateConnection(context.Background(), &storage.Connection{
-				Name: name, DisplayName: "ERP", InstanceURL: "https://erp-" + strconv.Itoa(i) + ".example.com",
-				ClientID: clientID, ClientSecret: clientSecret + strconv.Itoa(i), Username: username, Password: password,
-				Scopes: []string{"api", "offline_access"}, CreateTime: now, UpdateTime: now,
-			}, &storage.Tokens{
-				Generation: 1, RefreshToken: "rt-" + strconv.Itoa(i) + strings.Repeat("r", 40), AccessToken: "at-" + strings.Repeat("a", 900),
-				TokenType: "Bearer", IssueTime: now, AccessTokenExpireTime: now.Add(time.Hour), ChainStartTime: now,
-				RefreshTokenUseTime: now, Scopes: []string{"api", "offline_access"}, State: "ACTIVE",
-			})
-			if err != nil {
-				select {
-				case errs <- err:
-				default:
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	select {
-	case err := <-errs:
-		return err
-	default:
+// scaleTargets are the targets at 100k connections (none at other sizes).
+func (s *ScaleResult) targets() []Target {
+	if s.Conns != 100000 {
 		return nil
 	}
+	t := func(name, unit string, got, limit float64) Target {
+		return Target{Section: "scale", Name: "100k connections: " + name, Unit: unit, Measured: got, Op: "at most", Limit: limit}
+	}
+	commit := t("commit p99", "ms", s.CommitP99MS, 2)
+	commit.Note = fmt.Sprintf("raw two-fsync floor p99 %.2f ms", s.FloorP99MS)
+	return []Target{t("serving, warm start", "ms", s.WarmMS, 500), t("serving, cold start", "ms", s.ColdMS, 1000),
+		t("resident memory when loaded", "MB", s.RSSMB, 300), t("resident memory after serving every connection", "MB", s.ServedMB, 300), commit}
 }
 
-// dropFromPageCache asks the kernel to evict the file's cached pages.
-func dropFromPageCache(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
+// populate writes n connections with token state into a data file
+// through the store (sealed, group-committed), 256 at a time.
+func populate(path string, keys *storage.Keyring, n int) {
+	st := must(bolt.Open(path, bolt.Options{Keyring: keys}))
+	defer st.Close()
+	now, scopes := time.Now(), []string{"api", "offline_access"}
+	check(parallel(n, 256, func(i int) error {
+		_, err := st.CreateConnection(context.Background(), &storage.Connection{
+			Name: scaleName(i), DisplayName: "ERP", InstanceURL: "https://erp-" + strconv.Itoa(i) + ".example.com",
+			ClientID: clientID, ClientSecret: clientSecret + strconv.Itoa(i), Username: username, Password: password,
+			Scopes: scopes, CreateTime: now, UpdateTime: now,
+		}, &storage.Tokens{
+			Generation: 1, RefreshToken: "rt-" + strconv.Itoa(i) + strings.Repeat("r", 40), AccessToken: "at-" + strings.Repeat("a", 900),
+			TokenType: "Bearer", IssueTime: now, AccessTokenExpireTime: now.Add(time.Hour), ChainStartTime: now,
+			RefreshTokenUseTime: now, Scopes: scopes, State: "ACTIVE",
+		})
 		return err
-	}
+	}))
+}
+
+func scaleName(i int) string { return fmt.Sprintf("tenants/t%06d/connections/erp", i) }
+
+// dropFromPageCache asks the kernel to evict the file's cached pages.
+func dropFromPageCache(path string) {
+	f := must(os.Open(path))
 	defer f.Close()
-	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	check(unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED))
 }
 
 // started is what one start of the binary measured.
@@ -110,24 +93,17 @@ type started struct {
 	serveRate       float64       // tokens served per second then
 }
 
-// startBinary runs the server on dir (with env added to its environment)
-// and measures exec until it serves, exec until every connection is loaded,
-// and resident memory then. With serveAll > 0 it then asks for a token of
-// each of the serveAll connections through gRPC and reads resident memory
-// again.
-func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (started, error) {
+// startBinary runs the server on dir and measures exec until it serves,
+// exec until every connection is loaded, and resident memory then. With
+// serveAll > 0 it then asks for a token of each of the serveAll
+// connections through gRPC and reads resident memory again.
+func startBinary(bin, dir string, key []byte, serveAll int) started {
 	var res started
 	cmd := exec.Command(bin, "--data-dir", dir, "--listen", "127.0.0.1:0", "--log-format", "text", "--allow-insecure-upstream")
 	cmd.Env = append(os.Environ(), "TOKENBROKER_KEY="+base64.StdEncoding.EncodeToString(key))
-	cmd.Env = append(cmd.Env, env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		return res, err
-	}
+	stderr := must(cmd.StderrPipe())
 	t0 := time.Now()
-	if err := cmd.Start(); err != nil {
-		return res, err
-	}
+	check(cmd.Start())
 	defer func() {
 		cmd.Process.Signal(os.Interrupt)
 		cmd.Wait()
@@ -150,16 +126,15 @@ func startBinary(bin, dir string, key []byte, serveAll int, env ...string) (star
 			go io.Copy(io.Discard, stderr)
 			if serveAll > 0 {
 				t1 := time.Now()
-				if err := getEveryToken(addr, serveAll); err != nil {
-					return res, err
-				}
+				getEveryToken(addr, serveAll)
 				res.serveRate = float64(serveAll) / time.Since(t1).Seconds()
 				res.servedRSS = readRSS(cmd.Process.Pid)
 			}
-			return res, nil
+			return res
 		}
 	}
-	return res, fmt.Errorf("server did not start: %s", strings.Join(output, "\n"))
+	check(fmt.Errorf("server did not start: %s", strings.Join(output, "\n")))
+	return res
 }
 
 // rss is resident memory in KiB: anonymous (heap, stacks) and file-backed
@@ -168,10 +143,7 @@ type rss struct{ total, anon, file int64 }
 
 func readRSS(pid int) rss {
 	var r rss
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return r
-	}
+	b := must(os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)))
 	for _, line := range strings.Split(string(b), "\n") {
 		for key, dst := range map[string]*int64{"VmRSS:": &r.total, "RssAnon:": &r.anon, "RssFile:": &r.file} {
 			if v, ok := strings.CutPrefix(line, key); ok {
@@ -184,125 +156,68 @@ func readRSS(pid int) rss {
 	return r
 }
 
-func benchScale(root, bin string, n int, logf func(string, ...any)) (*scaleResult, error) {
-	dir := filepath.Join(root, fmt.Sprintf("scale-%d", n))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
+func benchScale(root, bin string, n int) *ScaleResult {
+	dir := mkdir(root, fmt.Sprintf("scale-%d", n))
+	defer os.RemoveAll(dir)
 	key := make([]byte, 32)
 	keys, _ := storage.NewKeyring(key)
 	path := filepath.Join(dir, "tokenbroker.db")
 	t0 := time.Now()
-	if err := populate(path, keys, n); err != nil {
-		return nil, err
-	}
+	populate(path, keys, n)
 	logf("scale: %d connections written in %v", n, time.Since(t0).Round(time.Millisecond))
-	res := &scaleResult{conns: n}
+	res := &ScaleResult{Conns: n}
 	if info, err := os.Stat(path); err == nil {
-		res.fileBytes = info.Size()
+		res.FileMB = float64(info.Size()) / 1e6
 	}
 	var warm, cold, loadW, loadC []time.Duration
 	var rsss []rss
 	for i := range 3 {
-		if err := dropFromPageCache(path); err != nil {
-			return nil, err
-		}
-		c, err := startBinary(bin, dir, key, 0)
-		if err != nil {
-			return nil, err
-		}
+		dropFromPageCache(path)
+		c := startBinary(bin, dir, key, 0)
 		cold, loadC = append(cold, c.serving), append(loadC, c.loaded)
-		w, err := startBinary(bin, dir, key, 0)
-		if err != nil {
-			return nil, err
-		}
+		w := startBinary(bin, dir, key, 0)
 		warm, loadW, rsss = append(warm, w.serving), append(loadW, w.loaded), append(rsss, w.loadedRSS)
 		logf("scale: %d connections, start %d: cold %v (loaded %v), warm %v (loaded %v)", n, i+1,
 			c.serving.Round(time.Millisecond), c.loaded.Round(time.Millisecond), w.serving.Round(time.Millisecond), w.loaded.Round(time.Millisecond))
 	}
-	// Then warm starts that serve every connection: with the Go runtime's
-	// defaults, and under each soft memory limit.
-	for i := range 1 + len(memLimits) {
-		var env []string
-		if i > 0 {
-			env = []string{"GOMEMLIMIT=" + memLimits[i-1]}
-		}
-		w, err := startBinary(bin, dir, key, n, env...)
-		if err != nil {
-			return nil, err
-		}
-		res.servedRSS, res.servedRate = append(res.servedRSS, w.servedRSS.total), append(res.servedRate, w.serveRate)
-	}
-	res.startCold, res.startWarm = medianDur(cold), medianDur(warm)
-	res.loadedCold, res.loadedWarm = medianDur(loadC), medianDur(loadW)
+	// Then a warm start that serves every connection.
+	w := startBinary(bin, dir, key, n)
+	res.ServedMB, res.ServedRate = float64(w.servedRSS.total)/1024, w.serveRate
+	res.ColdMS, res.WarmMS = ms(medianDur(cold)), ms(medianDur(warm))
+	res.LoadColdMS, res.LoadWarmMS = ms(medianDur(loadC)), ms(medianDur(loadW))
 	slices.SortFunc(rsss, func(a, b rss) int { return int(a.total - b.total) })
 	m := rsss[len(rsss)/2]
-	res.rssWarmKB, res.rssAnonKB, res.rssFileKB = m.total, m.anon, m.file
+	res.RSSMB, res.AnonMB, res.FileRSSMB = float64(m.total)/1024, float64(m.anon)/1024, float64(m.file)/1024
+	commitCost(dir, path, keys, n, res)
+	return res
+}
 
-	// Commit cost as the file grows: sequential commits, then concurrent
-	// writers sharing commits.
-	st, err := bolt.Open(path, bolt.Options{Keyring: keys})
-	if err != nil {
-		return nil, err
-	}
+// commitCost times sequential commits on random connections, each paired
+// with a raw baseline on the same file system: a 4 KiB page write and
+// fdatasync, then a 4 KiB meta write and fdatasync, the floor of any B+tree
+// commit that flips a meta page (bbolt's does exactly this). Interleaving
+// makes both see the same disk.
+func commitCost(dir, path string, keys *storage.Keyring, n int, res *ScaleResult) {
+	st := must(bolt.Open(path, bolt.Options{Keyring: keys}))
 	defer st.Close()
-	tok, err := st.GetTokens(context.Background(), "tenants/t000000/connections/erp")
-	if err != nil {
-		return nil, err
-	}
-	// Each commit sample is paired with a raw one on the same file system:
-	// a 4 KiB page write and fdatasync, then a 4 KiB meta write and
-	// fdatasync, the floor of any B+tree commit that flips a meta page
-	// (bbolt's does exactly this). Interleaving makes both see the same disk.
-	raw, err := os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
+	tok := must(st.GetTokens(context.Background(), scaleName(0)))
+	raw := must(os.OpenFile(filepath.Join(dir, "fsync-baseline"), os.O_CREATE|os.O_RDWR, 0o600))
 	defer raw.Close()
 	page := make([]byte, 4096)
 	var seq, floor []time.Duration
 	for i := range commitSamples {
-		name := fmt.Sprintf("tenants/t%06d/connections/erp", (i*7919)%n)
+		name := scaleName((i * 7919) % n)
 		t0 := time.Now()
-		if err := st.PutTokens(context.Background(), name, tok); err != nil {
-			return nil, err
-		}
+		check(st.PutTokens(context.Background(), name, tok))
 		seq = append(seq, time.Since(t0))
 		t0 = time.Now()
-		if err := rawCommit(raw, page, int64(1+i%256)); err != nil {
-			return nil, err
-		}
+		rawCommit(raw, page, int64(1+i%256))
 		floor = append(floor, time.Since(t0))
 	}
-	slices.Sort(seq)
-	slices.Sort(floor)
-	res.commitP50, res.commitP99 = seq[len(seq)/2], seq[len(seq)*99/100]
-	res.floorP50, res.floorP99 = floor[len(floor)/2], floor[len(floor)*99/100]
-	c0, w0 := st.CommitStats()
-	const writers, each = 64, 32
-	var wg sync.WaitGroup
-	t1 := time.Now()
-	for w := range writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range each {
-				name := fmt.Sprintf("tenants/t%06d/connections/erp", (w*each+j)*31%n)
-				st.PutTokens(context.Background(), name, tok)
-			}
-		}()
-	}
-	wg.Wait()
-	elapsed := time.Since(t1)
-	c1, w1 := st.CommitStats()
-	res.groupWrites, res.groupCommit = w1-w0, c1-c0
-	res.groupThroughput = float64(w1-w0) / elapsed.Seconds()
-	return res, nil
+	c50, c99 := percentiles(seq)
+	f50, f99 := percentiles(floor)
+	res.CommitP50MS, res.CommitP99MS, res.FloorP50MS, res.FloorP99MS = ms(c50), ms(c99), ms(f50), ms(f99)
 }
-
-// memLimits are the soft memory limits (GOMEMLIMIT) of the second and
-// third warm starts; the first runs with the Go runtime's defaults.
-var memLimits = []string{"256MiB", "320MiB"}
 
 // commitSamples is how many sequential commits (and raw baselines) are
 // timed per size: enough that p99 is not one unlucky sample.
@@ -310,65 +225,24 @@ const commitSamples = 1000
 
 // rawCommit writes a page at index pg and syncs, then writes page 0 and
 // syncs.
-func rawCommit(f *os.File, page []byte, pg int64) error {
-	if _, err := f.WriteAt(page, pg*int64(len(page))); err != nil {
-		return err
-	}
-	if err := unix.Fdatasync(int(f.Fd())); err != nil {
-		return err
-	}
-	if _, err := f.WriteAt(page, 0); err != nil {
-		return err
-	}
-	return unix.Fdatasync(int(f.Fd()))
-}
-
-func medianDur(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	return s[len(s)/2]
+func rawCommit(f *os.File, page []byte, pg int64) {
+	check(errOf(f.WriteAt(page, pg*int64(len(page)))))
+	check(unix.Fdatasync(int(f.Fd())))
+	check(errOf(f.WriteAt(page, 0)))
+	check(unix.Fdatasync(int(f.Fd())))
 }
 
 // getEveryToken asks the server at addr for a token of each of the n
-// connections populate wrote, from 32 concurrent callers.
-func getEveryToken(addr string, n int) error {
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
+// connections populate wrote, 32 at a time.
+func getEveryToken(addr string, n int) {
+	cc := must(grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())))
 	defer cc.Close()
 	client := pb.NewTokenBrokerClient(cc)
-	next := make(chan int)
-	errc := make(chan error, 1)
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				name := fmt.Sprintf("tenants/t%06d/connections/erp", i)
-				r, err := client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: name})
-				if err == nil && r.GetAccessToken() == "" {
-					err = fmt.Errorf("%s: empty token", name)
-				}
-				if err != nil {
-					select {
-					case errc <- err:
-					default:
-					}
-				}
-			}
-		}()
-	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
-	select {
-	case err := <-errc:
+	check(parallel(n, 32, func(i int) error {
+		r, err := client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: scaleName(i)})
+		if err == nil && r.GetAccessToken() == "" {
+			err = fmt.Errorf("%s: empty token", scaleName(i))
+		}
 		return err
-	default:
-		return nil
-	}
+	}))
 }

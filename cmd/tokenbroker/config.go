@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"tokenbroker/broker"
-	"tokenbroker/server"
+	"tokenbroker/internal/gcfloor"
 )
 
 // config is the serve command's configuration: flags, each also read from
@@ -96,7 +96,7 @@ func (c *config) flagSet(stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&c.rejectCooldown, "reject-cooldown", 5*time.Second, "least time between two refreshes of one connection triggered by rejected-token reports (0: no limit)")
 	fs.IntVar(&c.maxUpstream, "max-concurrent-upstream", broker.DefaultMaxConcurrentUpstream, "upstream token requests in flight at once, across all connections; the rest queue. Raise it when many connections' tokens may expire together")
 	fs.IntVar(&c.maxUpstreamPerHost, "max-concurrent-upstream-per-host", broker.DefaultMaxConcurrentUpstreamPerHost, "upstream token requests in flight at once to one Acumatica server (scheme and host of the instance URL), within --max-concurrent-upstream: a server that stops answering holds no more slots than this")
-	fs.IntVar(&c.gcHeapFloorMiB, "gc-heap-floor-mib", server.DefaultHeapFloor>>20, "heap size (MiB) below which the Go garbage collector does not run; above it GOGC applies as usual, and GOMEMLIMIT always wins (0: off, GOGC alone); at most a quarter of the cgroup's memory limit")
+	fs.IntVar(&c.gcHeapFloorMiB, "gc-heap-floor-mib", gcfloor.Default>>20, "heap size (MiB) below which the Go garbage collector does not run; above it GOGC applies as usual, and GOMEMLIMIT always wins (0: off, GOGC alone); at most a quarter of the cgroup's memory limit")
 	fs.BoolVar(&c.allowInsecureUpstream, "allow-insecure-upstream", false, "allow http:// instance URLs beyond loopback, and loopback addresses (tests only)")
 	fs.Var(&c.allowUpstreamCIDRs, "allow-upstream-cidr", "address range inside the network (private, link-local, CGNAT ...) that instance URLs may reach, e.g. 10.0.0.0/8; repeat the flag or give a comma-separated list. Default none: such addresses are refused, at input and when connecting")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc"
 
 	"tokenbroker/broker"
+	"tokenbroker/internal/gcfloor"
 	"tokenbroker/server"
 	"tokenbroker/storage"
 )
@@ -280,7 +281,7 @@ func announce(cfg *config, lis net.Listener, keys *storage.Keyring, log *slog.Lo
 // ctx ends (then it shuts down) or serving or loading fails.
 func serveUntilDone(ctx context.Context, cfg *config, srv *server.Server, lis net.Listener, b *broker.Broker, log *slog.Logger, stderr io.Writer) error {
 	errc := make(chan error, 2)
-	floor := make(chan *server.HeapFloor, 1)
+	floor := make(chan *gcfloor.Floor, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	go func() {
 		if err := loadThenMaintain(ctx, cfg, b, floor, log, stderr); err != nil {
@@ -305,7 +306,7 @@ func serveUntilDone(ctx context.Context, cfg *config, srv *server.Server, lis ne
 // loadThenMaintain loads every connection, then starts the heap floor and
 // the broker's maintenance. Until a connection is loaded, it is read from
 // the store when first asked for.
-func loadThenMaintain(ctx context.Context, cfg *config, b *broker.Broker, floor chan<- *server.HeapFloor, log *slog.Logger, stderr io.Writer) error {
+func loadThenMaintain(ctx context.Context, cfg *config, b *broker.Broker, floor chan<- *gcfloor.Floor, log *slog.Logger, stderr io.Writer) error {
 	start := time.Now()
 	// Loading keeps most of what it allocates, interleaved with the
 	// decoder's garbage. Collecting often while it runs lets the kept
@@ -332,7 +333,7 @@ func loadThenMaintain(ctx context.Context, cfg *config, b *broker.Broker, floor 
 // quarter of the cgroup's memory limit; nil when it is off. From here on
 // the heap holds every connection; below the floor the collector lets
 // garbage build up instead of running scores of times a second under load.
-func startHeapFloor(cfg *config, log *slog.Logger) *server.HeapFloor {
+func startHeapFloor(cfg *config, log *slog.Logger) *gcfloor.Floor {
 	if cfg.gcHeapFloorMiB <= 0 {
 		return nil
 	}
@@ -343,7 +344,7 @@ func startHeapFloor(cfg *config, log *slog.Logger) *server.HeapFloor {
 		log.Info("GC heap floor lowered to a quarter of the cgroup's memory limit",
 			"gc_heap_floor_mib", f>>20, "memory_limit_mib", limit>>20)
 	}
-	return server.StartHeapFloor(f)
+	return gcfloor.Start(f)
 }
 
 // shutDown stops taking calls, lets in-flight calls finish within

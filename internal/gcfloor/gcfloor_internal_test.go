@@ -1,4 +1,4 @@
-package server
+package gcfloor
 
 import (
 	"runtime"
@@ -16,9 +16,9 @@ func withGOGC(t *testing.T, percent int) {
 
 // startTestFloor starts a floor whose tunes arrive on the returned channel,
 // the first (at start) already taken.
-func startTestFloor(t *testing.T, floor uint64) (*HeapFloor, <-chan int) {
+func startTestFloor(t *testing.T, floor uint64) (*Floor, <-chan int) {
 	tuned := make(chan int, 64)
-	h := startHeapFloor(floor, func(p int) {
+	h := start(floor, func(p int) {
 		select {
 		case tuned <- p:
 		default:
@@ -56,7 +56,7 @@ func readMetric(name string) uint64 {
 	return s[0].Value.Uint64()
 }
 
-func TestHeapFloorPutsTheHeapGoalAtTheFloor(t *testing.T) {
+func TestFloorPutsTheHeapGoalAtTheFloor(t *testing.T) {
 	withGOGC(t, 100)
 	const floor = 64 << 20
 	runtime.GC()
@@ -76,7 +76,7 @@ func TestHeapFloorPutsTheHeapGoalAtTheFloor(t *testing.T) {
 
 var sink []byte
 
-func TestHeapFloorLeavesGOGCAloneAboveTheFloor(t *testing.T) {
+func TestFloorLeavesGOGCAloneAboveTheFloor(t *testing.T) {
 	withGOGC(t, 100)
 	live := make([]byte, 32<<20)
 	_, tuned := startTestFloor(t, 8<<20)
@@ -86,7 +86,7 @@ func TestHeapFloorLeavesGOGCAloneAboveTheFloor(t *testing.T) {
 	runtime.KeepAlive(live)
 }
 
-func TestHeapFloorCutsCollections(t *testing.T) {
+func TestFloorCutsCollections(t *testing.T) {
 	withGOGC(t, 100)
 	// churn allocates 256 MiB of short-lived garbage and counts the
 	// collections it took.
@@ -112,9 +112,9 @@ func TestHeapFloorCutsCollections(t *testing.T) {
 	}
 }
 
-func TestHeapFloorLeavesGOGCOffAlone(t *testing.T) {
+func TestFloorLeavesGOGCOffAlone(t *testing.T) {
 	withGOGC(t, -1)
-	h := StartHeapFloor(64 << 20)
+	h := Start(64 << 20)
 	defer h.Stop()
 	if p := debug.SetGCPercent(-1); p != -1 {
 		t.Fatalf("with GOGC=off the floor set GOGC=%d", p)

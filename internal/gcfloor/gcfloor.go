@@ -1,4 +1,8 @@
-package server
+// Package gcfloor keeps a floor under the Go heap: the garbage collector
+// does not run until the heap reaches it, and above it GOGC applies as
+// usual. tokenbroker serve keeps one (--gc-heap-floor-mib), and so does the
+// benchmark command, whose in-process servers stand for it.
+package gcfloor
 
 import (
 	"math"
@@ -9,7 +13,7 @@ import (
 	"sync/atomic"
 )
 
-// HeapFloor lets the heap grow to a floor before the garbage collector
+// Floor lets the heap grow to a floor before the garbage collector
 // runs; above the floor, GOGC applies as usual.
 //
 // The broker's live heap is small until it holds many connections, while
@@ -17,12 +21,12 @@ import (
 // are most of it). Under GOGC alone the runtime then collects whenever the
 // heap has doubled from a few megabytes: scores of collections a second
 // under load, and a large share of the CPU. The runtime has no minimum heap
-// setting, so after each collection HeapFloor raises GOGC just enough for
+// setting, so after each collection Floor raises GOGC just enough for
 // the next collection to start at the floor, and never lowers it below
 // where it was: the heap's goal is max(floor, what GOGC alone allows). A
 // soft memory limit (GOMEMLIMIT) still wins over both, and with GOGC=off
 // nothing is changed.
-type HeapFloor struct {
+type Floor struct {
 	floor   uint64
 	base    int // GOGC when started, restored by Stop
 	stopped atomic.Bool
@@ -31,23 +35,23 @@ type HeapFloor struct {
 	onTune func(percent int)
 }
 
-// DefaultHeapFloor is the serve command's heap floor (--gc-heap-floor-mib).
-const DefaultHeapFloor = 64 << 20
+// Default is the serve command's heap floor (--gc-heap-floor-mib).
+const Default = 64 << 20
 
-// heapFloorMu serializes starting and stopping: GOGC is one setting per
+// floorMu serializes starting and stopping: GOGC is one setting per
 // process.
-var heapFloorMu sync.Mutex
+var floorMu sync.Mutex
 
-// StartHeapFloor starts keeping a heap floor of floor bytes, until Stop.
-// Only one HeapFloor may run at a time in a process.
-func StartHeapFloor(floor uint64) *HeapFloor {
-	return startHeapFloor(floor, nil)
+// Start starts keeping a heap floor of floor bytes, until Stop.
+// Only one Floor may run at a time in a process.
+func Start(floor uint64) *Floor {
+	return start(floor, nil)
 }
 
-func startHeapFloor(floor uint64, onTune func(int)) *HeapFloor {
-	heapFloorMu.Lock()
-	defer heapFloorMu.Unlock()
-	h := &HeapFloor{floor: floor, onTune: onTune, samples: []metrics.Sample{
+func start(floor uint64, onTune func(int)) *Floor {
+	floorMu.Lock()
+	defer floorMu.Unlock()
+	h := &Floor{floor: floor, onTune: onTune, samples: []metrics.Sample{
 		{Name: "/gc/heap/live:bytes"},
 		{Name: "/gc/scan/stack:bytes"},
 		{Name: "/gc/scan/globals:bytes"},
@@ -68,9 +72,9 @@ func startHeapFloor(floor uint64, onTune func(int)) *HeapFloor {
 }
 
 // Stop stops adjusting GOGC and restores its value from before the start.
-func (h *HeapFloor) Stop() {
-	heapFloorMu.Lock()
-	defer heapFloorMu.Unlock()
+func (h *Floor) Stop() {
+	floorMu.Lock()
+	defer floorMu.Unlock()
 	if h.stopped.Swap(true) {
 		return
 	}
@@ -83,10 +87,10 @@ func (h *HeapFloor) Stop() {
 type gcSentinel struct{ _ *byte }
 
 // arm has tune run after the next collection, and arm again then.
-func (h *HeapFloor) arm() {
-	runtime.AddCleanup(new(gcSentinel), func(h *HeapFloor) {
-		heapFloorMu.Lock()
-		defer heapFloorMu.Unlock()
+func (h *Floor) arm() {
+	runtime.AddCleanup(new(gcSentinel), func(h *Floor) {
+		floorMu.Lock()
+		defer floorMu.Unlock()
 		if h.stopped.Load() {
 			return
 		}
@@ -103,7 +107,7 @@ const runtimeHeapMinimum = 4 << 20
 // heap the last collection found live. The runtime's goal at GOGC=p is the
 // larger of live + (live + stacks + globals) * p/100 and its minimum heap,
 // 4 MiB * p/100; the least p that brings either to the floor is the one.
-func (h *HeapFloor) tune() {
+func (h *Floor) tune() {
 	metrics.Read(h.samples)
 	live := h.samples[0].Value.Uint64()
 	if live == 0 {
