@@ -253,6 +253,22 @@ func (cd *Codec) EncodeRecords(c *Connection, rev int64, t *Tokens) (stored *Con
 	return c, cv, tv, nil
 }
 
+// MarkDeleting decodes the connection record v stored under name, checks
+// that its Revision equals revision (unless revision is 0) and returns it
+// encoded again with DeleteTime set to now: the record a backend keeps
+// aside while a delete is under way.
+func (cd *Codec) MarkDeleting(name string, v []byte, revision int64, now time.Time) ([]byte, error) {
+	c, err := cd.DecodeConnection(name, v)
+	if err != nil {
+		return nil, err
+	}
+	if revision != 0 && c.Revision != revision {
+		return nil, fmt.Errorf("%w: %s is at revision %d, not %d", ErrConflict, name, c.Revision, revision)
+	}
+	c.DeleteTime = now
+	return cd.EncodeConnection(c)
+}
+
 // ConnectionNeedsReseal reports whether a stored connection record holds
 // anything sealed with a key other than the sealing key. It does not check
 // the record; [Codec.ResealConnection] does.

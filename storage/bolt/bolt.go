@@ -662,15 +662,7 @@ func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) e
 		if v == nil {
 			return fmt.Errorf("%w: %s", storage.ErrNotFound, name)
 		}
-		c, err := s.decodeConnection(key, v)
-		if err != nil {
-			return err
-		}
-		if revision != 0 && c.Revision != revision {
-			return fmt.Errorf("%w: %s is at revision %d, not %d", storage.ErrConflict, name, c.Revision, revision)
-		}
-		c.DeleteTime = s.now()
-		dv, err := s.codec.EncodeConnection(c)
+		dv, err := s.codec.MarkDeleting(name, v, revision, s.now())
 		if err != nil {
 			return err
 		}
