@@ -156,22 +156,8 @@ func (s *Store) findStale(after string, limit int) (batch []stale, next string, 
 				return nil
 			}
 			seen, last = seen+1, string(k) // a copy: k is only valid in the transaction
-			for _, r := range []stale{
-				{bucketConnections, k, storage.KindConnection, v, nil},
-				{bucketTokens, k, storage.KindTokens, tokens.Get(k), nil},
-			} {
-				if r.old == nil {
-					continue
-				}
-				st.Examined++
-				ok, err := s.codec.Stale(r.kind, r.old)
-				if err != nil {
-					return fmt.Errorf("storage: %s: %w", k, err)
-				}
-				if ok {
-					r.key, r.old = bytes.Clone(r.key), bytes.Clone(r.old)
-					batch = append(batch, r)
-				}
+			if err := s.addStale(&batch, &st, bucketConnections, k, v, tokens.Get(k)); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -185,25 +171,32 @@ func (s *Store) findStale(after string, limit int) (batch []stale, next string, 
 func (s *Store) staleDeleting(tx *bbolt.Tx, batch *[]stale, st *storage.ResealStats) error {
 	tokens := tx.Bucket(bucketTokens)
 	return tx.Bucket(bucketDeleting).ForEach(func(k, v []byte) error {
-		for _, r := range []stale{
-			{bucketDeleting, k, storage.KindConnection, v, nil},
-			{bucketTokens, k, storage.KindTokens, tokens.Get(k), nil},
-		} {
-			if r.old == nil {
-				continue
-			}
-			st.Examined++
-			ok, err := s.codec.Stale(r.kind, r.old)
-			if err != nil {
-				return fmt.Errorf("storage: %s: %w", k, err)
-			}
-			if ok {
-				r.key, r.old = bytes.Clone(r.key), bytes.Clone(r.old)
-				*batch = append(*batch, r)
-			}
-		}
-		return nil
+		return s.addStale(batch, st, bucketDeleting, k, v, tokens.Get(k))
 	})
+}
+
+// addStale examines the connection record cv held under k in bucket and
+// its token record tv (either nil when absent), and adds the stale ones to
+// batch, copied: k and the values are only valid in the transaction.
+func (s *Store) addStale(batch *[]stale, st *storage.ResealStats, bucket, k, cv, tv []byte) error {
+	for _, r := range []stale{
+		{bucket, k, storage.KindConnection, cv, nil},
+		{bucketTokens, k, storage.KindTokens, tv, nil},
+	} {
+		if r.old == nil {
+			continue
+		}
+		st.Examined++
+		ok, err := s.codec.Stale(r.kind, r.old)
+		if err != nil {
+			return fmt.Errorf("storage: %s: %w", k, err)
+		}
+		if ok {
+			r.key, r.old = bytes.Clone(r.key), bytes.Clone(r.old)
+			*batch = append(*batch, r)
+		}
+	}
+	return nil
 }
 
 // BackupWriter writes a backup: a bbolt data file in the store's own
