@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tokenbroker/storage"
@@ -305,13 +306,6 @@ func (b *Broker) grantRefused(name string, err error, reason, advice string) err
 // exchangeCode sends one authorization_code grant (RFC 6749 section 4.1.3,
 // RFC 7636 section 4.5).
 func (b *Broker) exchangeCode(ctx context.Context, cfg *storage.Connection, code, verifier string) (*tokenResponse, error) {
-	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
-	if err != nil {
-		return nil, &upstreamError{class: classSafe, grant: grantAuthorizationCode, detail: "upstream cap: " + err.Error()}
-	}
-	defer release()
-	ctx = withConnName(ctx, cfg.Name)
-	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
 	form := url.Values{
 		"grant_type":    {grantAuthorizationCode},
 		"code":          {code},
@@ -320,12 +314,27 @@ func (b *Broker) exchangeCode(ctx context.Context, cfg *storage.Connection, code
 		"client_id":     {cfg.ClientID},
 		"client_secret": {cfg.ClientSecret},
 	}
-	b.stats.UpstreamCode.Add(1)
+	return b.postToken(ctx, cfg, grantAuthorizationCode, form, &b.stats.UpstreamCode, []string{cfg.ClientSecret, code, verifier})
+}
+
+// postToken sends one token request of grant with form to cfg's identity
+// server, holding one of its upstream slots, traced and observed. sent
+// counts the grant's requests; secrets are the form's values an error
+// must never show.
+func (b *Broker) postToken(ctx context.Context, cfg *storage.Connection, grant string, form url.Values, sent *atomic.Int64, secrets []string) (*tokenResponse, error) {
+	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
+	if err != nil {
+		return nil, &upstreamError{class: classSafe, grant: grant, detail: "upstream cap: " + err.Error()}
+	}
+	defer release()
+	ctx = withConnName(ctx, cfg.Name)
+	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
+	sent.Add(1)
 	began := time.Now()
-	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grantAuthorizationCode))
-	resp, err := b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, code, verifier})
+	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grant))
+	resp, err := b.up.tokenRequest(ctx, ep.token, form, secrets)
 	endToken(span, err)
-	b.observe(grantAuthorizationCode, began, err)
+	b.observe(grant, began, err)
 	return resp, err
 }
 
@@ -472,7 +481,14 @@ func (b *Broker) createWith(ctx context.Context, cfg *storage.Connection, prove 
 	if err != nil {
 		return nil, err
 	}
-	stored, err := b.store.CreateConnection(context.WithoutCancel(ctx), cfg, tok)
+	return b.storeCreated(context.WithoutCancel(ctx), cfg, tok, "flow", cfg.Flow)
+}
+
+// storeCreated stores the new connection cfg with its first token state
+// tok and publishes it; logged adds attributes to the log line. If the
+// write fails, nothing is stored and tok's chain is signed out.
+func (b *Broker) storeCreated(ctx context.Context, cfg *storage.Connection, tok *storage.Tokens, logged ...any) (*View, error) {
+	stored, err := b.store.CreateConnection(ctx, cfg, tok)
 	if err != nil {
 		b.signOutAsync(cfg, tok.RefreshToken, tok.AccessToken)
 		if errors.Is(err, storage.ErrAlreadyExists) {
@@ -484,7 +500,7 @@ func (b *Broker) createWith(ctx context.Context, cfg *storage.Connection, prove 
 	_, replaced := b.conns.Swap(cfg.Name, nc)
 	b.events.admitted(nc, !replaced) // a watch of another replica's change may have brought it first
 	b.tombs.Delete(cfg.Name)
-	b.log.Info("connection created", "connection", cfg.Name, "instance_url", cfg.InstanceURL, "flow", cfg.Flow)
+	b.log.Info("connection created", append([]any{"connection", cfg.Name, "instance_url", cfg.InstanceURL}, logged...)...)
 	return b.viewOf(nc), nil
 }
 

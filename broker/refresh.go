@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
-	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -313,42 +312,22 @@ func (b *Broker) attemptFailed(c *conn, code, msg string) {
 }
 
 // exchange sends one token request.
-func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, refreshToken string) (resp *tokenResponse, err error) {
-	release, err := b.slots.acquire(ctx, cfg.InstanceURL)
-	if err != nil {
-		return nil, &upstreamError{class: classSafe, grant: grant, detail: "upstream cap: " + err.Error()}
-	}
-	defer release()
-	ctx = withConnName(ctx, cfg.Name)
-	ep := b.up.endpointsFor(ctx, cfg.InstanceURL)
+func (b *Broker) exchange(ctx context.Context, cfg *storage.Connection, grant, refreshToken string) (*tokenResponse, error) {
 	form := url.Values{
 		"grant_type":    {grant},
 		"client_id":     {cfg.ClientID},
 		"client_secret": {cfg.ClientSecret},
 	}
+	sent := &b.stats.UpstreamRefresh
 	if grant == grantPassword {
 		form.Set("username", cfg.Username)
 		form.Set("password", cfg.Password)
 		form.Set("scope", strings.Join(cfg.Scopes, " "))
-		b.stats.UpstreamPassword.Add(1)
+		sent = &b.stats.UpstreamPassword
 	} else {
 		form.Set("refresh_token", refreshToken)
-		b.stats.UpstreamRefresh.Add(1)
 	}
-	began := time.Now()
-	ctx, span := startUpstream(ctx, b.up.tracer, "token", http.MethodPost, attrGrant.String(grant))
-	resp, err = b.up.tokenRequest(ctx, ep.token, form, []string{cfg.ClientSecret, cfg.Password, refreshToken})
-	endToken(span, err)
-	outcome := "ok"
-	var ue *upstreamError
-	if errors.As(err, &ue) {
-		outcome = ue.class.String()
-	}
-	if err != nil {
-		b.stats.UpstreamFailures.Add(1)
-	}
-	b.opts.Observer.TokenRequest(grant, outcome, time.Since(began))
-	return resp, err
+	return b.postToken(ctx, cfg, grant, form, sent, []string{cfg.ClientSecret, cfg.Password, refreshToken})
 }
 
 // commit makes next durable, then takes it: as a success (failures,
