@@ -138,18 +138,10 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	if _, err := b.lookup(c.Name); err == nil {
 		return nil, alreadyExists(c.Name, "")
 	}
-	b.creatingMu.Lock()
-	if _, busy := b.creating[c.Name]; busy {
-		b.creatingMu.Unlock()
+	if !b.reserve(c.Name) {
 		return nil, alreadyExists(c.Name, "a create is in progress")
 	}
-	b.creating[c.Name] = struct{}{}
-	b.creatingMu.Unlock()
-	defer func() {
-		b.creatingMu.Lock()
-		delete(b.creating, c.Name)
-		b.creatingMu.Unlock()
-	}()
+	defer b.unreserve(c.Name)
 
 	now := b.now()
 	c.CreateTime, c.UpdateTime = now, now
@@ -163,20 +155,7 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 	if err != nil {
 		return nil, err
 	}
-	stored, err := b.store.CreateConnection(ctx, c, tok)
-	if err != nil {
-		b.signOutAsync(c, tok.RefreshToken, tok.AccessToken)
-		if errors.Is(err, storage.ErrAlreadyExists) {
-			return nil, alreadyExists(c.Name, "")
-		}
-		return nil, storageError(c.Name, err)
-	}
-	nc := newConnPublished(stored, tok)
-	_, replaced := b.conns.Swap(c.Name, nc)
-	b.events.admitted(nc, !replaced) // a watch of another replica's change may have brought it first
-	b.tombs.Delete(c.Name)
-	b.log.Info("connection created", "connection", c.Name, "instance_url", c.InstanceURL)
-	return b.viewOf(nc), nil
+	return b.storeCreated(ctx, c, tok)
 }
 
 // prove runs one password grant with cfg's credentials and returns the
