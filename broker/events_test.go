@@ -11,7 +11,6 @@ import (
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/internal/testkit"
 	"tokenbroker/storage"
-	"tokenbroker/storage/etcdtest"
 )
 
 // eventLog runs WatchConnections on b and collects what it sends. With
@@ -228,14 +227,8 @@ func TestWarningEventsAppearOnce(t *testing.T) {
 // TestReplicasDeliverEachOthersEventsOnce: on embedded etcd each replica's
 // watch shows every change made on either replica exactly once.
 func TestReplicasDeliverEachOthersEventsOnce(t *testing.T) {
-	clk := testkit.NewClock()
-	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
-	idp.AddClient(clientID, clientSecret)
-	idp.AddUser(username, password)
-	hs := idp.Start()
-	defer hs.Close()
-	endpoint := etcdtest.Start(t)
-	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
+	p := twoReplicas(t, acumaticatest.Options{})
+	clk, idp, a, b := p.clk, p.idp, p.a, p.b
 	la := watchEvents(t, a, broker.WatchRequest{}, 100)
 	lb := watchEvents(t, b, broker.WatchRequest{}, 100)
 	for _, l := range []*eventLog{la, lb} {
@@ -245,7 +238,7 @@ func TestReplicasDeliverEachOthersEventsOnce(t *testing.T) {
 	}
 	ctx := context.Background()
 	conn := func(name string) *storage.Connection {
-		return &storage.Connection{Name: name, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password}
+		return &storage.Connection{Name: name, InstanceURL: p.url, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password}
 	}
 	if _, err := a.CreateConnection(ctx, conn(connName), false); err != nil {
 		t.Fatal(err)

@@ -37,25 +37,56 @@ func replica(t *testing.T, endpoint string, clk *testkit.Clock) *broker.Broker {
 	return b
 }
 
-func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
+// replicaPair is two replicas on one embedded etcd, sharing a clock and a
+// stand-in identity server that knows the test client and user.
+type replicaPair struct {
+	clk      *testkit.Clock
+	idp      *acumaticatest.Server
+	url      string // the identity server's
+	endpoint string // etcd's
+	a, b     *broker.Broker
+}
+
+// twoReplicas starts a replicaPair; opts configures the identity server,
+// whose Now is the pair's clock.
+func twoReplicas(t *testing.T, opts acumaticatest.Options) *replicaPair {
+	t.Helper()
 	clk := testkit.NewClock()
-	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now, Latency: 20 * time.Millisecond})
+	opts.Now = clk.Now
+	idp := acumaticatest.New(opts)
 	idp.AddClient(clientID, clientSecret)
 	idp.AddUser(username, password)
 	hs := idp.Start()
-	defer hs.Close()
+	t.Cleanup(hs.Close)
 	endpoint := etcdtest.Start(t)
-	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
+	return &replicaPair{clk: clk, idp: idp, url: hs.URL, endpoint: endpoint, a: replica(t, endpoint, clk), b: replica(t, endpoint, clk)}
+}
 
-	if _, err := a.CreateConnection(context.Background(), &storage.Connection{
-		Name: connName, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+// create creates the password connection connName on replica a.
+func (p *replicaPair) create(t *testing.T) {
+	t.Helper()
+	if _, err := p.a.CreateConnection(context.Background(), &storage.Connection{
+		Name: connName, InstanceURL: p.url, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
 	}, false); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// createSeenByB creates connName on replica a and waits until replica b
+// reads it too.
+func (p *replicaPair) createSeenByB(t *testing.T) {
+	t.Helper()
+	p.create(t)
 	testkit.Eventually(t, "replica b to see the new connection", func() bool {
-		_, err := b.GetConnection(context.Background(), connName)
+		_, err := p.b.GetConnection(context.Background(), connName)
 		return err == nil
 	})
+}
+
+func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
+	p := twoReplicas(t, acumaticatest.Options{Latency: 20 * time.Millisecond})
+	clk, idp, a, b := p.clk, p.idp, p.a, p.b
+	p.createSeenByB(t)
 	first, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")
 	if err != nil {
 		t.Fatal(err)
@@ -143,19 +174,9 @@ func TestReplicasOnEtcdShareOneRefresh(t *testing.T) {
 // signed-out access token and never present the abandoned refresh token:
 // the abandonment reaches it through the watch like any newer token.
 func TestReplicasOnEtcdDropAChainAnotherAbandoned(t *testing.T) {
-	clk := testkit.NewClock()
-	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
-	idp.AddClient(clientID, clientSecret)
-	idp.AddUser(username, password)
-	hs := idp.Start()
-	defer hs.Close()
-	endpoint := etcdtest.Start(t)
-	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
-	if _, err := a.CreateConnection(context.Background(), &storage.Connection{
-		Name: connName, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-	}, false); err != nil {
-		t.Fatal(err)
-	}
+	p := twoReplicas(t, acumaticatest.Options{})
+	clk, idp, endpoint, a, b := p.clk, p.idp, p.endpoint, p.a, p.b
+	p.create(t)
 	var old broker.Token
 	testkit.Eventually(t, "replica b to serve the first token", func() bool {
 		tok, err := b.GetAccessToken(context.Background(), connName, time.Minute, "")

@@ -9,9 +9,6 @@ import (
 
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
-	"tokenbroker/internal/testkit"
-	"tokenbroker/storage"
-	"tokenbroker/storage/etcdtest"
 )
 
 // next runs w.Next in the background, so a test can act and then collect.
@@ -151,23 +148,9 @@ func TestWatchTokenSkipsToTheNewestForASlowReader(t *testing.T) {
 }
 
 func TestWatchTokenOnTwoReplicasDeliversTheSameRotation(t *testing.T) {
-	clk := testkit.NewClock()
-	idp := acumaticatest.New(acumaticatest.Options{Now: clk.Now})
-	idp.AddClient(clientID, clientSecret)
-	idp.AddUser(username, password)
-	hs := idp.Start()
-	defer hs.Close()
-	endpoint := etcdtest.Start(t)
-	a, b := replica(t, endpoint, clk), replica(t, endpoint, clk)
-	if _, err := a.CreateConnection(context.Background(), &storage.Connection{
-		Name: connName, InstanceURL: hs.URL, ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
-	}, false); err != nil {
-		t.Fatal(err)
-	}
-	testkit.Eventually(t, "replica b to see the new connection", func() bool {
-		_, err := b.GetConnection(context.Background(), connName)
-		return err == nil
-	})
+	p := twoReplicas(t, acumaticatest.Options{})
+	p.createSeenByB(t)
+	a, b := p.a, p.b
 	var pending []<-chan result
 	var first string
 	for _, r := range []*broker.Broker{a, b} {
