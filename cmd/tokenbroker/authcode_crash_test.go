@@ -58,6 +58,22 @@ func newAuthorization(instance string) *pb.StartAuthorizationRequest {
 	}}
 }
 
+// startAuthCodeBroker starts a stand-in identity server that knows the
+// authorization-code client and the consenting user, and a broker on a
+// fresh data dir; args start the broker again on the same dir.
+func startAuthCodeBroker(t *testing.T) (s *acumaticatest.Server, instance string, p *proc, args []string) {
+	t.Helper()
+	s = acumaticatest.New(acumaticatest.Options{})
+	s.AddAuthCodeClient(acClientID, clientSecret, acRedirect)
+	s.SetConsentUser(username)
+	s.AddUser(username, password)
+	hs := httptest.NewServer(s.Handler())
+	t.Cleanup(hs.Close)
+	dir := filepath.Join(t.TempDir(), "data")
+	args = []string{"--data-dir", dir, "--listen", "127.0.0.1:0"}
+	return s, hs.URL, start(t, nil, args...), args
+}
+
 // TestKill9DuringCodeExchange kills the real binary while upstream holds
 // CompleteAuthorization's code exchange, before and after upstream
 // processed it. After a restart the connection either works (a live token
@@ -82,27 +98,19 @@ func TestKill9DuringCodeExchange(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := acumaticatest.New(acumaticatest.Options{})
-			s.AddAuthCodeClient(acClientID, clientSecret, acRedirect)
-			s.SetConsentUser(username)
-			s.AddUser(username, password)
-			hs := httptest.NewServer(s.Handler())
-			t.Cleanup(hs.Close)
-			dir := filepath.Join(t.TempDir(), "data")
-			args := []string{"--data-dir", dir, "--listen", "127.0.0.1:0"}
-			p := start(t, nil, args...)
+			s, instance, p, args := startAuthCodeBroker(t)
 			c := p.client()
 			ctx := context.Background()
 
 			var state, code string
 			if tc.existing {
-				state, code = startAuthorization(t, c, newAuthorization(hs.URL))
+				state, code = startAuthorization(t, c, newAuthorization(instance))
 				if _, err := c.CompleteAuthorization(ctx, &pb.CompleteAuthorizationRequest{Name: acName, State: state, Code: code}); err != nil {
 					t.Fatal(err)
 				}
 				state, code = startAuthorization(t, c, &pb.StartAuthorizationRequest{Name: acName})
 			} else {
-				state, code = startAuthorization(t, c, newAuthorization(hs.URL))
+				state, code = startAuthorization(t, c, newAuthorization(instance))
 			}
 			fault, moment := tc.fault()
 			s.Inject(fault)
@@ -146,7 +154,7 @@ func TestKill9DuringCodeExchange(t *testing.T) {
 			if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "start the authorization again") {
 				t.Fatalf("completion with the state of the killed process: %v", err)
 			}
-			req := newAuthorization(hs.URL)
+			req := newAuthorization(instance)
 			if tc.existing {
 				req = &pb.StartAuthorizationRequest{Name: acName}
 			}
@@ -188,18 +196,10 @@ func TestKill9DuringAuthCodeRefresh(t *testing.T) {
 		}, false, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := acumaticatest.New(acumaticatest.Options{})
-			s.AddAuthCodeClient(acClientID, clientSecret, acRedirect)
-			s.SetConsentUser(username)
-			s.AddUser(username, password)
-			hs := httptest.NewServer(s.Handler())
-			t.Cleanup(hs.Close)
-			dir := filepath.Join(t.TempDir(), "data")
-			args := []string{"--data-dir", dir, "--listen", "127.0.0.1:0"}
-			p := start(t, nil, args...)
+			s, instance, p, args := startAuthCodeBroker(t)
 			c := p.client()
 			ctx := context.Background()
-			state, code := startAuthorization(t, c, newAuthorization(hs.URL))
+			state, code := startAuthorization(t, c, newAuthorization(instance))
 			if _, err := c.CompleteAuthorization(ctx, &pb.CompleteAuthorizationRequest{Name: acName, State: state, Code: code}); err != nil {
 				t.Fatal(err)
 			}
