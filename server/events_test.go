@@ -252,22 +252,31 @@ func TestWatchConnectionsEndsOnShutdown(t *testing.T) {
 	}
 }
 
+// reloadableAcmeOperator starts a TLS fixture under testPolicy p, loaded,
+// whose authorizer az a test may reload, and a client op of acme's
+// operator.
+func reloadableAcmeOperator(t *testing.T) (p *server.Policy, az *server.Authorizer, tf *tlsFixture, op pb.TokenBrokerClient) {
+	t.Helper()
+	p, err := server.ParsePolicy([]byte(testPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az = server.NewAuthorizer(p)
+	tf = newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
+	if _, err := tf.b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
+	op, _ = tf.client(t, &acmeOps)
+	return p, az, tf, op
+}
+
 // TestWatchConnectionsEndsWhenAPolicyReloadRemovesTheOperator: a policy
 // reload that takes the operator role of the requested tenant away ends
 // an open WatchConnections stream with PERMISSION_DENIED at its next
 // event, and no view of that tenant is sent after the reload.
 func TestWatchConnectionsEndsWhenAPolicyReloadRemovesTheOperator(t *testing.T) {
-	p, err := server.ParsePolicy([]byte(testPolicy))
-	if err != nil {
-		t.Fatal(err)
-	}
-	az := server.NewAuthorizer(p)
-	tf := newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
-	if _, err := tf.b.Load(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
-	op, _ := tf.client(t, &acmeOps)
+	p, az, tf, op := reloadableAcmeOperator(t)
 	for _, parent := range []string{"tenants/acme", "tenants/-"} {
 		t.Run(parent, func(t *testing.T) {
 			az.SetPolicy(p)
@@ -328,17 +337,7 @@ func TestWatchConnectionsResumeNeedsTheFeedID(t *testing.T) {
 // stream, an operator moved by a reload from acme to globex is no longer
 // sent acme's changes, and is sent globex's.
 func TestWatchConnectionsFollowsAPolicyReloadOfTenants(t *testing.T) {
-	p, err := server.ParsePolicy([]byte(testPolicy))
-	if err != nil {
-		t.Fatal(err)
-	}
-	az := server.NewAuthorizer(p)
-	tf := newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
-	if _, err := tf.b.Load(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
-	op, _ := tf.client(t, &acmeOps)
+	_, az, tf, op := reloadableAcmeOperator(t)
 	next, _ := watch(t, op, &pb.WatchConnectionsRequest{Parent: "tenants/-"})
 	for m := next(); m.GetType() != pb.WatchConnectionsResponse_TYPE_SYNCED; m = next() {
 	}
