@@ -128,15 +128,9 @@ func ValidEndpoint(s string) bool { return endpointPattern.MatchString(s) }
 // proven with one password grant whose refresh token starts the chain;
 // rejected credentials store nothing.
 func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, validateOnly bool) (*View, error) {
-	c = c.Clone()
-	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
-		return nil, invalid(v...)
-	}
-	if _, _, err := ParseConnectionName(c.Name); err != nil {
-		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
-	}
-	if _, err := b.lookup(c.Name); err == nil {
-		return nil, alreadyExists(c.Name, "")
+	c, err := b.checkNew(c)
+	if err != nil {
+		return nil, err
 	}
 	if !b.reserve(c.Name) {
 		return nil, alreadyExists(c.Name, "a create is in progress")
@@ -156,6 +150,22 @@ func (b *Broker) CreateConnection(ctx context.Context, c *storage.Connection, va
 		return nil, err
 	}
 	return b.storeCreated(ctx, c, tok)
+}
+
+// checkNew returns a normalized copy of in, the configuration of a new
+// connection, once it is valid and its name is free.
+func (b *Broker) checkNew(in *storage.Connection) (*storage.Connection, error) {
+	c := in.Clone()
+	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
+		return nil, invalid(v...)
+	}
+	if _, _, err := ParseConnectionName(c.Name); err != nil {
+		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
+	}
+	if _, err := b.lookup(c.Name); err == nil {
+		return nil, alreadyExists(c.Name, "")
+	}
+	return c, nil
 }
 
 // prove runs one password grant with cfg's credentials and returns the

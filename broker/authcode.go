@@ -446,15 +446,9 @@ func (b *Broker) plan(t Target) (*plan, error) {
 }
 
 func (b *Broker) planNew(in *storage.Connection) (*plan, error) {
-	c := in.Clone()
-	if v := Normalize(c, nil, b.opts.upstreamRules()); len(v) > 0 {
-		return nil, invalid(v...)
-	}
-	if _, _, err := ParseConnectionName(c.Name); err != nil {
-		return nil, invalid(FieldViolation{Field: "name", Description: err.Error()})
-	}
-	if _, err := b.lookup(c.Name); err == nil {
-		return nil, alreadyExists(c.Name, "")
+	c, err := b.checkNew(in)
+	if err != nil {
+		return nil, err
 	}
 	now := b.now()
 	c.CreateTime, c.UpdateTime = now, now
