@@ -189,7 +189,7 @@ func (b *Broker) StartAuthorization(ctx context.Context, t Target, validateOnly 
 	if err := errors.Join(err1, err2); err != nil {
 		return nil, err
 	}
-	pa := &storage.Authorization{Name: p.cfg.Name, Conn: p.cfg, Existing: p.existing, Revision: p.revision,
+	pa := &storage.Authorization{Name: p.cfg.Name, Conn: p.cfg, Existing: p.existing, ETag: p.base,
 		Verifier: verifier, ExpireTime: b.now().Add(AuthorizationLifetime)}
 	if err := b.auths.PutAuthorization(context.WithoutCancel(ctx), stateKey(state), pa); err != nil {
 		if errors.Is(err, errTooManyAuthorizations) {
@@ -245,7 +245,7 @@ func (b *Broker) CompleteAuthorization(ctx context.Context, name, state, code st
 	if err != nil {
 		return nil, err
 	}
-	return b.replaceChain(ctx, c, p.Conn, p.Revision, grantAuthorizationCode, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
+	return b.replaceChain(ctx, c, p.Conn, p.ETag, grantAuthorizationCode, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
 		return b.redeemCode(ctx, p.Conn, code, p.Verifier, intent)
 	})
 }
@@ -395,7 +395,7 @@ func authCodeUpdateRefused(cfg *storage.Connection, u *update) error {
 type plan struct {
 	cfg      *storage.Connection
 	existing bool
-	revision int64 // existing: the revision cfg was built from
+	base     string // existing: the etag of the configuration cfg was built from
 	tokens   *storage.Tokens
 }
 
@@ -433,7 +433,7 @@ func (b *Broker) plan(t Target) (*plan, error) {
 	if v := Normalize(next, u.fields, b.opts.upstreamRules()); len(v) > 0 {
 		return nil, invalid(v...)
 	}
-	return &plan{cfg: next, existing: true, revision: cur.Revision, tokens: tok}, nil
+	return &plan{cfg: next, existing: true, base: etag(cur), tokens: tok}, nil
 }
 
 func (b *Broker) planNew(in *storage.Connection) (*plan, error) {
@@ -505,11 +505,12 @@ func (b *Broker) unreserve(name string) {
 }
 
 // replaceChain gives the existing connection c the configuration cfg and
-// the chain prove makes, in c's turn: the intent is recorded first, prove
+// the chain prove makes, in c's turn, if c is still the configuration
+// whose etag is base: the intent is recorded first, prove
 // talks upstream, and cfg with the new chain is stored in one write before
 // anything is handed out. The old chain is then revoked and signed out. A
 // failure leaves c as it was (its intent cleared).
-func (b *Broker) replaceChain(ctx context.Context, c *conn, cfg *storage.Connection, revision int64, intentGrant string, prove func(context.Context, *storage.Tokens) (*storage.Tokens, error)) (*View, error) {
+func (b *Broker) replaceChain(ctx context.Context, c *conn, cfg *storage.Connection, base string, intentGrant string, prove func(context.Context, *storage.Tokens) (*storage.Tokens, error)) (*View, error) {
 	var out *View
 	err := b.withTurn(ctx, c, func() error {
 		c.mu.Lock()
@@ -518,7 +519,7 @@ func (b *Broker) replaceChain(ctx context.Context, c *conn, cfg *storage.Connect
 		switch {
 		case deleted:
 			return notFound(c.name)
-		case cur.Revision != revision:
+		case etag(cur) != base: // the etag, not the revision: a re-created connection starts again at 1
 			return newError(ErrConflict, ReasonEtagMismatch, c.name, "connection changed since the authorization or import started; start again")
 		}
 		intent, err := b.recordIntent(c, old, intentGrant)

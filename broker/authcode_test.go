@@ -623,3 +623,50 @@ func TestAuthorizationEndpointFromDiscovery(t *testing.T) {
 		})
 	}
 }
+
+// TestAuthorizationStartedBeforeRecreateIsRefused: an update authorization
+// started before a delete cannot complete onto the connection re-created
+// under the same name (which starts again at revision 1): it is refused
+// as a conflict, no code is sent upstream and nothing stored changes.
+func TestAuthorizationStartedBeforeRecreateIsRefused(t *testing.T) {
+	e := newEnv(t).withAuthCode()
+	ctx := context.Background()
+	e.authorizeNew(acName)
+	a, err := e.b.StartAuthorization(ctx, broker.Target{Conn: &storage.Connection{Name: acName, DisplayName: "Old plan"},
+		Existing: true, Fields: []string{"display_name"}}, false)
+	if err != nil {
+		t.Fatalf("StartAuthorization (update): %v", err)
+	}
+	q := follow(t, a.URL)
+	if err := e.b.DeleteConnection(ctx, acName, ""); err != nil {
+		t.Fatalf("DeleteConnection: %v", err)
+	}
+	e.clock.Advance(time.Second)
+	recreated := e.authorizeNew(acName)
+	if recreated.Conn.Revision != 1 {
+		t.Fatalf("re-created connection has revision %d; the test needs it to start again at 1", recreated.Conn.Revision)
+	}
+	beforeConn, err1 := e.store.GetConnection(ctx, acName)
+	beforeTok, err2 := e.store.GetTokens(ctx, acName)
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	codes := e.idp.Counts().CodeGrants
+
+	_, err = e.b.CompleteAuthorization(ctx, acName, q.Get("state"), q.Get("code"))
+	if !errors.Is(err, broker.ErrConflict) || reasonOf(err) != broker.ReasonEtagMismatch {
+		t.Fatalf("completing onto the re-created connection: err = %v, want ErrConflict with reason %s", err, broker.ReasonEtagMismatch)
+	}
+	afterConn, err1 := e.store.GetConnection(ctx, acName)
+	afterTok, err2 := e.store.GetTokens(ctx, acName)
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	if afterConn.DisplayName == "Old plan" || afterConn.Revision != beforeConn.Revision || afterTok.RefreshToken != beforeTok.RefreshToken || afterTok.IntentGrant != "" {
+		t.Fatalf("a refused completion changed the stored connection: %+v -> %+v", beforeConn, afterConn)
+	}
+	if got := e.idp.Counts().CodeGrants; got != codes {
+		t.Fatalf("a refused completion sent the code upstream (%d -> %d code grants)", codes, got)
+	}
+	assertNoSecrets(t, e, err.Error())
+}

@@ -80,9 +80,10 @@ type WatchRequest struct {
 	// Allow, when set, selects the names it accepts (the tenants a caller
 	// operates).
 	Allow func(name string) bool
-	// AfterSeq resumes after this sequence of feed FeedID (of this feed
-	// when empty): the events missed are replayed if the feed still holds
-	// them, else the watch resyncs. 0 starts with the current state.
+	// AfterSeq resumes after this sequence of feed FeedID: the events
+	// missed are replayed if this is that feed and it still holds them,
+	// else (another replica's feed, an older process's, or no FeedID) the
+	// watch resyncs. 0 starts with the current state.
 	AfterSeq int64
 	FeedID   string
 }
@@ -133,11 +134,53 @@ type feed struct {
 
 // watcher is one WatchConnections call's place in the feed.
 type watcher struct {
-	match  func(name string) bool
-	from   int64      // the feed's sequence when it subscribed
-	ch     chan Event // bounded backlog
+	match func(name string) bool
+	from  int64 // the feed's sequence when it subscribed
+	limit int   // the most events queue holds
+	// queue is the backlog, grown as events wait rather than allocated at
+	// its bound: most watches are idle, and a full one is ~150 KB.
+	mu     sync.Mutex
+	queue  []Event
+	ready  chan struct{} // holds a signal while queue is not empty
 	lagged chan struct{}
 	behind bool // lagged is closed; guarded by feed.mu
+}
+
+// push queues ev, or reports false when the backlog is full.
+func (w *watcher) push(ev Event) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.queue) >= w.limit {
+		return false
+	}
+	w.queue = append(w.queue, ev)
+	w.signalLocked()
+	return true
+}
+
+// pop takes the oldest queued event; ok is false when there is none.
+func (w *watcher) pop() (ev Event, ok bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.queue) == 0 {
+		return Event{}, false
+	}
+	ev = w.queue[0]
+	w.queue[0] = Event{} // the slot no longer keeps its view alive
+	w.queue = w.queue[1:]
+	if len(w.queue) == 0 {
+		w.queue = nil // an idle watch gives its backlog back
+	} else {
+		w.signalLocked()
+	}
+	return ev, true
+}
+
+func (w *watcher) signalLocked() {
+	select {
+	case w.ready <- struct{}{}:
+	default: // already signalled
+	}
 }
 
 // connEvents is what the feed last announced of one connection. Guarded
@@ -261,9 +304,7 @@ func (f *feed) emitLocked(c *conn, ev Event) {
 		if w.behind || !w.match(ev.Name) {
 			continue
 		}
-		select {
-		case w.ch <- ev:
-		default:
+		if !w.push(ev) {
 			// Full: the watcher is too far behind to be caught up event by
 			// event; it resyncs from the current state.
 			w.behind = true
@@ -278,10 +319,10 @@ func (f *feed) emitLocked(c *conn, ev Event) {
 func (f *feed) subscribe(match func(string) bool, after int64, id string) (w *watcher, replay []Event, resumed bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	w = &watcher{match: match, from: f.seq, ch: make(chan Event, min(len(f.ring), maxWatchBacklog)), lagged: make(chan struct{})}
+	w = &watcher{match: match, from: f.seq, limit: min(len(f.ring), maxWatchBacklog), ready: make(chan struct{}, 1), lagged: make(chan struct{})}
 	f.subs[w] = struct{}{}
 	oldest := f.seq - int64(f.held) + 1
-	if after <= 0 || (id != "" && id != f.id) || after > f.seq || after < oldest-1 {
+	if after <= 0 || id != f.id || after > f.seq || after < oldest-1 {
 		return w, nil, false
 	}
 	for s := after + 1; s <= f.seq; s++ {
@@ -362,8 +403,8 @@ func (b *Broker) sendNext(ctx context.Context, w *watcher, skip map[string]int64
 		return ErrClosed
 	case <-w.lagged:
 		return nil
-	case ev := <-w.ch:
-		if ev.Seq > skip[ev.Name] {
+	case <-w.ready:
+		if ev, ok := w.pop(); ok && ev.Seq > skip[ev.Name] {
 			return send(&ev)
 		}
 		return nil

@@ -63,3 +63,35 @@ func TestWarningThresholds(t *testing.T) {
 		}
 	}
 }
+
+// TestAWatchAllocatesItsBacklogAsItFills: subscribing costs a small
+// fraction of a full backlog (maxWatchBacklog events), which an idle
+// watch never needs; the baseline is one full backlog allocated in the
+// same run.
+func TestAWatchAllocatesItsBacklogAsItFills(t *testing.T) {
+	b, err := New(Options{Store: openStore(t), TickInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := b.events
+	all := func(string) bool { return true }
+	watch := testing.Benchmark(func(tb *testing.B) {
+		tb.ReportAllocs()
+		for range tb.N {
+			w, _, _ := f.subscribe(all, 0, "")
+			f.unsubscribe(w)
+		}
+	})
+	var sink []Event
+	backlog := testing.Benchmark(func(tb *testing.B) {
+		tb.ReportAllocs()
+		for range tb.N {
+			sink = make([]Event, maxWatchBacklog)
+		}
+	})
+	_ = sink
+	if ratio := float64(watch.AllocedBytesPerOp()) / float64(backlog.AllocedBytesPerOp()); ratio > 0.05 {
+		t.Fatalf("a watch allocates %d B up front, %.2f of a full backlog (%d B); want at most 0.05",
+			watch.AllocedBytesPerOp(), ratio, backlog.AllocedBytesPerOp())
+	}
+}

@@ -158,6 +158,25 @@ func TestResumeBeyondTheRingResyncs(t *testing.T) {
 	}
 }
 
+// TestResumeWithoutFeedIDResyncs: a sequence without the feed it came
+// from may be another replica's, so it is not replayed from this feed:
+// the watcher gets the current state with resync set.
+func TestResumeWithoutFeedIDResyncs(t *testing.T) {
+	e := newEnv(t)
+	e.create()
+	l := watchEvents(t, e.b, broker.WatchRequest{}, 100)
+	l.next()
+	synced := l.next()
+	rename(t, e.b, connName, "after")
+	w := watchEvents(t, e.b, broker.WatchRequest{AfterSeq: synced.Seq}, 100)
+	if ev := w.next(); brief(ev) != "existing "+connName+" ACTIVE resync" || ev.View.Conn.DisplayName != "after" {
+		t.Fatalf("resume without a feed id: %q, want the current state with resync", brief(ev))
+	}
+	if ev := w.next(); ev.Type != broker.EventSynced || !ev.Resync {
+		t.Fatalf("resync end %q", brief(ev))
+	}
+}
+
 // TestWarningEventsAppearOnce: a client secret entering its last 30 days
 // and an API Login Limit answer each give one warning event, and the
 // login limit shows in the connection's warnings.

@@ -43,7 +43,7 @@ func (b *Broker) ImportRefreshToken(ctx context.Context, t Target, refreshToken 
 	if err != nil {
 		return nil, err
 	}
-	return b.replaceChain(ctx, c, p.cfg, p.revision, grantImport, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
+	return b.replaceChain(ctx, c, p.cfg, p.base, grantImport, func(ctx context.Context, intent *storage.Tokens) (*storage.Tokens, error) {
 		return b.redeemRefreshToken(ctx, p.cfg, refreshToken, intent)
 	})
 }

@@ -47,6 +47,7 @@ type options struct {
 	callTimeout time.Duration
 	backoffBase time.Duration
 	backoffMax  time.Duration
+	idle        time.Duration // a source's watch stops after this long unused; <= 0: never
 	now         func() time.Time
 	realClock   bool // now is time.Now
 }
@@ -66,6 +67,13 @@ func WithBackoff(base, max time.Duration) Option {
 	return func(o *options) { o.backoffBase, o.backoffMax = base, max }
 }
 
+// WithIdleTimeout stops the watch stream of a token source (one connection
+// and margin) that has not been asked for a token for d, so that a process
+// holds streams only for the connections it uses; the next request for a
+// token starts it again. Default 15 min; zero or less keeps every watch
+// until [Client.Close].
+func WithIdleTimeout(d time.Duration) Option { return func(o *options) { o.idle = d } }
+
 // withClock replaces time.Now, for tests.
 func withClock(now func() time.Time) Option {
 	return func(o *options) { o.now, o.realClock = now, false }
@@ -75,7 +83,7 @@ func withClock(now func() time.Time) Option {
 // *grpc.ClientConn). It makes no call until a token is first asked for.
 // The connection stays the caller's: [Client.Close] does not close it.
 func New(cc grpc.ClientConnInterface, opts ...Option) *Client {
-	o := options{callTimeout: 30 * time.Second, backoffBase: 200 * time.Millisecond, backoffMax: 30 * time.Second, now: time.Now, realClock: true}
+	o := options{callTimeout: 30 * time.Second, backoffBase: 200 * time.Millisecond, backoffMax: 30 * time.Second, idle: 15 * time.Minute, now: time.Now, realClock: true}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -143,7 +151,8 @@ func (c *Client) source(name string, opts ...TokenOption) *source {
 	return s
 }
 
-// startWatch runs s's watch until Close, unless the client is closed.
+// startWatch runs s's watch until Close, until s goes unused or until its
+// connection is not found, unless the client is closed.
 func (c *Client) startWatch(s *source) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

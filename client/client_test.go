@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,6 +22,7 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/client"
+	"tokenbroker/storage"
 )
 
 // eventually waits, up to a minute (the machine may be busy), for cond,
@@ -330,6 +333,69 @@ func TestTransportReportsA401OnceForManyRequests(t *testing.T) {
 	}
 }
 
+// TestTransportSendsTheTokenOnlyToTheInstance: the bearer token goes to the
+// connection's instance (scheme, host, port and virtual directory) and
+// nowhere else, not even where the instance redirects.
+func TestTransportSendsTheTokenOnlyToTheInstance(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const onprem = "tenants/acme/connections/onprem"
+	if _, err := r.b.CreateConnection(context.Background(), &storage.Connection{
+		Name: onprem, InstanceURL: r.idpURL + "/AcumaticaERP/", ClientID: clientID, ClientSecret: clientSecret, Username: username, Password: password,
+	}, false); err != nil {
+		t.Fatal(err)
+	}
+	other := httptest.NewServer(http.HandlerFunc(echoAuthorization))
+	defer other.Close()
+	c := newClient(t, r)
+	tok, err := c.TokenSource(erp).Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bearer := "Bearer " + tok.AccessToken
+	redirect := func(to string) string { return r.idpURL + "/test/redirect?to=" + url.QueryEscape(to) }
+	for _, tc := range []struct {
+		conn, url, want string
+	}{
+		{erp, r.idpURL + "/test/authorization", bearer},
+		{erp, redirect(r.idpURL + "/test/authorization"), bearer},
+		{erp, other.URL + "/test/authorization", ""},
+		{erp, redirect(other.URL + "/test/authorization"), ""},
+		{erp, strings.Replace(r.idpURL, "127.0.0.1", "localhost", 1) + "/test/authorization", ""},
+		{onprem, r.idpURL + "/test/authorization", ""},
+		{onprem, r.idpURL + "/AcumaticaERPx/test/authorization", ""},
+		{onprem, redirect(other.URL + "/AcumaticaERP/test/authorization"), ""},
+	} {
+		got := getBody(t, c.HTTPClient(tc.conn), tc.url)
+		if got != tc.want {
+			t.Errorf("%s through %s: Authorization %q, want %q", tc.url, tc.conn, got, tc.want)
+		}
+	}
+	// The on-premise instance still gets its own token under its directory.
+	resp, err := c.HTTPClient(onprem).Get(r.idpURL + "/AcumaticaERP/entity/Default/24.200.001/SalesOrder?$top=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("on-premise resource: status %d, want 200", resp.StatusCode)
+	}
+}
+
+func getBody(t *testing.T, hc *http.Client, url string) string {
+	t.Helper()
+	resp, err := hc.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
 func TestTransportReturnsThe401WhenTheBodyCannotBeSentAgain(t *testing.T) {
 	r := newRig(rigOptions{})
 	defer r.close()
@@ -460,4 +526,74 @@ func TestCloseStopsWatchesAndFailsWhatNeedsTheBroker(t *testing.T) {
 	if _, err := ts.Token(); !errors.Is(err, client.ErrClosed) {
 		t.Errorf("after Close, with the token expired: %v, want ErrClosed", err)
 	}
+}
+
+// TestAnUnusedSourceReleasesItsWatch: a source nobody asks for a token
+// closes its watch stream after the idle timeout and opens it again on the
+// next use; one in use keeps its stream.
+func TestAnUnusedSourceReleasesItsWatch(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const idle = 200 * time.Millisecond
+	c := newClient(t, r, client.WithIdleTimeout(idle))
+	ts := c.TokenSource(erp)
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch stream", func() bool { return r.open.Load() == 1 })
+	eventually(t, "the idle watch to end", func() bool { return r.open.Load() == 0 })
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch to start again", func() bool { return r.open.Load() == 1 })
+	if got := r.streams.Load(); got != 2 {
+		t.Fatalf("streams opened = %d, want 2", got)
+	}
+
+	// Used every few milliseconds for several idle timeouts: one stream.
+	var maxGap time.Duration
+	last := time.Now()
+	for end := last.Add(4 * idle); time.Now().Before(end); {
+		if _, err := ts.Token(); err != nil {
+			t.Fatal(err)
+		}
+		now := time.Now()
+		maxGap, last = max(maxGap, now.Sub(last)), now
+		time.Sleep(idle / 20)
+	}
+	if maxGap > idle/2 {
+		t.Logf("the loop was starved for %v: too long to judge the stream kept", maxGap)
+		return
+	}
+	if got := r.streams.Load(); got != 2 || r.open.Load() != 1 {
+		t.Fatalf("streams opened = %d (open %d) while in use, want 2 (1)", got, r.open.Load())
+	}
+}
+
+// TestADeletedConnectionIsWatchedAgainOnlyWhenAsked: once its stream ends
+// with NOT_FOUND, a source opens none until asked for a token again.
+func TestADeletedConnectionIsWatchedAgainOnlyWhenAsked(t *testing.T) {
+	r := newRig(rigOptions{})
+	defer r.close()
+	const backoffMax = 5 * time.Millisecond
+	c := newClient(t, r, client.WithBackoff(time.Millisecond, backoffMax))
+	ts := c.TokenSource(erp)
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watch stream", func() bool { return r.open.Load() == 1 })
+	if err := r.b.DeleteConnection(context.Background(), erp, ""); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the stream to end", func() bool { return r.open.Load() == 0 })
+	opened := r.streams.Load()
+	// Before, a terminal error was looked at again every backoffMax.
+	time.Sleep(50 * backoffMax)
+	if got := r.streams.Load(); got != opened {
+		t.Fatalf("streams opened after NOT_FOUND = %d, want none", got-opened)
+	}
+	if _, err := ts.Token(); !errors.Is(err, client.ErrNotFound) {
+		t.Fatalf("Token after delete: %v, want ErrNotFound", err)
+	}
+	eventually(t, "one stream for the new use", func() bool { return r.streams.Load() == opened+1 && r.open.Load() == 0 })
 }

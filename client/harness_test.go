@@ -2,11 +2,14 @@ package client_test
 
 import (
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,6 +74,7 @@ type rig struct {
 	unary   atomic.Int64     // GetAccessToken calls through dial's connections
 	reports atomic.Int64     // of which carried rejected_access_token
 	streams atomic.Int64     // WatchAccessToken streams opened
+	open    atomic.Int64     // of which have not ended yet
 	noWatch atomic.Bool      // fail every WatchAccessToken stream at the client
 	cleanup []func()
 }
@@ -95,7 +99,7 @@ func newRig(opts rigOptions) *rig {
 	r.idp = acumaticatest.New(opts.idp)
 	r.idp.AddClient(clientID, clientSecret)
 	r.idp.AddUser(username, password)
-	hs := httptest.NewServer(r.idp.Handler())
+	hs := httptest.NewServer(instanceHandler(r.idp.Handler()))
 	r.cleanup = append(r.cleanup, hs.Close)
 	r.idpURL = hs.URL
 
@@ -156,12 +160,58 @@ func (r *rig) dial() *grpc.ClientConn {
 				if r.noWatch.Load() {
 					return nil, errStreamsCut
 				}
+				cs, err := streamer(ctx, desc, cc, method, opts...)
+				if err != nil {
+					return nil, err
+				}
+				r.open.Add(1)
+				return &countedStream{ClientStream: cs, open: &r.open}, nil
 			}
 			return streamer(ctx, desc, cc, method, opts...)
 		}))
 	must(err)
 	r.cleanup = append(r.cleanup, func() { cc.Close() })
 	return cc
+}
+
+// instanceHandler serves the stand-in at / and, as an on-premise virtual
+// directory, at /AcumaticaERP, beside two test resources under any
+// directory: .../test/redirect redirects to its "to" parameter and
+// .../test/authorization answers with the request's Authorization header.
+func instanceHandler(idp http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", idp)
+	mux.Handle("/AcumaticaERP/", http.StripPrefix("/AcumaticaERP", idp))
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		switch {
+		case strings.HasSuffix(req.URL.Path, "/test/redirect"):
+			http.Redirect(w, req, req.URL.Query().Get("to"), http.StatusFound)
+		case strings.HasSuffix(req.URL.Path, "/test/authorization"):
+			echoAuthorization(w, req)
+		default:
+			mux.ServeHTTP(w, req)
+		}
+	})
+}
+
+func echoAuthorization(w http.ResponseWriter, req *http.Request) {
+	io.WriteString(w, req.Header.Get("Authorization"))
+}
+
+// countedStream counts itself out of open when it ends: the client reads
+// every watch stream until it fails.
+type countedStream struct {
+	grpc.ClientStream
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (s *countedStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err != nil {
+		s.once.Do(func() { s.open.Add(-1) })
+	}
+	return err
 }
 
 // entityURL is the stand-in's protected resource.

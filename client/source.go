@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"errors"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,7 +22,8 @@ type source struct {
 	c        *Client
 	key      sourceKey
 	cur      atomic.Pointer[cached] // the newest token known; nil before the first
-	watching atomic.Bool            // the watch was started
+	watching atomic.Bool            // the watch runs (or is starting)
+	lastUsed atomic.Int64           // when a token was last asked for, on the client's clock (a time.Duration)
 
 	mu      sync.Mutex       // guards the fields below, and every store to cur
 	calls   map[string]*call // GetAccessToken calls in flight, by the token they report ("" for none)
@@ -50,18 +52,53 @@ type call struct {
 // the cached one is, else from one GetAccessToken call shared by every
 // goroutine that missed at the same time.
 func (s *source) Token() (*oauth2.Token, error) {
-	if e := s.cur.Load(); e != nil && s.c.elapsed() < e.freshUntil {
-		return e.tok, nil
+	if e := s.cur.Load(); e != nil {
+		if now := s.c.elapsed(); now < e.freshUntil {
+			s.used(now)
+			return e.tok, nil
+		}
 	}
 	return s.get(context.Background(), "")
 }
 
 // token is Token for a request that has a context.
 func (s *source) token(ctx context.Context) (*oauth2.Token, error) {
-	if e := s.cur.Load(); e != nil && s.c.elapsed() < e.freshUntil {
-		return e.tok, nil
+	if e := s.cur.Load(); e != nil {
+		if now := s.c.elapsed(); now < e.freshUntil {
+			s.used(now)
+			return e.tok, nil
+		}
 	}
 	return s.get(ctx, "")
+}
+
+// used notes a use at now, cheaply: the cached path stores the time only
+// when the last one is older than a sixteenth of the idle timeout, and
+// otherwise only reads, so that goroutines on many cores do not fight over
+// the cache line.
+func (s *source) used(now time.Duration) {
+	idle := s.c.opts.idle
+	if !s.watching.Load() || (idle > 0 && now-time.Duration(s.lastUsed.Load()) > idle/16) {
+		s.touch(now)
+	}
+}
+
+// touch notes a use at now and starts the watch if it is not running. The
+// watch, when it stops for idleness, clears watching before it looks at
+// lastUsed again, and touch stores lastUsed before it looks at watching:
+// one of them sees the other, so a use as the watch stops restarts it.
+func (s *source) touch(now time.Duration) {
+	s.lastUsed.Store(int64(now))
+	if !s.watching.Load() && s.watching.CompareAndSwap(false, true) {
+		s.c.startWatch(s)
+	}
+}
+
+// idle says whether s has gone unused for the idle timeout, and for how
+// long it has been unused.
+func (s *source) idle() (bool, time.Duration) {
+	d := s.c.elapsed() - time.Duration(s.lastUsed.Load())
+	return s.c.opts.idle > 0 && d >= s.c.opts.idle, d
 }
 
 // get returns a token valid for the margin and, when rejected is set, other
@@ -69,9 +106,7 @@ func (s *source) token(ctx context.Context) (*oauth2.Token, error) {
 // call for this miss, made or joined. The call runs on the client's context,
 // so a caller that gives up through ctx does not cut it for the others.
 func (s *source) get(ctx context.Context, rejected string) (*oauth2.Token, error) {
-	if !s.watching.Load() && s.watching.CompareAndSwap(false, true) {
-		s.c.startWatch(s)
-	}
+	s.touch(s.c.elapsed())
 	tok, cl, err := s.decide(rejected)
 	if cl == nil {
 		return tok, err
@@ -172,15 +207,36 @@ func (s *source) offer(t *oauth2.Token) {
 	s.cur.Store(&cached{tok: t, freshUntil: s.c.elapsed() + t.Expiry.Sub(s.c.opts.now()) - s.key.minValid})
 }
 
-// watch keeps the cache fresh from WatchAccessToken until ctx ends,
-// reconnecting with backoff when the stream fails. While it is down the
-// cache serves what it holds and misses fall back to GetAccessToken.
+// watch keeps the cache fresh from WatchAccessToken, reconnecting with
+// backoff when the stream fails, until ctx ends, s goes unused for the idle
+// timeout, or the connection is not found (deleted): the next use starts
+// it again. While it is down the cache serves what it holds and misses
+// fall back to GetAccessToken.
 func (s *source) watch(ctx context.Context) {
+	for {
+		notFound := s.watchWhileUsed(ctx)
+		if ctx.Err() != nil {
+			return // closed: nothing starts a watch again
+		}
+		s.watching.Store(false)
+		// A use that came as the watch stopped for idleness may have seen
+		// watching still set: take over its start.
+		if idle, _ := s.idle(); notFound || idle || !s.watching.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+// watchWhileUsed follows streams until ctx ends, s goes unused, or a
+// stream ends with NOT_FOUND, which it reports.
+func (s *source) watchWhileUsed(ctx context.Context) (notFound bool) {
+	ctx, stop := s.untilIdle(ctx)
+	defer stop()
 	failures := 0
 	for {
 		got, err := s.follow(ctx)
 		if ctx.Err() != nil {
-			return
+			return false
 		}
 		if got {
 			failures = 0
@@ -192,24 +248,47 @@ func (s *source) watch(ctx context.Context) {
 		if errors.As(err, &e) {
 			floor = e.RetryAfter
 		}
+		if errors.Is(err, ErrNotFound) {
+			s.mu.Lock()
+			s.cur.Store(nil) // a deleted connection's tokens were revoked
+			s.mu.Unlock()
+			return true
+		}
 		if terminal(err) {
-			// Deleted, halted or not allowed: only an operator can change
-			// that. Look again at the slowest pace.
+			// Halted or not allowed: only an operator can change that.
+			// Look again at the slowest pace.
 			floor = max(floor, s.c.opts.backoffMax)
-			if errors.Is(err, ErrNotFound) {
-				s.mu.Lock()
-				s.cur.Store(nil) // a deleted connection's tokens were revoked
-				s.mu.Unlock()
-			}
 		}
 		t := time.NewTimer(s.c.opts.backoff(failures, floor))
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return
+			return false
 		}
 	}
+}
+
+// untilIdle returns a context that also ends once s has gone unused for
+// the idle timeout, and the function that releases it.
+func (s *source) untilIdle(ctx context.Context) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	if s.c.opts.idle <= 0 {
+		return ctx, cancel
+	}
+	// Made stopped and then reset, so that check sees t set.
+	var t *time.Timer
+	check := func() {
+		idle, unused := s.idle()
+		if idle {
+			cancel()
+			return
+		}
+		t.Reset(s.c.opts.idle - unused)
+	}
+	t = time.AfterFunc(time.Duration(math.MaxInt64), check)
+	t.Reset(s.c.opts.idle)
+	return ctx, func() { t.Stop(); cancel() }
 }
 
 // follow reads one stream until it fails; got says whether it brought any

@@ -3,6 +3,10 @@ package client
 import (
 	"io"
 	"net/http"
+	"net/url"
+	"strings"
+
+	"golang.org/x/oauth2"
 )
 
 // Transport returns an http.RoundTripper that sends requests through base
@@ -13,6 +17,12 @@ import (
 // newer token and sends the request again, once, if its body can be sent
 // again (no body, or GetBody set, as http.NewRequest does for in-memory
 // bodies); otherwise it returns the 401.
+//
+// The token goes only to the connection's instance: requests whose scheme,
+// host and port differ from its instance URL, or whose path is outside its
+// virtual directory (https://erp.example.com/AcumaticaERP), are sent as
+// they are, without it. So are the requests of redirects that leave the
+// instance: an http.Client sends each through the transport again.
 //
 // Failures to get a token are returned as the request's error, an [*Error].
 func (c *Client) Transport(name string, base http.RoundTripper) http.RoundTripper {
@@ -40,6 +50,9 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(req)
 		return nil, err
 	}
+	if !onInstance(req.URL, instanceURL(tok)) {
+		return t.base.RoundTrip(req)
+	}
 	resp, err := t.base.RoundTrip(withToken(req, tok.AccessToken))
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
 		return resp, err
@@ -64,6 +77,44 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	io.CopyN(io.Discard, resp.Body, 4<<10)
 	resp.Body.Close()
 	return t.base.RoundTrip(retry)
+}
+
+// instanceURL is the instance URL a token was issued for.
+func instanceURL(tok *oauth2.Token) string {
+	s, _ := tok.Extra("instance_url").(string)
+	return s
+}
+
+// onInstance says whether u is on the instance at instance (the broker's
+// normalized form, scheme://host[:port][/path]): same scheme, host and
+// port, and a path inside the instance's virtual directory. Hosts, and
+// paths as IIS serves them, compare without case.
+func onInstance(u *url.URL, instance string) bool {
+	in, err := url.Parse(instance)
+	if err != nil || instance == "" {
+		return false
+	}
+	if !strings.EqualFold(u.Scheme, in.Scheme) || !strings.EqualFold(u.Hostname(), in.Hostname()) || port(u) != port(in) {
+		return false
+	}
+	dir := strings.TrimRight(in.EscapedPath(), "/")
+	path := u.EscapedPath()
+	return dir == "" || strings.EqualFold(path, dir) ||
+		(len(path) > len(dir) && path[len(dir)] == '/' && strings.EqualFold(path[:len(dir)], dir))
+}
+
+// port is u's port, the scheme's default when it names none.
+func port(u *url.URL) string {
+	if p := u.Port(); p != "" {
+		return p
+	}
+	switch strings.ToLower(u.Scheme) {
+	case "https":
+		return "443"
+	case "http":
+		return "80"
+	}
+	return ""
 }
 
 // withToken returns a copy of req with the bearer token set: a RoundTripper

@@ -2,7 +2,9 @@ package server_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -106,5 +108,56 @@ func TestKeyStatusCountsEveryRecord(t *testing.T) {
 	// 3 connections: 3 connection records, 3 token records, 1 meta record.
 	if st.GetRecords() != 7 || st.GetRecordsNeedingOlderKeys() != 0 || len(st.GetKeyUses()) != 1 || st.GetKeyUses()[0].GetRecords() != 7 {
 		t.Errorf("key status = %v; want 7 records, all with the sealing key", st)
+	}
+}
+
+// TestAdminCallsAreAudited: Backup and GetKeyStatus, allowed or denied,
+// each write an audit line with the caller, the method and the outcome
+// (a backup with its record count), and no stored value or secret.
+func TestAdminCallsAreAudited(t *testing.T) {
+	tf := newTLSFixture(t, 0)
+	ctx := context.Background()
+	root := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/root"})
+	_, cc := tf.client(t, &root)
+	admin := adminv1.NewAdminBrokerClient(cc)
+	_, recs, err := backupAll(ctx, admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.GetKeyStatus(ctx, &adminv1.GetKeyStatusRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	acme := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-team"})
+	_, denied := tf.client(t, &acme)
+	if _, err := adminv1.NewAdminBrokerClient(denied).GetKeyStatus(ctx, &adminv1.GetKeyStatusRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("acme operator's GetKeyStatus: %v", err)
+	}
+	tf.auditor.Close()
+	text := tf.audit.String()
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(text), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("audit line %q: %v", l, err)
+		}
+		got = append(got, fmt.Sprint(m["caller"], " ", m["method"], " ", m["outcome"], " ", m["records"]))
+	}
+	want := []string{
+		fmt.Sprint("spiffe://corp.test/ops/root /tokenbroker.admin.v1.AdminBroker/Backup OK ", len(recs)),
+		"spiffe://corp.test/ops/root /tokenbroker.admin.v1.AdminBroker/GetKeyStatus OK <nil>",
+		"spiffe://corp.test/ops/acme-team /tokenbroker.admin.v1.AdminBroker/GetKeyStatus PermissionDenied <nil>",
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("audit lines:\n%s\nwant (caller method outcome records):\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	for _, secret := range append([]string{clientSecret, password}, tf.idp.Issued()...) {
+		if strings.Contains(text, secret) {
+			t.Errorf("audit log holds secret %.6s...", secret)
+		}
+	}
+	for _, r := range recs {
+		if len(r.GetTokens()) > 0 && strings.Contains(text, string(r.GetTokens())) || strings.Contains(text, string(r.GetConnection())) {
+			t.Errorf("audit log holds the stored record of %s", r.GetName())
+		}
 	}
 }

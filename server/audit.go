@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,7 +21,7 @@ import (
 	pb "tokenbroker/gen/tokenbroker/v1"
 )
 
-// Auditor writes one JSON line per TokenBroker call: who (caller
+// Auditor writes one JSON line per TokenBroker or admin service call: who (caller
 // identity), what (method), which connection, the outcome, and for token
 // hand-outs a fingerprint (a short SHA-256 prefix), never the token.
 // Token hand-outs are buffered and flushed every second and on Close, so
@@ -148,7 +149,7 @@ func auditTarget(req any) string {
 }
 
 func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
+	if !audited(info.FullMethod) {
 		return handler(ctx, req)
 	}
 	resp, err := handler(ctx, req)
@@ -161,14 +162,25 @@ func (a *Auditor) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		fields = append([]string{}, r.GetUpdateMask().GetPaths()...) // [] when none, as before
 	}
 	a.record(a.who(ctx), info.FullMethod, auditTarget(req), status.Code(err), handOut.GetAccessToken(), handOut.GetExpireTime(), fields,
-		info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
+		noCount, info.FullMethod != pb.TokenBroker_GetAccessToken_FullMethodName)
 	return resp, err
 }
 
+// audited reports whether calls of method are audited: TokenBroker's and
+// the admin service's (Backup, Rekey, GetKeyStatus), not health checks or
+// reflection.
+func audited(method string) bool {
+	return strings.HasPrefix(method, tokenBrokerMethods) || strings.HasPrefix(method, adminMethods)
+}
+
+// noCount is the records argument of [Auditor.record] for a call that
+// reports no record count.
+const noCount = -1
+
 // record writes one audit line for caller; token, when set, is a hand-out
-// recorded by its fingerprint. With flush, the buffer is written out before
-// it returns.
-func (a *Auditor) record(caller, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, flush bool) {
+// recorded by its fingerprint; records, unless noCount, how many records
+// a backup sent. With flush, the buffer is written out before it returns.
+func (a *Auditor) record(caller, method, target string, code codes.Code, token string, expire *timestamppb.Timestamp, fields []string, records int64, flush bool) {
 	// The line is built by hand rather than through slog: it is written on
 	// every token hand-out, and this costs a fraction of a JSON handler.
 	bp := linePool.Get().(*[]byte)
@@ -189,6 +201,10 @@ func (a *Auditor) record(caller, method, target string, code codes.Code, token s
 		b = append(b, `","token_expire_time":"`...)
 		b = expire.AsTime().UTC().AppendFormat(b, time.RFC3339)
 		b = append(b, '"')
+	}
+	if records != noCount {
+		b = append(b, `,"records":`...)
+		b = strconv.AppendInt(b, records, 10)
 	}
 	if fields != nil {
 		b = append(b, `,"fields":[`...)

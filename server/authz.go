@@ -285,7 +285,7 @@ func (a *Authorizer) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	if !p.IsOperator(id.Key()) || strings.HasPrefix(info.FullMethod, adminMethods) && !operatorOfAll(p, id.Key()) {
 		return toStatus(nil, &authError{kind: errPermissionDenied, identity: id.Value})
 	}
-	return handler(srv, withOperator(ss, func(tenant string) bool { return p.CanManage(id.Key(), tenant) }))
+	return handler(srv, withOperator(ss, operatorScope{a: a, id: id}))
 }
 
 // needsAuth selects every call but health checks.

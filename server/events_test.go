@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,7 +16,9 @@ import (
 	"tokenbroker/broker"
 	"tokenbroker/broker/acumaticatest"
 	"tokenbroker/internal/testkit"
+	"tokenbroker/server"
 	"tokenbroker/server/servertest"
+	"tokenbroker/storage"
 )
 
 // watch opens WatchConnections and returns a function that reads the next
@@ -246,5 +249,113 @@ func TestWatchConnectionsEndsOnShutdown(t *testing.T) {
 	f.b.EndWatches()
 	if _, err := s.Recv(); status.Code(err) != codes.Unavailable {
 		t.Fatalf("after EndWatches: %v, want UNAVAILABLE", err)
+	}
+}
+
+// TestWatchConnectionsEndsWhenAPolicyReloadRemovesTheOperator: a policy
+// reload that takes the operator role of the requested tenant away ends
+// an open WatchConnections stream with PERMISSION_DENIED at its next
+// event, and no view of that tenant is sent after the reload.
+func TestWatchConnectionsEndsWhenAPolicyReloadRemovesTheOperator(t *testing.T) {
+	p, err := server.ParsePolicy([]byte(testPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az := server.NewAuthorizer(p)
+	tf := newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
+	if _, err := tf.b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
+	op, _ := tf.client(t, &acmeOps)
+	for _, parent := range []string{"tenants/acme", "tenants/-"} {
+		t.Run(parent, func(t *testing.T) {
+			az.SetPolicy(p)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			stream, err := op.WatchConnections(ctx, &pb.WatchConnectionsRequest{Parent: parent})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for {
+				m, err := stream.Recv()
+				if err != nil {
+					t.Fatalf("before the reload: %v", err)
+				}
+				if m.GetType() == pb.WatchConnectionsResponse_TYPE_SYNCED {
+					break
+				}
+			}
+			// The same caller, now a consumer of acme only.
+			demoted, err := server.ParsePolicy([]byte(strings.Replace(testPolicy,
+				"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: operator\n",
+				"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: consumer\n", 1)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			az.SetPolicy(demoted)
+			if _, err := tf.b.UpdateConnection(context.Background(), "tenants/acme/connections/erp",
+				&storage.Connection{DisplayName: "after reload " + parent}, []string{"display_name"}, "", false); err != nil {
+				t.Fatal(err)
+			}
+			m, err := stream.Recv()
+			if status.Code(err) != codes.PermissionDenied {
+				t.Fatalf("after the reload got %q, %v; want the stream to end with PERMISSION_DENIED", brief(m), err)
+			}
+		})
+	}
+}
+
+// TestWatchConnectionsResumeNeedsTheFeedID: a sequence means nothing
+// without the feed it came from (each replica and restart has its own),
+// so resuming without feed_id is refused with INVALID_ARGUMENT on feed_id
+// rather than replaying this server's events after another's sequence.
+func TestWatchConnectionsResumeNeedsTheFeedID(t *testing.T) {
+	f := newFixture(t)
+	f.create("acme", "erp")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := f.client.WatchConnections(ctx, &pb.WatchConnectionsRequest{Parent: "tenants/acme", AfterSequence: 1})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if status.Code(err) != codes.InvalidArgument || fmt.Sprint(violationFields(err)) != "[feed_id]" {
+		t.Fatalf("after_sequence without feed_id: %v (fields %v), want INVALID_ARGUMENT on feed_id", err, violationFields(err))
+	}
+}
+
+// TestWatchConnectionsFollowsAPolicyReloadOfTenants: on a tenants/-
+// stream, an operator moved by a reload from acme to globex is no longer
+// sent acme's changes, and is sent globex's.
+func TestWatchConnectionsFollowsAPolicyReloadOfTenants(t *testing.T) {
+	p, err := server.ParsePolicy([]byte(testPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az := server.NewAuthorizer(p)
+	tf := newTLSFixture(t, 0, func(o *server.Options) { o.Authorizer = az })
+	if _, err := tf.b.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	acmeOps := tf.ca.Issue(t, servertest.Leaf{URI: "spiffe://corp.test/ops/acme-oncall"})
+	op, _ := tf.client(t, &acmeOps)
+	next, _ := watch(t, op, &pb.WatchConnectionsRequest{Parent: "tenants/-"})
+	for m := next(); m.GetType() != pb.WatchConnectionsResponse_TYPE_SYNCED; m = next() {
+	}
+	moved, err := server.ParsePolicy([]byte(strings.Replace(testPolicy,
+		"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: operator\n    tenants: [\"acme\"]\n",
+		"  - identities: [\"spiffe://corp.test/ops/acme-*\"]\n    role: operator\n    tenants: [\"globex\"]\n", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	az.SetPolicy(moved)
+	for _, name := range []string{"tenants/acme/connections/erp", "tenants/globex/connections/erp"} {
+		if _, err := tf.b.UpdateConnection(context.Background(), name, &storage.Connection{DisplayName: "after reload"},
+			[]string{"display_name"}, "", false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m := next(); brief(m) != "TYPE_UPDATED tenants/globex/connections/erp STATE_ACTIVE" {
+		t.Fatalf("after moving the operator to globex: %q, want globex's update only", brief(m))
 	}
 }

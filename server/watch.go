@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"strings"
 	"sync"
 	"time"
 
@@ -11,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	adminv1 "tokenbroker/gen/tokenbroker/admin/v1"
 	pb "tokenbroker/gen/tokenbroker/v1"
 
 	"tokenbroker/broker"
@@ -132,13 +132,16 @@ func (s *consumerStream) check() error {
 // sends is recorded like a GetAccessToken hand-out (buffered, fingerprint
 // only), and every stream's end with its outcome (written out at once).
 func (a *Auditor) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if !strings.HasPrefix(info.FullMethod, tokenBrokerMethods) {
+	if !audited(info.FullMethod) {
 		return handler(srv, ss)
 	}
 	as := &auditStream{ServerStream: ss, a: a, method: info.FullMethod, caller: a.who(ss.Context()),
-		shard: int(a.nextShard.Add(1) % pushShards)}
+		shard: int(a.nextShard.Add(1) % pushShards), records: noCount}
+	if info.FullMethod == adminv1.AdminBroker_Backup_FullMethodName {
+		as.records = 0
+	}
 	err := handler(srv, as)
-	a.record(as.caller, info.FullMethod, as.target, status.Code(err), "", nil, nil, true)
+	a.record(as.caller, info.FullMethod, as.target, status.Code(err), "", nil, nil, as.records, true)
 	return err
 }
 
@@ -150,6 +153,9 @@ type auditStream struct {
 	target string
 	prefix []byte // what every push's audit line has after its time
 	shard  int    // the Auditor's push buffer this stream writes to
+	// records counts the records a Backup stream sent (noCount for other
+	// streams); the records themselves are never audited.
+	records int64
 }
 
 func (s *auditStream) RecvMsg(m any) error {
@@ -162,10 +168,16 @@ func (s *auditStream) RecvMsg(m any) error {
 
 func (s *auditStream) SendMsg(m any) error {
 	err := s.ServerStream.SendMsg(m)
-	if r, ok := m.(*pb.WatchAccessTokenResponse); ok && err == nil {
-		s.a.recordPush(s.shard, s.pushPrefix(), r)
+	if err != nil {
+		return err
 	}
-	return err
+	switch r := m.(type) {
+	case *pb.WatchAccessTokenResponse:
+		s.a.recordPush(s.shard, s.pushPrefix(), r)
+	case *adminv1.BackupResponse:
+		s.records += int64(len(r.GetRecords()))
+	}
+	return nil
 }
 
 // pushPrefix is the part of a push's audit line, after its time, that every

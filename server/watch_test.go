@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "tokenbroker/gen/tokenbroker/v1"
@@ -141,34 +143,90 @@ func TestWatchValidatesItsRequest(t *testing.T) {
 
 func TestWatchAConsumerThatStopsReadingDelaysNoOne(t *testing.T) {
 	f := newFixture(t, noCooldown)
-	name := f.create("acme", "erp").GetName()
-	stalled := watchStream(t, f.client, name)
-	if _, err := recv(t, stalled); err != nil {
-		t.Fatal(err)
-	}
-	reader := watchStream(t, f.client, name)
-	first, err := recv(t, reader)
+	// The instance sits in a long virtual directory (the broker takes URLs
+	// of up to 2,048 characters), so that each push is large and a few
+	// dozen rotations fill the stalled stream's window.
+	dir := "/AcumaticaERP-" + strings.Repeat("d", 1900)
+	mux := http.NewServeMux()
+	mux.Handle("/", f.idp.Handler()) // where its discovery document points
+	mux.Handle(dir+"/", http.StripPrefix(dir, f.idp.Handler()))
+	hs := httptest.NewServer(mux)
+	defer hs.Close()
+	conn := f.connection()
+	conn.InstanceUrl = hs.URL + dir
+	created, err := f.client.CreateConnection(context.Background(), &pb.CreateConnectionRequest{
+		Parent: "tenants/acme", ConnectionId: "erp", Connection: conn,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The stalled stream is never read again; every rotation still reaches
-	// the reader, and the reporters are answered.
+	name := created.GetConnection().GetName()
+	// The stalled consumer has a connection of its own with a fixed
+	// flow-control window (no BDP growth), so that reading nothing fills it.
+	cc, err := grpc.NewClient(f.conn.Target(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	stalled := watchStream(t, pb.NewTokenBrokerClient(cc), name)
+	first, err := recv(t, stalled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := watchStream(t, f.client, name)
+	if _, err := recv(t, reader); err != nil {
+		t.Fatal(err)
+	}
+	// Enough rotations that the stalled stream's messages overrun its
+	// window and then the server's write quota for the stream (another
+	// 64 KiB), and half as many again: past that, sending to it blocks, and
+	// only the broker's not waiting for its watchers keeps the reader and
+	// the reporters going.
+	rotations := 2 * window / wireSize(first) * 3 / 2
 	prev := first.GetAccessToken()
-	for range 20 {
-		rotated, err := f.client.GetAccessToken(context.Background(), &pb.GetAccessTokenRequest{Name: name, RejectedAccessToken: prev})
+	for i := range rotations {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		rotated, err := f.client.GetAccessToken(ctx, &pb.GetAccessTokenRequest{Name: name, RejectedAccessToken: prev})
+		cancel()
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("rotation %d of %d: %v", i+1, rotations, err)
 		}
 		got, err := recv(t, reader)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got.GetAccessToken() != rotated.GetAccessToken() {
-			t.Fatal("the reader missed a rotation")
+			t.Fatalf("the reader missed rotation %d of %d", i+1, rotations)
 		}
 		prev = got.GetAccessToken()
 	}
+	// The stalled stream did stall: it holds more than its window, and
+	// read now it still ends with the newest token.
+	held := 0
+	for {
+		m, err := recv(t, stalled)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held += wireSize(m)
+		if m.GetAccessToken() == prev {
+			break
+		}
+	}
+	t.Logf("%d rotations; the stalled stream held %d bytes", rotations, held)
+	if held < window {
+		t.Fatalf("the stalled stream was sent %d bytes, less than its %d-byte window: it never stalled", held, window)
+	}
 }
+
+// window is the HTTP/2 flow-control window of a stream that reads
+// nothing: gRPC's least, which turns its window growth off.
+const window = 64 << 10
+
+// wireSize is what a message takes of a stream's window: itself and the
+// gRPC message header (5 bytes). HTTP/2 frame headers do not count.
+func wireSize(m proto.Message) int { return proto.Size(m) + 5 }
 
 func TestWatchIsAuthorizedAuditedAndCounted(t *testing.T) {
 	tf := newTLSFixture(t, 0)

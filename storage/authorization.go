@@ -21,7 +21,7 @@ func (cd *Codec) EncodeAuthorization(key string, a *Authorization) ([]byte, erro
 		Name:         a.Name,
 		Connection:   cd.encodeConnection(a.Conn),
 		Existing:     a.Existing,
-		Revision:     a.Revision,
+		Etag:         a.ETag,
 		CodeVerifier: cd.keys.sealString(a.Verifier, key, fieldVerifier),
 		ExpireTime:   ts(a.ExpireTime),
 	}
@@ -46,6 +46,6 @@ func (cd *Codec) DecodeAuthorization(key string, v []byte) (*Authorization, erro
 	if err != nil {
 		return nil, err
 	}
-	return &Authorization{Name: r.GetName(), Conn: conn, Existing: r.GetExisting(), Revision: r.GetRevision(),
+	return &Authorization{Name: r.GetName(), Conn: conn, Existing: r.GetExisting(), ETag: r.GetEtag(),
 		Verifier: verifier, ExpireTime: fromTS(r.GetExpireTime())}, nil
 }

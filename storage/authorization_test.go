@@ -14,7 +14,7 @@ func TestAuthorizationRecordRoundTripAndSeal(t *testing.T) {
 	cd := storage.NewCodec(storetest.Keyring(t, storetest.Key(1)))
 	conn := storetest.SampleConn("tenants/a/connections/x")
 	conn.Username, conn.Password = "", ""
-	a := &storage.Authorization{Name: conn.Name, Conn: conn, Existing: true, Revision: 3,
+	a := &storage.Authorization{Name: conn.Name, Conn: conn, Existing: true, ETag: "3-abc",
 		Verifier: "verifier-0123456789-abcdefghijklmnopqrstuvwxyzABCD", ExpireTime: time.Unix(1700000600, 0).UTC()}
 	v, err := cd.EncodeAuthorization("key-1", a)
 	if err != nil {
@@ -30,11 +30,14 @@ func TestAuthorizationRecordRoundTripAndSeal(t *testing.T) {
 		t.Fatal(err)
 	}
 	if got.Verifier != a.Verifier || got.Conn.ClientSecret != storetest.Secret || got.Conn.RedirectURI != conn.RedirectURI ||
-		got.Revision != 3 || !got.Existing || !got.ExpireTime.Equal(a.ExpireTime) || got.Name != a.Name {
+		got.ETag != "3-abc" || !got.Existing || !got.ExpireTime.Equal(a.ExpireTime) || got.Name != a.Name {
 		t.Fatalf("round trip: %+v", got)
 	}
 	if _, err := cd.DecodeAuthorization("key-2", v); err == nil {
 		t.Fatal("a record moved to another state's key opened")
+	}
+	if _, err := cd.DecodeAuthorization("key-1", bytes.Replace(v, []byte("3-abc"), []byte("4-abc"), 1)); !errors.Is(err, storage.ErrTampered) {
+		t.Fatalf("an authorization whose etag was changed opened: %v", err)
 	}
 	changed := bytes.Replace(v, []byte(conn.RedirectURI), []byte("https://evil.example.com/callbac"), 1)
 	if _, err := cd.DecodeAuthorization("key-1", changed); !errors.Is(err, storage.ErrTampered) {

@@ -68,10 +68,13 @@ type Tokens struct {
 // completed: the configuration it completes and the PKCE verifier, which is
 // plaintext in memory only; the store seals it.
 type Authorization struct {
-	Name       string
-	Conn       *Connection
-	Existing   bool
-	Revision   int64
+	Name     string
+	Conn     *Connection
+	Existing bool
+	// ETag is, for an existing connection, the etag of the configuration
+	// Conn was built from: a re-created connection starts its revisions
+	// again, and its etag differs.
+	ETag       string
 	Verifier   string
 	ExpireTime time.Time
 }

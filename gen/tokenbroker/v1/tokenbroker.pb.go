@@ -1631,9 +1631,10 @@ type WatchConnectionsRequest struct {
 	// Optional. Resume after this sequence: the last one handled. 0 starts
 	// with the current state.
 	AfterSequence int64 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
-	// Optional. The `feed_id` of the message `after_sequence` came from; a
-	// sequence from another feed (another replica, or before a restart)
-	// resyncs. Empty means this server's feed.
+	// The `feed_id` of the message `after_sequence` came from: required
+	// with `after_sequence` (INVALID_ARGUMENT without it), since a sequence
+	// only orders the events of its own feed. A sequence from another feed
+	// (another replica, or before a restart) resyncs.
 	FeedId        string `protobuf:"bytes,3,opt,name=feed_id,json=feedId,proto3" json:"feed_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

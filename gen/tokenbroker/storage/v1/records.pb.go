@@ -592,8 +592,10 @@ type AuthorizationRecord struct {
 	Connection *ConnectionRecord `protobuf:"bytes,2,opt,name=connection,proto3" json:"connection,omitempty"`
 	// Whether it completes an existing connection rather than creating one.
 	Existing bool `protobuf:"varint,3,opt,name=existing,proto3" json:"existing,omitempty"`
-	// Existing connection: the revision its configuration was built from.
-	Revision int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Existing connection: the etag of the configuration it was built from
+	// (revision and create time), so that a delete and re-create in between,
+	// which starts the revision again, is seen.
+	Etag string `protobuf:"bytes,8,opt,name=etag,proto3" json:"etag,omitempty"`
 	// Sealed PKCE code verifier.
 	CodeVerifier *Sealed `protobuf:"bytes,5,opt,name=code_verifier,json=codeVerifier,proto3" json:"code_verifier,omitempty"`
 	// When it can no longer be completed.
@@ -656,11 +658,11 @@ func (x *AuthorizationRecord) GetExisting() bool {
 	return false
 }
 
-func (x *AuthorizationRecord) GetRevision() int64 {
+func (x *AuthorizationRecord) GetEtag() string {
 	if x != nil {
-		return x.Revision
+		return x.Etag
 	}
-	return 0
+	return ""
 }
 
 func (x *AuthorizationRecord) GetCodeVerifier() *Sealed {
@@ -751,19 +753,19 @@ const file_tokenbroker_storage_v1_records_proto_rawDesc = "" +
 	"intentTime\x12O\n" +
 	"\x16refresh_token_use_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\x13refreshTokenUseTime\x12?\n" +
 	"\vrecord_seal\x18\x13 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
-	"recordSeal\"\xee\x02\n" +
+	"recordSeal\"\xf6\x02\n" +
 	"\x13AuthorizationRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12H\n" +
 	"\n" +
 	"connection\x18\x02 \x01(\v2(.tokenbroker.storage.v1.ConnectionRecordR\n" +
 	"connection\x12\x1a\n" +
-	"\bexisting\x18\x03 \x01(\bR\bexisting\x12\x1a\n" +
-	"\brevision\x18\x04 \x01(\x03R\brevision\x12C\n" +
+	"\bexisting\x18\x03 \x01(\bR\bexisting\x12\x12\n" +
+	"\x04etag\x18\b \x01(\tR\x04etag\x12C\n" +
 	"\rcode_verifier\x18\x05 \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\fcodeVerifier\x12;\n" +
 	"\vexpire_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12?\n" +
 	"\vrecord_seal\x18\a \x01(\v2\x1e.tokenbroker.storage.v1.SealedR\n" +
-	"recordSealB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
+	"recordSealJ\x04\b\x04\x10\x05R\brevisionB2Z0tokenbroker/gen/tokenbroker/storage/v1;storagev1b\x06proto3"
 
 var (
 	file_tokenbroker_storage_v1_records_proto_rawDescOnce sync.Once
