@@ -75,6 +75,12 @@ type Store struct {
 
 	upgraded int // records authenticated at open (a file of format 1)
 
+	// long counts the long reads open (see [Store.longView]) and owed
+	// says an erase's wipe waits for them to end; lmu guards both.
+	lmu  sync.Mutex
+	long int
+	owed bool
+
 	writes  chan *writeReq
 	quit    chan struct{}
 	done    chan struct{}
@@ -90,7 +96,7 @@ type Store struct {
 // shared transaction untouched.
 type writeReq struct {
 	fn   func(tx *bbolt.Tx) error
-	wipe bool // an erase: free pages are wiped before it answers
+	wipe bool // an erase: free pages are wiped before it answers (see wipe)
 	err  error
 	done chan struct{}
 }
@@ -187,7 +193,8 @@ func (o Options) withDefaults() Options {
 func openDB(path string, opts Options) (*bbolt.DB, *os.File, error) {
 	var file *os.File
 	bopts := &bbolt.Options{
-		Timeout: opts.LockTimeout,
+		Timeout:         opts.LockTimeout,
+		InitialMmapSize: mmapReserve,
 		OpenFile: func(name string, flag int, perm os.FileMode) (*os.File, error) {
 			f, err := os.OpenFile(name, flag, perm)
 			file = f
@@ -678,7 +685,9 @@ func (s *Store) MarkDeleting(ctx context.Context, name string, revision int64) e
 // [Store.MarkDeleting] started. A revision other than 0 must match the
 // stored one. The erased records' bytes are wiped from the file before it
 // returns: the file is compacted into a copy that replaces it, since bbolt
-// leaves freed pages' bytes in place.
+// leaves freed pages' bytes in place. While a long read is open (a
+// snapshot, see [Store.longView]) the wipe waits for the last one to end,
+// and the delete returns without waiting for it: see [Store.wipe].
 func (s *Store) DeleteConnection(ctx context.Context, name string, revision int64) error {
 	key := []byte(name)
 	return s.queue(ctx, &writeReq{wipe: true, done: make(chan struct{}), fn: func(tx *bbolt.Tx) error {
@@ -716,8 +725,19 @@ const compactSuffix = ".compact"
 // wipe replaces the file with a compacted copy, which holds the live
 // records only: the bytes of erased records (and of every earlier version
 // of any record) left in the old file's free pages go with it. It runs on
-// the committer, so no write is in flight, and waits for readers.
+// the committer, so no write is in flight, and waits for the short reads
+// (each holds the read lock for its transaction).
+//
+// Closing the file waits for every open read transaction, and every read
+// and write waits behind the wipe: a long read (a backup streaming for
+// minutes) would stall the store. So while one is open the wipe is owed
+// instead: the erase's wipe mark is durable already, the erase answers,
+// and the last long read to end runs the wipe (see [Store.endLong]); a
+// crash or Close before that leaves the mark, and the next open wipes.
 func (s *Store) wipe() error {
+	if s.deferWipe() {
+		return nil
+	}
 	tmp := s.path + compactSuffix
 	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("storage: wipe: %w", err)
@@ -729,7 +749,14 @@ func (s *Store) wipe() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.broken != nil {
+		os.Remove(tmp)
 		return s.broken
+	}
+	// A long read begins under the read lock: none begins from here on,
+	// and one that began during the compaction defers the wipe again.
+	if s.deferWipe() {
+		os.Remove(tmp)
+		return nil
 	}
 	if err := s.db.Close(); err != nil {
 		s.broken = fmt.Errorf("storage: wipe: close: %w", err)
@@ -757,7 +784,76 @@ func (s *Store) wipe() error {
 	if err != nil {
 		return fmt.Errorf("storage: wipe: %w", err)
 	}
+	s.lmu.Lock()
+	s.owed = false
+	s.lmu.Unlock()
 	return nil
+}
+
+// deferWipe reports whether a long read is open, and if so records the
+// wipe as owed.
+func (s *Store) deferWipe() bool {
+	s.lmu.Lock()
+	defer s.lmu.Unlock()
+	if s.long > 0 {
+		s.owed = true
+	}
+	return s.long > 0
+}
+
+// longView runs fn in a read transaction that does not hold the store's
+// read lock while it runs, for reads that last (a backup streams a
+// snapshot at the pace of its client): a wipe waiting for the write lock
+// would otherwise stall every read and write queued behind it. The file
+// handle is taken under the read lock; while the transaction is open,
+// wipe leaves the file in place (see [Store.wipe]).
+func (s *Store) longView(fn func(tx *bbolt.Tx) error) error {
+	tx, err := s.beginLong()
+	if err != nil {
+		return err
+	}
+	defer s.endLong()
+	defer tx.Rollback()
+	return s.guard(func() error { return fn(tx) })
+}
+
+// beginLong opens a long read's transaction on the current file and
+// counts it.
+func (s *Store) beginLong() (*bbolt.Tx, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.broken != nil {
+		return nil, s.broken
+	}
+	var tx *bbolt.Tx
+	err := s.guard(func() error {
+		var err error
+		tx, err = s.db.Begin(false)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.lmu.Lock()
+	s.long++
+	s.lmu.Unlock()
+	return tx, nil
+}
+
+// endLong uncounts a long read whose transaction has ended. The last one
+// to end runs an owed wipe through the committer and waits for it, so
+// that when a snapshot returns, what was erased while it ran is gone from
+// the file. A wipe that fails reports to [Store.Healthy] as any failed
+// write; the read, which succeeded, does not fail for it.
+func (s *Store) endLong() {
+	s.lmu.Lock()
+	s.long--
+	run := s.long == 0 && s.owed
+	s.lmu.Unlock()
+	if !run {
+		return
+	}
+	s.queue(context.Background(), &writeReq{wipe: true, done: make(chan struct{}), fn: func(*bbolt.Tx) error { return nil }})
 }
 
 // compactTo copies the live records into a new file at tmp and syncs it.

@@ -18,9 +18,12 @@ import (
 // Snapshot reads every connection in one read transaction, so the
 // snapshot is consistent while writes go on: header gets the meta record
 // and the number of connections first, then each gets every connection's
-// records in name order. The values are only valid during the call.
+// records in name order. The values are only valid during the call. It is
+// a long read (see [Store.longView]): a delete made meanwhile answers at
+// once, and its records' bytes are wiped from the file when the snapshot
+// ends.
 func (s *Store) Snapshot(ctx context.Context, header func(storage.SnapshotInfo) error, each func(storage.Record) error) error {
-	return s.db.View(func(tx *bbolt.Tx) error {
+	return s.longView(func(tx *bbolt.Tx) error {
 		conns := tx.Bucket(bucketConnections)
 		info := storage.SnapshotInfo{Store: "bbolt", Meta: tx.Bucket(bucketMeta).Get(keyMeta), Count: int64(conns.Stats().KeyN)}
 		if err := header(info); err != nil {
@@ -41,10 +44,11 @@ func (s *Store) Snapshot(ctx context.Context, header func(storage.SnapshotInfo) 
 }
 
 // KeyUse counts every stored value by the keys that sealed it, in one
-// read transaction.
+// read transaction: a long read (see [Store.longView]), since it opens
+// every value.
 func (s *Store) KeyUse(ctx context.Context) (storage.KeyUse, error) {
 	var u storage.KeyUse
-	err := s.db.View(func(tx *bbolt.Tx) error {
+	err := s.longView(func(tx *bbolt.Tx) error {
 		if err := u.Add(s.codec, storage.KindMeta, tx.Bucket(bucketMeta).Get(keyMeta)); err != nil {
 			return err
 		}
@@ -121,9 +125,10 @@ func (s *Store) ResealBatch(ctx context.Context, after string, limit int) (next 
 
 // findStale collects up to limit stale values after the name after,
 // examining at most 8*limit connections so that a pass over fresh records
-// still reports progress.
+// still reports progress. It is a long read (see [Store.longView]): it
+// opens every value it examines.
 func (s *Store) findStale(after string, limit int) (batch []stale, next string, st storage.ResealStats, err error) {
-	err = s.db.View(func(tx *bbolt.Tx) error {
+	err = s.longView(func(tx *bbolt.Tx) error {
 		if after == "" {
 			v := tx.Bucket(bucketMeta).Get(keyMeta)
 			st.Examined++

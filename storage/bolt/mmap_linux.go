@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"os"
+	"strconv"
 	"syscall"
 
 	bbolt "go.etcd.io/bbolt"
@@ -9,6 +10,13 @@ import (
 )
 
 const mapPopulate = syscall.MAP_POPULATE
+
+// mmapReserve is the size of the data file's memory map while the file is
+// smaller (address space only; on 32-bit systems, bbolt's default). bbolt
+// remaps as the file outgrows its map, and a remap waits for every open
+// read transaction: with room to grow, a long read (a backup's snapshot)
+// does not hold up the writes made meanwhile.
+const mmapReserve = 1 << 30 * (strconv.IntSize / 64)
 
 // dropMapped tells the kernel this process no longer needs the pages of the
 // data file's memory map it has touched (madvise MADV_DONTNEED). The pages

@@ -10,6 +10,10 @@ import (
 
 const mapPopulate = 0
 
+// mmapReserve is bbolt's default: on Windows bbolt grows the file itself
+// to the size of its map.
+const mmapReserve = 0
+
 func dropMapped(*bbolt.DB, *bbolt.Tx) {}
 
 // releaseAbandoned closes the file of a bbolt.Open that panicked; see the

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	bbolt "go.etcd.io/bbolt"
@@ -35,6 +36,11 @@ type RestoreOptions struct {
 // Replace, one that exists ([ErrNotEmpty]). Token chains are
 // marked with [storage.IntentRestored]. It returns how many connections
 // it restored.
+//
+// The restore is written to a new file beside path, synced, and moved to
+// path only once complete: a restore that fails leaves no file, or the
+// one it was to replace as it was, and a replaced file goes whole, free
+// pages (with what was erased from it) included.
 func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -43,28 +49,95 @@ func Restore(path string, src *Backup, opts RestoreOptions) (int64, error) {
 		opts.LockTimeout = 250 * time.Millisecond
 	}
 	// A target that is in use or exists is refused before the (long)
-	// check of the backup, and a new file is created only after it.
-	db, err := checkedTarget(path, opts)
+	// check of the backup. One to replace stays locked until the restored
+	// file has taken its place, so no broker starts on it meanwhile.
+	old, err := checkedTarget(path, opts)
 	if err != nil {
 		return 0, err
 	}
-	if db != nil {
-		defer db.Close()
+	if old != nil {
+		defer old.Close()
 	}
 	if _, err := src.Verify(opts.Keyring); err != nil {
 		return 0, err
 	}
-	if db == nil {
-		if db, err = openTarget(path, opts); err != nil {
-			return 0, err
-		}
-		defer db.Close()
-	}
-	n, err := writeRestore(db, src, storage.NewCodec(opts.Keyring), opts.Now())
+	tmp, n, err := writeRestoreFile(path, src, opts)
 	if err != nil {
 		return 0, fmt.Errorf("storage: restore %s: nothing written: %w", path, err)
 	}
+	if err := publishRestore(tmp, path, old != nil); err != nil {
+		os.Remove(tmp)
+		return 0, err
+	}
 	return n, nil
+}
+
+// writeRestoreFile writes src, restored, into a new file beside path and
+// syncs it; it returns the file's path. On failure it leaves no file.
+func writeRestoreFile(path string, src *Backup, opts RestoreOptions) (string, int64, error) {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".restore-*")
+	if err != nil {
+		return "", 0, err
+	}
+	tmp := f.Name()
+	f.Close()
+	n, err := writeRestoreTo(tmp, src, opts)
+	if err != nil {
+		os.Remove(tmp)
+		return "", 0, err
+	}
+	return tmp, n, nil
+}
+
+// writeRestoreTo opens the new file at tmp with bbolt, writes the restore
+// and syncs the file.
+func writeRestoreTo(tmp string, src *Backup, opts RestoreOptions) (int64, error) {
+	db, err := bbolt.Open(tmp, 0o600, &bbolt.Options{Timeout: opts.LockTimeout})
+	if err != nil {
+		return 0, err
+	}
+	n, err := writeRestore(db, src, storage.NewCodec(opts.Keyring), opts.Now())
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = syncFile(tmp)
+	}
+	return n, err
+}
+
+// publishRestore moves the restored file at tmp to path and syncs the
+// directory. A replaced file (whose lock the caller holds) is renamed
+// over; a new one is linked into place, so that a data file created at
+// path meanwhile (a broker started on it) is refused, not replaced under
+// the broker.
+func publishRestore(tmp, path string, replace bool) error {
+	var err error
+	if replace {
+		err = os.Rename(tmp, path)
+	} else if err = os.Link(tmp, path); err == nil {
+		os.Remove(tmp)
+	}
+	switch {
+	case errors.Is(err, os.ErrExist):
+		return fmt.Errorf("%w: %s was created while the restore ran", ErrNotEmpty, path)
+	case err != nil:
+		return fmt.Errorf("storage: restore %s: %w", path, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("storage: restore: sync %s: %w", filepath.Dir(path), err)
+	}
+	return nil
+}
+
+// syncFile flushes the file at path to disk.
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 // checkedTarget opens the target file if it exists and refuses it unless
