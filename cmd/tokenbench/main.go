@@ -7,11 +7,10 @@
 //	go run ./cmd/tokenbench -sections herd,scale
 //	go run ./cmd/tokenbench -render BENCHMARKS.json   # the report again, from results
 //
-// Sections: cached (cached GetAccessToken against echo and no-op RPCs),
-// herd (callers on an expired token; many connections expiring at once),
-// scale (1k/10k/100k
-// connections, the real binary), etcd (a refresh's storage work). What each measures and
-// why its targets are what they are: docs/benchmarks.md.
+// Sections: cached (cached GetAccessToken against a bare gRPC echo), herd
+// (callers on an expired token; many connections expiring at once), scale
+// (1k/10k/100k connections, the real binary), etcd (a refresh's storage
+// work). What each measures and why: docs/benchmarks.md.
 package main
 
 import (

@@ -2,9 +2,22 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
+	"strings"
 	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	pb "tokenbroker/gen/tokenbroker/v1"
+
+	"tokenbroker/server/servertest"
 )
 
 // verdicts evaluates targets and returns each one's verdict by name.
@@ -50,18 +63,18 @@ func TestEvaluateBothSidesOfEachEdge(t *testing.T) {
 }
 
 // The cached targets: throughput at least 0.97x and p99 at most 1.05x the
-// echo's, at every level and over both transports; the no-op ratio is a
-// note, not a verdict.
-func TestCachedTargetsAgainstTheEcho(t *testing.T) {
+// bare echo's, at every level and over both transports. The same-stack echo
+// would pass what the bare echo fails; it and the no-op are notes only.
+func TestCachedTargetsAgainstTheBareEcho(t *testing.T) {
 	point := func(callers int, tput, p99 float64) CachedPoint {
-		return CachedPoint{Callers: callers, Noop: Load{PerSecond: 2000, P99US: 50},
-			Echo: Load{PerSecond: 1000, P99US: 100}, Token: Load{PerSecond: 1000 * tput, P99US: 100 * p99}}
+		return CachedPoint{Callers: callers, Bare: Load{PerSecond: 1000, P99US: 100}, Echo: Load{PerSecond: 900, P99US: 120},
+			Noop: Load{PerSecond: 2000, P99US: 50}, Token: Load{PerSecond: 1000 * tput, P99US: 100 * p99}}
 	}
 	c := &CachedResult{Plaintext: []CachedPoint{point(1, 0.97, 1.05), point(16, 0.969, 1.051)}, MutualTLS: []CachedPoint{point(1, 1, 1)}}
 	want := map[string]bool{
-		"throughput vs echo, concurrency 1, plaintext": true, "p99 vs echo, concurrency 1, plaintext": true,
-		"throughput vs echo, concurrency 16, plaintext": false, "p99 vs echo, concurrency 16, plaintext": false,
-		"throughput vs echo, concurrency 1, mutual TLS": true, "p99 vs echo, concurrency 1, mutual TLS": true,
+		"throughput vs bare echo, concurrency 1, plaintext": true, "p99 vs bare echo, concurrency 1, plaintext": true,
+		"throughput vs bare echo, concurrency 16, plaintext": false, "p99 vs bare echo, concurrency 16, plaintext": false,
+		"throughput vs bare echo, concurrency 1, mutual TLS": true, "p99 vs bare echo, concurrency 1, mutual TLS": true,
 	}
 	got := verdicts(t, c.targets())
 	for name, met := range want {
@@ -71,6 +84,54 @@ func TestCachedTargetsAgainstTheEcho(t *testing.T) {
 	}
 	if len(got) != len(want) {
 		t.Errorf("targets %v, want %v", got, want)
+	}
+	ts := evaluate(c.targets())
+	if ts[0].Baseline != 1000 || ts[1].Baseline != 100 {
+		t.Errorf("baselines %v and %v, want the bare echo's 1000 calls/s and 100 µs", ts[0].Baseline, ts[1].Baseline)
+	}
+	for i, note := range map[int]string{
+		0: "cached / same-stack echo 1.078; same-stack echo / bare echo 0.900; cached / no-op 0.485",
+		1: "cached / same-stack echo 0.875; same-stack echo / bare echo 1.200; cached / no-op 2.100",
+	} {
+		if ts[i].Note != note {
+			t.Errorf("%s: note %q, want %q", ts[i].Name, ts[i].Note, note)
+		}
+	}
+}
+
+// The bare echo answers what the same-stack echo answers, with nothing else
+// registered on its server, and over mutual TLS it verifies client
+// certificates as the broker's server does: one from another CA is refused.
+func TestBareEchoIsTheEchoAlone(t *testing.T) {
+	s := newStack(stackOptions{dir: t.TempDir(), now: time.Now, conns: 1, mtls: true, bareEcho: true})
+	defer s.close()
+	ctx := context.Background()
+	req := &pb.GetAccessTokenRequest{Name: "tenants/t1/connections/erp"}
+	bare, stacked := new(pb.GetAccessTokenResponse), new(pb.GetAccessTokenResponse)
+	if err := s.bare[0].Invoke(ctx, servertest.EchoMethod, req, bare); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.conns[0].Invoke(ctx, servertest.EchoMethod, req, stacked); err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(bare, stacked) || bare.GetAccessToken() == "" {
+		t.Errorf("bare echo %v, same-stack echo %v", bare, stacked)
+	}
+	for _, err := range []error{servertest.CallNoop(ctx, s.bare[0]), errOf(pb.NewTokenBrokerClient(s.bare[0]).GetAccessToken(ctx, req))} {
+		if status.Code(err) != codes.Unimplemented {
+			t.Errorf("the bare server serves more than the echo: %v", err)
+		}
+	}
+	target := strings.TrimPrefix(s.bare[0].Target(), "passthrough:///")
+	other := must(must(servertest.MakeCA("another CA")).Make(servertest.Leaf{URI: benchIdentity}))
+	// Sent even though the server asks for its own CA's, which Go's client
+	// would otherwise answer with no certificate.
+	send := func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &other, nil }
+	stranger := must(grpc.NewClient(target, grpc.WithTransportCredentials(credentials.NewTLS(
+		&tls.Config{InsecureSkipVerify: true, GetClientCertificate: send}))))
+	defer stranger.Close()
+	if err := servertest.CallEcho(ctx, stranger, req); status.Code(err) != codes.Unavailable {
+		t.Errorf("the bare echo over mutual TLS answered a certificate from another CA: %v", err)
 	}
 }
 
@@ -124,7 +185,8 @@ func TestExpiryAndScaleTargets(t *testing.T) {
 // Every section's fields exist in the template: rendering a full result
 // fails on a name the template uses that the results lack.
 func TestRenderAFullResult(t *testing.T) {
-	p := CachedPoint{Callers: 1, Noop: Load{PerSecond: 1, P99US: 1}, Echo: Load{PerSecond: 1, P99US: 1}, Token: Load{PerSecond: 1, P99US: 1}}
+	one := Load{PerSecond: 1, P99US: 1}
+	p := CachedPoint{Callers: 1, Bare: one, Noop: one, Echo: one, Token: one}
 	r := &Results{Cached: &CachedResult{Plaintext: []CachedPoint{p}, MutualTLS: []CachedPoint{p}},
 		Herd: []*HerdResult{{Callers: 1}}, Expiry: &ExpiryResult{},
 		Scale: []*ScaleResult{{Conns: 100000}}, Etcd: &EtcdResult{}}

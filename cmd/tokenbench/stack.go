@@ -51,10 +51,13 @@ func (c *clock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
 // (logging, metrics, audit, authorization, validation, recovery), with the
 // baseline RPCs registered on the same server.
 type stack struct {
-	idp     *acumaticatest.Server
-	idpURL  string
-	store   *bolt.Store
-	conns   []*grpc.ClientConn
+	idp    *acumaticatest.Server
+	idpURL string
+	store  *bolt.Store
+	conns  []*grpc.ClientConn
+	// bare are clients of the echo alone on a bare grpc.NewServer: no
+	// interceptors, no broker, over mutual TLS only the same credentials.
+	bare    []*grpc.ClientConn
 	closers []func()
 }
 
@@ -72,6 +75,8 @@ type stackOptions struct {
 	park    *parking                              // registers the parked baseline RPC
 	// mtls serves over mutual TLS with benchPolicy, as production does.
 	mtls bool
+	// bareEcho also serves the echo on a bare grpc.NewServer (see bare).
+	bareEcho bool
 }
 
 // benchIdentity is the clients' certificate identity over mutual TLS.
@@ -156,6 +161,11 @@ func newStack(o stackOptions) *stack {
 		ExpireTime: timestamppb.Now(), InstanceUrl: s.idpURL, Scopes: []string{"api", "offline_access"}}
 	servertest.RegisterEcho(srv.Server, echo)
 	s.conns = s.serveOn(srv.Server, o.conns, clientCreds)
+	if o.bareEcho {
+		bare := grpc.NewServer(sopts.ServerOptions...) // the TLS credentials, if any
+		servertest.RegisterEcho(bare, echo)
+		s.bare = s.serveOn(bare, o.conns, clientCreds)
+	}
 	return s
 }
 
