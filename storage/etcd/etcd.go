@@ -146,29 +146,22 @@ func (s *Store) bringUpToDate(ctx context.Context, meta *mvccpb.KeyValue) error 
 // upgradePrefix rewrites every record under base with recode.
 func (s *Store) upgradePrefix(ctx context.Context, base string, recode func(name string, v []byte) ([]byte, error)) (int, error) {
 	n := 0
-	key := base
-	for {
-		resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
-		if err != nil {
-			return n, etcdErr(err)
-		}
-		for _, kv := range resp.Kvs {
+	_, err := s.eachPage(ctx, base, base, 0, func(kvs []*mvccpb.KeyValue, _ int64) error {
+		for _, kv := range kvs {
 			nv, err := recode(strings.TrimPrefix(string(kv.Key), base), kv.Value)
 			if err != nil {
-				return n, err
+				return err
 			}
 			_, err = s.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(string(kv.Key)), "=", kv.ModRevision)).
 				Then(clientv3.OpPut(string(kv.Key), string(nv))).Commit()
 			if err != nil {
-				return n, etcdErr(err)
+				return etcdErr(err)
 			}
 			n++
 		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			return n, nil
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
-	}
+		return nil
+	})
+	return n, err
 }
 
 // OldKeyRecords counts the records holding anything sealed with a key other
@@ -181,21 +174,16 @@ func (s *Store) OldKeyRecords(ctx context.Context) (int, error) {
 		stale func([]byte) bool
 	}{{"connections/", s.codec.ConnectionNeedsReseal}, {"deleting/", s.codec.ConnectionNeedsReseal}, {"tokens/", s.codec.TokensNeedsReseal}} {
 		base := s.prefix + p.base
-		key := base
-		for {
-			resp, err := s.cli.Get(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize))
-			if err != nil {
-				return n, etcdErr(err)
-			}
-			for _, kv := range resp.Kvs {
+		_, err := s.eachPage(ctx, base, base, 0, func(kvs []*mvccpb.KeyValue, _ int64) error {
+			for _, kv := range kvs {
 				if p.stale(kv.Value) {
 					n++
 				}
 			}
-			if !resp.More || len(resp.Kvs) == 0 {
-				break
-			}
-			key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+			return nil
+		})
+		if err != nil {
+			return n, err
 		}
 	}
 	return n, nil
@@ -614,7 +602,47 @@ func (s *Store) loadAll(ctx context.Context, fn func(*storage.Connection, *stora
 // loadPrefix calls fn for every connection record under base and its
 // tokens, at revision rev (0: the current one, which it returns).
 func (s *Store) loadPrefix(ctx context.Context, base string, rev int64, fn func(*storage.Connection, *storage.Tokens) error) (int64, error) {
-	key := base
+	return s.eachWithTokens(ctx, base, base, rev, func(name string, cv, tv []byte) error {
+		c, err := s.decodeConnection(name, cv)
+		if err != nil {
+			return err
+		}
+		t := &storage.Tokens{}
+		if tv != nil {
+			if t, err = s.decodeTokens(name, tv); err != nil {
+				return err
+			}
+		}
+		return fn(c, t)
+	})
+}
+
+// eachWithTokens calls fn for every connection record under base from the
+// key start on, with its token record (nil if it has none), reading pages
+// at revision rev (0: the current one, fixed at the first page). It
+// returns the revision read at.
+func (s *Store) eachWithTokens(ctx context.Context, base, start string, rev int64, fn func(name string, cv, tv []byte) error) (int64, error) {
+	return s.eachPage(ctx, base, start, rev, func(kvs []*mvccpb.KeyValue, rev int64) error {
+		toks, err := s.tokensFor(ctx, kvs, base, rev)
+		if err != nil {
+			return err
+		}
+		for _, kv := range kvs {
+			name := strings.TrimPrefix(string(kv.Key), base)
+			if err := fn(name, kv.Value, toks[name]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// eachPage reads the keys under base from the key start on, at most
+// pageSize at a time (etcd caps response sizes), all at revision rev (0:
+// the current one, fixed at the first page), and calls fn with each page
+// and the revision. It returns that revision.
+func (s *Store) eachPage(ctx context.Context, base, start string, rev int64, fn func(kvs []*mvccpb.KeyValue, rev int64) error) (int64, error) {
+	key := start
 	for {
 		opts := []clientv3.OpOption{clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize)}
 		if rev != 0 {
@@ -622,30 +650,11 @@ func (s *Store) loadPrefix(ctx context.Context, base string, rev int64, fn func(
 		}
 		resp, err := s.cli.Get(ctx, key, opts...)
 		if err != nil {
-			return 0, etcdErr(err)
+			return rev, etcdErr(err)
 		}
-		if rev == 0 {
-			rev = resp.Header.Revision
-		}
-		toks, err := s.tokensFor(ctx, resp.Kvs, base, rev)
-		if err != nil {
-			return 0, err
-		}
-		for _, kv := range resp.Kvs {
-			name := strings.TrimPrefix(string(kv.Key), base)
-			c, err := s.decodeConnection(name, kv.Value)
-			if err != nil {
-				return 0, err
-			}
-			t := &storage.Tokens{}
-			if v, ok := toks[name]; ok {
-				if t, err = s.decodeTokens(name, v); err != nil {
-					return 0, err
-				}
-			}
-			if err := fn(c, t); err != nil {
-				return 0, err
-			}
+		rev = resp.Header.Revision
+		if err := fn(resp.Kvs, rev); err != nil {
+			return rev, err
 		}
 		if !resp.More || len(resp.Kvs) == 0 {
 			return rev, nil

@@ -81,38 +81,15 @@ func (s *Store) Snapshot(ctx context.Context, header func(storage.SnapshotInfo) 
 
 // eachAt calls fn for every connection after the name after, with its
 // token record, reading pages at revision rev (0: the current one, fixed
-// at the first page). It returns the revision read at.
+// at the first page).
 func (s *Store) eachAt(ctx context.Context, rev int64, after string, fn func(name string, cv, tv []byte) error) error {
 	base := s.prefix + "connections/"
-	key := base
+	start := base
 	if after != "" {
-		key = base + after + "\x00"
+		start = base + after + "\x00"
 	}
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(clientv3.GetPrefixRangeEnd(base)), clientv3.WithLimit(pageSize)}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
-		}
-		resp, err := s.cli.Get(ctx, key, opts...)
-		if err != nil {
-			return etcdErr(err)
-		}
-		rev = resp.Header.Revision
-		toks, err := s.tokensFor(ctx, resp.Kvs, base, rev)
-		if err != nil {
-			return err
-		}
-		for _, kv := range resp.Kvs {
-			name := strings.TrimPrefix(string(kv.Key), base)
-			if err := fn(name, kv.Value, toks[name]); err != nil {
-				return err
-			}
-		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			return nil
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
-	}
+	_, err := s.eachWithTokens(ctx, base, start, rev, fn)
+	return err
 }
 
 // KeyUse counts every stored value by the keys that sealed it, at one
