@@ -70,15 +70,7 @@ func checkTarget(r targetRequest, v *violations) {
 		}
 		return
 	}
-	if _, err := broker.ParseParent(r.GetParent(), false); err != nil {
-		v.add("parent", "%s", err.Error())
-	}
-	if !broker.ValidID(r.GetConnectionId()) {
-		v.add("connection_id", "must match [a-z][a-z0-9-]{0,62}")
-	}
-	if r.GetConnection() == nil {
-		v.add("connection", "is required")
-	}
+	checkNewConnection(r.GetParent(), r.GetConnectionId(), r.GetConnection() != nil, v)
 	if len(r.GetUpdateMask().GetPaths()) > 0 {
 		v.add("update_mask", "is for an existing connection (name) only")
 	}

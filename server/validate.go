@@ -106,15 +106,23 @@ func (v *violations) etag(field, e string) {
 	}
 }
 
-func (val validator) checkCreate(r *pb.CreateConnectionRequest, v *violations) {
-	if _, err := broker.ParseParent(r.GetParent(), false); err != nil {
+// checkNewConnection checks the fields that name a connection to create:
+// its parent tenant, its id, and that the connection is given.
+func checkNewConnection(parent, id string, given bool, v *violations) {
+	if _, err := broker.ParseParent(parent, false); err != nil {
 		v.add("parent", "%s", err.Error())
 	}
-	if !broker.ValidID(r.GetConnectionId()) {
+	if !broker.ValidID(id) {
 		v.add("connection_id", "must match [a-z][a-z0-9-]{0,62}")
 	}
-	if r.GetConnection() == nil {
+	if !given {
 		v.add("connection", "is required")
+	}
+}
+
+func (val validator) checkCreate(r *pb.CreateConnectionRequest, v *violations) {
+	checkNewConnection(r.GetParent(), r.GetConnectionId(), r.GetConnection() != nil, v)
+	if r.GetConnection() == nil {
 		return
 	}
 	c := fromProto(r.GetConnection())
